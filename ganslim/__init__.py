@@ -1,0 +1,30 @@
+"""ganslim: compress existing GAN generators.
+
+Public API (kept stable): ``compress``, ``save``, ``load``, ``bench``, ``export``.
+Submodules: ``zoo`` (reference generators), ``data`` (embedded default data),
+``measure`` (MACs, params, latency, fidelity), ``checkpoint`` (safetensors save/load).
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public names resolved lazily so `import ganslim` stays cheap and each submodule stands alone.
+_LAZY = {
+    "save": "ganslim.checkpoint",
+    "load": "ganslim.checkpoint",
+    "compress": "ganslim.compress",
+    "CompressConfig": "ganslim.config",
+    "CompressResult": "ganslim.compress",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ganslim' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
