@@ -1,0 +1,241 @@
+"""``ganslim.compress`` (this module: ``ganslim.compression``): distillation + differentiable channel gating + physical channel removal.
+
+Stages (each usable alone from its own module):
+1. targeting (:mod:`ganslim.targeting`): coupled channel groups from torch-pruning's dependency graph;
+2. distillation hooks and 1x1 mappings (:mod:`ganslim.distill`);
+3. gates with an L1 proximal step, ρ steered so the MACs follow a schedule to the target
+   (:mod:`ganslim.gating`), then a global threshold (bisection) that meets the target;
+4. export: gates folded into the weights, zero channels removed physically, output checked equal;
+5. fine-tune of the plain smaller student with the same distillation losses;
+6. report: MACs, params, size, CPU latency, fidelity to teacher and ground truth.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from . import measure
+from .config import CompressConfig
+from .distill import FeatureDistiller, auto_distill_points
+from .gating import GateSet, MacsModel, export_pruned, threshold_for_target
+from .report import CompressReport, ModelStats
+from .targeting import find_channel_groups
+from .train import DistillTrainer, LossWeights, first_output, lr_cosine, split_batch
+
+
+@dataclass
+class CompressResult:
+    """``model``: plain ``nn.Module`` (no gates, hooks or mappings), physically smaller.
+    ``report``: :class:`~ganslim.report.CompressReport` (``str()`` prints a table)."""
+
+    model: nn.Module
+    report: CompressReport
+    config: CompressConfig
+
+    def __iter__(self):  # allows ``model, report = ganslim.compress(...)``
+        return iter((self.model, self.report))
+
+
+def _first_batch(loader: Iterable) -> Any:
+    try:
+        it = iter(loader)
+    except TypeError:
+        raise TypeError(f"loader must be an iterable of batches, got {type(loader).__name__}") from None
+    for batch in it:
+        return batch
+    raise ValueError("the loader yielded no batches")
+
+
+def _resolve_mapping(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, example, same_arch: bool) -> dict:
+    layers = cfg.distill_layers
+    if layers is None:
+        s_pts = auto_distill_points(student, example, cfg.n_distill_layers)
+        if same_arch:
+            return {n: n for n in s_pts}
+        t_pts = auto_distill_points(teacher, example, cfg.n_distill_layers)
+        if len(s_pts) != len(t_pts):
+            raise ValueError("could not pair distillation layers automatically between different student and teacher "
+                             "architectures; pass distill_layers={student_layer: teacher_layer}")
+        return dict(zip(s_pts, t_pts))
+    if isinstance(layers, dict):
+        return dict(layers)
+    return {n: n for n in layers}
+
+
+def model_stats(model: nn.Module, example, eval_pairs, teacher: Optional[nn.Module], cfg: CompressConfig,
+                threads: int) -> ModelStats:
+    """Measure one network: MACs (both conventions) on ``example``, params, size, latency on the
+    first eval input, fidelity on ``eval_pairs`` [(inputs tuple, target or None)]."""
+    st = ModelStats(
+        macs=float(measure.count_macs(model, example, "papers")),
+        macs_true=float(measure.count_macs(model, example, "true")),
+        params=measure.count_params(model),
+        size_mb=measure.model_size_mb(model),
+    )
+    if cfg.measure_latency and eval_pairs:
+        lat = measure.measure_latency(model, eval_pairs[0][0], warmup=2, repeats=7, threads=threads, max_seconds=30)
+        st.latency_ms, st.latency_p90_ms = lat.median_ms, lat.p90_ms
+    if eval_pairs:
+        if teacher is not None and teacher is not model:
+            f = measure.compare_outputs(teacher, model, [p[0] for p in eval_pairs])
+            st.psnr_to_teacher, st.ssim_to_teacher = f["psnr"], f["ssim"]
+        with_gt = [(i, t) for i, t in eval_pairs if t is not None]
+        if with_gt:
+            f = measure.fidelity_to_target(model, with_gt)
+            st.psnr_to_gt, st.ssim_to_gt = f["psnr"], f["ssim"]
+    return st
+
+
+def compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Optional[CompressConfig] = None,
+             discriminator: Optional[nn.Module] = None, callbacks: Iterable[Callable] = (), **overrides) -> CompressResult:
+    """Compress ``model`` (a copy of ``teacher`` or a smaller student) to imitate ``teacher``.
+
+    Args:
+        model: the student to slim; when it *is* ``teacher`` it is deep-copied. Never modified in place.
+        teacher: the trained generator; run in eval mode without gradients.
+        loader: iterable of batches (tensor, ``(input, target)`` tuple, or dict; see
+            :func:`ganslim.train.split_batch`; ``batch_fn`` overrides).
+        config: :class:`CompressConfig`; keyword ``overrides`` replace its fields
+            (e.g. ``target_macs=0.1, steps=500``).
+        discriminator: optional; trained alongside with ``gan_mode`` loss (GAN Slimming's min-max).
+        callbacks: ``fn(trainer, losses)`` after each step.
+
+    Returns:
+        :class:`CompressResult` with ``.model`` (plain, physically smaller) and ``.report``.
+    """
+    cfg = (config or CompressConfig()).replace(**overrides).validate()
+    if not isinstance(model, nn.Module) or not isinstance(teacher, nn.Module):
+        raise TypeError("model and teacher must be torch.nn.Module instances")
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    same_arch = model is teacher
+    student = copy.deepcopy(model).to(device)
+    teacher_was_training = teacher.training
+    teacher.to(device).eval()
+
+    first = _first_batch(loader)
+    inputs, target = split_batch(first, cfg.batch_fn)
+    for t in inputs:
+        if not torch.isfinite(t).all():
+            raise ValueError("the first batch contains NaN or inf values")
+    example = tuple(t[:1].to(device) for t in inputs)
+    with torch.no_grad():
+        t_out = first_output(teacher(*example))
+        s_out = first_output(student.eval()(*example))
+    if t_out.shape != s_out.shape:
+        raise ValueError(f"student output {tuple(s_out.shape)} differs from teacher output {tuple(t_out.shape)}: "
+                         "the teacher does not match this student/data")
+    if target is not None and target[:1].shape != t_out.shape:
+        raise ValueError(f"ground truth {tuple(target[:1].shape)} does not match the generator output {tuple(t_out.shape)}")
+
+    targets = find_channel_groups(student, example, include=cfg.include, exclude=cfg.exclude)
+    teacher_macs = float(measure.count_macs(teacher, example, "papers"))
+    macs_model = MacsModel(student, targets, measure.macs_by_module(student, example, "papers"))
+    target_abs = None
+    if cfg.target_macs is not None:
+        target_abs = cfg.target_macs * teacher_macs if cfg.target_macs <= 1 else float(cfg.target_macs)
+        floor = macs_model.macs([torch.nn.functional.one_hot(torch.tensor(0), g.size).bool() for g in targets.groups])
+        if target_abs < floor:
+            raise ValueError(f"impossible MACs target {target_abs / 1e9:.4g} G: keeping one channel per prunable group "
+                             f"already costs {floor / 1e9:.4g} G ({floor / teacher_macs:.3%} of the teacher)")
+
+    mapping = _resolve_mapping(cfg, student, teacher, example, same_arch)
+    distiller = FeatureDistiller(student, teacher, mapping, example).to(device) if mapping and cfg.distill_weight else None
+    gates = GateSet(targets).to(device).attach(student)
+    weights = LossWeights(cfg.recon_weight, cfg.gt_weight, cfg.distill_weight,
+                          (cfg.adv_weight or 1.0) if discriminator is not None else 0.0)
+    groups = [{"params": list(student.parameters()), "lr": cfg.lr},
+              {"params": list(gates.parameters()), "lr": cfg.gate_lr}]
+    if distiller is not None:
+        groups.append({"params": list(distiller.parameters()), "lr": cfg.lr})
+    trainer = DistillTrainer(student, teacher, groups, weights, distiller, discriminator, cfg.lr, cfg.gan_mode,
+                             cfg.device, cfg.batch_fn)
+
+    # ρ controller: gates of an unresisted channel reach 0 by the schedule's end at the initial ρ
+    reach = max(1, int(cfg.target_reach * cfg.steps))
+    ctl = {"rho": cfg.rho if cfg.rho else 1.0 / (cfg.gate_lr * reach), "macs": macs_model.total}
+
+    def prox(tr: DistillTrainer) -> None:
+        gates.prox_step(cfg.gate_lr, ctl["rho"] if target_abs is not None else cfg.rho)
+        if target_abs is not None and tr.state.step % 5 == 0:
+            ctl["macs"] = macs_model.macs(gates.alive())
+            goal = macs_model.total - (macs_model.total - target_abs) * min(1.0, tr.state.step / reach)
+            ctl["rho"] *= cfg.rho_adapt if ctl["macs"] > goal else 1.0 / cfg.rho_adapt
+
+    trainer.after_step.append(prox)
+
+    def postfix() -> dict:
+        return {"MACs": f"{ctl['macs'] / 1e9:.3f}G", "rho": f"{ctl['rho']:.2g}"}
+
+    trainer.run(loader, cfg.steps, desc="ganslim gating", progress=cfg.progress, postfix=postfix, callbacks=callbacks)
+
+    notes = []
+    if target_abs is not None:
+        _, alive = threshold_for_target(gates, macs_model, target_abs)
+        gates.set_masks(alive)
+    student.eval()
+    if distiller is not None:
+        distiller.remove()  # before export copies the student, so no hook travels into the result
+    plain, info = export_pruned(student, gates, example, atol=cfg.export_atol)
+    gates.detach()
+
+    # fine-tune the plain smaller network (cheaper per step than the gated one)
+    if cfg.finetune_steps > 0:
+        ft_distiller = None
+        if distiller is not None:
+            ft_distiller = FeatureDistiller(plain, teacher, mapping, example).to(device)
+            batch_inputs, _ = split_batch(first, cfg.batch_fn)
+            with torch.no_grad():
+                plain.eval()(*[t.to(device) for t in batch_inputs])
+                teacher(*[t.to(device) for t in batch_inputs])
+            ft_distiller.fit_maps()
+            ft_distiller.to(device)
+        ft_groups = [{"params": list(plain.parameters()), "lr": cfg.lr}]
+        if ft_distiller is not None:
+            ft_groups.append({"params": list(ft_distiller.parameters()), "lr": cfg.lr})
+        ft = DistillTrainer(plain, teacher, ft_groups, weights, ft_distiller, discriminator, cfg.lr, cfg.gan_mode,
+                            cfg.device, cfg.batch_fn)
+        sched = torch.optim.lr_scheduler.LambdaLR(ft.opt, lambda s: lr_cosine(s, cfg.finetune_steps))
+        ft.after_step.append(lambda tr: sched.step())
+        ft.run(loader, cfg.finetune_steps, desc="ganslim fine-tune", progress=cfg.progress, callbacks=callbacks)
+        if ft_distiller is not None:
+            ft_distiller.remove()
+    plain.eval()
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    teacher.train(teacher_was_training)
+
+    # ----------------------------------------------------------------- report
+    eval_pairs = _eval_pairs(cfg, first)
+    threads = torch.get_num_threads()
+    t_stats = model_stats(teacher, example, eval_pairs, None, cfg, threads)
+    s_stats = model_stats(plain, example, eval_pairs, teacher, cfg, threads)
+    if target_abs is not None:
+        err = s_stats.macs / target_abs - 1
+        if abs(err) > 0.05:
+            notes.append(f"student MACs are {err:+.1%} from the target")
+    report = CompressReport(
+        teacher=t_stats, student=s_stats, input_shape=tuple(example[0].shape), latency_threads=threads,
+        widths={g.root: (info["kept"][g.root], g.size) for g in targets.groups}, skipped=dict(targets.skipped),
+        distill_layers=mapping, target_macs=target_abs, steps=cfg.steps, finetune_steps=cfg.finetune_steps,
+        seconds=time.time() - t0, final_rho=ctl["rho"], export_max_abs_diff=info["max_abs_diff"], notes=notes)
+    return CompressResult(plain, report, cfg)
+
+
+def _eval_pairs(cfg: CompressConfig, first_batch) -> list:
+    """``[(inputs tuple, target or None)]`` for the report: ``cfg.eval_inputs`` or the first batch."""
+    src = cfg.eval_inputs
+    if src is None:
+        inputs, target = split_batch(first_batch, cfg.batch_fn)
+        return [(inputs, target)]
+    pairs = []
+    for item in src:
+        inputs, target = split_batch(item, cfg.batch_fn)
+        pairs.append((inputs, target))
+    return pairs

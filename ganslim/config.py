@@ -1,0 +1,72 @@
+"""Typed configuration for :func:`ganslim.compress` (the CLI builds the same dataclass)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+
+@dataclass
+class CompressConfig:
+    """All knobs of one compression run; every field has a working default.
+
+    Units: ``target_macs`` is a fraction of the teacher's MACs (0.1 = 10x fewer) or, when > 1, an
+    absolute MACs count; learning rates per optimizer step; steps count optimizer steps.
+    """
+
+    # --- budget
+    target_macs: Optional[float] = 0.1
+    strategy: str = "slim"  # gating + L1 proximal step + removal (GAN Slimming); more strategies later
+    # --- schedule
+    steps: int = 600  # sparsify phase, gates attached
+    finetune_steps: int = 300  # after physical removal, plain smaller student
+    lr: float = 2e-4
+    gate_lr: float = 1e-2
+    rho: float = 1e-3  # initial L1 strength; steered towards target_macs when a target is set
+    rho_adapt: float = 1.15  # multiplicative ρ step of the MACs controller
+    target_reach: float = 0.7  # fraction of ``steps`` by which the MACs schedule reaches the target
+    # --- losses
+    recon_weight: float = 1.0  # L1(student(x), teacher(x)): pseudo pairs, works unpaired
+    gt_weight: float = 1.0  # L1(student(x), ground truth) when the batch has one
+    distill_weight: float = 1.0  # feature MSE through 1x1 mappings
+    distill_layers: Optional[Mapping[str, str] | Sequence[str]] = None  # None: auto
+    n_distill_layers: int = 4
+    adv_weight: float = 0.0  # used only when a discriminator is given (default 1.0 then)
+    gan_mode: str = "lsgan"
+    # --- targeting
+    include: Optional[Sequence[Any]] = None
+    exclude: Sequence[Any] = ()
+    # --- data
+    batch_fn: Optional[Callable] = None  # batch -> (inputs tuple, target or None)
+    # --- run
+    device: str = "cpu"
+    seed: int = 0
+    log_every: int = 10
+    progress: bool = True
+    eval_inputs: Optional[Any] = None  # (inputs, target) pairs for the fidelity report; default: from loader
+    measure_latency: bool = True
+    export_atol: float = 1e-4
+
+    def replace(self, **overrides) -> "CompressConfig":
+        names = {f.name for f in fields(self)}
+        bad = sorted(set(overrides) - names)
+        if bad:
+            raise TypeError(f"unknown compress option(s): {', '.join(bad)}; known: {', '.join(sorted(names))}")
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(overrides)
+        return CompressConfig(**d)
+
+    def validate(self) -> "CompressConfig":
+        if self.target_macs is not None and not self.target_macs > 0:
+            raise ValueError(f"target_macs must be > 0 (a fraction of the teacher's MACs or an absolute count), got {self.target_macs}")
+        if self.steps < 0 or self.finetune_steps < 0:
+            raise ValueError("steps and finetune_steps must be >= 0")
+        if self.strategy not in ("slim",):
+            raise ValueError(f"unknown strategy {self.strategy!r}; available: 'slim'")
+        if self.gan_mode not in ("lsgan", "vanilla", "hinge"):
+            raise ValueError(f"gan_mode must be lsgan, vanilla or hinge, got {self.gan_mode!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self) if self.batch_fn is None and self.eval_inputs is None else {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("batch_fn", "eval_inputs")}
+        return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, dict, tuple)) else repr(v)) for k, v in d.items()}

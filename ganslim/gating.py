@@ -1,0 +1,303 @@
+"""Differentiable channel gates with an L1 proximal step, and physical removal of gated-off channels.
+
+GAN Slimming's recipe on any generator: every prunable channel group (see :mod:`ganslim.targeting`)
+gets a learnable per-channel scale ``gate`` (init 1). Forward hooks multiply the outputs of the
+group's gate points by it, so the user's class is untouched. After each optimizer step
+:meth:`GateSet.prox_step` soft-thresholds the gates (the proximal operator of ``rho * |g|_1``), so
+gates reach *exactly* zero. :func:`fold_and_prune` then folds the gates into the gated layers
+(norm affine or conv weights) and removes zero channels physically with torch-pruning, leaving a
+plain module of standard layers whose output equals the gated network's.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .targeting import NORM_TYPES, ChannelGroup, Targets, as_input_tuple, inplace_disabled
+
+
+class GateSet(nn.Module):
+    """Gate vectors for a list of channel groups: ``gates[i]`` has shape ``(groups[i].size,)``."""
+
+    def __init__(self, targets: Targets, init: float = 1.0):
+        super().__init__()
+        self.groups: list[ChannelGroup] = list(targets.groups)
+        self.gates = nn.ParameterList([nn.Parameter(torch.full((g.size,), float(init))) for g in self.groups])
+        # masks fix channels that were decided off (threshold / target); 1 = alive
+        for i, g in enumerate(self.groups):
+            self.register_buffer(f"mask_{i}", torch.ones(g.size))
+        self._handles: list = []
+
+    # ----------------------------------------------------------------- hooks
+    def _scale_for(self, module_name: str, n_channels: int, device) -> Callable[[], torch.Tensor]:
+        """Per-channel scale for one gate point, combining every group that covers its channels."""
+        parts = []
+        for gi, g in enumerate(self.groups):
+            if module_name not in g.gate_points:
+                continue
+            for mem in g.member(module_name):
+                if mem.role == "consumer":
+                    continue
+                parts.append((gi, torch.tensor(mem.channels), torch.tensor(mem.positions)))
+
+        def scale() -> torch.Tensor:
+            s = torch.ones(n_channels, device=self.gates[0].device, dtype=self.gates[0].dtype)
+            for gi, ch, pos in parts:
+                s = s.index_put((ch.to(s.device),), self.gates[gi][pos.to(s.device)])
+            return s
+
+        return scale
+
+    def attach(self, model: nn.Module) -> "GateSet":
+        """Register forward hooks on ``model`` (the student). Idempotent."""
+        self.detach()
+        points = sorted({p for g in self.groups for p in g.gate_points})
+        for name in points:
+            mod = model.get_submodule(name)
+            n = _out_channels(mod)
+            scale = self._scale_for(name, n, None)
+
+            def hook(m, inp, out, scale=scale):
+                s = scale()
+                shape = [1, -1] + [1] * (out.dim() - 2) if out.dim() > 2 else [1, -1]
+                if out.dim() == 2 or out.dim() > 2:
+                    return out * s.view(shape)
+                return out * s
+
+            self._handles.append(mod.register_forward_hook(hook))
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks; the model computes its ungated function again."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ----------------------------------------------------------------- sparsity
+    def masks(self) -> list[torch.Tensor]:
+        return [getattr(self, f"mask_{i}") for i in range(len(self.groups))]
+
+    @torch.no_grad()
+    def prox_step(self, lr: float, rho: float) -> None:
+        """Soft-threshold: ``g <- sign(g) * max(|g| - lr * rho, 0)``; masked-off gates stay 0."""
+        t = lr * rho
+        for g, m in zip(self.gates, self.masks()):
+            g.copy_(torch.sign(g) * torch.clamp(g.abs() - t, min=0.0) * m)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for g, m in zip(self.gates, self.masks()):
+            g.mul_(m)
+
+    @torch.no_grad()
+    def alive(self) -> list[torch.Tensor]:
+        """Boolean per group: channel still alive (gate non-zero and not masked)."""
+        out = []
+        for g, m in zip(self.gates, self.masks()):
+            a = (g != 0) & (m > 0)
+            if not bool(a.any()):  # never empty a group: keep its strongest channel
+                a = a.clone()
+                a[int(g.abs().argmax())] = True
+            out.append(a)
+        return out
+
+    @torch.no_grad()
+    def set_masks(self, alive: list[torch.Tensor]) -> None:
+        for i, a in enumerate(alive):
+            getattr(self, f"mask_{i}").copy_(a.float())
+        self.apply_masks()
+
+    def l1(self) -> torch.Tensor:
+        return sum(g.abs().sum() for g in self.gates)
+
+    def sparsity(self) -> float:
+        """Fraction of gated channels that are off."""
+        alive = self.alive()
+        return 1.0 - sum(int(a.sum()) for a in alive) / max(1, sum(a.numel() for a in alive))
+
+
+def _out_channels(mod: nn.Module) -> int:
+    if isinstance(mod, nn.modules.conv._ConvTransposeNd):
+        return mod.out_channels
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return mod.out_channels
+    if isinstance(mod, nn.Linear):
+        return mod.out_features
+    if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        return mod.num_features
+    raise TypeError(f"cannot gate {type(mod).__name__}")
+
+
+# --------------------------------------------------------------------- MACs accounting
+class MacsModel:
+    """Exact-for-convs MACs estimate of the network a set of masks would leave.
+
+    A conv's MACs scale with (kept in / in) x (kept out / out) (depthwise: kept out / out); a norm's
+    with kept / total; modules no group touches keep their MACs. ``base_macs`` maps module names
+    to their MACs at full width (papers' convention, from :func:`ganslim.measure.macs_by_module`).
+    """
+
+    def __init__(self, model: nn.Module, targets: Targets, base_macs: dict[str, int]):
+        self.base = {k: float(v) for k, v in base_macs.items()}
+        self.groups = targets.groups
+        self.total = sum(self.base.values())
+        self.kind: dict[str, str] = {}
+        self.sizes: dict[str, tuple[int, int]] = {}
+        for name in self.base:
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError:
+                continue
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                self.sizes[name] = (mod.in_channels, mod.out_channels)
+                self.kind[name] = "depthwise" if mod.groups > 1 else "conv"
+            elif isinstance(mod, nn.Linear):
+                self.sizes[name] = (mod.in_features, mod.out_features)
+                self.kind[name] = "conv"
+            elif isinstance(mod, NORM_TYPES) and hasattr(mod, "num_features"):
+                self.sizes[name] = (mod.num_features, mod.num_features)
+                self.kind[name] = "norm"
+
+    def macs(self, alive: list[torch.Tensor]) -> float:
+        """MACs (papers' convention) of the network that keeps the channels marked in ``alive``."""
+        kept_in = {n: torch.ones(s[0]) for n, s in self.sizes.items()}
+        kept_out = {n: torch.ones(s[1]) for n, s in self.sizes.items()}
+        for g, a in zip(self.groups, alive):
+            af = a.float().cpu()
+            for mem in g.members:
+                if mem.name in self.sizes:
+                    (kept_in if mem.role == "consumer" else kept_out)[mem.name][mem.channels] = af[mem.positions]
+        total = 0.0
+        for n, b in self.base.items():
+            kind = self.kind.get(n)
+            if kind == "conv":
+                total += b * float(kept_in[n].mean()) * float(kept_out[n].mean())
+            elif kind in ("depthwise", "norm"):
+                total += b * float(kept_out[n].mean())
+            else:
+                total += b
+        return total
+
+
+def threshold_for_target(gates: GateSet, macs_model: MacsModel, target_macs: float, iters: int = 60) -> tuple[float, list[torch.Tensor]]:
+    """Global threshold ``tau`` on ``|gate|`` (bisection) so that the channels with ``|g| > tau`` give
+    at most ``target_macs`` MACs. Returns ``(tau, alive masks)``. Each group keeps >= 1 channel."""
+    mags = torch.cat([g.detach().abs().cpu() * m.cpu() for g, m in zip(gates.gates, gates.masks())])
+    lo, hi = 0.0, float(mags.max()) + 1e-12
+
+    def alive_at(tau: float) -> list[torch.Tensor]:
+        out = []
+        for g, m in zip(gates.gates, gates.masks()):
+            a = (g.detach().abs().cpu() * m.cpu()) > tau
+            if not bool(a.any()):
+                a[int((g.detach().abs().cpu() * m.cpu()).argmax())] = True
+            out.append(a)
+        return out
+
+    if macs_model.macs(alive_at(lo)) <= target_macs:
+        return lo, alive_at(lo)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if macs_model.macs(alive_at(mid)) > target_macs:
+            lo = mid
+        else:
+            hi = mid
+    return hi, alive_at(hi)
+
+
+# --------------------------------------------------------------------- export
+@torch.no_grad()
+def fold_gates(model: nn.Module, gates: GateSet) -> None:
+    """Multiply each gate into the layer it follows: a norm's affine (made affine if it was not) or a
+    conv/linear's output weights and bias. ``model`` must not have the gate hooks attached."""
+    points = sorted({p for g in gates.groups for p in g.gate_points})
+    for name in points:
+        mod = model.get_submodule(name)
+        s = gates._scale_for(name, _out_channels(mod), None)().detach().to(next(iter(mod.parameters()), gates.gates[0]).device)
+        if isinstance(mod, NORM_TYPES):
+            if getattr(mod, "affine", True) and getattr(mod, "weight", None) is not None:
+                mod.weight.mul_(s)
+                mod.bias.mul_(s)
+            else:
+                mod.affine = True
+                mod.weight = nn.Parameter(s.clone())
+                mod.bias = nn.Parameter(torch.zeros_like(s))
+        elif isinstance(mod, nn.modules.conv._ConvTransposeNd):
+            # weight: (in, out/groups, k...) -> scale dim 1 per output channel
+            g = mod.groups
+            w = mod.weight.view(g, mod.in_channels // g, mod.out_channels // g, *mod.weight.shape[2:])
+            w.mul_(s.view(g, 1, mod.out_channels // g, *([1] * (mod.weight.dim() - 2))))
+            if mod.bias is not None:
+                mod.bias.mul_(s)
+        elif isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+            mod.weight.mul_(s.view(-1, *([1] * (mod.weight.dim() - 1))))
+            if mod.bias is not None:
+                mod.bias.mul_(s)
+        else:
+            raise TypeError(f"cannot fold a gate into {type(mod).__name__} ({name})")
+
+
+def prune_dead_channels(model: nn.Module, gates: GateSet, example_inputs) -> dict[str, int]:
+    """Remove every channel whose gate is off, physically, with torch-pruning.
+    Returns ``{group root: kept channels}``."""
+    import torch_pruning as tp
+
+    inputs = as_input_tuple(example_inputs)
+    was_training = model.training
+    model.eval()
+    with inplace_disabled(model):
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=list(inputs) if len(inputs) > 1 else inputs[0],
+                                                   verbose=False)
+    model.train(was_training)
+    kept = {}
+    for g, alive in zip(gates.groups, gates.alive()):
+        root = model.get_submodule(g.root)
+        dead = [i for i, a in enumerate(alive.tolist()) if not a]
+        kept[g.root] = g.size - len(dead)
+        if not dead:
+            continue
+        pruner = dg.get_pruner_of_module(root)
+        group = dg.get_pruning_group(root, pruner.prune_out_channels, idxs=dead)
+        if not dg.check_pruning_group(group):
+            raise RuntimeError(f"torch-pruning refused to prune group {g.root}")
+        group.prune()
+    return kept
+
+
+def export_pruned(model: nn.Module, gates: GateSet, example_inputs, atol: float = 1e-4) -> tuple[nn.Module, dict]:
+    """Gated ``model`` -> plain, physically smaller copy with the same output.
+
+    Works on a deep copy: folds gates, removes dead channels, and checks that the result's output
+    equals the gated network's on ``example_inputs`` (max abs difference <= ``atol``, output scale
+    ~1). Returns ``(plain model, info)`` where info holds ``max_abs_diff`` and ``kept`` widths.
+    """
+    inputs = as_input_tuple(example_inputs)
+    gates.apply_masks()
+    # masks may have kept one channel of an otherwise dead group: make the gate state match alive()
+    alive = gates.alive()
+    with torch.no_grad():
+        for gvec, a in zip(gates.gates, alive):
+            gvec.mul_(a.to(gvec.dtype))
+    gates.attach(model)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        ref = model(*inputs)
+    gates.detach()
+    plain = copy.deepcopy(model)
+    model.train(was_training)
+    fold_gates(plain, gates)
+    kept = prune_dead_channels(plain, gates, inputs)
+    plain.eval()
+    with torch.no_grad():
+        out = plain(*inputs)
+    diff = float((out - ref).abs().max()) if isinstance(out, torch.Tensor) else float("nan")
+    if not diff <= atol:
+        raise RuntimeError(f"pruned network differs from the gated one by {diff:.3g} (> {atol}); a layer between "
+                           "a gate and its consumer does not keep zero channels at zero")
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    return plain, {"max_abs_diff": diff, "kept": kept}

@@ -1,0 +1,98 @@
+"""Before/after report of a compression run: a readable table via ``str()``, ``to_dict()`` for JSON."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelStats:
+    """Measured figures of one network. MACs in the papers' convention (``macs``) and true
+    multiply-adds (``macs_true``), one forward of ``input_shape``; size in MB (10^6 bytes) of fp32
+    weights; latency in ms (median and p90, CPU threads stated); PSNR in dB."""
+
+    macs: float
+    macs_true: float
+    params: int
+    size_mb: float
+    latency_ms: Optional[float] = None
+    latency_p90_ms: Optional[float] = None
+    psnr_to_teacher: Optional[float] = None
+    ssim_to_teacher: Optional[float] = None
+    psnr_to_gt: Optional[float] = None
+    ssim_to_gt: Optional[float] = None
+
+
+@dataclass
+class CompressReport:
+    teacher: ModelStats
+    student: ModelStats
+    input_shape: tuple
+    latency_threads: Optional[int] = None
+    widths: dict = field(default_factory=dict)  # group root -> (kept, total)
+    skipped: dict = field(default_factory=dict)  # layer -> reason
+    distill_layers: dict = field(default_factory=dict)
+    target_macs: Optional[float] = None
+    steps: int = 0
+    finetune_steps: int = 0
+    seconds: float = 0.0
+    final_rho: Optional[float] = None
+    export_max_abs_diff: Optional[float] = None
+    notes: list = field(default_factory=list)
+
+    @property
+    def macs_reduction(self) -> float:
+        return self.teacher.macs / max(self.student.macs, 1.0)
+
+    @property
+    def speedup(self) -> Optional[float]:
+        if self.teacher.latency_ms and self.student.latency_ms:
+            return self.teacher.latency_ms / self.student.latency_ms
+        return None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["macs_reduction"] = self.macs_reduction
+        d["speedup"] = self.speedup
+        return json.loads(json.dumps(d, default=str))
+
+    def __str__(self) -> str:
+        t, s = self.teacher, self.student
+
+        def fmt(v, unit="", nd=2):
+            if v is None:
+                return "n/a"
+            if isinstance(v, float) and math.isinf(v):
+                return "inf"
+            return f"{v:.{nd}f}{unit}"
+
+        def ratio(a, b):
+            return "" if a is None or b is None or not b else f"{a / b:.2f}x"
+
+        rows = [
+            ("MACs (papers' convention)", fmt(t.macs / 1e9, " G"), fmt(s.macs / 1e9, " G", 3), ratio(t.macs, s.macs)),
+            ("MACs (true multiply-adds)", fmt(t.macs_true / 1e9, " G"), fmt(s.macs_true / 1e9, " G", 3), ratio(t.macs_true, s.macs_true)),
+            ("parameters", f"{t.params / 1e6:.3f} M", f"{s.params / 1e6:.3f} M", ratio(t.params, s.params)),
+            ("size fp32", fmt(t.size_mb, " MB"), fmt(s.size_mb, " MB"), ratio(t.size_mb, s.size_mb)),
+            (f"CPU latency median ({self.latency_threads} threads)", fmt(t.latency_ms, " ms", 1), fmt(s.latency_ms, " ms", 1), ratio(t.latency_ms, s.latency_ms)),
+            ("PSNR to teacher", "-", fmt(s.psnr_to_teacher, " dB"), ""),
+            ("SSIM to teacher", "-", fmt(s.ssim_to_teacher, "", 4), ""),
+            ("PSNR to ground truth", fmt(t.psnr_to_gt, " dB"), fmt(s.psnr_to_gt, " dB"),
+             "" if t.psnr_to_gt is None or s.psnr_to_gt is None else f"{s.psnr_to_gt - t.psnr_to_gt:+.2f} dB"),
+            ("SSIM to ground truth", fmt(t.ssim_to_gt, "", 4), fmt(s.ssim_to_gt, "", 4), ""),
+        ]
+        w0 = max(len(r[0]) for r in rows)
+        w = [max(len(r[i]) for r in rows + [("", "teacher", "student", "teacher/student")]) for i in range(4)]
+        lines = [f"{'':<{w0}}  {'teacher':>{w[1]}}  {'student':>{w[2]}}  {'teacher/student':>{w[3]}}"]
+        lines.append("-" * len(lines[0]))
+        lines += [f"{a:<{w0}}  {b:>{w[1]}}  {c:>{w[2]}}  {d:>{w[3]}}" for a, b, c, d in rows]
+        lines.append(f"input {tuple(self.input_shape)}; {self.steps} gated steps + {self.finetune_steps} fine-tune steps "
+                     f"in {self.seconds / 60:.1f} min; export max |diff| {fmt(self.export_max_abs_diff, '', 7)}")
+        if self.widths:
+            lines.append("widths kept: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in list(self.widths.items())))
+        if self.skipped:
+            lines.append("not pruned: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items()))
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)

@@ -1,0 +1,215 @@
+"""The distillation training loop shared by every compression stage.
+
+One step: teacher forward (no grad) -> student forward -> losses
+(L1 to teacher output, L1 to ground truth when present, feature MSE through mappings, optional
+adversarial term with a user discriminator) -> backward -> optimizer step -> callbacks (e.g. the
+gates' proximal step). Progress bar with live losses; NaN/inf losses stop the run with a clear
+error and the last good weights restored.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BatchFn = Callable[[Any], tuple]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a loss becomes NaN or inf; the student holds its last good weights."""
+
+
+def split_batch(batch: Any, batch_fn: Optional[BatchFn] = None) -> tuple[tuple[torch.Tensor, ...], Optional[torch.Tensor]]:
+    """Map one loader batch to ``(generator inputs tuple, ground-truth target or None)``.
+
+    Accepted without ``batch_fn``: a tensor (input only); a tuple/list ``(input, target, ...)``;
+    a dict with an input under ``A``/``input``/``x``/``image``/``label`` and a target under
+    ``target``/``y``/``gt`` (or ``image`` when the input is ``label``, as in SPADE). ``B`` of an
+    unpaired (CycleGAN) batch is *not* a target: pass ``batch_fn`` for paired dicts.
+    """
+    if batch_fn is not None:
+        out = batch_fn(batch)
+        if isinstance(out, torch.Tensor):
+            return (out,), None
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError("batch_fn must return an input tensor or a pair (inputs, target_or_None)")
+        inputs, target = out
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        return inputs, target
+    if isinstance(batch, torch.Tensor):
+        return (batch,), None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        target = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return (batch[0],), target
+    if isinstance(batch, dict):
+        for key in ("A", "input", "x", "image", "label"):
+            if key == "image" and "label" in batch:
+                continue
+            if isinstance(batch.get(key), torch.Tensor):
+                target = next((batch[k] for k in ("target", "y", "gt") if isinstance(batch.get(k), torch.Tensor)), None)
+                if key == "label" and target is None and isinstance(batch.get("image"), torch.Tensor):
+                    target = batch["image"]
+                return (batch[key],), target
+        raise TypeError(f"cannot find the generator input in a dict batch with keys {sorted(batch)}; "
+                        "pass batch_fn=lambda b: (inputs, target_or_None)")
+    raise TypeError(f"the loader yielded a {type(batch).__name__}; expected a tensor, a tuple (input, target) "
+                    "or a dict, or pass batch_fn to map batches to generator inputs")
+
+
+def first_output(out: Any) -> torch.Tensor:
+    """The image tensor of a generator's output (first item of a tuple/list/dict)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return first_output(out[0])
+    if isinstance(out, dict) and out:
+        return first_output(next(iter(out.values())))
+    raise TypeError(f"generator returned {type(out).__name__}, not an image tensor")
+
+
+def cycle(loader: Iterable) -> Iterator:
+    """Iterate over ``loader`` forever; error if it yields nothing."""
+    while True:
+        n = 0
+        for batch in loader:
+            n += 1
+            yield batch
+        if n == 0:
+            raise ValueError("the loader yielded no batches")
+
+
+def gan_loss(pred: torch.Tensor, real: bool, mode: str = "lsgan") -> torch.Tensor:
+    """Adversarial loss on discriminator predictions (any shape): LSGAN, vanilla BCE or hinge."""
+    if isinstance(pred, (list, tuple)):  # multi-scale discriminators (SPADE): average
+        return sum(gan_loss(p[-1] if isinstance(p, (list, tuple)) else p, real, mode) for p in pred) / len(pred)
+    if mode == "lsgan":
+        return F.mse_loss(pred, torch.full_like(pred, 1.0 if real else 0.0))
+    if mode == "vanilla":
+        return F.binary_cross_entropy_with_logits(pred, torch.full_like(pred, 1.0 if real else 0.0))
+    if mode == "hinge":
+        return F.relu(1 - pred).mean() if real else F.relu(1 + pred).mean()
+    raise ValueError(mode)
+
+
+@dataclass
+class LossWeights:
+    recon: float = 1.0
+    gt: float = 1.0
+    distill: float = 1.0
+    adv: float = 0.0
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    losses: dict = field(default_factory=dict)
+
+
+class DistillTrainer:
+    """Trains ``student`` to imitate ``teacher``.
+
+    ``extra_params``: further parameters trained with the student (mapping layers, gates as a
+    separate param group via ``param_groups``). ``after_step`` callbacks run after each optimizer
+    step with the trainer (the gates' proximal step lives there).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, param_groups: list[dict], weights: LossWeights,
+                 distiller=None, discriminator: Optional[nn.Module] = None, d_lr: float = 2e-4,
+                 gan_mode: str = "lsgan", device: str = "cpu", batch_fn: Optional[BatchFn] = None):
+        self.student, self.teacher = student, teacher
+        self.weights, self.distiller = weights, distiller
+        self.device = torch.device(device)
+        self.batch_fn = batch_fn
+        self.opt = torch.optim.Adam(param_groups, betas=(0.5, 0.999))
+        self.discriminator = discriminator
+        self.gan_mode = gan_mode
+        self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=d_lr, betas=(0.5, 0.999)) if discriminator is not None else None
+        self.after_step: list[Callable[["DistillTrainer"], None]] = []
+        self.state = TrainState()
+        self._good = None
+
+    def _snapshot(self) -> None:
+        self._good = copy.deepcopy(self.student.state_dict())
+
+    def step(self, batch: Any) -> dict:
+        """One optimisation step on ``batch``; returns the float losses."""
+        inputs, target = split_batch(batch, self.batch_fn)
+        inputs = tuple(t.to(self.device) for t in inputs)
+        with torch.no_grad():
+            t_out = first_output(self.teacher(*inputs))
+        s_out = first_output(self.student(*inputs))
+        if s_out.shape != t_out.shape:
+            raise ValueError(f"student output {tuple(s_out.shape)} and teacher output {tuple(t_out.shape)} differ in shape")
+        w = self.weights
+        losses: dict[str, torch.Tensor] = {}
+        if w.recon:
+            losses["recon"] = w.recon * F.l1_loss(s_out, t_out)
+        if w.gt and target is not None:
+            target = target.to(self.device)
+            if target.shape != s_out.shape:
+                raise ValueError(f"ground truth {tuple(target.shape)} does not match the output {tuple(s_out.shape)}")
+            losses["gt"] = w.gt * F.l1_loss(s_out, target)
+        if self.distiller is not None and w.distill:
+            losses["distill"] = w.distill * self.distiller.loss()
+        if self.discriminator is not None and w.adv:
+            losses["adv"] = w.adv * gan_loss(self.discriminator(s_out), True, self.gan_mode)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            if self._good is not None:
+                self.student.load_state_dict(self._good)
+            bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+            raise NonFiniteLossError(f"non-finite loss at step {self.state.step} ({bad}); the student keeps its last "
+                                     "good weights. Lower the learning rates or check the inputs for NaN/inf.")
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt.step()
+        if self.discriminator is not None:
+            real = target if target is not None else t_out
+            d_loss = 0.5 * (gan_loss(self.discriminator(real.detach()), True, self.gan_mode)
+                            + gan_loss(self.discriminator(s_out.detach()), False, self.gan_mode))
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+            losses["D"] = d_loss
+        self.state.step += 1
+        for cb in self.after_step:
+            cb(self)
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out["total"] = float(total.detach())
+        self.state.losses = out
+        if self.state.step % 50 == 1:
+            self._snapshot()
+        return out
+
+    def run(self, loader: Iterable, steps: int, desc: str = "train", progress: bool = True,
+            postfix: Optional[Callable[[], dict]] = None, callbacks: Iterable[Callable] = ()) -> None:
+        """Run ``steps`` optimisation steps over ``loader`` (cycled) with a tqdm progress bar."""
+        if steps <= 0:
+            return
+        from tqdm.auto import tqdm
+
+        self.student.train()
+        self.teacher.eval()
+        self._snapshot()
+        it = cycle(loader)
+        bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True, leave=True)
+        for _ in bar:
+            losses = self.step(next(it))
+            for cb in callbacks:
+                cb(self, losses)
+            if progress and (self.state.step % 5 == 0):
+                info = {k: f"{v:.3f}" for k, v in losses.items() if k != "total"}
+                if postfix is not None:
+                    info.update(postfix())
+                bar.set_postfix(info, refresh=False)
+        bar.close()
+
+
+def lr_cosine(step: int, total: int, floor: float = 0.05) -> float:
+    """Cosine factor from 1 to ``floor`` over ``total`` steps."""
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))

@@ -1,0 +1,139 @@
+"""End-to-end ``ganslim.compress`` on small real data, and every bad input a user can give it."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ganslim
+from archs import TwoInputGenerator
+from ganslim import data, measure
+from ganslim.train import NonFiniteLossError
+from ganslim.zoo import create_model
+
+FAST = dict(steps=30, finetune_steps=10, progress=False, measure_latency=False)
+
+
+@pytest.fixture(scope="module")
+def loader():
+    return data.default_loader(batch_size=2, crop=32, length=64)
+
+
+@pytest.fixture(scope="module")
+def small_teacher(loader):
+    torch.manual_seed(0)
+    t = create_model("resnet_6blocks", ngf=8)
+    opt = torch.optim.Adam(t.parameters(), 1e-3)
+    for i, (x, y) in enumerate(loader):  # a few steps so the teacher is not random
+        loss = (t(x) - y).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return t.eval()
+
+
+def test_compress_meets_the_macs_target_and_returns_a_plain_smaller_model(small_teacher, loader):
+    before = copy.deepcopy(small_teacher.state_dict())
+    res = ganslim.compress(small_teacher, small_teacher, loader, target_macs=0.3, **FAST)
+    rep = res.report
+    assert rep.student.macs == pytest.approx(0.3 * rep.teacher.macs, rel=0.05)
+    assert rep.macs_reduction > 3.0
+    assert rep.student.params < rep.teacher.params
+    assert rep.export_max_abs_diff <= 1e-4
+    # plain: standard layers, no hooks left anywhere
+    assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in res.model.modules())
+    assert all(len(m._forward_hooks) == 0 for m in small_teacher.modules())
+    # the user's teacher is untouched
+    after = small_teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # the measured MACs of the exported model are what the report says
+    x = torch.randn(1, 3, 32, 32)
+    assert measure.count_macs(res.model, x) == rep.student.macs
+    text = str(rep)
+    assert "MACs (papers' convention)" in text and "widths kept" in text
+    assert rep.to_dict()["macs_reduction"] == pytest.approx(rep.macs_reduction)
+    model, report = res  # tuple-style unpacking
+    assert model is res.model
+
+
+def test_compress_unet_with_concatenation_skips(loader):
+    t = create_model("unet_128", ngf=4).eval()
+    big = data.default_loader(batch_size=2, crop=128, length=8)
+    res = ganslim.compress(t, t, big, target_macs=0.4, steps=4, finetune_steps=2, progress=False, measure_latency=False)
+    assert res.report.student.macs <= 0.42 * res.report.teacher.macs
+    assert res.report.export_max_abs_diff <= 1e-4
+
+
+def test_compress_with_discriminator_trains_it(small_teacher, loader):
+    d = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 4, 1, 1))
+    w0 = d[0].weight.detach().clone()
+    res = ganslim.compress(small_teacher, small_teacher, loader, discriminator=d, target_macs=0.5, **FAST)
+    assert not torch.equal(w0, d[0].weight)
+    assert res.report.student.macs < res.report.teacher.macs
+
+
+def test_several_inputs_with_batch_fn():
+    teacher = TwoInputGenerator(8).eval()
+    batches = [(torch.randn(2, 3, 16, 16), torch.randn(2, 2, 16, 16)) for _ in range(4)]
+    res = ganslim.compress(teacher, teacher, batches, batch_fn=lambda b: (b, None), target_macs=0.5,
+                           steps=6, finetune_steps=2, progress=False, measure_latency=False)
+    assert res.report.student.macs <= 0.5 * res.report.teacher.macs
+
+
+def test_unpaired_dict_batches(small_teacher):
+    loader = data.default_loader(batch_size=2, crop=32, length=16, unpaired=True)
+    res = ganslim.compress(small_teacher, small_teacher, loader, target_macs=0.5, steps=4, finetune_steps=0,
+                           progress=False, measure_latency=False)
+    assert res.report.student.psnr_to_gt is None  # "B" of an unpaired batch is not a target
+    assert res.report.student.psnr_to_teacher is not None
+
+
+# ------------------------------------------------------------------ bad input
+def test_empty_loader(small_teacher):
+    with pytest.raises(ValueError, match="yielded no batches"):
+        ganslim.compress(small_teacher, small_teacher, [], **FAST)
+
+
+def test_loader_of_wrong_type(small_teacher):
+    with pytest.raises(TypeError, match="loader must be an iterable"):
+        ganslim.compress(small_teacher, small_teacher, 42, **FAST)
+    with pytest.raises(TypeError, match="expected a tensor"):
+        ganslim.compress(small_teacher, small_teacher, ["not a tensor"], **FAST)
+
+
+def test_teacher_output_shape_mismatch(small_teacher, loader):
+    other = create_model("resnet_6blocks", ngf=8, output_nc=1)
+    with pytest.raises(ValueError, match="differs from teacher output"):
+        ganslim.compress(small_teacher, other, loader, **FAST)
+
+
+def test_impossible_target(small_teacher, loader):
+    with pytest.raises(ValueError, match="impossible MACs target"):
+        ganslim.compress(small_teacher, small_teacher, loader, target_macs=1e-6, **FAST)
+    with pytest.raises(ValueError, match="target_macs must be > 0"):
+        ganslim.compress(small_teacher, small_teacher, loader, target_macs=-1, **FAST)
+
+
+def test_unknown_option(small_teacher, loader):
+    with pytest.raises(TypeError, match="unknown compress option"):
+        ganslim.compress(small_teacher, small_teacher, loader, stepz=3)
+
+
+def test_model_without_prunable_layers(loader):
+    m = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Tanh())
+    with pytest.raises(ValueError, match="no prunable channel group"):
+        ganslim.compress(m, m, loader, **FAST)
+
+
+def test_nan_in_first_batch(small_teacher):
+    x = torch.randn(2, 3, 32, 32)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ganslim.compress(small_teacher, small_teacher, [x], **FAST)
+
+
+def test_nan_loss_mid_run_stops_with_last_good_weights(small_teacher):
+    good = [torch.randn(2, 3, 32, 32) for _ in range(3)]
+    bad = torch.full((2, 3, 32, 32), float("nan"))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        ganslim.compress(small_teacher, small_teacher, good + [bad], **FAST)

@@ -1,0 +1,60 @@
+"""Embedded data: real photos, held out whole, deterministic crops, paired and unpaired views."""
+import numpy as np
+import torch
+
+from ganslim import data
+
+
+def test_photos_are_real_and_test_photo_is_held_out():
+    assert set(data.TEST_PHOTOS).isdisjoint(data.TRAIN_PHOTOS)
+    x, y = data.photo_pair("chelsea")
+    assert x.shape == y.shape and x.shape[0] == 3 and min(x.shape[1:]) == data.WORKING_SHORT_SIDE
+    assert x.shape[1] % 4 == 0 and x.shape[2] % 4 == 0
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert float(x.std()) > 0.2  # a real photo, not a constant
+    # the cartoon differs from the photo but keeps its layout (correlated)
+    corr = np.corrcoef(x.flatten().numpy(), y.flatten().numpy())[0, 1]
+    assert 0.6 < corr < 0.999
+
+
+def test_cartoonize_flattens_texture_and_draws_outlines():
+    img = np.zeros((64, 64, 3))
+    img[:, 32:] = 0.8
+    img += np.random.default_rng(0).normal(0, 0.05, img.shape)
+    out = data.cartoonize(img.clip(0, 1))
+    assert out[:, 5:25].std() < img[:, 5:25].std() / 2  # smoothed
+    assert out[:, 31:33].mean() < out[:, 40:60].mean() * 0.6  # dark edge at the step
+
+
+def test_crops_are_deterministic_and_paired():
+    ds = data.PairedCrops(crop=32, length=10, seed=3)
+    a, b = ds[4]
+    a2, b2 = ds[4]
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert a.shape == (3, 32, 32)
+    assert not torch.equal(ds[5][0], a)
+
+
+def test_unpaired_view_and_loader():
+    batch = next(iter(data.default_loader(batch_size=2, crop=32, length=4, unpaired=True)))
+    assert set(batch) == {"A", "B"} and batch["A"].shape == (2, 3, 32, 32)
+    x, y = next(iter(data.default_loader(batch_size=3, crop=32, length=6)))
+    assert x.shape == y.shape == (3, 3, 32, 32)
+
+
+def test_image_folder(tmp_path):
+    import skimage.io
+
+    from ganslim.data import ImageFolder
+
+    x, _ = data.photo_pair("astronaut")
+    skimage.io.imsave(tmp_path / "a.png", ((x.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8))
+    ds = ImageFolder(str(tmp_path), crop=32, length=5)
+    assert ds[0].shape == (3, 32, 32)
+    assert torch.allclose(ds[0].mean(), ds[0].mean())
+    try:
+        ImageFolder(str(tmp_path / "missing"))
+    except FileNotFoundError as e:
+        assert "does not exist" in str(e)
+    else:
+        raise AssertionError
