@@ -14,9 +14,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "save": "ganslim.checkpoint",
     "load": "ganslim.checkpoint",
-    "compress": "ganslim.compress",
+    "compress": "ganslim.compression",
     "CompressConfig": "ganslim.config",
-    "CompressResult": "ganslim.compress",
+    "CompressResult": "ganslim.compression",
+    "bench": "ganslim.benchmarking",
 }
 
 

@@ -157,16 +157,23 @@ def compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Opt
     trainer = DistillTrainer(student, teacher, groups, weights, distiller, discriminator, cfg.lr, cfg.gan_mode,
                              cfg.device, cfg.batch_fn)
 
-    # ρ controller: gates of an unresisted channel reach 0 by the schedule's end at the initial ρ
+    # Progressive pruning (gradual magnitude schedule, cubic): every ``prune_every`` steps the channels
+    # with the smallest normalised gates are switched off so the MACs follow
+    # target + (total - target) * (1 - t/reach)^3, reaching the target at ``reach``; the L1 proximal
+    # step keeps separating important from unimportant channels meanwhile.
     reach = max(1, int(cfg.target_reach * cfg.steps))
-    ctl = {"rho": cfg.rho if cfg.rho else 1.0 / (cfg.gate_lr * reach), "macs": macs_model.total}
+    start = min(int(cfg.prune_start * cfg.steps), reach - 1)
+    ctl = {"rho": cfg.rho, "macs": macs_model.total}
 
     def prox(tr: DistillTrainer) -> None:
-        gates.prox_step(cfg.gate_lr, ctl["rho"] if target_abs is not None else cfg.rho)
-        if target_abs is not None and tr.state.step % 5 == 0:
+        gates.prox_step(cfg.gate_lr, cfg.rho)
+        k = tr.state.step
+        if target_abs is not None and start < k <= reach and (k % cfg.prune_every == 0 or k == reach):
+            goal = target_abs + (macs_model.total - target_abs) * (1.0 - (k - start) / (reach - start)) ** 3
+            _, alive = threshold_for_target(gates, macs_model, goal)
+            gates.set_masks(alive, final=False)
+        if k % 5 == 0:
             ctl["macs"] = macs_model.macs(gates.alive())
-            goal = macs_model.total - (macs_model.total - target_abs) * min(1.0, tr.state.step / reach)
-            ctl["rho"] *= cfg.rho_adapt if ctl["macs"] > goal else 1.0 / cfg.rho_adapt
 
     trainer.after_step.append(prox)
 
@@ -177,7 +184,7 @@ def compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Opt
 
     notes = []
     if target_abs is not None:
-        _, alive = threshold_for_target(gates, macs_model, target_abs)
+        _, alive = threshold_for_target(gates, macs_model, target_abs, multiple=cfg.channel_multiple)
         gates.set_masks(alive)
     student.eval()
     if distiller is not None:
@@ -196,10 +203,10 @@ def compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Opt
                 teacher(*[t.to(device) for t in batch_inputs])
             ft_distiller.fit_maps()
             ft_distiller.to(device)
-        ft_groups = [{"params": list(plain.parameters()), "lr": cfg.lr}]
+        ft_groups = [{"params": list(plain.parameters()), "lr": cfg.finetune_lr}]
         if ft_distiller is not None:
-            ft_groups.append({"params": list(ft_distiller.parameters()), "lr": cfg.lr})
-        ft = DistillTrainer(plain, teacher, ft_groups, weights, ft_distiller, discriminator, cfg.lr, cfg.gan_mode,
+            ft_groups.append({"params": list(ft_distiller.parameters()), "lr": cfg.finetune_lr})
+        ft = DistillTrainer(plain, teacher, ft_groups, weights, ft_distiller, discriminator, cfg.finetune_lr, cfg.gan_mode,
                             cfg.device, cfg.batch_fn)
         sched = torch.optim.lr_scheduler.LambdaLR(ft.opt, lambda s: lr_cosine(s, cfg.finetune_steps))
         ft.after_step.append(lambda tr: sched.step())

@@ -19,15 +19,18 @@ class CompressConfig:
     # --- schedule
     steps: int = 600  # sparsify phase, gates attached
     finetune_steps: int = 300  # after physical removal, plain smaller student
-    lr: float = 2e-4
-    gate_lr: float = 1e-2
-    rho: float = 1e-3  # initial L1 strength; steered towards target_macs when a target is set
-    rho_adapt: float = 1.15  # multiplicative ρ step of the MACs controller
-    target_reach: float = 0.7  # fraction of ``steps`` by which the MACs schedule reaches the target
+    lr: float = 1e-4  # student weights and mapping layers while gated
+    finetune_lr: float = 2e-4  # after removal (cosine decay); the smaller network must re-learn more
+    gate_lr: float = 2e-3
+    rho: float = 1.0  # L1 strength, in units of a group's mean gate per unit gate_lr
+    channel_multiple: int = 1  # round kept widths up to a multiple (8 helps CPU/GPU kernels)
+    prune_start: float = 0.1  # fraction of ``steps`` before the first channel is switched off (gates separate)
+    prune_every: int = 10  # steps between progressive pruning decisions
+    target_reach: float = 0.6  # fraction of ``steps`` by which the MACs schedule reaches the target
     # --- losses
-    recon_weight: float = 1.0  # L1(student(x), teacher(x)): pseudo pairs, works unpaired
-    gt_weight: float = 1.0  # L1(student(x), ground truth) when the batch has one
-    distill_weight: float = 1.0  # feature MSE through 1x1 mappings
+    recon_weight: float = 10.0  # L1(student(x), teacher(x)): pseudo pairs, works unpaired
+    gt_weight: float = 10.0  # L1(student(x), ground truth) when the batch has one
+    distill_weight: float = 1.0  # variance-normalised feature MSE through 1x1 mappings
     distill_layers: Optional[Mapping[str, str] | Sequence[str]] = None  # None: auto
     n_distill_layers: int = 4
     adv_weight: float = 0.0  # used only when a discriminator is given (default 1.0 then)

@@ -1,7 +1,7 @@
 """Feature distillation (GAN Compression): forward hooks on named student/teacher layers and learned
 1x1 conv mappings from student width to teacher width.
 
-``L_distill = sum_t mean((map_t(S_t(x)) - T_t(x))^2)`` over chosen layer pairs ``t``. Hooks come off
+``L_distill = sum_t mean((map_t(S_t(x)) - T_t(x))^2) / var(T_t(x))`` over chosen layer pairs ``t``. Hooks come off
 with :meth:`FeatureDistiller.remove`; the user's classes are never modified.
 """
 from __future__ import annotations
@@ -158,11 +158,14 @@ class FeatureDistiller(nn.Module):
             self.maps[_key(s_name)] = conv
 
     def loss(self) -> torch.Tensor:
+        """Sum over layer pairs of the MSE between mapped student and teacher features, divided by the
+        teacher feature's variance (so every pair weighs about the same whatever its magnitude:
+        residual trunks grow large, and unnormalised they drown the output losses)."""
         total = 0.0
         for s_name, t_name in self.mapping.items():
             fs = self.student_rec.features[s_name]
             ft = self.teacher_rec.features[t_name]
-            total = total + F.mse_loss(self.maps[_key(s_name)](fs), ft)
+            total = total + F.mse_loss(self.maps[_key(s_name)](fs), ft) / ft.var().clamp_min(1e-6)
         self.student_rec.clear()
         self.teacher_rec.clear()
         return total

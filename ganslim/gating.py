@@ -30,8 +30,19 @@ class GateSet(nn.Module):
         for i, g in enumerate(self.groups):
             self.register_buffer(f"mask_{i}", torch.ones(g.size))
         self._handles: list = []
+        self._final = False
 
     # ----------------------------------------------------------------- hooks
+    def effective(self, i: int) -> torch.Tensor:
+        """The scale group ``i`` applies: its gate divided by the gate's mean magnitude.
+
+        Why: the layers after a gate almost always end in a norm, which undoes a uniform scaling of
+        the whole group. Raw gates could then shrink a whole group for free under L1, and magnitudes
+        of different groups would not be comparable. Normalised, only *relative* importance inside a
+        group changes the output, and one global threshold compares groups fairly."""
+        g = self.gates[i]
+        return g / g.abs().mean().clamp_min(1e-12)
+
     def _scale_for(self, module_name: str, n_channels: int, device) -> Callable[[], torch.Tensor]:
         """Per-channel scale for one gate point, combining every group that covers its channels."""
         parts = []
@@ -46,7 +57,7 @@ class GateSet(nn.Module):
         def scale() -> torch.Tensor:
             s = torch.ones(n_channels, device=self.gates[0].device, dtype=self.gates[0].dtype)
             for gi, ch, pos in parts:
-                s = s.index_put((ch.to(s.device),), self.gates[gi][pos.to(s.device)])
+                s = s.index_put((ch.to(s.device),), self.effective(gi)[pos.to(s.device)])
             return s
 
         return scale
@@ -82,10 +93,16 @@ class GateSet(nn.Module):
 
     @torch.no_grad()
     def prox_step(self, lr: float, rho: float) -> None:
-        """Soft-threshold: ``g <- sign(g) * max(|g| - lr * rho, 0)``; masked-off gates stay 0."""
+        """Proximal step of ``rho * |g|_1``: soft-threshold ``g <- sign(g) * max(|g| - lr * rho, 0)``
+        (masked-off gates stay 0), then rescale each group to mean magnitude 1. The rescaling leaves
+        the network unchanged (the forward uses :meth:`effective`) and keeps the threshold in units
+        of a group's average gate."""
         t = lr * rho
         for g, m in zip(self.gates, self.masks()):
             g.copy_(torch.sign(g) * torch.clamp(g.abs() - t, min=0.0) * m)
+            mean = g.abs().mean()
+            if mean > 0:
+                g.div_(mean)
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -94,7 +111,11 @@ class GateSet(nn.Module):
 
     @torch.no_grad()
     def alive(self) -> list[torch.Tensor]:
-        """Boolean per group: channel still alive (gate non-zero and not masked)."""
+        """Boolean per group: channel still alive (gate non-zero and not masked). After
+        :meth:`set_masks` the masks decide alone (a kept channel may have a zero gate when widths
+        were rounded to a multiple)."""
+        if self._final:
+            return [m > 0 for m in self.masks()]
         out = []
         for g, m in zip(self.gates, self.masks()):
             a = (g != 0) & (m > 0)
@@ -105,9 +126,14 @@ class GateSet(nn.Module):
         return out
 
     @torch.no_grad()
-    def set_masks(self, alive: list[torch.Tensor]) -> None:
+    def set_masks(self, alive: list[torch.Tensor], final: bool = True) -> None:
+        """Switch off the channels not in ``alive`` (bool per channel of each group). ``final``: the
+        masks alone decide what survives export (widths rounded up may keep a zero gate)."""
         for i, a in enumerate(alive):
+            if not bool(a.any()):
+                raise ValueError(f"group {self.groups[i].root} would lose every channel")
             getattr(self, f"mask_{i}").copy_(a.float())
+        self._final = final
         self.apply_masks()
 
     def l1(self) -> torch.Tensor:
@@ -182,18 +208,24 @@ class MacsModel:
         return total
 
 
-def threshold_for_target(gates: GateSet, macs_model: MacsModel, target_macs: float, iters: int = 60) -> tuple[float, list[torch.Tensor]]:
+def threshold_for_target(gates: GateSet, macs_model: MacsModel, target_macs: float, iters: int = 60,
+                         multiple: int = 1) -> tuple[float, list[torch.Tensor]]:
     """Global threshold ``tau`` on ``|gate|`` (bisection) so that the channels with ``|g| > tau`` give
-    at most ``target_macs`` MACs. Returns ``(tau, alive masks)``. Each group keeps >= 1 channel."""
-    mags = torch.cat([g.detach().abs().cpu() * m.cpu() for g, m in zip(gates.gates, gates.masks())])
-    lo, hi = 0.0, float(mags.max()) + 1e-12
+    at most ``target_macs`` MACs. Returns ``(tau, alive masks)``. Each group keeps >= 1 channel;
+    with ``multiple`` > 1 each group's kept count is rounded up to a multiple of it (hardware-friendly
+    widths: vector units and oneDNN/cuDNN kernels prefer channel counts divisible by 8)."""
+    mags = [(g.detach().abs().cpu() * m.cpu()) for g, m in zip(gates.gates, gates.masks())]
+    order = [torch.argsort(v, descending=True) for v in mags]
+    lo, hi = 0.0, float(torch.cat(mags).max()) + 1e-12
 
     def alive_at(tau: float) -> list[torch.Tensor]:
         out = []
-        for g, m in zip(gates.gates, gates.masks()):
-            a = (g.detach().abs().cpu() * m.cpu()) > tau
-            if not bool(a.any()):
-                a[int((g.detach().abs().cpu() * m.cpu()).argmax())] = True
+        for v, idx in zip(mags, order):
+            k = max(1, int((v > tau).sum()))
+            if multiple > 1:
+                k = min(v.numel(), -(-k // multiple) * multiple)
+            a = torch.zeros(v.numel(), dtype=torch.bool)
+            a[idx[:k]] = True
             out.append(a)
         return out
 

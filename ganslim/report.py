@@ -96,3 +96,18 @@ class CompressReport:
             lines.append("not pruned: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items()))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def write_json(obj: Any, path: str) -> str:
+    """Write JSON atomically (temporary file + rename): a crash never leaves half a report."""
+    import os
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -56,6 +56,26 @@ def test_compress_meets_the_macs_target_and_returns_a_plain_smaller_model(small_
     assert model is res.model
 
 
+def test_compressed_model_saves_and_reloads_bit_exactly_without_its_class(small_teacher, loader, tmp_path):
+    import subprocess
+    import sys
+
+    res = ganslim.compress(small_teacher, small_teacher, loader, target_macs=0.4, steps=6, finetune_steps=2,
+                           progress=False, measure_latency=False)
+    path = ganslim.save(res.model, tmp_path / "slim.safetensors")
+    x = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        torch.save(res.model.eval()(x), tmp_path / "ref.pt")
+    torch.save(x, tmp_path / "x.pt")
+    code = (  # a fresh interpreter in which the zoo (the original class) cannot be imported
+        "import sys, torch; sys.modules['ganslim.zoo'] = None; import ganslim; "
+        f"m = ganslim.load({str(path)!r}); x = torch.load({str(tmp_path / 'x.pt')!r}); "
+        f"ref = torch.load({str(tmp_path / 'ref.pt')!r}); "
+        "out = m(x); print('EQUAL' if torch.equal(out, ref) else 'DIFF', type(m).__mro__[1].__name__)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "EQUAL" in p.stdout, p.stderr[-2000:]
+
+
 def test_compress_unet_with_concatenation_skips(loader):
     t = create_model("unet_128", ngf=4).eval()
     big = data.default_loader(batch_size=2, crop=128, length=8)

@@ -50,9 +50,27 @@ def test_prox_step_reaches_exact_zero_and_keeps_sign():
     gates = GateSet(find_channel_groups(m, torch.randn(1, 3, 32, 32)))
     with torch.no_grad():
         gates.gates[0].copy_(torch.tensor([0.05, -0.05, 0.5, -0.5, 0.0, 1.0, 0.09, 0.11]))
-    gates.prox_step(lr=0.1, rho=1.0)  # threshold 0.1
-    assert gates.gates[0].tolist() == pytest.approx([0, 0, 0.4, -0.4, 0, 0.9, 0, 0.01], abs=1e-6)
+    gates.prox_step(lr=0.1, rho=1.0)  # threshold 0.1, then the group is rescaled to mean magnitude 1
+    shrunk = torch.tensor([0, 0, 0.4, -0.4, 0, 0.9, 0, 0.01])
+    assert gates.gates[0].tolist() == pytest.approx((shrunk / shrunk.abs().mean()).tolist(), abs=1e-5)
     assert (gates.gates[0] == 0).sum() == 4
+    assert float(gates.gates[0].detach().abs().mean()) == pytest.approx(1.0)
+
+
+def test_gated_output_ignores_a_uniform_scale_of_a_group():
+    # norms after a gate undo a uniform scale; the normalised gate makes that explicit
+    m = create_model("resnet_6blocks", ngf=8).eval()
+    x = torch.randn(1, 3, 32, 32)
+    gates = GateSet(find_channel_groups(m, x))
+    random_gates(gates, 0.3, seed=1)
+    gates.attach(m)
+    with torch.no_grad():
+        a = m(x)
+        for g in gates.gates:
+            g.mul_(7.0)
+        b = m(x)
+    gates.detach()
+    assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_zero_gate_channels_are_physically_gone_and_output_unchanged():
@@ -150,3 +168,19 @@ def test_fuzz_gate_prune_export_keeps_output(spec, widths, norm, p_zero, seed):
     if any(not bool(a.all()) for a in gates.alive()):
         assert measure.count_params(plain) < measure.count_params(m)
         assert measure.count_macs(plain, x, "true") < measure.count_macs(m, x, "true") or before == 0
+
+
+def test_channel_multiple_rounds_widths_and_survives_export():
+    m = create_model("resnet_6blocks", ngf=8)
+    x = torch.randn(1, 3, 32, 32)
+    t = find_channel_groups(m, x)
+    mm = MacsModel(m, t, measure.macs_by_module(m, x))
+    gates = GateSet(t)
+    random_gates(gates, 0.3, seed=7)  # some gates exactly zero: rounding may keep them
+    _, alive = threshold_for_target(gates, mm, 0.3 * mm.total, multiple=4)
+    assert mm.macs(alive) <= 0.3 * mm.total
+    assert all(int(a.sum()) % 4 == 0 or int(a.sum()) == a.numel() for a in alive)
+    gates.set_masks(alive)
+    plain, info = export_pruned(m, gates, x)
+    assert all(k % 4 == 0 for k in info["kept"].values())
+    assert plain.model[7].out_channels == int(alive[2].sum())

@@ -1,0 +1,159 @@
+"""Command line: a thin layer over the Python API.
+
+    ganslim demo                       # compress the embedded default teacher, print the table
+    ganslim compress --teacher T.safetensors [--images DIR] --target-macs 0.1 --out runs/x
+    ganslim bench A.safetensors B.safetensors [--input-shape 1,3,256,256]
+    ganslim info CKPT.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+import torch
+
+from .report import write_json
+
+
+def _load_model(path: str | None, factory: str | None = None, weights: str | None = None):
+    from . import data
+    from .checkpoint import load
+
+    if factory:
+        mod_name, _, fn_name = factory.partition(":")
+        if not fn_name:
+            raise ValueError(f"--factory must look like 'package.module:function', got {factory!r}")
+        model = getattr(importlib.import_module(mod_name), fn_name)()
+        if weights:
+            if weights.endswith(".safetensors"):
+                load(weights, model=model)
+            else:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+                model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        return model.eval()
+    if path in (None, "default"):
+        return data.default_teacher()
+    return load(path)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    overrides = {k: v for k, v in dict(steps=args.steps, finetune_steps=args.finetune_steps,
+                                       target_macs=args.target_macs).items() if v is not None}
+    run_demo(out_dir=args.out, **overrides)
+    return 0
+
+
+def _cmd_compress(args) -> int:
+    from . import data
+    from .checkpoint import save
+    from .compression import compress
+    from .config import CompressConfig
+
+    teacher = _load_model(args.teacher, args.factory, args.weights)
+    steps = args.steps + args.finetune_steps
+    if args.images:
+        ds = data.ImageFolder(args.images, crop=args.crop, length=max(1, steps) * args.batch_size, seed=args.seed)
+        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, drop_last=True)
+        eval_inputs = None
+    else:
+        loader = data.default_loader(batch_size=args.batch_size, crop=args.crop, length=max(1, steps) * args.batch_size,
+                                     seed=args.seed)
+        eval_inputs = [tuple(p) for p in data.test_pairs()]
+    cfg = CompressConfig(target_macs=args.target_macs, steps=args.steps, finetune_steps=args.finetune_steps,
+                         lr=args.lr, gate_lr=args.gate_lr, device=args.device, seed=args.seed,
+                         progress=not args.no_progress, eval_inputs=eval_inputs)
+    result = compress(teacher, teacher, loader, config=cfg)
+    print(result.report)
+    os.makedirs(args.out, exist_ok=True)
+    path = save(result.model, os.path.join(args.out, "student.safetensors"))
+    write_json(result.report.to_dict(), os.path.join(args.out, "report.json"))
+    print(f"saved {path}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .benchmarking import bench, format_table
+
+    shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else None
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) if shape else None
+    rows = bench(args.checkpoints, x, repeats=args.repeats, threads=args.threads)
+    where = f"random input {shape}" if shape else "the held-out photo"
+    print(f"{where}; {args.threads or torch.get_num_threads()} CPU threads; PSNR-ref is to the first model")
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json)
+    return 1 if all("error" in r for r in rows) else 0
+
+
+def _cmd_info(args) -> int:
+    from .checkpoint import read_metadata
+
+    print(json.dumps(read_metadata(args.checkpoint), indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    ap = argparse.ArgumentParser(prog="ganslim", description="Compress existing GAN generators.")
+    ap.add_argument("--version", action="version", version=f"ganslim {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="compress the embedded default teacher and print the table")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=int)
+    d.add_argument("--finetune-steps", type=int)
+    d.add_argument("--target-macs", type=float)
+    d.set_defaults(fn=_cmd_demo)
+
+    c = sub.add_parser("compress", help="compress a generator (ganslim checkpoint or factory + weights)")
+    c.add_argument("--teacher", default="default", help="ganslim .safetensors checkpoint, or 'default'")
+    c.add_argument("--factory", help="'package.module:function' that builds the generator (with --weights)")
+    c.add_argument("--weights", help="state dict (.pth or .safetensors) for --factory")
+    c.add_argument("--images", help="folder of input images (unpaired: targets come from the teacher)")
+    c.add_argument("--target-macs", type=float, default=0.1, help="fraction of the teacher's MACs (or absolute if > 1)")
+    c.add_argument("--steps", type=int, default=600)
+    c.add_argument("--finetune-steps", type=int, default=600)
+    c.add_argument("--lr", type=float, default=2e-4)
+    c.add_argument("--gate-lr", type=float, default=1e-2)
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--crop", type=int, default=64)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default="runs/compress")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(fn=_cmd_compress)
+
+    b = sub.add_parser("bench", help="measure checkpoints side by side (the first is the reference)")
+    b.add_argument("checkpoints", nargs="+", help="ganslim .safetensors files, or 'default' for the default teacher")
+    b.add_argument("--input-shape", help="e.g. 1,3,256,256 (random input); default: the held-out photo")
+    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--threads", type=int)
+    b.add_argument("--json")
+    b.set_defaults(fn=_cmd_bench)
+
+    i = sub.add_parser("info", help="print a checkpoint's metadata")
+    i.add_argument("checkpoint")
+    i.set_defaults(fn=_cmd_info)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, TypeError, FileNotFoundError, KeyError, OSError) as e:
+        print(f"ganslim {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The command line is a thin layer over the API: real runs on tiny models, errors as exit codes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ganslim
+from ganslim.cli import main
+from ganslim.zoo import create_model
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "teacher.safetensors"
+    ganslim.save(create_model("resnet_6blocks", ngf=4), path)
+    return str(path)
+
+
+def test_compress_then_bench_then_info(tiny_teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["compress", "--teacher", tiny_teacher, "--target-macs", "0.5", "--steps", "4", "--finetune-steps", "2",
+               "--crop", "32", "--batch-size", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    student = out / "student.safetensors"
+    report = json.loads((out / "report.json").read_text())
+    assert report["student"]["macs"] < report["teacher"]["macs"]
+    assert "MACs (papers' convention)" in capsys.readouterr().out
+
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00" * 10)
+    rc = main(["bench", tiny_teacher, str(student), str(bad), "--input-shape", "1,3,32,32", "--repeats", "3",
+               "--json", str(tmp_path / "bench.json")])
+    assert rc == 0  # one bad row does not stop the others
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert rows[1]["MACs(G)"] < rows[0]["MACs(G)"]
+    assert "PSNR-ref(dB)" in rows[1]
+    assert "error" in rows[2] and "broken.safetensors" in rows[2]["error"]
+
+    assert main(["info", str(student)]) == 0
+    assert '"arch"' in capsys.readouterr().out
+
+
+def test_bad_input_gives_one_line_error_and_exit_code_2(tmp_path):
+    env = dict(os.environ, TQDM_DISABLE="1")
+    p = subprocess.run([sys.executable, "-m", "ganslim", "compress", "--teacher", str(tmp_path / "nope.safetensors")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2
+    err = [line for line in p.stderr.splitlines() if "ganslim compress: error" in line]
+    assert err and "nope.safetensors" in err[0]
+    p = subprocess.run([sys.executable, "-m", "ganslim", "compress", "--target-macs", "abc"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and "invalid float value" in p.stderr
+
+
+def test_bad_factory_string(capsys):
+    assert main(["compress", "--factory", "no_colon_here"]) == 2
+    assert "package.module:function" in capsys.readouterr().err
