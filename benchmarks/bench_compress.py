@@ -1,6 +1,6 @@
 """Headline numbers of ``ganslim.compress`` on the default teacher, measured side by side in one run.
 
-    python benchmarks/bench_compress.py                 # targets 1/10 and 1/20 of the teacher's MACs
+    python benchmarks/bench_compress.py                 # targets 1/10 and 1/4 of the teacher's MACs
     python benchmarks/bench_compress.py --targets 0.1 --overhead-only
 
 Prints, per MACs target: MACs reduction, PSNR to ground truth of teacher and student on the held-out
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ganslim import data, measure  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
-from ganslim.demo import DEMO_CONFIG  # noqa: E402
+from ganslim.demo import DEMO_BATCH, DEMO_CONFIG  # noqa: E402
 from ganslim.distill import FeatureDistiller, auto_distill_points  # noqa: E402
 from ganslim.gating import GateSet  # noqa: E402
 from ganslim.targeting import find_channel_groups  # noqa: E402
@@ -78,7 +78,8 @@ def step_overhead(teacher, batch, repeats: int = 12) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default="0.1,0.05", help="comma-separated fractions of the teacher's MACs")
+    ap.add_argument("--targets", default="0.1,0.1:8,0.25",
+                    help="comma-separated fractions of the teacher's MACs, each optionally ':M' to round widths to multiples of M")
     ap.add_argument("--steps", type=int, default=DEMO_CONFIG.steps)
     ap.add_argument("--finetune-steps", type=int, default=DEMO_CONFIG.finetune_steps)
     ap.add_argument("--overhead-only", action="store_true")
@@ -96,25 +97,29 @@ def main(argv=None) -> int:
           f"with gates + distillation hooks {ov['gated_step_s'] * 1e3:.0f} ms -> overhead {ov['overhead']:.2f}x")
     results = {"machine": machine, "step_overhead": ov, "runs": []}
     if not args.overhead_only:
-        for frac in [float(f) for f in args.targets.split(",")]:
-            loader = data.default_loader(batch_size=4, crop=64, length=(args.steps + args.finetune_steps) * 4)
+        for spec in args.targets.split(","):
+            frac, _, mult = spec.partition(":")
+            frac, mult = float(frac), int(mult or 1)
+            loader = data.default_loader(batch_size=DEMO_BATCH, crop=64,
+                                         length=(args.steps + args.finetune_steps) * DEMO_BATCH)
             t0 = time.time()
             res = compress(teacher, teacher, loader, config=DEMO_CONFIG.replace(
-                target_macs=frac, steps=args.steps, finetune_steps=args.finetune_steps, eval_inputs=[(x, y)], progress=False))
+                target_macs=frac, channel_multiple=mult, steps=args.steps, finetune_steps=args.finetune_steps,
+                eval_inputs=[(x, y)], progress=False))
             wall = time.time() - t0
             r = res.report
-            row = {"target": frac, "macs_reduction": r.macs_reduction, "teacher_macs_G": r.teacher.macs / 1e9,
+            row = {"target": frac, "channel_multiple": mult, "macs_reduction": r.macs_reduction, "teacher_macs_G": r.teacher.macs / 1e9,
                    "student_macs_G": r.student.macs / 1e9, "teacher_psnr_gt": r.teacher.psnr_to_gt,
                    "student_psnr_gt": r.student.psnr_to_gt, "psnr_drop_db": r.teacher.psnr_to_gt - r.student.psnr_to_gt,
                    "student_psnr_teacher": r.student.psnr_to_teacher, "latency_speedup": r.speedup,
                    "speedup_over_macs_reduction": (r.speedup or 0) / r.macs_reduction, "cpu_minutes": wall / 60,
                    "teacher_latency_ms": r.teacher.latency_ms, "student_latency_ms": r.student.latency_ms}
             results["runs"].append(row)
-            print(f"\n=== target {frac} of the teacher's MACs ===\n{r}")
-        print("\n| target | MACs reduction | PSNR-GT teacher | PSNR-GT student | drop | latency speed-up | speed-up / MACs reduction | CPU min |")
+            print(f"\n=== target {frac} of the teacher's MACs, widths multiple of {mult} ===\n{r}", flush=True)
+        print("\n| target (width multiple) | MACs reduction | PSNR-GT teacher | PSNR-GT student | drop | latency speed-up | speed-up / MACs reduction | CPU min |")
         print("|---|---|---|---|---|---|---|---|")
         for w in results["runs"]:
-            print(f"| {w['target']} | {w['macs_reduction']:.1f}x | {w['teacher_psnr_gt']:.2f} dB | {w['student_psnr_gt']:.2f} dB | "
+            print(f"| {w['target']} ({w['channel_multiple']}) | {w['macs_reduction']:.1f}x | {w['teacher_psnr_gt']:.2f} dB | {w['student_psnr_gt']:.2f} dB | "
                   f"{w['psnr_drop_db']:.2f} dB | {w['latency_speedup']:.2f}x | {w['speedup_over_macs_reduction']:.2f} | {w['cpu_minutes']:.1f} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

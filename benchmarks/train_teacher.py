@@ -1,6 +1,6 @@
 """Train the default teacher shipped in ``ganslim/assets/default_teacher.safetensors``.
 
-ResNet-9 generator (pix2pix/CycleGAN ``resnet_9blocks``, ngf 32, batch norm; 14.2 G MACs at 256x256) trained with an
+ResNet-9 generator (pix2pix/CycleGAN ``resnet_9blocks``, ngf 32, batch norm; 14.5 G MACs at 256x256) trained with an
 L1 loss on the embedded photo -> cartoon pairs (``ganslim.data``), evaluated on the held-out photo.
 
     python benchmarks/train_teacher.py --ngf 32 --steps 6000 --batch 8 --out ganslim/assets/default_teacher.safetensors

@@ -221,16 +221,20 @@ def compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Opt
     # ----------------------------------------------------------------- report
     eval_pairs = _eval_pairs(cfg, first)
     threads = torch.get_num_threads()
-    t_stats = model_stats(teacher, example, eval_pairs, None, cfg, threads)
-    s_stats = model_stats(plain, example, eval_pairs, teacher, cfg, threads)
-    if target_abs is not None:
-        err = s_stats.macs / target_abs - 1
+    # MACs at the evaluation input (a whole image) when there is one, else at one training sample
+    stat_input = tuple(t[:1].to(device) for t in eval_pairs[0][0]) if eval_pairs else example
+    t_stats = model_stats(teacher, stat_input, eval_pairs, None, cfg, threads)
+    s_stats = model_stats(plain, stat_input, eval_pairs, teacher, cfg, threads)
+    target_fraction = None if target_abs is None else target_abs / teacher_macs
+    if target_fraction is not None:
+        # compare fractions: the report's MACs may be measured at another input size than the target's
+        err = (s_stats.macs / t_stats.macs) / target_fraction - 1
         if abs(err) > 0.05:
             notes.append(f"student MACs are {err:+.1%} from the target")
     report = CompressReport(
-        teacher=t_stats, student=s_stats, input_shape=tuple(example[0].shape), latency_threads=threads,
+        teacher=t_stats, student=s_stats, input_shape=tuple(stat_input[0].shape), latency_threads=threads,
         widths={g.root: (info["kept"][g.root], g.size) for g in targets.groups}, skipped=dict(targets.skipped),
-        distill_layers=mapping, target_macs=target_abs, steps=cfg.steps, finetune_steps=cfg.finetune_steps,
+        distill_layers=mapping, target_macs=target_fraction, steps=cfg.steps, finetune_steps=cfg.finetune_steps,
         seconds=time.time() - t0, final_rho=ctl["rho"], export_max_abs_diff=info["max_abs_diff"], notes=notes)
     return CompressResult(plain, report, cfg)
 

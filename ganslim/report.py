@@ -34,7 +34,7 @@ class CompressReport:
     widths: dict = field(default_factory=dict)  # group root -> (kept, total)
     skipped: dict = field(default_factory=dict)  # layer -> reason
     distill_layers: dict = field(default_factory=dict)
-    target_macs: Optional[float] = None
+    target_macs: Optional[float] = None  # fraction of the teacher's MACs asked for
     steps: int = 0
     finetune_steps: int = 0
     seconds: float = 0.0

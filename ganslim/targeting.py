@@ -21,6 +21,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from ._utils import as_input_tuple  # noqa: F401 - re-exported for the stages
+
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 PRODUCER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 # Element-wise layers that keep a zero channel at zero; anything else between a gate and a consumer
@@ -101,15 +103,6 @@ def inplace_disabled(model: nn.Module):
     finally:
         for m in flagged:
             m.inplace = True
-
-
-def as_input_tuple(example_inputs) -> tuple:
-    """Normalise example inputs: a tensor or a tuple/list of tensors -> tuple."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(f"example inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
 def _matches(name: str, module: nn.Module, patterns: Iterable) -> bool:

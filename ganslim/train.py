@@ -197,7 +197,7 @@ class DistillTrainer:
         self.teacher.eval()
         self._snapshot()
         it = cycle(loader)
-        bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True, leave=True)
+        bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True, leave=True, mininterval=2.0)
         for _ in bar:
             losses = self.step(next(it))
             for cb in callbacks:

@@ -7,7 +7,6 @@ Reference figures were measured by instantiating the official classes in a scrat
 """
 from __future__ import annotations
 
-import hashlib
 import io
 
 import pytest
@@ -18,22 +17,7 @@ from ganslim.zoo import create_model, list_models
 from ganslim.zoo.cartoongan import CartoonGANGenerator, InstanceNormalization, Transformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CPU may be shared; one intra-op thread avoids oversubscription stalls in these small runs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def key_digest(sd) -> str:
-    lines = "\n".join(f"{k}:{'x'.join(map(str, v.shape))}" for k, v in sd.items())
-    return hashlib.sha256(lines.encode()).hexdigest()[:16]
-
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
+from zoo_helpers import _one_thread, key_digest, n_params  # noqa: E402,F401 - autouse fixture
 
 
 def test_registered():

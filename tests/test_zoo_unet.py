@@ -6,7 +6,6 @@ is stored as a digest of ``"key:shape"`` lines in ``state_dict`` order (so it pi
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 
@@ -19,22 +18,7 @@ from ganslim.zoo import create_model, list_models
 from ganslim.zoo.unet import UnetGenerator, UnetSkipConnectionBlock
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CPU may be shared; one intra-op thread avoids oversubscription stalls in these small runs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def key_digest(sd) -> str:
-    lines = "\n".join(f"{k}:{'x'.join(map(str, v.shape))}" for k, v in sd.items())
-    return hashlib.sha256(lines.encode()).hexdigest()[:16]
-
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
+from zoo_helpers import _one_thread, key_digest, n_params  # noqa: E402,F401 - autouse fixture
 
 
 # (factory, norm, ngf) -> (parameters, number of state_dict entries, key digest), official code.

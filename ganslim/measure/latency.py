@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._utils import as_input_tuple as _as_tuple
+
 __all__ = ["LatencyStats", "measure_latency", "throughput"]
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -55,14 +57,6 @@ def throughput(stats: LatencyStats) -> float:
     if stats.median_ms <= 0:
         return float("inf")
     return stats.batch_size / (stats.median_ms / 1000.0)
-
-
-def _as_tuple(example_inputs: Inputs) -> Tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
 def _model_device(model: nn.Module) -> torch.device:

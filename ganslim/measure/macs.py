@@ -47,6 +47,8 @@ from typing import Any, Callable, Dict, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .._utils import as_input_tuple as _as_tuple
+
 __all__ = ["count_macs", "macs_by_module", "CONVENTIONS"]
 
 CONVENTIONS = ("papers", "true")
@@ -165,14 +167,6 @@ def _handles(convention: str) -> Dict[str, Handle]:
 
 
 # --------------------------------------------------------------------------- analysis
-def _as_tuple(example_inputs: Inputs) -> Tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
-
-
 class _TrainFlags:
     """Context manager: model in eval mode, every module's own ``training`` flag restored after."""
 
