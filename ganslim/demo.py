@@ -34,7 +34,8 @@ def run_demo(out_dir: str = "runs/demo", config: CompressConfig | None = None, b
     fid = measure.fidelity_to_target(teacher, pairs)
     print(f"default teacher: ResNet-9 ngf 32 (batch norm), {measure.count_params(teacher) / 1e6:.3f} M params, "
           f"{measure.count_macs(teacher, x) / 1e9:.2f} G MACs at {tuple(x.shape)} (papers' convention); "
-          f"held-out photo {data.TEST_PHOTOS[0]!r}: PSNR {fid['psnr']:.2f} dB, SSIM {fid['ssim']:.4f} to ground truth")
+          f"held-out photo {data.TEST_PHOTOS[0]!r}: PSNR {fid['psnr']:.2f} dB, SSIM {fid['ssim']:.4f} to ground truth "
+          f"(the photo itself: {measure.psnr(x, y):.2f} dB)")
     steps_total = cfg.steps + cfg.finetune_steps
     loader = data.default_loader(batch_size=batch_size, crop=crop, length=max(steps_total, 1) * batch_size, seed=cfg.seed)
     result = compress(teacher, teacher, loader, config=cfg.replace(eval_inputs=[(x, y)]))

@@ -59,3 +59,26 @@ def test_bad_input_gives_one_line_error_and_exit_code_2(tmp_path):
 def test_bad_factory_string(capsys):
     assert main(["compress", "--factory", "no_colon_here"]) == 2
     assert "package.module:function" in capsys.readouterr().err
+
+
+def test_compress_from_factory_weights_and_an_image_folder(tmp_path):
+    import numpy as np
+    import skimage.io
+
+    from ganslim import data
+
+    x, _ = data.photo_pair("astronaut")
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    skimage.io.imsave(img_dir / "a.png", ((x.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8))
+    torch.manual_seed(0)
+    weights = tmp_path / "g.pth"
+    torch.save(create_model("resnet_6blocks").state_dict(), weights)  # a plain state dict, as the official repos save
+    out = tmp_path / "run"
+    rc = main(["compress", "--factory", "ganslim.zoo.resnet:resnet_6blocks", "--weights", str(weights),
+               "--images", str(img_dir), "--target-macs", "0.5", "--steps", "3", "--finetune-steps", "1",
+               "--crop", "32", "--batch-size", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["student"]["psnr_to_gt"] is None  # an image folder has no targets: pseudo pairs only
+    assert report["student"]["macs"] <= 0.5 * report["teacher"]["macs"] * 1.05
