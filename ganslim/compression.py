@@ -108,6 +108,16 @@ def compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Opt
     Returns:
         :class:`CompressResult` with ``.model`` (plain, physically smaller) and ``.report``.
     """
+    was_training = getattr(teacher, "training", None)
+    try:
+        return _compress(model, teacher, loader, config, discriminator, callbacks, **overrides)
+    finally:  # the user's teacher leaves in the mode it came in, even when compress raises
+        if isinstance(teacher, nn.Module):
+            teacher.train(was_training)
+
+
+def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Optional[CompressConfig],
+              discriminator: Optional[nn.Module], callbacks: Iterable[Callable], **overrides) -> CompressResult:
     cfg = (config or CompressConfig()).replace(**overrides).validate()
     if not isinstance(model, nn.Module) or not isinstance(teacher, nn.Module):
         raise TypeError("model and teacher must be torch.nn.Module instances")

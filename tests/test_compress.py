@@ -157,5 +157,8 @@ def test_nan_in_first_batch(small_teacher):
 def test_nan_loss_mid_run_stops_with_last_good_weights(small_teacher):
     good = [torch.randn(2, 3, 32, 32) for _ in range(3)]
     bad = torch.full((2, 3, 32, 32), float("nan"))
+    small_teacher.train()
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
         ganslim.compress(small_teacher, small_teacher, good + [bad], **FAST)
+    assert small_teacher.training  # the teacher's mode is restored even on failure
+    small_teacher.eval()
