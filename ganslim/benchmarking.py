@@ -19,15 +19,17 @@ COLUMNS = ["model", "MACs(G)", "params(M)", "size(MB)", "latency(ms)", "p90(ms)"
            "SSIM-gt", "error"]
 
 
-def _resolve(m: Any) -> tuple[str, nn.Module]:
+def resolve_model(m: Any) -> nn.Module:
+    """An ``nn.Module`` as given (eval mode), ``"default"`` -> the default teacher, otherwise a ganslim
+    checkpoint path loaded without its original class."""
     if isinstance(m, nn.Module):
-        return type(m).__name__, m.eval()
+        return m.eval()
     from . import data
     from .checkpoint import load
 
-    if m == "default":
-        return "default", data.default_teacher()
-    return str(m), load(m)
+    if m in (None, "default"):
+        return data.default_teacher()
+    return load(m)
 
 
 def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None,
@@ -43,7 +45,7 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
     for m in models_or_paths:
         row: dict = {"model": m if isinstance(m, str) else type(m).__name__}
         try:
-            name, model = _resolve(m)
+            model = resolve_model(m)
             with torch.no_grad():
                 out = model(inputs)
             row.update({"MACs(G)": measure.count_macs(model, inputs) / 1e9,

@@ -19,7 +19,7 @@ from .report import write_json
 
 
 def _load_model(path: str | None, factory: str | None = None, weights: str | None = None):
-    from . import data
+    from .benchmarking import resolve_model
     from .checkpoint import load
 
     if factory:
@@ -34,9 +34,7 @@ def _load_model(path: str | None, factory: str | None = None, weights: str | Non
                 state = torch.load(weights, map_location="cpu", weights_only=True)
                 model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         return model.eval()
-    if path in (None, "default"):
-        return data.default_teacher()
-    return load(path)
+    return resolve_model(path)
 
 
 def _cmd_demo(args) -> int:

@@ -126,7 +126,6 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     device = torch.device(cfg.device)
     same_arch = model is teacher
     student = copy.deepcopy(model).to(device)
-    teacher_was_training = teacher.training
     teacher.to(device).eval()
 
     first = _first_batch(loader)
@@ -173,7 +172,7 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     # step keeps separating important from unimportant channels meanwhile.
     reach = max(1, int(cfg.target_reach * cfg.steps))
     start = min(int(cfg.prune_start * cfg.steps), reach - 1)
-    ctl = {"rho": cfg.rho, "macs": macs_model.total}
+    ctl = {"macs": macs_model.total}  # for the progress bar
 
     def prox(tr: DistillTrainer) -> None:
         gates.prox_step(cfg.gate_lr, cfg.rho)
@@ -188,7 +187,7 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     trainer.after_step.append(prox)
 
     def postfix() -> dict:
-        return {"MACs": f"{ctl['macs'] / 1e9:.3f}G", "rho": f"{ctl['rho']:.2g}"}
+        return {"MACs": f"{ctl['macs'] / 1e9:.3f}G"}
 
     trainer.run(loader, cfg.steps, desc="ganslim gating", progress=cfg.progress, postfix=postfix, callbacks=callbacks)
 
@@ -207,10 +206,10 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
         ft_distiller = None
         if distiller is not None:
             ft_distiller = FeatureDistiller(plain, teacher, mapping, example).to(device)
-            batch_inputs, _ = split_batch(first, cfg.batch_fn)
+            batch_inputs = [t.to(device) for t in inputs]  # the first batch, split above
             with torch.no_grad():
-                plain.eval()(*[t.to(device) for t in batch_inputs])
-                teacher(*[t.to(device) for t in batch_inputs])
+                plain.eval()(*batch_inputs)
+                teacher(*batch_inputs)
             ft_distiller.fit_maps()
             ft_distiller.to(device)
         ft_groups = [{"params": list(plain.parameters()), "lr": cfg.finetune_lr}]
@@ -226,7 +225,6 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     plain.eval()
     for p in plain.parameters():
         p.requires_grad_(True)
-    teacher.train(teacher_was_training)
 
     # ----------------------------------------------------------------- report
     eval_pairs = _eval_pairs(cfg, first)
@@ -245,7 +243,7 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
         teacher=t_stats, student=s_stats, input_shape=tuple(stat_input[0].shape), latency_threads=threads,
         widths={g.root: (info["kept"][g.root], g.size) for g in targets.groups}, skipped=dict(targets.skipped),
         distill_layers=mapping, target_macs=target_fraction, steps=cfg.steps, finetune_steps=cfg.finetune_steps,
-        seconds=time.time() - t0, final_rho=ctl["rho"], export_max_abs_diff=info["max_abs_diff"], notes=notes)
+        seconds=time.time() - t0, final_rho=cfg.rho, export_max_abs_diff=info["max_abs_diff"], notes=notes)
     return CompressResult(plain, report, cfg)
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Iterator
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -153,17 +151,6 @@ def default_loader(batch_size: int = 4, crop: int = 64, length: int = 4096, seed
 def test_pairs(photos=TEST_PHOTOS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Whole held-out photos: ``[(photo (1,3,H,W), cartoon (1,3,H,W))]``, never used in training."""
     return [tuple(t.unsqueeze(0) for t in photo_pair(p)) for p in photos]
-
-
-def iterate_forever(loader) -> Iterator:
-    """Cycle over ``loader`` indefinitely (re-creating its iterator each pass)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the loader yielded no batches")
 
 
 DEFAULT_TEACHER = os.path.join(os.path.dirname(__file__), "assets", "default_teacher.safetensors")

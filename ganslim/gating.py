@@ -43,7 +43,7 @@ class GateSet(nn.Module):
         g = self.gates[i]
         return g / g.abs().mean().clamp_min(1e-12)
 
-    def _scale_for(self, module_name: str, n_channels: int, device) -> Callable[[], torch.Tensor]:
+    def _scale_for(self, module_name: str, n_channels: int) -> Callable[[], torch.Tensor]:
         """Per-channel scale for one gate point, combining every group that covers its channels."""
         parts = []
         for gi, g in enumerate(self.groups):
@@ -69,14 +69,11 @@ class GateSet(nn.Module):
         for name in points:
             mod = model.get_submodule(name)
             n = _out_channels(mod)
-            scale = self._scale_for(name, n, None)
+            scale = self._scale_for(name, n)
 
             def hook(m, inp, out, scale=scale):
-                s = scale()
-                shape = [1, -1] + [1] * (out.dim() - 2) if out.dim() > 2 else [1, -1]
-                if out.dim() == 2 or out.dim() > 2:
-                    return out * s.view(shape)
-                return out * s
+                s = scale()  # channels on dim 1 of (N, C, *spatial); an unbatched (C,) output is scaled as is
+                return out * (s if out.dim() == 1 else s.view(1, -1, *([1] * (out.dim() - 2))))
 
             self._handles.append(mod.register_forward_hook(hook))
         return self
@@ -248,7 +245,7 @@ def fold_gates(model: nn.Module, gates: GateSet) -> None:
     points = sorted({p for g in gates.groups for p in g.gate_points})
     for name in points:
         mod = model.get_submodule(name)
-        s = gates._scale_for(name, _out_channels(mod), None)().detach().to(next(iter(mod.parameters()), gates.gates[0]).device)
+        s = gates._scale_for(name, _out_channels(mod))().detach().to(next(iter(mod.parameters()), gates.gates[0]).device)
         if isinstance(mod, NORM_TYPES):
             if getattr(mod, "affine", True) and getattr(mod, "weight", None) is not None:
                 mod.weight.mul_(s)

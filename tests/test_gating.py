@@ -22,6 +22,14 @@ def random_gates(gates: GateSet, p_zero: float, seed: int) -> None:
             v[torch.rand(v.shape, generator=g) < p_zero] = 0.0
 
 
+def resnet_with_macs_model(ngf: int):
+    """A small ResNet generator, an input, its channel groups and its MACs model."""
+    m = create_model("resnet_6blocks", ngf=ngf)
+    x = torch.randn(1, 3, 32, 32)
+    t = find_channel_groups(m, x)
+    return m, x, t, MacsModel(m, t, measure.macs_by_module(m, x))
+
+
 def test_resnet_groups_follow_the_dependency_graph():
     m = create_model("resnet_9blocks", ngf=8)
     t = find_channel_groups(m, torch.randn(1, 3, 32, 32))
@@ -100,10 +108,7 @@ def test_zero_gate_channels_are_physically_gone_and_output_unchanged():
 
 
 def test_macs_model_predicts_the_measured_macs_of_the_pruned_network():
-    m = create_model("resnet_6blocks", ngf=8)
-    x = torch.randn(1, 3, 32, 32)
-    t = find_channel_groups(m, x)
-    mm = MacsModel(m, t, measure.macs_by_module(m, x))
+    m, x, t, mm = resnet_with_macs_model(8)
     assert mm.total == pytest.approx(measure.count_macs(m, x))
     gates = GateSet(t)
     random_gates(gates, 0.6, seed=0)
@@ -116,10 +121,7 @@ def test_macs_model_predicts_the_measured_macs_of_the_pruned_network():
 
 
 def test_threshold_meets_a_macs_target_within_one_channel():
-    m = create_model("resnet_6blocks", ngf=16)
-    x = torch.randn(1, 3, 32, 32)
-    t = find_channel_groups(m, x)
-    mm = MacsModel(m, t, measure.macs_by_module(m, x))
+    m, x, t, mm = resnet_with_macs_model(16)
     gates = GateSet(t)
     random_gates(gates, 0.0, seed=5)
     for frac in (0.5, 0.2, 0.1):
@@ -171,10 +173,7 @@ def test_fuzz_gate_prune_export_keeps_output(spec, widths, norm, p_zero, seed):
 
 
 def test_channel_multiple_rounds_widths_and_survives_export():
-    m = create_model("resnet_6blocks", ngf=8)
-    x = torch.randn(1, 3, 32, 32)
-    t = find_channel_groups(m, x)
-    mm = MacsModel(m, t, measure.macs_by_module(m, x))
+    m, x, t, mm = resnet_with_macs_model(8)
     gates = GateSet(t)
     random_gates(gates, 0.3, seed=7)  # some gates exactly zero: rounding may keep them
     _, alive = threshold_for_target(gates, mm, 0.3 * mm.total, multiple=4)
