@@ -2,7 +2,8 @@
 
 Public API (kept stable): ``compress``, ``save``, ``load``, ``bench``, ``export``.
 Submodules: ``zoo`` (reference generators), ``data`` (embedded default data),
-``measure`` (MACs, params, latency, fidelity), ``checkpoint`` (safetensors save/load).
+``measure`` (MACs, params, latency, fidelity), ``checkpoint`` (safetensors save/load),
+``quantization`` (QAT with ModelOpt), ``deploy`` (ONNX / int8 ONNX export, onnxruntime runner).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ _LAZY = {
     "CompressConfig": "ganslim.config",
     "CompressResult": "ganslim.compression",
     "bench": "ganslim.benchmarking",
+    "export": "ganslim.deploy",
+    "quantize": "ganslim.quantization",
 }
 
 

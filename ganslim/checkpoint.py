@@ -27,6 +27,7 @@ FORMAT_VERSION = 1
 _META_KEY = "ganslim"
 _ATTR_PREFIX = "__ganslim__.attr."
 _EXTRA_PREFIX = "__ganslim__.extra."
+_QUANT_PREFIX = "__ganslim__.quant."  # quantizer ranges (amax) of a QAT model
 _PICKLE_HINT = ("this looks like a torch.save file, not safetensors; use torch.load + load_state_dict, "
                 "or ganslim.load(path, model=...) after re-saving the weights with ganslim.save")
 
@@ -107,6 +108,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = N
     ``metadata``: JSON-serialisable dict stored alongside (read back with :func:`read_metadata`).
     ``dtype``: store floating-point tensors in this dtype (e.g. ``torch.float16`` halves the file).
     ``extra_tensors``: additional named tensors (read back with :func:`load_extra_tensors`).
+    A quantized (QAT) model from :mod:`ganslim.quantization` is stored as its float twin plus its
+    quantization config and ranges, so :func:`load` gives back the same fake-quantized model.
     The file is replaced atomically; on failure an existing file is left untouched.
     """
     from safetensors import torch as st
@@ -123,6 +126,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = N
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise CheckpointError(f"{path}: dtype must be a floating-point torch.dtype, got {dtype!r}")
 
+    quant_meta, quant_tensors = None, {}
+    from . import quantization
+
+    if quantization.is_quantized(model):
+        quant_meta, quant_tensors = quantization.quant_state(model)
+        model = quantization.to_float(model, quantized_weights=False)
     state = model.state_dict(keep_vars=True)
     try:
         spec = archspec.model_spec(model, persistent_keys=state.keys())
@@ -147,12 +156,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = N
         if not isinstance(k, str) or not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{path}: extra_tensors must map str -> Tensor (bad entry {k!r})")
         named.append((_EXTRA_PREFIX + k, t))
+    named.extend((_QUANT_PREFIX + k, t) for k, t in quant_tensors.items())
     try:
         tensors, aliases = _prepare_tensors(named)
     except TypeError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    if dtype is not None:  # extras keep their dtype; model tensors are cast
-        tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.startswith(_EXTRA_PREFIX) else v)
+    if dtype is not None:  # extras and quantizer ranges keep their dtype; model tensors are cast
+        tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.startswith((_EXTRA_PREFIX, _QUANT_PREFIX)) else v)
                    for k, v in tensors.items()}
 
     header = {
@@ -165,6 +175,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = N
         "aliases": aliases,
         "sha256": _digest(tensors),
         "metadata": metadata if metadata is not None else {},
+        "quant": quant_meta,
     }
     try:
         header_json = json.dumps(header, allow_nan=False, separators=(",", ":"))
@@ -324,7 +335,7 @@ def _split(tensors: dict, header: dict | None, dtype: torch.dtype | None):
     cast: dict[int, torch.Tensor] = {}  # keep aliases aliased after casting
     state, attrs = {}, {}
     for k, v in tensors.items():
-        if k.startswith(_EXTRA_PREFIX):
+        if k.startswith((_EXTRA_PREFIX, _QUANT_PREFIX)):
             continue
         if dtype is not None and v.is_floating_point() and v.dtype != dtype:
             v = cast.setdefault(id(v), v.to(dtype))
@@ -409,6 +420,17 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, map_locatio
         except Exception as e:
             raise _fail(path, f"cannot rebuild the model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         _retie(model, aliases)
+    quant_meta = (header or {}).get("quant")
+    if quant_meta:
+        from . import quantization
+
+        amax = {k[len(_QUANT_PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(_QUANT_PREFIX)}
+        try:
+            model = quantization.restore(model, quant_meta, amax)
+        except ImportError:
+            raise
+        except Exception as e:
+            raise _fail(path, f"cannot restore the quantizers ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if map_location is not None:
         model.to(map_location)
     return model.eval()

@@ -3,6 +3,7 @@
     ganslim demo                       # compress the embedded default teacher, print the table
     ganslim compress --teacher T.safetensors [--images DIR] --target-macs 0.1 --out runs/x
     ganslim bench A.safetensors B.safetensors [--input-shape 1,3,256,256]
+    ganslim export CKPT.safetensors --format onnx-int8 --out student.int8.onnx
     ganslim info CKPT.safetensors
 """
 from __future__ import annotations
@@ -64,7 +65,8 @@ def _cmd_compress(args) -> int:
         eval_inputs = [tuple(p) for p in data.test_pairs()]
     cfg = CompressConfig(target_macs=args.target_macs, steps=args.steps, finetune_steps=args.finetune_steps,
                          lr=args.lr, gate_lr=args.gate_lr, device=args.device, seed=args.seed,
-                         progress=not args.no_progress, eval_inputs=eval_inputs)
+                         progress=not args.no_progress, eval_inputs=eval_inputs, quant=args.quant,
+                         quant_steps=args.quant_steps)
     result = compress(teacher, teacher, loader, config=cfg)
     print(result.report)
     os.makedirs(args.out, exist_ok=True)
@@ -86,6 +88,32 @@ def _cmd_bench(args) -> int:
     if args.json:
         write_json(rows, args.json)
     return 1 if all("error" in r for r in rows) else 0
+
+
+def _cmd_export(args) -> int:
+    from . import data
+    from .deploy import OnnxModule, export
+
+    model = _load_model(args.checkpoint, args.factory, args.weights)
+    if args.input_shape:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+        example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    else:
+        example = data.test_pairs()[0][0]
+    calib = None
+    if args.format == "onnx-int8":
+        if args.images:
+            ds = data.ImageFolder(args.images, crop=args.crop, length=args.calib_batches * args.batch_size)
+            calib = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, drop_last=True)
+        else:
+            calib = data.default_loader(batch_size=args.batch_size, crop=args.crop,
+                                        length=args.calib_batches * args.batch_size)
+    out = args.out or os.path.splitext(args.checkpoint or "model")[0] + (".int8.onnx" if args.format == "onnx-int8" else ".onnx")
+    path = export(model, out, args.format, example_inputs=example, calib_loader=calib, calib_batches=args.calib_batches)
+    om = OnnxModule(path)
+    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, {args.format}); onnxruntime runs it with "
+          f"{om.int8_kernels()} integer kernels; input {tuple(example.shape)}")
+    return 0
 
 
 def _cmd_info(args) -> int:
@@ -125,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="runs/compress")
     c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--quant", choices=["int8"], help="add a QAT stage (8-bit weights and activations)")
+    c.add_argument("--quant-steps", type=int, default=300)
     c.set_defaults(fn=_cmd_compress)
 
     b = sub.add_parser("bench", help="measure checkpoints side by side (the first is the reference)")
@@ -134,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int)
     b.add_argument("--json")
     b.set_defaults(fn=_cmd_bench)
+
+    e = sub.add_parser("export", help="write a checkpoint as ONNX (fp32) or int8 QDQ ONNX for onnxruntime")
+    e.add_argument("checkpoint", nargs="?", help="ganslim .safetensors (a QAT checkpoint for QAT int8), or 'default'")
+    e.add_argument("--factory", help="'package.module:function' that builds the generator (with --weights)")
+    e.add_argument("--weights", help="state dict (.pth or .safetensors) for --factory")
+    e.add_argument("--format", choices=["onnx", "onnx-int8"], default="onnx")
+    e.add_argument("--out", help="output .onnx path (default: next to the checkpoint)")
+    e.add_argument("--input-shape", help="example input, e.g. 1,3,256,256 (default: the held-out photo)")
+    e.add_argument("--images", help="folder of calibration images for onnx-int8 (default: the embedded photos)")
+    e.add_argument("--calib-batches", type=int, default=8)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--crop", type=int, default=64)
+    e.set_defaults(fn=_cmd_export)
 
     i = sub.add_parser("info", help="print a checkpoint's metadata")
     i.add_argument("checkpoint")
@@ -145,7 +188,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError, OSError) as e:
+    except (ValueError, TypeError, FileNotFoundError, KeyError, OSError, ImportError, RuntimeError) as e:
         print(f"ganslim {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

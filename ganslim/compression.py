@@ -7,7 +7,9 @@ Stages (each usable alone from its own module):
    (:mod:`ganslim.gating`), then a global threshold (bisection) that meets the target;
 4. export: gates folded into the weights, zero channels removed physically, output checked equal;
 5. fine-tune of the plain smaller student with the same distillation losses;
-6. report: MACs, params, size, CPU latency, fidelity to teacher and ground truth.
+6. optional QAT (``quant="int8"``, :mod:`ganslim.quantization`): fake-quantize, calibrate, fine-tune,
+   and measure the real int8 deployment in onnxruntime (:mod:`ganslim.deploy`);
+7. report: MACs, params, size, CPU latency, fidelity to teacher and ground truth.
 """
 from __future__ import annotations
 
@@ -30,12 +32,15 @@ from .train import DistillTrainer, LossWeights, first_output, lr_cosine, split_b
 
 @dataclass
 class CompressResult:
-    """``model``: plain ``nn.Module`` (no gates, hooks or mappings), physically smaller.
+    """``model``: plain ``nn.Module`` (no gates, hooks or mappings), physically smaller; with
+    ``quant="int8"`` the fake-quantized QAT model (export it with ``ganslim.export(...,
+    format="onnx-int8")``), and ``float_model`` the float student it was made from.
     ``report``: :class:`~ganslim.report.CompressReport` (``str()`` prints a table)."""
 
     model: nn.Module
     report: CompressReport
     config: CompressConfig
+    float_model: Optional[nn.Module] = None
 
     def __iter__(self):  # allows ``model, report = ganslim.compress(...)``
         return iter((self.model, self.report))
@@ -226,6 +231,17 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     for p in plain.parameters():
         p.requires_grad_(True)
 
+    qmodel = None
+    if cfg.quant:
+        from .quantization import QuantConfig, quantize, train_qat
+
+        qcfg = QuantConfig(steps=cfg.quant_steps, lr=cfg.quant_lr, calib_batches=cfg.quant_calib_batches,
+                           skip_first=cfg.quant_skip_first, skip_last=cfg.quant_skip_last,
+                           recon_weight=cfg.recon_weight, gt_weight=cfg.gt_weight)
+        qmodel = quantize(plain, loader, qcfg, batch_fn=cfg.batch_fn, example_inputs=example)
+        train_qat(qmodel, teacher, loader, qcfg, batch_fn=cfg.batch_fn, device=cfg.device, progress=cfg.progress,
+                  callbacks=callbacks)
+
     # ----------------------------------------------------------------- report
     eval_pairs = _eval_pairs(cfg, first)
     threads = torch.get_num_threads()
@@ -243,8 +259,20 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
         teacher=t_stats, student=s_stats, input_shape=tuple(stat_input[0].shape), latency_threads=threads,
         widths={g.root: (info["kept"][g.root], g.size) for g in targets.groups}, skipped=dict(targets.skipped),
         distill_layers=mapping, target_macs=target_fraction, steps=cfg.steps, finetune_steps=cfg.finetune_steps,
-        seconds=time.time() - t0, final_rho=cfg.rho, export_max_abs_diff=info["max_abs_diff"], notes=notes)
-    return CompressResult(plain, report, cfg)
+        seconds=time.time() - t0, final_rho=cfg.rho, export_max_abs_diff=info["max_abs_diff"], notes=notes,
+        quant=cfg.quant, quant_steps=cfg.quant_steps if cfg.quant else 0)
+    if qmodel is not None and cfg.deploy_check and eval_pairs:
+        from .deploy import measure_deployment
+
+        report.deployment = measure_deployment(
+            [("student fp32", plain, "onnx"), ("student int8 (QAT)", qmodel, "onnx-int8")], plain,
+            [(tuple(t.cpu() for t in i), None if g is None else g.cpu()) for i, g in eval_pairs], teacher=teacher.cpu(),
+            calib_loader=loader, batch_fn=cfg.batch_fn, threads=threads)
+        teacher.to(device)
+        report.seconds = time.time() - t0
+    if qmodel is not None:
+        return CompressResult(qmodel, report, cfg, float_model=plain)
+    return CompressResult(plain, report, cfg, float_model=plain)
 
 
 def _eval_pairs(cfg: CompressConfig, first_batch) -> list:

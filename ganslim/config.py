@@ -35,6 +35,14 @@ class CompressConfig:
     n_distill_layers: int = 4
     adv_weight: float = 0.0  # used only when a discriminator is given (default 1.0 then)
     gan_mode: str = "lsgan"
+    # --- quantization (QAT stage after fine-tune; ganslim.quantization / ganslim.export)
+    quant: Optional[str] = None  # "int8": QAT with 8-bit weights (per channel) and activations
+    quant_steps: int = 300
+    quant_lr: float = 2e-5
+    quant_calib_batches: int = 8
+    quant_skip_first: bool = False  # keep the first / last weighted layer in float
+    quant_skip_last: bool = False
+    deploy_check: bool = True  # with quant: export fp32 + int8 ONNX and measure both in onnxruntime
     # --- targeting
     include: Optional[Sequence[Any]] = None
     exclude: Sequence[Any] = ()
@@ -65,6 +73,8 @@ class CompressConfig:
             raise ValueError("steps and finetune_steps must be >= 0")
         if self.strategy not in ("slim",):
             raise ValueError(f"unknown strategy {self.strategy!r}; available: 'slim'")
+        if self.quant not in (None, "int8"):
+            raise ValueError(f"quant must be None or 'int8', got {self.quant!r}")
         if self.gan_mode not in ("lsgan", "vanilla", "hinge"):
             raise ValueError(f"gan_mode must be lsgan, vanilla or hinge, got {self.gan_mode!r}")
         return self

@@ -26,6 +26,47 @@ class ModelStats:
 
 
 @dataclass
+class DeployStats:
+    """One exported file run by onnxruntime on the CPU: ``size_mb`` on disk (10^6 bytes), latency in
+    ms at the report's input and thread count, PSNR in dB to the float PyTorch student
+    (``psnr_to_float``), to the teacher and to the ground truth; ``int8_ops``: integer kernels
+    (QLinearConv, QLinearAdd, ...) in the optimised graph's source file."""
+
+    name: str
+    format: str
+    size_mb: float
+    latency_ms: Optional[float] = None
+    latency_p90_ms: Optional[float] = None
+    psnr_to_float: Optional[float] = None
+    psnr_to_teacher: Optional[float] = None
+    psnr_to_gt: Optional[float] = None
+    ssim_to_gt: Optional[float] = None
+    int8_ops: int = 0
+
+
+def format_deploy_table(rows: list, threads: Optional[int] = None) -> str:
+    """Fixed-width table of :class:`DeployStats` rows, ratios to the first (fp32) row."""
+    if not rows:
+        return ""
+    base = rows[0]
+
+    def f(v, nd=2):
+        return "n/a" if v is None else f"{v:.{nd}f}"
+
+    head = ("onnxruntime CPU" + (f" ({threads} threads)" if threads else ""), "size MB", "x fp32", "latency ms",
+            "x fp32", "PSNR to float", "PSNR to teacher", "PSNR to GT", "int8 ops")
+    table = [head]
+    for r in rows:
+        table.append((r.name, f(r.size_mb), f(r.size_mb / base.size_mb) if base.size_mb else "",
+                      f(r.latency_ms, 1), f(r.latency_ms / base.latency_ms) if r.latency_ms and base.latency_ms else "",
+                      f(r.psnr_to_float), f(r.psnr_to_teacher), f(r.psnr_to_gt), str(r.int8_ops)))
+    w = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)) for row in table]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+@dataclass
 class CompressReport:
     teacher: ModelStats
     student: ModelStats
@@ -41,6 +82,9 @@ class CompressReport:
     final_rho: Optional[float] = None
     export_max_abs_diff: Optional[float] = None
     notes: list = field(default_factory=list)
+    quant: Optional[str] = None  # "int8" when a QAT stage ran
+    quant_steps: int = 0
+    deployment: list = field(default_factory=list)  # DeployStats rows (onnxruntime), fp32 first
 
     @property
     def macs_reduction(self) -> float:
@@ -94,6 +138,9 @@ class CompressReport:
             lines.append("widths kept: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in list(self.widths.items())))
         if self.skipped:
             lines.append("not pruned: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items()))
+        if self.deployment:
+            lines.append(f"deployment ({self.quant or 'fp32'}{f', {self.quant_steps} QAT steps' if self.quant else ''}):")
+            lines.append(format_deploy_table(self.deployment, self.latency_threads))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

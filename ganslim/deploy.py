@@ -1,0 +1,310 @@
+"""Deployment (module ``ganslim.deploy``): ``ganslim.export(model, path, format="onnx" | "onnx-int8")`` and an onnxruntime runner.
+
+``onnx``: the float network as ONNX (opset 17, batch/height/width dynamic).
+
+``onnx-int8``: a QDQ ONNX model that onnxruntime executes with integer kernels (QLinearConv,
+QLinearAdd, ...): weights int8 per output channel, activations uint8 per tensor. For a QAT model
+(:func:`ganslim.quantization.quantize` + :func:`~ganslim.quantization.train_qat`) the exported
+weights are the fake-quantized ones it was trained with; activation ranges are calibrated by
+onnxruntime on ``calib_loader``. For a float model the same call is plain post-training
+quantization (PTQ), the baseline QAT has to beat.
+
+Every file is verified by running it in onnxruntime on the example input before it is moved into
+place (written atomically: nothing half-written is left behind).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import secrets
+import tempfile
+import warnings
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ._utils import as_input_tuple
+from .train import first_output, split_batch
+
+__all__ = ["export", "OnnxModule", "FORMATS", "ExportError"]
+
+FORMATS = ("onnx", "onnx-int8")
+_ORT_HINT = "pip install onnx onnxruntime  (both are ganslim dependencies; reinstall with `pip install -e .`)"
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as asked; the message names the problem and the fix."""
+
+
+def _onnx_libs():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs onnx and onnxruntime ({e}); install them: {_ORT_HINT}") from None
+    return onnxruntime
+
+
+class OnnxModule(nn.Module):
+    """An ONNX file run by onnxruntime (CPU), callable like the PyTorch generator it came from.
+
+    ``forward(*inputs) -> Tensor`` (the first output). Usable with every function of
+    :mod:`ganslim.measure` (latency, fidelity). ``threads``: onnxruntime intra-op threads
+    (default: ``torch.get_num_threads()``).
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: Optional[int] = None):
+        super().__init__()
+        ort = _onnx_libs()
+        self.path = str(path)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads or torch.get_num_threads())
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ExportError(f"{self.path}: onnxruntime cannot load it ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.threads = so.intra_op_num_threads
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"{self.path} takes {len(self.input_names)} input(s), got {len(inputs)}")
+        feed = {n: t.detach().cpu().float().contiguous().numpy() for n, t in zip(self.input_names, inputs)}
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+    def op_types(self, optimized: bool = True) -> dict[str, int]:
+        """Count of each operator type: in the graph onnxruntime actually runs after its fusions
+        (``optimized=True``; ``QLinearConv`` etc. there are integer kernels) or in the file."""
+        import onnx
+
+        ort = _onnx_libs()
+        path = self.path
+        with tempfile.TemporaryDirectory(prefix="ganslim-ort-") as d:
+            if optimized:
+                so = ort.SessionOptions()
+                so.log_severity_level = 3
+                so.intra_op_num_threads = 1
+                so.optimized_model_filepath = path = os.path.join(d, "optimized.onnx")
+                ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
+            counts: dict[str, int] = {}
+            for node in onnx.load(path, load_external_data=False).graph.node:
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        return counts
+
+    def int8_kernels(self) -> int:
+        """Number of integer compute kernels onnxruntime runs (0 for a float model)."""
+        return sum(v for k, v in self.op_types().items()
+                   if k.startswith(("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantize")))
+
+
+def _export_float(model: nn.Module, example: tuple, path: pathlib.Path, opset: int) -> None:
+    n_in = len(example)
+    names = [f"input{i}" for i in range(n_in)] if n_in > 1 else ["input"]
+    dyn = {n: {0: "batch", 2: "height", 3: "width"} for n, t in zip(names, example) if t.dim() == 4}
+    dyn["output"] = {0: "batch", 2: "height", 3: "width"}
+
+    class _First(nn.Module):  # ONNX gets exactly one image output
+        def __init__(self, m: nn.Module):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *xs):
+            return first_output(self.m(*xs))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_First(model).eval(), example, str(path), dynamo=False, opset_version=opset,
+                          input_names=names, output_names=["output"], dynamic_axes=dyn, do_constant_folding=True)
+
+
+class _CalibReader:
+    """onnxruntime ``CalibrationDataReader`` over the user's loader (first ``batches`` batches)."""
+
+    def __init__(self, batches: list[tuple], names: Sequence[str]):
+        self._it = iter([{n: t.detach().cpu().float().numpy() for n, t in zip(names, b)} for b in batches])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def _calibration_batches(calib_loader: Optional[Iterable], example: tuple, batches: int,
+                         batch_fn: Optional[Callable]) -> list[tuple]:
+    out = []
+    if calib_loader is not None:
+        for batch in calib_loader:
+            inputs, _ = split_batch(batch, batch_fn)
+            out.append(tuple(inputs))
+            if len(out) >= batches:
+                break
+        if not out:
+            raise ExportError("calib_loader yielded no batches")
+    else:
+        warnings.warn("onnx-int8 export without calib_loader: activation ranges come from the example input "
+                      "alone; pass calib_loader= (a few batches of real inputs) for a faithful int8 model",
+                      stacklevel=3)
+        out.append(example)
+    return out
+
+
+def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple], names: Sequence[str]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = fp32.with_suffix(".pre.onnx")
+    try:
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        src = pre
+    except Exception:  # pre-processing is an optimisation; quantize the raw graph when it fails
+        src = fp32
+    quantize_static(str(src), str(out), _CalibReader(batches, names), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+
+def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", example_inputs: Any = None,
+           calib_loader: Optional[Iterable] = None, batch_fn: Optional[Callable] = None, calib_batches: int = 8,
+           opset: int = 17, verify: bool = True) -> pathlib.Path:
+    """Write ``model`` to ``path`` for deployment; returns the path.
+
+    Args:
+        model: a float generator, or a QAT model from :func:`ganslim.quantization.quantize`
+            (which must have been calibrated).
+        format: ``"onnx"`` (float32) or ``"onnx-int8"`` (QDQ, int8 kernels in onnxruntime).
+        example_inputs: a tensor ``(N, C, H, W)`` or tuple of tensors fixing the input signature;
+            default: one sample of the first ``calib_loader`` batch.
+        calib_loader: batches of real inputs for the int8 activation ranges (``batch_fn`` maps a
+            batch to inputs, as in :func:`ganslim.compress`); ``calib_batches`` of them are used.
+        verify: run the written file in onnxruntime and check its output is finite and close to
+            the PyTorch model's (float: max |diff| <= 1e-3; int8: PSNR >= 20 dB).
+    """
+    from . import quantization as Q
+
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"expected an nn.Module to export, got {type(model).__name__}")
+    _onnx_libs()
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ExportError(f"{path}: is a directory")
+    if not path.parent.is_dir():
+        raise ExportError(f"{path}: directory {path.parent} does not exist")
+    if example_inputs is None:
+        if calib_loader is None:
+            raise ExportError("pass example_inputs (a tensor like the generator's input) or calib_loader")
+        inputs, _ = split_batch(next(iter(calib_loader)), batch_fn)
+        example_inputs = tuple(t[:1] for t in inputs)
+    example = tuple(t.detach().cpu().float() for t in as_input_tuple(example_inputs))
+
+    if Q.is_quantized(model):
+        if not Q.is_calibrated(model):
+            raise ExportError("this quantized model was never calibrated: its int8 ranges are unknown. Run "
+                              "ganslim.quantization.quantize(model, loader) with a loader of real inputs first")
+        if format == "onnx":
+            warnings.warn("exporting a QAT model as float ONNX: its weights are written on the int8 grid, "
+                          "activations in float", stacklevel=2)
+        float_model = Q.to_float(model, quantized_weights=True)
+    else:
+        float_model = model
+    float_model = float_model.cpu().eval()
+    with torch.no_grad():
+        reference = first_output(float_model(*example))
+
+    tmpdir = tempfile.mkdtemp(prefix=".ganslim-export-", dir=path.parent)
+    tmp = pathlib.Path(tmpdir)
+    try:
+        fp32 = tmp / "model.fp32.onnx"
+        try:
+            _export_float(float_model, example, fp32, opset)
+        except Exception as e:
+            raise ExportError(f"torch.onnx.export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              "the generator must be traceable (no data-dependent Python control flow)") from None
+        result = fp32
+        if format == "onnx-int8":
+            names = [i.name for i in OnnxModule(fp32, threads=1).session.get_inputs()]
+            batches = _calibration_batches(calib_loader, example, calib_batches, batch_fn)
+            result = tmp / "model.int8.onnx"
+            _quantize_static(fp32, result, batches, names)
+        if verify:
+            om = OnnxModule(result, threads=1)
+            if len(om.input_names) != len(example):
+                raise ExportError(f"the exported graph takes {len(om.input_names)} input(s) but the model takes "
+                                  f"{len(example)}: parts of forward() ran outside torch (numpy, .item(), Python "
+                                  "control flow) and were frozen as constants; use torch operations")
+            out = om(*example)
+            if out.shape != reference.shape or not torch.isfinite(out).all():
+                raise ExportError(f"the exported {format} model gives an output of shape {tuple(out.shape)} "
+                                  f"(finite: {bool(torch.isfinite(out).all())}), PyTorch gives {tuple(reference.shape)}")
+            if format == "onnx":
+                diff = float((out - reference).abs().max())
+                if diff > 1e-3:
+                    raise ExportError(f"onnxruntime output differs from PyTorch by {diff:.3g} (> 1e-3)")
+            else:
+                from .measure import psnr
+
+                p = psnr(out, reference.clamp(-1, 1)) if reference.abs().max() <= 1.0 + 1e-6 else None
+                if p is not None and p < 20.0:
+                    raise ExportError(f"the int8 model's output is only {p:.1f} dB PSNR from the float model's: "
+                                      "calibrate on real inputs (calib_loader) or keep sensitive layers in float")
+        final_tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        os.replace(result, final_tmp)
+        os.replace(final_tmp, path)
+    finally:
+        for f in tmp.glob("*"):
+            f.unlink()
+        tmp.rmdir()
+    return path
+
+
+def measure_deployment(variants: Sequence[tuple[str, nn.Module, str]], reference: nn.Module, eval_pairs: list,
+                       teacher: Optional[nn.Module] = None, calib_loader: Optional[Iterable] = None,
+                       batch_fn: Optional[Callable] = None, threads: Optional[int] = None, out_dir: Optional[str] = None,
+                       latency_seconds: float = 30.0) -> list:
+    """Export each ``(name, model, format)`` and measure the file in onnxruntime, side by side.
+
+    ``reference``: the float PyTorch model the PSNR-to-float column compares with;
+    ``eval_pairs``: ``[(inputs tuple, target or None)]`` (latency at the first inputs).
+    Files go to ``out_dir`` (kept) or a temporary folder (deleted). Returns
+    :class:`ganslim.report.DeployStats` rows in the order given.
+    """
+    from . import measure
+    from .report import DeployStats
+
+    if not eval_pairs:
+        raise ValueError("measure_deployment needs at least one evaluation input")
+    first_inputs = tuple(eval_pairs[0][0])
+    inputs_list = [tuple(p[0]) for p in eval_pairs]
+    with_gt = [(i, t) for i, t in eval_pairs if t is not None]
+    own_dir = out_dir is None
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="ganslim-deploy-") if own_dir else out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for name, model, fmt in variants:
+            safe = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+            p = export(model, folder / f"{safe}.onnx", fmt, example_inputs=first_inputs, calib_loader=calib_loader,
+                       batch_fn=batch_fn)
+            om = OnnxModule(p, threads=threads)
+            lat = measure.measure_latency(om, first_inputs, warmup=2, repeats=7, max_seconds=latency_seconds)
+            row = DeployStats(name=name, format=fmt, size_mb=os.path.getsize(p) / 1e6, latency_ms=lat.median_ms,
+                              latency_p90_ms=lat.p90_ms,
+                              psnr_to_float=measure.compare_outputs(reference, om, inputs_list)["psnr"],
+                              int8_ops=om.int8_kernels())
+            if teacher is not None:
+                row.psnr_to_teacher = measure.compare_outputs(teacher, om, inputs_list)["psnr"]
+            if with_gt:
+                f = measure.fidelity_to_target(om, with_gt)
+                row.psnr_to_gt, row.ssim_to_gt = f["psnr"], f["ssim"]
+            rows.append(row)
+    finally:
+        if own_dir:
+            for f in folder.glob("*"):
+                f.unlink()
+            folder.rmdir()
+    return rows

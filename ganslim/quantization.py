@@ -1,0 +1,404 @@
+"""Quantization-aware training (QAT) on any generator, with NVIDIA ModelOpt as the backend.
+
+GAN Slimming's third lever: weights (per output channel) and activations are fake-quantized to
+8 bits during training, with a straight-through estimator, so the network learns to live on the
+int8 grid. Pieces, each usable alone:
+
+* :func:`fold_batchnorm` - fold eval-mode BatchNorm into the preceding (transposed) conv, so the
+  int8 network has no float BatchNorm left between its integer convolutions;
+* :func:`quantize` - insert fake quantizers (ModelOpt) and calibrate them on the user's loader;
+* :func:`train_qat` - distillation fine-tune of the fake-quantized student (the loop of
+  :mod:`ganslim.train`: L1 to the teacher's output and to the ground truth);
+* :func:`to_float` - the ``merge_and_unload`` of quantization: a plain float module of standard
+  layers whose weights are the fake-quantized (on-grid) weights, ready for ONNX export;
+* :func:`quant_state` / :func:`restore` - what a checkpoint stores (our own JSON config and the
+  quantizers' ``amax`` tensors), so a QAT model is saved and reloaded without ModelOpt's pickles.
+
+The deployment itself (QDQ ONNX run by onnxruntime's int8 kernels) lives in :mod:`ganslim.deploy`.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .train import split_batch
+
+__all__ = ["QuantConfig", "fold_batchnorm", "quantize", "train_qat", "is_quantized", "is_calibrated", "to_float",
+           "quant_state", "restore", "QuantizationError"]
+
+_STATE_ATTR = "_ganslim_quant"  # plain attribute on the quantized root module (deep-copies with it)
+_MODELOPT_HINT = "install NVIDIA ModelOpt: pip install nvidia-modelopt (it also needs requests and huggingface_hub)"
+
+
+class QuantizationError(RuntimeError):
+    """A model cannot be quantized, calibrated or restored as asked; the message names the fix."""
+
+
+@dataclass
+class QuantConfig:
+    """Fake-quantization settings (units: bits; ``steps`` counts optimizer steps).
+
+    ``skip_first`` / ``skip_last`` keep the first / last weighted layer in float (the image-facing
+    layers are the most sensitive in generators); ``exclude`` lists module-name globs kept in float.
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    per_channel: bool = True  # one weight scale per output channel
+    skip_first: bool = False
+    skip_last: bool = False
+    exclude: Sequence[str] = ()
+    calib_batches: int = 8
+    fold_batchnorm: bool = True
+    backend: str = "modelopt"
+    # QAT fine-tune (used by train_qat / compress(quant="int8"))
+    steps: int = 300
+    lr: float = 2e-5
+    recon_weight: float = 10.0
+    gt_weight: float = 10.0
+
+    def validate(self) -> "QuantConfig":
+        if self.backend != "modelopt":
+            raise ValueError(f"unknown quantization backend {self.backend!r}; available: 'modelopt' "
+                             "(pytorch-quantization is deprecated upstream and calls .cuda() on CPU paths)")
+        for name in ("weight_bits", "act_bits"):
+            bits = getattr(self, name)
+            if not 2 <= int(bits) <= 8:
+                raise ValueError(f"{name} must be between 2 and 8, got {bits}")
+        if self.calib_batches < 1:
+            raise ValueError("calib_batches must be >= 1")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["exclude"] = list(d["exclude"])
+        return d
+
+
+@dataclass
+class _QuantState:
+    config: QuantConfig
+    float_keys: dict = field(default_factory=dict)  # module name -> (original class, its __dict__ keys)
+    float_modules: list = field(default_factory=list)  # weighted layers kept in float (names)
+
+
+def _mtq():
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"quantization needs NVIDIA ModelOpt ({e}); {_MODELOPT_HINT}") from None
+    return mtq
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm folding
+# --------------------------------------------------------------------------------------------------
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Return a copy of ``model`` (eval mode) with every ``Conv -> BatchNorm`` pair folded into one conv.
+
+    Only pairs where the conv's output feeds nothing but the BatchNorm are folded (a conv whose
+    raw output is also used elsewhere keeps its norm). Needs an fx-traceable model; a model the
+    tracer cannot follow is returned as an unchanged copy with a warning. Output equal to the
+    original's within float rounding (about 1e-6).
+    """
+    import torch.fx as fx
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model).eval()
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # dynamic control flow etc.
+        warnings.warn(f"BatchNorm not folded: the model cannot be traced by torch.fx ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''})", stacklevel=2)
+        return model
+    mods = dict(gm.named_modules())
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        bn = mods[node.target]
+        prev = node.args[0] if node.args else None
+        conv = mods.get(prev.target) if isinstance(prev, fx.Node) and prev.op == "call_module" else None
+        if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                 nn.ConvTranspose3d)) or len(prev.users) != 1 or not bn.track_running_stats:
+            continue
+        if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == prev.target) != 1:
+            continue  # a conv module called twice cannot absorb one call's norm
+        fused = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
+        parent, _, name = prev.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, fused)
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        folded += 1
+    if not folded:
+        return model
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+# --------------------------------------------------------------------------------------------------
+# inserting and calibrating quantizers
+# --------------------------------------------------------------------------------------------------
+
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+# layers with parameters that need no quantizer of their own (their inputs come from quantized layers)
+_FLOAT_OK = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.PReLU)
+
+
+def _execution_order(model: nn.Module, example: tuple) -> list[str]:
+    """Names of weighted layers in the order a forward pass calls them."""
+    order: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: order.append(names[mod]))
+             for m in model.modules() if isinstance(m, _WEIGHTED)]
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    seen: list[str] = []
+    for n in order:
+        if n not in seen:
+            seen.append(n)
+    return seen
+
+
+def _modelopt_config(cfg: QuantConfig, float_names: Sequence[str]) -> dict:
+    mtq = _mtq()
+    base = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    entries = []
+    for e in base["quant_cfg"]:
+        e = dict(e)
+        if e.get("quantizer_name") == "*weight_quantizer":
+            e["cfg"] = {"num_bits": int(cfg.weight_bits), "axis": 0 if cfg.per_channel else None}
+        elif e.get("quantizer_name") == "*input_quantizer":
+            e["cfg"] = {"num_bits": int(cfg.act_bits), "axis": None}
+        entries.append(e)
+    for name in float_names:
+        entries.append({"quantizer_name": f"{name}.*", "enable": False})
+    base["quant_cfg"] = entries
+    base["algorithm"] = "max"
+    return base
+
+
+def _unsupported(model: nn.Module) -> list[str]:
+    """Layers with their own parameters that ModelOpt cannot quantize (left in float)."""
+    registry = _mtq().QuantModuleRegistry
+    out = []
+    for name, m in model.named_modules():
+        own = [p for p in m._parameters.values() if p is not None]
+        if own and not isinstance(m, _FLOAT_OK) and type(m) not in registry:
+            out.append(f"{name or '<root>'} ({type(m).__name__})")
+    return out
+
+
+def _calibration_loop(loader: Iterable, batches: int, batch_fn: Optional[Callable], device) -> Callable:
+    def loop(model: nn.Module) -> None:
+        n = 0
+        with torch.no_grad():
+            for batch in loader:
+                inputs, _ = split_batch(batch, batch_fn)
+                model(*(t.to(device) for t in inputs))
+                n += 1
+                if n >= batches:
+                    break
+        if n == 0:
+            raise QuantizationError("the calibration loader yielded no batches")
+    return loop
+
+
+def quantize(model: nn.Module, loader: Optional[Iterable], config: Optional[QuantConfig] = None,
+             batch_fn: Optional[Callable] = None, example_inputs: Any = None, **overrides) -> nn.Module:
+    """Insert 8-bit fake quantizers into a copy of ``model`` and calibrate them on ``loader``.
+
+    Weights: symmetric, per output channel (``config.per_channel``); activations: symmetric,
+    per tensor, at the input of every conv/linear/instance-norm layer (ModelOpt's placement).
+    Ranges: max calibration over ``config.calib_batches`` batches. BatchNorm is folded first
+    (``config.fold_batchnorm``). Layers ModelOpt cannot quantize stay in float; a warning lists
+    them. ``loader=None`` inserts quantizers without calibrating (only :func:`restore` does that).
+
+    Returns the quantized copy (train it with :func:`train_qat`, export it with
+    :func:`ganslim.export`); ``model`` itself is not modified.
+    """
+    from dataclasses import replace
+
+    cfg = replace(config or QuantConfig(), **overrides).validate()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if is_quantized(model):
+        raise QuantizationError("the model is already quantized; quantize its float original instead "
+                                "(ganslim.quantization.to_float gives it back)")
+    mtq = _mtq()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    work = fold_batchnorm(model) if cfg.fold_batchnorm else copy.deepcopy(model).eval()
+    weighted = [n for n, m in work.named_modules() if isinstance(m, _WEIGHTED)]
+    if not weighted:
+        raise QuantizationError("the model has no Conv/ConvTranspose/Linear layer to quantize")
+
+    float_names = [n for n in weighted if any(fnmatch.fnmatchcase(n, g) for g in cfg.exclude)]
+    if cfg.skip_first or cfg.skip_last:
+        if example_inputs is None and loader is not None:
+            inputs, _ = split_batch(next(iter(loader)), batch_fn)
+            example_inputs = tuple(t[:1].to(device) for t in inputs)
+        if example_inputs is None:
+            raise QuantizationError("skip_first/skip_last need example_inputs or a loader to find the layer order")
+        from ._utils import as_input_tuple
+
+        order = _execution_order(work, as_input_tuple(example_inputs))
+        if cfg.skip_first and order:
+            float_names.append(order[0])
+        if cfg.skip_last and order:
+            float_names.append(order[-1])
+    unsupported = _unsupported(work)
+    if unsupported:
+        warnings.warn("left in float (no int8 version of these layers): " + ", ".join(unsupported), stacklevel=2)
+
+    float_keys = {n: (type(m), set(vars(m))) for n, m in work.named_modules() if type(m) in mtq.QuantModuleRegistry}
+    loop = _calibration_loop(loader, cfg.calib_batches, batch_fn, device) if loader is not None else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="modelopt")
+        mtq.quantize(work, _modelopt_config(cfg, float_names), loop)
+    setattr(work, _STATE_ATTR, _QuantState(cfg, float_keys, sorted(set(float_names))))
+    return work
+
+
+def _quantizers(model: nn.Module):
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TensorQuantizer)]
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True for a model returned by :func:`quantize` (or restored from a QAT checkpoint)."""
+    return isinstance(getattr(model, _STATE_ATTR, None), _QuantState)
+
+
+def is_calibrated(model: nn.Module) -> bool:
+    """True when every enabled quantizer of a quantized model has its range (``amax``)."""
+    if not is_quantized(model):
+        return False
+    return all(q.amax is not None for _, q in _quantizers(model) if q.is_enabled)
+
+
+def enabled_quantizers(model: nn.Module) -> int:
+    """Number of active fake quantizers (weights and activations) in a quantized model."""
+    return sum(1 for _, q in _quantizers(model) if q.is_enabled) if is_quantized(model) else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# QAT
+# --------------------------------------------------------------------------------------------------
+
+def train_qat(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Optional[QuantConfig] = None,
+              batch_fn: Optional[Callable] = None, device: str = "cpu", progress: bool = True,
+              callbacks: Iterable[Callable] = ()) -> nn.Module:
+    """Fine-tune a quantized ``model`` in place to imitate ``teacher`` (straight-through estimator).
+
+    Losses as in :class:`ganslim.train.DistillTrainer`: L1 to the teacher's output (pseudo pairs)
+    and to the ground truth when the batch has one; Adam, cosine decay over ``config.steps``.
+    The quantizers' ranges stay fixed at their calibrated values.
+    """
+    from .train import DistillTrainer, LossWeights, lr_cosine
+
+    if not is_quantized(model):
+        raise QuantizationError("train_qat needs a model returned by ganslim.quantization.quantize")
+    if not is_calibrated(model):
+        raise QuantizationError("the model was never calibrated; call quantize(model, loader) with a loader")
+    cfg = config or getattr(model, _STATE_ATTR).config
+    if cfg.steps <= 0:
+        return model
+    weights = LossWeights(cfg.recon_weight, cfg.gt_weight, 0.0, 0.0)
+    trainer = DistillTrainer(model, teacher, [{"params": list(model.parameters()), "lr": cfg.lr}], weights,
+                             device=device, batch_fn=batch_fn)
+    sched = torch.optim.lr_scheduler.LambdaLR(trainer.opt, lambda s: lr_cosine(s, cfg.steps))
+    trainer.after_step.append(lambda tr: sched.step())
+    trainer.run(loader, cfg.steps, desc="ganslim QAT int8", progress=progress, callbacks=callbacks)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# back to plain float modules; checkpoint state
+# --------------------------------------------------------------------------------------------------
+
+def to_float(model: nn.Module, quantized_weights: bool = True) -> nn.Module:
+    """A plain float copy of a quantized model: standard ``torch.nn`` layers, no quantizers.
+
+    ``quantized_weights=True`` stores each weight as its fake-quantized value (exactly on the
+    int8 grid the network was trained for), which is what an int8 runtime will see;
+    ``False`` keeps the latent float weights (for resuming QAT elsewhere).
+    """
+    if not is_quantized(model):
+        raise QuantizationError("to_float expects a model returned by ganslim.quantization.quantize")
+    state: _QuantState = getattr(model, _STATE_ATTR)
+    out = copy.deepcopy(model)
+    for name, (cls, keys) in state.float_keys.items():
+        m = out.get_submodule(name)
+        plain = cls.__new__(cls)
+        plain.__dict__.update({k: v for k, v in vars(m).items() if k in keys})
+        plain._modules = {k: v for k, v in m._modules.items() if not k.endswith("_quantizer")}
+        wq = getattr(m, "weight_quantizer", None)
+        if quantized_weights and wq is not None and wq.is_enabled and getattr(m, "weight", None) is not None:
+            with torch.no_grad():
+                plain._parameters = dict(plain._parameters)
+                plain._parameters["weight"] = nn.Parameter(wq(m.weight.detach()).clone(),
+                                                           requires_grad=m.weight.requires_grad)
+        parent, _, attr = name.rpartition(".")
+        if name:
+            setattr(out.get_submodule(parent) if parent else out, attr, plain)
+        else:
+            out = plain
+    if hasattr(out, _STATE_ATTR):
+        delattr(out, _STATE_ATTR)
+    return out
+
+
+def quant_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(json_config, amax_tensors)`` that :func:`restore` needs; keys of the tensors are the
+    quantizer module names (``"model.1.input_quantizer"``)."""
+    if not is_quantized(model):
+        raise QuantizationError("quant_state expects a quantized model")
+    state: _QuantState = getattr(model, _STATE_ATTR)
+    amax = {n: q.amax.detach().float().contiguous() for n, q in _quantizers(model) if q.amax is not None}
+    meta = {"backend": state.config.backend, "config": state.config.to_dict(),
+            "float_modules": list(state.float_modules), "enabled": [n for n, q in _quantizers(model) if q.is_enabled]}
+    return meta, amax
+
+
+def restore(float_model: nn.Module, meta: dict, amax: dict[str, torch.Tensor]) -> nn.Module:
+    """Rebuild a quantized model from its float twin (BatchNorm already folded, as saved) and the
+    stored :func:`quant_state`; outputs match the saved model's exactly."""
+    cfg_dict = dict(meta.get("config") or {})
+    try:
+        cfg = QuantConfig(**{**cfg_dict, "exclude": tuple(cfg_dict.get("exclude", ())), "fold_batchnorm": False})
+    except TypeError as e:
+        raise QuantizationError(f"unreadable quantization state: {e}") from None
+    model = quantize(float_model, None, cfg)
+    qs = dict(_quantizers(model))
+    for name in meta.get("float_modules", []):
+        for qn, q in qs.items():
+            if qn.startswith(name + "."):
+                q.disable()
+    enabled = set(meta.get("enabled", []))
+    for qn, q in qs.items():
+        if q.is_enabled and qn not in enabled:
+            q.disable()
+    missing = [n for n in enabled if n not in qs]
+    if missing:
+        raise QuantizationError(f"stored quantizers {missing[:3]} do not exist in the rebuilt model")
+    for qn, t in amax.items():
+        if qn not in qs:
+            raise QuantizationError(f"stored range for unknown quantizer {qn!r}")
+        qs[qn].amax = t.to(next((p.device for p in model.parameters()), torch.device("cpu")))
+    getattr(model, _STATE_ATTR).float_modules = list(meta.get("float_modules", []))
+    return model.eval()

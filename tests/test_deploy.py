@@ -1,0 +1,136 @@
+"""ONNX export (fp32 and int8 QDQ) verified in onnxruntime; compress(quant="int8"); `ganslim export`."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ganslim
+from ganslim import data, measure
+from ganslim import quantization as Q
+from ganslim.deploy import ExportError, OnnxModule, export
+from ganslim.zoo import create_model
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("modelopt.torch.quantization")
+
+
+@pytest.fixture(scope="module")
+def loader():
+    return data.default_loader(batch_size=4, crop=32, length=32)
+
+
+@pytest.fixture(scope="module")
+def net(loader):
+    torch.manual_seed(0)
+    m = create_model("resnet_6blocks", ngf=16, norm="batch")
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    for x, y in loader:
+        loss = (m(x) - y).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def x():
+    return data.test_pairs()[0][0][:, :, :64, :96]
+
+
+def test_fp32_onnx_matches_pytorch_and_takes_other_sizes(net, x, tmp_path):
+    p = export(net, tmp_path / "m.onnx", example_inputs=x)
+    om = OnnxModule(p)
+    with torch.no_grad():
+        assert (om(x) - net(x)).abs().max() < 1e-4
+        x2 = data.test_pairs()[0][0][:, :, :48, :32]  # dynamic height/width
+        assert (om(x2) - net(x2)).abs().max() < 1e-4
+    assert om.int8_kernels() == 0
+    assert [f.name for f in tmp_path.iterdir()] == ["m.onnx"]  # no temporary files left
+
+
+def test_int8_onnx_runs_integer_kernels_and_stays_close(net, loader, x, tmp_path):
+    q = Q.quantize(net, loader)
+    p32 = export(net, tmp_path / "fp32.onnx", example_inputs=x)
+    p8 = export(q, tmp_path / "int8.onnx", "onnx-int8", example_inputs=x, calib_loader=loader)
+    om = OnnxModule(p8)
+    n_convs = sum(isinstance(m, (nn.Conv2d,)) for m in net.modules())
+    assert om.int8_kernels() >= n_convs  # every Conv2d runs as QLinearConv (plus QLinearAdd etc.)
+    assert os.path.getsize(p8) < 0.3 * os.path.getsize(p32)
+    with torch.no_grad():
+        assert measure.psnr(om(x), net(x)) > 30.0
+
+
+def test_ptq_of_a_float_model_is_the_same_call(net, loader, x, tmp_path):
+    p = export(net, tmp_path / "ptq.onnx", "onnx-int8", example_inputs=x, calib_loader=loader)
+    assert OnnxModule(p).int8_kernels() > 0
+
+
+def test_uncalibrated_qat_model_is_refused_and_nothing_is_written(net, x, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = Q.quantize(net, None)
+    with pytest.raises(ExportError, match="never calibrated"):
+        export(q, tmp_path / "q.onnx", "onnx-int8", example_inputs=x)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_format_and_paths(net, x, tmp_path):
+    with pytest.raises(ExportError, match="unknown export format"):
+        export(net, tmp_path / "m.onnx", "tensorrt", example_inputs=x)
+    with pytest.raises(ExportError, match="does not exist"):
+        export(net, tmp_path / "no" / "m.onnx", example_inputs=x)
+    with pytest.raises(ExportError, match="example_inputs"):
+        export(net, tmp_path / "m.onnx")
+
+
+def test_model_that_leaves_torch_gives_a_clear_error_and_no_file(tmp_path):
+    class Unexportable(nn.Module):  # numpy inside forward: the tracer freezes the result as a constant
+        def forward(self, x):
+            return torch.from_numpy(x.numpy() * 2)
+
+    with pytest.raises(ExportError, match="frozen as constants"):
+        export(Unexportable(), tmp_path / "u.onnx", example_inputs=torch.zeros(1, 3, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_onnxruntime_gives_an_install_hint(net, x, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match="pip install onnx onnxruntime"):
+        export(net, tmp_path / "m.onnx", example_inputs=x)
+
+
+def test_compress_with_quant_int8_reports_the_deployment(net, loader, tmp_path):
+    (xt, yt), = data.test_pairs()
+    res = ganslim.compress(net, net, loader, target_macs=0.4, steps=20, finetune_steps=10, quant="int8", quant_steps=10,
+                           progress=False, eval_inputs=[(xt[:, :, :64, :64], yt[:, :, :64, :64])])
+    assert Q.is_quantized(res.model) and not Q.is_quantized(res.float_model)
+    rep = res.report
+    assert rep.quant == "int8" and [r.format for r in rep.deployment] == ["onnx", "onnx-int8"]
+    fp32, int8 = rep.deployment
+    assert fp32.int8_ops == 0 and int8.int8_ops > 0
+    assert fp32.psnr_to_float > 60 and int8.psnr_to_float > 25
+    assert int8.size_mb < 0.35 * fp32.size_mb
+    assert fp32.latency_ms > 0 and int8.latency_ms > 0 and int8.psnr_to_gt is not None
+    assert "int8 (QAT)" in str(rep) and rep.to_dict()["deployment"][1]["format"] == "onnx-int8"
+    p = ganslim.save(res.model, tmp_path / "qat.safetensors")
+    back = ganslim.load(p)
+    with torch.no_grad():
+        assert torch.equal(back(xt[:, :, :32, :32]), res.model(xt[:, :, :32, :32]))
+
+
+def test_cli_export_int8_from_a_qat_checkpoint(net, loader, tmp_path):
+    q = Q.quantize(net, loader, calib_batches=2)
+    ckpt = ganslim.save(q, tmp_path / "qat.safetensors")
+    out = tmp_path / "qat.int8.onnx"
+    r = subprocess.run([sys.executable, "-m", "ganslim", "export", str(ckpt), "--format", "onnx-int8", "--out", str(out),
+                        "--input-shape", "1,3,32,32", "--calib-batches", "2", "--batch-size", "2", "--crop", "32"],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "integer kernels" in r.stdout and out.exists()
+    bad = subprocess.run([sys.executable, "-m", "ganslim", "export", str(tmp_path / "missing.safetensors")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "error" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,156 @@
+"""QAT with ModelOpt: BatchNorm folding, fake quantizers, calibration, training, float export, checkpoints."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ganslim
+from archs import OPS, RandomGenerator
+from ganslim import data, measure
+from ganslim import quantization as Q
+from ganslim.zoo import create_model
+
+pytest.importorskip("modelopt.torch.quantization")
+
+
+@pytest.fixture(scope="module")
+def loader():
+    return data.default_loader(batch_size=2, crop=32, length=32)
+
+
+@pytest.fixture(scope="module")
+def net(loader):
+    torch.manual_seed(0)
+    m = create_model("resnet_6blocks", ngf=8, norm="batch")  # like the default teacher: BN, reflection pads, deconvs
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    for x, y in loader:
+        loss = (m(x) - y).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def qnet(net, loader):
+    return Q.quantize(net, loader)
+
+
+def _x(seed=0, size=32):
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=st.lists(st.sampled_from(OPS), min_size=1, max_size=5),
+       widths=st.lists(st.integers(2, 12), min_size=6, max_size=6))
+def test_fold_batchnorm_keeps_outputs_on_random_architectures(spec, widths):
+    torch.manual_seed(0)
+    m = RandomGenerator(spec, widths, norm="batch")
+    with torch.no_grad():  # non-trivial running statistics
+        m.train()(_x(1, 16) * 3)
+        m.eval()
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+    folded = Q.fold_batchnorm(m)
+    x = _x(2, 16)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), m(x), atol=1e-5)
+    left = sum(isinstance(b, nn.BatchNorm2d) for b in folded.modules())
+    # every BatchNorm directly after a conv is gone (CatBlock/ResBlock norms follow convs too)
+    assert left == 0
+
+
+def test_quantize_inserts_calibrated_int8_quantizers_close_to_float(net, qnet):
+    assert Q.is_quantized(qnet) and Q.is_calibrated(qnet) and not Q.is_quantized(net)
+    n_weighted = sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in net.modules())
+    assert Q.enabled_quantizers(qnet) == 2 * n_weighted  # weights + inputs of every conv
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qnet.modules())  # folded first
+    inorm = Q.quantize(create_model("resnet_6blocks", ngf=4), None, calib_batches=1)
+    n_in = sum(isinstance(m, nn.InstanceNorm2d) for m in inorm.modules())
+    assert Q.enabled_quantizers(inorm) == 2 * n_weighted + n_in  # instance norm inputs too (int8 conv outputs)
+    x = _x()
+    with torch.no_grad():
+        p = measure.psnr(qnet(x), net(x))
+    assert 25.0 < p < 80.0  # really quantized (not identical), yet close
+
+
+def test_to_float_gives_standard_layers_with_weights_on_the_int8_grid(qnet):
+    f = Q.to_float(qnet)
+    assert not Q.is_quantized(f)
+    assert all(type(m).__module__.startswith("torch.nn") or type(m).__name__ in ("GraphModule", "Module")
+               for m in f.modules())
+    convs = [m for m in f.modules() if isinstance(m, nn.Conv2d)]
+    for c in convs:
+        w = c.weight.detach().flatten(1)
+        scale = w.abs().amax(1, keepdim=True) / 127
+        levels = w / scale.clamp_min(1e-12)
+        # per output channel, every weight is an integer multiple of one step: <= 255 levels
+        assert torch.allclose(levels, levels.round(), atol=1e-3)
+
+
+def test_skip_first_and_last_and_exclude_keep_layers_in_float(net, loader):
+    q = Q.quantize(net, loader, skip_first=True, skip_last=True, exclude=["model.4"], calib_batches=2)
+    state = q._ganslim_quant
+    assert len(state.float_modules) == 3
+    names = dict(q.named_modules())
+    for name in state.float_modules:
+        assert not names[name].weight_quantizer.is_enabled and not names[name].input_quantizer.is_enabled
+
+
+def test_unsupported_layers_are_left_in_float_with_a_warning(loader):
+    class Scale(nn.Module):  # a custom layer with its own parameter
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(1, 4, 1, 1))
+
+        def forward(self, x):
+            return x * self.s
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Scale(), nn.Conv2d(4, 3, 3, padding=1), nn.Tanh())
+    with pytest.warns(UserWarning, match=r"left in float.*1 \(Scale\)"):
+        Q.quantize(m, loader, calib_batches=1)
+
+
+def test_model_without_weighted_layers_is_refused(loader):
+    with pytest.raises(Q.QuantizationError, match="no Conv"):
+        Q.quantize(nn.Sequential(nn.Tanh()), loader)
+
+
+def test_qat_recovers_fidelity_lost_to_coarse_quantization(net, loader):
+    """3-bit weights / 4-bit activations hurt; a short QAT with the float net as teacher wins part back."""
+    q = Q.quantize(net, loader, weight_bits=3, act_bits=4, calib_batches=4)
+    xs = [x for x, _ in data.default_loader(batch_size=4, crop=32, length=8, seed=5)]
+    with torch.no_grad():
+        before = measure.compare_outputs(net, q, xs)["psnr"]
+    Q.train_qat(q, net, data.default_loader(batch_size=4, crop=32, length=240), Q.QuantConfig(steps=60, lr=3e-4, gt_weight=0.0),
+                progress=False)
+    with torch.no_grad():
+        after = measure.compare_outputs(net, q, xs)["psnr"]
+    assert after > before + 1.0, (before, after)
+
+
+def test_uncalibrated_model_cannot_be_trained(net):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = Q.quantize(net, None)
+    assert not Q.is_calibrated(q)
+    with pytest.raises(Q.QuantizationError, match="never calibrated"):
+        Q.train_qat(q, net, [])
+
+
+def test_qat_checkpoint_reloads_bit_exactly_and_stays_quantized(qnet, tmp_path):
+    p = ganslim.save(qnet, tmp_path / "qat.safetensors")
+    meta = ganslim.checkpoint.read_metadata(p)
+    assert meta["quant"]["backend"] == "modelopt" and meta["quant"]["config"]["weight_bits"] == 8
+    back = ganslim.load(p)
+    assert Q.is_quantized(back) and Q.is_calibrated(back)
+    x = _x(3)
+    with torch.no_grad():
+        assert torch.equal(back(x), qnet(x))
+    # and it is still trainable (resume QAT)
+    assert all(p.requires_grad for p in back.parameters())
