@@ -167,6 +167,36 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
                     extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
 
 
+def _minify(path: pathlib.Path) -> None:
+    """Rename internal tensors to short names and drop doc strings (the exporter's long scoped names
+    are ~10% of a small int8 file); graph inputs/outputs keep their names, results are identical."""
+    import onnx
+
+    m = onnx.load(str(path))
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in m.graph.node for a in n.attribute):
+        return  # subgraphs (If/Loop) refer to outer names: leave such a file as exported
+    keep = {i.name for i in m.graph.input} | {o.name for o in m.graph.output}
+    names: dict[str, str] = {}
+
+    def short(n: str) -> str:
+        if not n or n in keep:
+            return n
+        return names.setdefault(n, f"t{len(names)}")
+
+    for init in m.graph.initializer:
+        init.name, init.doc_string = short(init.name), ""
+    for i, node in enumerate(m.graph.node):
+        node.name, node.doc_string = f"n{i}", ""
+        for k, v in enumerate(node.input):
+            node.input[k] = short(v)
+        for k, v in enumerate(node.output):
+            node.output[k] = short(v)
+    for vi in m.graph.value_info:
+        vi.name = short(vi.name)
+    m.doc_string = ""
+    onnx.save(m, str(path))
+
+
 def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", example_inputs: Any = None,
            calib_loader: Optional[Iterable] = None, batch_fn: Optional[Callable] = None, calib_batches: int = 8,
            opset: int = 17, verify: bool = True) -> pathlib.Path:
@@ -231,6 +261,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
             batches = _calibration_batches(calib_loader, example, calib_batches, batch_fn)
             result = tmp / "model.int8.onnx"
             _quantize_static(fp32, result, batches, names)
+        _minify(result)
         if verify:
             om = OnnxModule(result, threads=1)
             if len(om.input_names) != len(example):
@@ -278,8 +309,9 @@ def measure_deployment(variants: Sequence[tuple[str, nn.Module, str]], reference
 
     if not eval_pairs:
         raise ValueError("measure_deployment needs at least one evaluation input")
-    first_inputs = tuple(eval_pairs[0][0])
-    inputs_list = [tuple(p[0]) for p in eval_pairs]
+    eval_pairs = [(as_input_tuple(i), t) for i, t in eval_pairs]  # inputs: a tensor or a tuple of tensors
+    first_inputs = eval_pairs[0][0]
+    inputs_list = [p[0] for p in eval_pairs]
     with_gt = [(i, t) for i, t in eval_pairs if t is not None]
     own_dir = out_dir is None
     folder = pathlib.Path(tempfile.mkdtemp(prefix="ganslim-deploy-") if own_dir else out_dir)

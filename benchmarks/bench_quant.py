@@ -1,0 +1,98 @@
+"""int8 deployment of the compressed demo student, measured side by side in onnxruntime in one run.
+
+    make demo                                   # writes runs/demo/student.safetensors (the float student)
+    python benchmarks/bench_quant.py            # QAT on that student, then fp32 / PTQ int8 / QAT int8 ONNX
+    python benchmarks/bench_quant.py --student PATH --qat-steps 300
+
+Rows (onnxruntime, CPU, the held-out photo at full size): the float student as fp32 ONNX; the same
+student quantized after training (PTQ: onnxruntime ``quantize_static``, the baseline); the QAT student
+(ModelOpt fake quantization + distillation fine-tune, then the same int8 export). The teacher's own
+fp32 and PTQ int8 rows are given for scale. Printed ratios: int8 latency / fp32 latency, int8 file /
+fp32 file, PSNR-to-ground-truth change vs the fp32 student, and QAT's gain over PTQ. Results also go
+to ``benchmarks/results/quant.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ganslim import data, measure  # noqa: E402
+from ganslim.checkpoint import load  # noqa: E402
+from ganslim.deploy import measure_deployment  # noqa: E402
+from ganslim.quantization import QuantConfig, quantize, train_qat  # noqa: E402
+from ganslim.report import format_deploy_table  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--student", default="runs/demo/student.safetensors", help="float student (ganslim checkpoint)")
+    ap.add_argument("--qat-steps", type=int, default=300)
+    ap.add_argument("--qat-lr", type=float, default=2e-5)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", default="benchmarks/results/quant.json")
+    args = ap.parse_args()
+    if not os.path.exists(args.student):
+        sys.exit(f"{args.student} not found: run `make demo` first (it writes the compressed float student), "
+                 "or pass --student PATH")
+    torch.set_num_threads(args.threads)
+    teacher = data.default_teacher()
+    student = load(args.student)
+    pairs = data.test_pairs()
+    loader = data.default_loader(batch_size=args.batch_size, crop=64, length=max(args.qat_steps, 8) * args.batch_size,
+                                 seed=1)
+    t0 = time.time()
+    qcfg = QuantConfig(steps=args.qat_steps, lr=args.qat_lr)
+    qat = quantize(student, loader, qcfg)
+    with torch.no_grad():
+        fq_before = measure.fidelity_to_target(qat, pairs)["psnr"]
+    train_qat(qat, teacher, loader, qcfg)
+    qat_seconds = time.time() - t0
+    with torch.no_grad():
+        fq_after = measure.fidelity_to_target(qat, pairs)["psnr"]
+        float_gt = measure.fidelity_to_target(student, pairs)["psnr"]
+
+    rows = measure_deployment([("student fp32", student, "onnx"), ("student int8 PTQ", student, "onnx-int8"),
+                               ("student int8 QAT", qat, "onnx-int8")], student, pairs, teacher=teacher,
+                              calib_loader=loader, threads=args.threads)
+    t_rows = measure_deployment([("teacher fp32", teacher, "onnx"), ("teacher int8 PTQ", teacher, "onnx-int8")], teacher,
+                                pairs, teacher=teacher, calib_loader=loader, threads=args.threads)
+    fp32, ptq, q = rows
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, onnxruntime threads {args.threads}"
+    x = pairs[0][0]
+    print(f"{machine}; input {tuple(x.shape)} (held-out photo); student {args.student}; "
+          f"QAT {args.qat_steps} steps in {qat_seconds / 60:.1f} min")
+    print(format_deploy_table(rows + t_rows, args.threads))
+    summary = {
+        "int8_qat_latency_over_fp32": q.latency_ms / fp32.latency_ms,
+        "int8_qat_size_over_fp32": q.size_mb / fp32.size_mb,
+        "psnr_gt_float_student_torch": float_gt,
+        "psnr_gt_change_qat_vs_fp32": q.psnr_to_gt - fp32.psnr_to_gt,
+        "psnr_gt_change_ptq_vs_fp32": ptq.psnr_to_gt - fp32.psnr_to_gt,
+        "qat_gain_over_ptq_db_gt": q.psnr_to_gt - ptq.psnr_to_gt,
+        "qat_gain_over_ptq_db_to_float": q.psnr_to_float - ptq.psnr_to_float,
+        "fake_quant_psnr_gt_before_after_qat": [fq_before, fq_after],
+        "teacher_int8_latency_over_fp32": t_rows[1].latency_ms / t_rows[0].latency_ms,
+        "qat_seconds": qat_seconds,
+    }
+    print(f"int8 QAT / fp32: latency {summary['int8_qat_latency_over_fp32']:.2f}x, file "
+          f"{summary['int8_qat_size_over_fp32']:.2f}x; PSNR to ground truth {summary['psnr_gt_change_qat_vs_fp32']:+.2f} dB "
+          f"(PTQ {summary['psnr_gt_change_ptq_vs_fp32']:+.2f} dB); QAT over PTQ: {summary['qat_gain_over_ptq_db_gt']:+.2f} dB "
+          f"to ground truth, {summary['qat_gain_over_ptq_db_to_float']:+.2f} dB to the float student; teacher int8/fp32 "
+          f"latency {summary['teacher_int8_latency_over_fp32']:.2f}x")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"machine": machine, "student": args.student, "qat_steps": args.qat_steps,
+                   "rows": [r.__dict__ for r in rows + t_rows], "summary": summary}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
