@@ -163,7 +163,7 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     distiller = FeatureDistiller(student, teacher, mapping, example).to(device) if mapping and cfg.distill_weight else None
     gates = GateSet(targets).to(device).attach(student)
     weights = LossWeights(cfg.recon_weight, cfg.gt_weight, cfg.distill_weight,
-                          (cfg.adv_weight or 1.0) if discriminator is not None else 0.0)
+                          (cfg.adv_weight or 1.0) if discriminator is not None else 0.0, cfg.mse_weight)
     groups = [{"params": list(student.parameters()), "lr": cfg.lr},
               {"params": list(gates.parameters()), "lr": cfg.gate_lr}]
     if distiller is not None:
@@ -209,7 +209,7 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     # fine-tune the plain smaller network (cheaper per step than the gated one)
     if cfg.finetune_steps > 0:
         ft_distiller = None
-        if distiller is not None:
+        if distiller is not None and cfg.finetune_distill:
             ft_distiller = FeatureDistiller(plain, teacher, mapping, example).to(device)
             batch_inputs = [t.to(device) for t in inputs]  # the first batch, split above
             with torch.no_grad():

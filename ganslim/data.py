@@ -128,6 +128,46 @@ class PairedCrops(Dataset):
         return self._crop(gen, which)
 
 
+class TeacherCrops(PairedCrops):
+    """Paired crops that also carry the teacher's output for the same window (offline distillation):
+    the teacher runs once per whole photo here, and each item is
+    ``{"A": photo, "target": cartoon, "teacher_output": teacher(photo)}`` cropped alike, so training
+    skips the teacher's forward (and its crop-border effects)."""
+
+    def __init__(self, teacher: torch.nn.Module, crop: int = 64, length: int = 4096, seed: int = 0,
+                 photos=TRAIN_PHOTOS, flip: bool = True):
+        super().__init__(crop=crop, length=length, seed=seed, photos=photos, flip=flip)
+        was_training = teacher.training
+        dev = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+        teacher.eval()
+        try:
+            with torch.no_grad():
+                self.teacher_outputs = [teacher(x[None].to(dev))[0].float().cpu() for x, _ in self.pairs]
+                # flipped items get the teacher's output on the flipped photo (a generator is not exactly
+                # flip-equivariant), stored flipped back so both crop alike
+                self.teacher_outputs_flipped = [teacher(x[None].flip(-1).to(dev))[0].float().cpu().flip(-1) if flip
+                                                else None for x, _ in self.pairs]
+        finally:
+            teacher.train(was_training)
+        if self.teacher_outputs[0].shape != self.pairs[0][1].shape:
+            raise ValueError(f"teacher output {tuple(self.teacher_outputs[0].shape)} does not match the photo "
+                             f"{tuple(self.pairs[0][1].shape)}: not an image-to-image generator for this data")
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        if not 0 <= idx < self.length:
+            raise IndexError(idx)
+        gen = self._gen(idx)
+        which = int(torch.multinomial(self.weights, 1, generator=gen))
+        (x, y), c = self.pairs[which], self.crop
+        i, j = _random_crop(gen, x.shape[1], x.shape[2], c)
+        flip = self.flip and bool(torch.rand((), generator=gen) < 0.5)
+        t = (self.teacher_outputs_flipped if flip else self.teacher_outputs)[which]
+        out = [a[:, i:i + c, j:j + c] for a in (x, y, t)]
+        if flip:
+            out = [a.flip(-1) for a in out]
+        return {"A": out[0].contiguous(), "target": out[1].contiguous(), "teacher_output": out[2].contiguous()}
+
+
 class UnpairedCrops(PairedCrops):
     """CycleGAN-style view: ``{"A": photo crop, "B": cartoon crop}`` drawn independently."""
 
@@ -141,9 +181,15 @@ class UnpairedCrops(PairedCrops):
 
 
 def default_loader(batch_size: int = 4, crop: int = 64, length: int = 4096, seed: int = 0,
-                   unpaired: bool = False, shuffle: bool = False) -> DataLoader:
+                   unpaired: bool = False, shuffle: bool = False, teacher: torch.nn.Module | None = None) -> DataLoader:
     """A ``DataLoader`` over the embedded training photos; batches are ``(photo, cartoon)``
-    tensors ``(B, 3, crop, crop)`` or, with ``unpaired=True``, dicts with keys ``A``/``B``."""
+    tensors ``(B, 3, crop, crop)``; with ``unpaired=True`` dicts with keys ``A``/``B``; with
+    ``teacher=`` dicts ``{"A", "target", "teacher_output"}`` (see :class:`TeacherCrops`)."""
+    if teacher is not None:
+        if unpaired:
+            raise ValueError("teacher= precomputes outputs for paired crops; it cannot be combined with unpaired=True")
+        ds = TeacherCrops(teacher, crop=crop, length=length, seed=seed)
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=True, num_workers=0)
     ds = (UnpairedCrops if unpaired else PairedCrops)(crop=crop, length=length, seed=seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=True, num_workers=0)
 

@@ -22,6 +22,14 @@ DEMO_CONFIG = CompressConfig(target_macs=0.1, steps=800, finetune_steps=3000)
 DEMO_BATCH = 8
 
 
+def demo_loader(teacher, cfg: CompressConfig, batch_size: int = DEMO_BATCH, crop: int = 64):
+    """Embedded training crops for a whole run, carrying the teacher's outputs (computed once on
+    each whole photo), so the fine-tune skips the teacher's forward: about 2x faster steps."""
+    steps_total = cfg.steps + cfg.finetune_steps + (cfg.quant_steps if cfg.quant else 0)
+    return data.default_loader(batch_size=batch_size, crop=crop, length=max(steps_total, 1) * batch_size, seed=cfg.seed,
+                               teacher=teacher)
+
+
 def run_demo(out_dir: str = "runs/demo", config: CompressConfig | None = None, batch_size: int = DEMO_BATCH,
              crop: int = 64, **overrides) -> dict:
     """Run the demo; returns the report as a dict (also written to ``out_dir/report.json``)."""
@@ -36,8 +44,7 @@ def run_demo(out_dir: str = "runs/demo", config: CompressConfig | None = None, b
           f"{measure.count_macs(teacher, x) / 1e9:.2f} G MACs at {tuple(x.shape)} (papers' convention); "
           f"held-out photo {data.TEST_PHOTOS[0]!r}: PSNR {fid['psnr']:.2f} dB, SSIM {fid['ssim']:.4f} to ground truth "
           f"(the photo itself: {measure.psnr(x, y):.2f} dB)")
-    steps_total = cfg.steps + cfg.finetune_steps
-    loader = data.default_loader(batch_size=batch_size, crop=crop, length=max(steps_total, 1) * batch_size, seed=cfg.seed)
+    loader = demo_loader(teacher, cfg, batch_size, crop)
     result = compress(teacher, teacher, loader, config=cfg.replace(eval_inputs=[(x, y)]))
     print(result.report)
     ckpt = save(result.model, os.path.join(out_dir, "student.safetensors"),

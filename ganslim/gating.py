@@ -234,7 +234,35 @@ def threshold_for_target(gates: GateSet, macs_model: MacsModel, target_macs: flo
             lo = mid
         else:
             hi = mid
-    return hi, alive_at(hi)
+    alive = alive_at(hi)
+    if multiple > 1:
+        alive = _fill_blocks(alive, mags, order, macs_model, target_macs, multiple)
+    return hi, alive
+
+
+def _fill_blocks(alive: list[torch.Tensor], mags: list[torch.Tensor], order: list[torch.Tensor], macs_model: "MacsModel",
+                 target_macs: float, multiple: int) -> list[torch.Tensor]:
+    """Rounding widths up to a multiple makes the bisection stop well below the target (a global
+    threshold moves whole blocks at once); add blocks of ``multiple`` channels greedily, the block
+    with the largest mean gate first, while the MACs stay within the target."""
+    alive = [a.clone() for a in alive]
+    while True:
+        best, best_score = None, -1.0
+        for gi, (a, v, idx) in enumerate(zip(alive, mags, order)):
+            k = int(a.sum())
+            if k >= v.numel():
+                continue
+            nxt = idx[k:k + multiple]
+            score = float(v[nxt].mean())
+            if score <= best_score:
+                continue
+            trial = [x if j != gi else x.clone() for j, x in enumerate(alive)]
+            trial[gi][nxt] = True
+            if macs_model.macs(trial) <= target_macs:
+                best, best_score = trial, score
+        if best is None:
+            return alive
+        alive = best
 
 
 # --------------------------------------------------------------------- export

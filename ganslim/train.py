@@ -1,6 +1,7 @@
 """The distillation training loop shared by every compression stage.
 
-One step: teacher forward (no grad) -> student forward -> losses
+One step: teacher forward (no grad; skipped when the batch carries the teacher's precomputed output
+under ``"teacher_output"`` and no feature distillation is active) -> student forward -> losses
 (L1 to teacher output, L1 to ground truth when present, feature MSE through mappings, optional
 adversarial term with a user discriminator) -> backward -> optimizer step -> callbacks (e.g. the
 gates' proximal step). Progress bar with live losses; NaN/inf losses stop the run with a clear
@@ -61,6 +62,18 @@ def split_batch(batch: Any, batch_fn: Optional[BatchFn] = None) -> tuple[tuple[t
                     "or a dict, or pass batch_fn to map batches to generator inputs")
 
 
+TEACHER_OUTPUT_KEY = "teacher_output"
+
+
+def cached_teacher_output(batch: Any) -> Optional[torch.Tensor]:
+    """The teacher's precomputed output carried by a dict batch under ``"teacher_output"`` (offline
+    distillation: the teacher ran once over the data set, so training skips its forward), else None."""
+    if isinstance(batch, dict):
+        t = batch.get(TEACHER_OUTPUT_KEY)
+        return t if isinstance(t, torch.Tensor) else None
+    return None
+
+
 def first_output(out: Any) -> torch.Tensor:
     """The image tensor of a generator's output (first item of a tuple/list/dict)."""
     if isinstance(out, torch.Tensor):
@@ -98,10 +111,11 @@ def gan_loss(pred: torch.Tensor, real: bool, mode: str = "lsgan") -> torch.Tenso
 
 @dataclass
 class LossWeights:
-    recon: float = 1.0
-    gt: float = 1.0
-    distill: float = 1.0
-    adv: float = 0.0
+    recon: float = 1.0  # L1 to the teacher's output
+    gt: float = 1.0  # L1 to the ground truth
+    distill: float = 1.0  # feature MSE through the mappings
+    adv: float = 0.0  # adversarial term (with a discriminator)
+    mse: float = 0.0  # MSE to the ground truth (to the teacher's output without one): PSNR's own loss
 
 
 @dataclass
@@ -140,8 +154,12 @@ class DistillTrainer:
         """One optimisation step on ``batch``; returns the float losses."""
         inputs, target = split_batch(batch, self.batch_fn)
         inputs = tuple(t.to(self.device) for t in inputs)
-        with torch.no_grad():
-            t_out = first_output(self.teacher(*inputs))
+        cached = cached_teacher_output(batch)
+        if cached is not None and not (self.distiller is not None and self.weights.distill):
+            t_out = cached.to(self.device)  # offline distillation: no teacher forward this step
+        else:  # feature distillation needs the teacher's activations: run it
+            with torch.no_grad():
+                t_out = first_output(self.teacher(*inputs))
         s_out = first_output(self.student(*inputs))
         if s_out.shape != t_out.shape:
             raise ValueError(f"student output {tuple(s_out.shape)} and teacher output {tuple(t_out.shape)} differ in shape")
@@ -154,6 +172,8 @@ class DistillTrainer:
             if target.shape != s_out.shape:
                 raise ValueError(f"ground truth {tuple(target.shape)} does not match the output {tuple(s_out.shape)}")
             losses["gt"] = w.gt * F.l1_loss(s_out, target)
+        if w.mse:
+            losses["mse"] = w.mse * F.mse_loss(s_out, target if target is not None and w.gt else t_out)
         if self.distiller is not None and w.distill:
             losses["distill"] = w.distill * self.distiller.loss()
         if self.discriminator is not None and w.adv:

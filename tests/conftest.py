@@ -7,8 +7,15 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+# CI replays the same generated architectures every run (a red CI must mean a regression, not a new
+# random draw); `HYPOTHESIS_PROFILE=explore pytest` draws fresh ones on every run.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -162,3 +162,30 @@ def test_nan_loss_mid_run_stops_with_last_good_weights(small_teacher):
         ganslim.compress(small_teacher, small_teacher, good + [bad], **FAST)
     assert small_teacher.training  # the teacher's mode is restored even on failure
     small_teacher.eval()
+
+
+def test_batches_with_teacher_outputs_skip_the_teacher_forward(small_teacher):
+    from ganslim.distill import FeatureDistiller
+    from ganslim.train import DistillTrainer, LossWeights
+
+    loader = data.default_loader(batch_size=2, crop=32, length=6, teacher=small_teacher)
+    student = copy.deepcopy(small_teacher)  # before the counting hook, which deepcopy would copy too
+    calls = []
+    h = small_teacher.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        tr = DistillTrainer(student, small_teacher, [{"params": list(student.parameters()), "lr": 1e-4}],
+                            LossWeights(1.0, 1.0, 0.0, 0.0))
+        tr.run(loader, 3, progress=False)
+        assert calls == [] and tr.state.losses["recon"] > 0  # recon used the carried teacher output
+        x = torch.zeros(1, 3, 32, 32)
+        dist = FeatureDistiller(student, small_teacher, {"model.10": "model.10"}, (x,))
+        calls.clear()
+        tr = DistillTrainer(student, small_teacher, [{"params": list(student.parameters()), "lr": 1e-4}],
+                            LossWeights(1.0, 1.0, 1.0, 0.0), dist)
+        tr.run(loader, 2, progress=False)
+        dist.remove()
+        assert len(calls) == 2  # feature distillation needs the teacher's activations
+    finally:
+        h.remove()
+    res = ganslim.compress(small_teacher, small_teacher, loader, target_macs=0.5, **FAST)
+    assert res.report.student.macs < res.report.teacher.macs

@@ -58,3 +58,20 @@ def test_image_folder(tmp_path):
         assert "does not exist" in str(e)
     else:
         raise AssertionError
+
+
+def test_teacher_crops_carry_the_teachers_output_for_the_same_window():
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.Tanh()).eval()
+    ds = data.TeacherCrops(teacher, crop=32, length=6, seed=3)
+    plain = data.PairedCrops(crop=32, length=6, seed=3)
+    for k in range(6):
+        item = ds[k]
+        x, y = plain[k]  # same window and flip as the plain paired view
+        assert torch.equal(item["A"], x) and torch.equal(item["target"], y)
+        # interior pixels equal the teacher run on the crop itself (a 3x3 conv: only the 1-pixel
+        # border differs, where the whole photo gives real context instead of zero padding)
+        t_crop = teacher(item["A"][None])[0].detach()
+        assert torch.allclose(item["teacher_output"][:, 1:-1, 1:-1], t_crop[:, 1:-1, 1:-1], atol=1e-5)
+    batch = next(iter(data.default_loader(batch_size=2, crop=32, length=4, teacher=teacher)))
+    assert set(batch) == {"A", "target", "teacher_output"} and batch["teacher_output"].shape == (2, 3, 32, 32)
