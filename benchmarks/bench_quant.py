@@ -34,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", default="runs/demo/student.safetensors", help="float student (ganslim checkpoint)")
     ap.add_argument("--qat-steps", type=int, default=300)
-    ap.add_argument("--qat-lr", type=float, default=2e-5)
+    ap.add_argument("--qat-lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="benchmarks/results/quant.json")
@@ -47,7 +47,7 @@ def main() -> None:
     student = load(args.student)
     pairs = data.test_pairs()
     loader = data.default_loader(batch_size=args.batch_size, crop=64, length=max(args.qat_steps, 8) * args.batch_size,
-                                 seed=1)
+                                 seed=1, teacher=teacher)  # batches carry the teacher's outputs (offline distillation)
     t0 = time.time()
     qcfg = QuantConfig(steps=args.qat_steps, lr=args.qat_lr)
     qat = quantize(student, loader, qcfg)

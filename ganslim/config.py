@@ -20,7 +20,7 @@ class CompressConfig:
     steps: int = 600  # sparsify phase, gates attached
     finetune_steps: int = 300  # after physical removal, plain smaller student
     lr: float = 1e-4  # student weights and mapping layers while gated
-    finetune_lr: float = 2e-4  # after removal (cosine decay); the smaller network must re-learn more
+    finetune_lr: float = 2e-3  # after removal (cosine decay); 2e-3 beat 1e-3 and 2e-4 on the default task
     gate_lr: float = 2e-3
     rho: float = 1.0  # L1 strength, in units of a group's mean gate per unit gate_lr
     channel_multiple: int = 1  # round kept widths up to a multiple (8 helps CPU/GPU kernels)
@@ -28,7 +28,10 @@ class CompressConfig:
     prune_every: int = 10  # steps between progressive pruning decisions
     target_reach: float = 0.6  # fraction of ``steps`` by which the MACs schedule reaches the target
     # --- losses
-    recon_weight: float = 10.0  # L1(student(x), teacher(x)): pseudo pairs, works unpaired
+    # Measured on the default task (3000 fine-tune steps at 10x): L1 to teacher and ground truth at 10/10
+    # gave 28.06 dB, ground truth alone 28.33, 2/10 + MSE 28.68: the teacher's own errors should not
+    # outweigh the ground truth when there is one; without one these terms all fall on the teacher.
+    recon_weight: float = 2.0  # L1(student(x), teacher(x)): pseudo pairs, works unpaired
     gt_weight: float = 10.0  # L1(student(x), ground truth) when the batch has one
     mse_weight: float = 50.0  # MSE to ground truth (teacher without one); +0.2 dB PSNR at 10x on the default task
     distill_weight: float = 1.0  # variance-normalised feature MSE through 1x1 mappings
@@ -42,7 +45,7 @@ class CompressConfig:
     # --- quantization (QAT stage after fine-tune; ganslim.quantization / ganslim.export)
     quant: Optional[str] = None  # "int8": QAT with 8-bit weights (per channel) and activations
     quant_steps: int = 300
-    quant_lr: float = 2e-5
+    quant_lr: float = 1e-4
     quant_calib_batches: int = 8
     quant_skip_first: bool = False  # keep the first / last weighted layer in float
     quant_skip_last: bool = False

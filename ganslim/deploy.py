@@ -151,7 +151,8 @@ def _calibration_batches(calib_loader: Optional[Iterable], example: tuple, batch
     return out
 
 
-def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple], names: Sequence[str]) -> None:
+def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple], names: Sequence[str],
+                     act_calib: str = "percentile", act_percentile: float = 99.9) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -161,10 +162,17 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
         src = pre
     except Exception:  # pre-processing is an optimisation; quantize the raw graph when it fails
         src = fp32
-    quantize_static(str(src), str(out), _CalibReader(batches, names), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    if act_calib == "percentile":
+        extra["CalibPercentile"] = float(act_percentile)
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints calibration chatter
+        quantize_static(str(src), str(out), _CalibReader(batches, names), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.Percentile if act_calib == "percentile" else CalibrationMethod.MinMax,
+                        extra_options=extra)
 
 
 def _minify(path: pathlib.Path) -> None:
@@ -199,7 +207,8 @@ def _minify(path: pathlib.Path) -> None:
 
 def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", example_inputs: Any = None,
            calib_loader: Optional[Iterable] = None, batch_fn: Optional[Callable] = None, calib_batches: int = 8,
-           opset: int = 17, verify: bool = True) -> pathlib.Path:
+           opset: int = 17, verify: bool = True, act_calib: str = "percentile", act_percentile: float = 99.9
+           ) -> pathlib.Path:
     """Write ``model`` to ``path`` for deployment; returns the path.
 
     Args:
@@ -210,6 +219,8 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
             default: one sample of the first ``calib_loader`` batch.
         calib_loader: batches of real inputs for the int8 activation ranges (``batch_fn`` maps a
             batch to inputs, as in :func:`ganslim.compress`); ``calib_batches`` of them are used.
+        act_calib, act_percentile: activation ranges for int8 (``"percentile"`` of |x|, or
+            ``"max"``); a QAT model uses the settings it was calibrated with.
         verify: run the written file in onnxruntime and check its output is finite and close to
             the PyTorch model's (float: max |diff| <= 1e-3; int8: PSNR >= 20 dB).
     """
@@ -242,13 +253,16 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
         float_model = Q.to_float(model, quantized_weights=True)
     else:
         float_model = model
-    float_model = float_model.cpu().eval()
-    with torch.no_grad():
-        reference = first_output(float_model(*example))
+    if any(t.device.type != "cpu" for t in float_model.state_dict().values()):
+        import copy
 
-    tmpdir = tempfile.mkdtemp(prefix=".ganslim-export-", dir=path.parent)
-    tmp = pathlib.Path(tmpdir)
+        float_model = copy.deepcopy(float_model).cpu()  # export on the CPU without moving the user's model
+    was_training = float_model.training
+    float_model.eval()
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".ganslim-export-", dir=path.parent))
     try:
+        with torch.no_grad():
+            reference = first_output(float_model(*example))
         fp32 = tmp / "model.fp32.onnx"
         try:
             _export_float(float_model, example, fp32, opset)
@@ -260,7 +274,10 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
             names = [i.name for i in OnnxModule(fp32, threads=1).session.get_inputs()]
             batches = _calibration_batches(calib_loader, example, calib_batches, batch_fn)
             result = tmp / "model.int8.onnx"
-            _quantize_static(fp32, result, batches, names)
+            qcfg = Q.config_of(model) if Q.is_quantized(model) else None
+            _quantize_static(fp32, result, batches, names,
+                             act_calib=qcfg.act_calib if qcfg else act_calib,
+                             act_percentile=qcfg.act_percentile if qcfg else act_percentile)
         _minify(result)
         if verify:
             om = OnnxModule(result, threads=1)
@@ -287,6 +304,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
         os.replace(result, final_tmp)
         os.replace(final_tmp, path)
     finally:
+        float_model.train(was_training)
         for f in tmp.glob("*"):
             f.unlink()
         tmp.rmdir()

@@ -55,11 +55,15 @@ class QuantConfig:
     skip_last: bool = False
     exclude: Sequence[str] = ()
     calib_batches: int = 8
+    # Activation ranges: "max" over the calibration batches, or this percentile of |x| (robust: a
+    # generator may use huge activations where its output saturates, which would waste the 8 bits).
+    act_calib: str = "percentile"
+    act_percentile: float = 99.9
     fold_batchnorm: bool = True
     backend: str = "modelopt"
     # QAT fine-tune (used by train_qat / compress(quant="int8"))
     steps: int = 300
-    lr: float = 2e-5
+    lr: float = 1e-4  # 300 steps at 1e-4 recovered the demo student fully (2e-5 too little)
     recon_weight: float = 10.0
     gt_weight: float = 10.0
 
@@ -73,6 +77,10 @@ class QuantConfig:
                 raise ValueError(f"{name} must be between 2 and 8, got {bits}")
         if self.calib_batches < 1:
             raise ValueError("calib_batches must be >= 1")
+        if self.act_calib not in ("max", "percentile"):
+            raise ValueError(f"act_calib must be 'max' or 'percentile', got {self.act_calib!r}")
+        if not 50.0 < self.act_percentile <= 100.0:
+            raise ValueError(f"act_percentile must be in (50, 100], got {self.act_percentile}")
         return self
 
     def to_dict(self) -> dict:
@@ -269,8 +277,59 @@ def quantize(model: nn.Module, loader: Optional[Iterable], config: Optional[Quan
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="modelopt")
         mtq.quantize(work, _modelopt_config(cfg, float_names), loop)
+    if loader is not None:
+        _activation_ranges(work, loader, cfg, batch_fn, device)
     setattr(work, _STATE_ATTR, _QuantState(cfg, float_keys, sorted(set(float_names))))
     return work
+
+
+@torch.no_grad()
+def _activation_ranges(model: nn.Module, loader: Iterable, cfg: QuantConfig, batch_fn, device,
+                       samples_per_batch: int = 200_000) -> None:
+    """Set each activation quantizer's range from the float activations at its input: the
+    ``act_percentile`` of |x| (or the max), and ``unsigned`` (all 8 bits on [0, amax]) where the
+    input is never negative (after a ReLU), as int8 runtimes do with their uint8 activations."""
+    quantizers = [(n, q) for n, q in _quantizers(model) if n.endswith("input_quantizer") and q.is_enabled]
+    if not quantizers:
+        return
+    owners = {n.rsplit(".", 1)[0]: q for n, q in quantizers}
+    seen: dict[str, list[torch.Tensor]] = {k: [] for k in owners}
+    lowest = {k: float("inf") for k in owners}
+    highest = {k: 0.0 for k in owners}
+    gen = torch.Generator().manual_seed(0)
+
+    def hook(name):
+        def fn(mod, args):
+            raw = args[0].detach()
+            lowest[name] = min(lowest[name], float(raw.min()))
+            v = raw.abs().flatten().float().cpu()
+            highest[name] = max(highest[name], float(v.max()))
+            if v.numel() > samples_per_batch:
+                v = v[torch.randint(v.numel(), (samples_per_batch,), generator=gen)]
+            seen[name].append(v)
+        return fn
+
+    handles = [model.get_submodule(k).register_forward_pre_hook(hook(k)) for k in owners]
+    was_enabled = [(q, q.is_enabled) for _, q in _quantizers(model)]
+    for q, _ in was_enabled:
+        q.disable()
+    try:
+        _calibration_loop(loader, cfg.calib_batches, batch_fn, device)(model)
+    finally:
+        for h in handles:
+            h.remove()
+        for q, on in was_enabled:
+            if on:
+                q.enable()
+    for k, q in owners.items():
+        if not seen[k]:
+            continue
+        if cfg.act_calib == "percentile":
+            amax = torch.quantile(torch.cat(seen[k])[:16_000_000], cfg.act_percentile / 100.0)
+        else:
+            amax = torch.tensor(highest[k])
+        q.amax = amax.clamp_min(1e-6).to(q.amax.device if q.amax is not None else amax.device)
+        q.unsigned = lowest[k] >= 0.0
 
 
 def _quantizers(model: nn.Module):
@@ -282,6 +341,13 @@ def _quantizers(model: nn.Module):
 def is_quantized(model: nn.Module) -> bool:
     """True for a model returned by :func:`quantize` (or restored from a QAT checkpoint)."""
     return isinstance(getattr(model, _STATE_ATTR, None), _QuantState)
+
+
+def config_of(model: nn.Module) -> QuantConfig:
+    """The :class:`QuantConfig` a quantized model was made with."""
+    if not is_quantized(model):
+        raise QuantizationError("not a quantized model")
+    return getattr(model, _STATE_ATTR).config
 
 
 def is_calibrated(model: nn.Module) -> bool:
@@ -371,7 +437,8 @@ def quant_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     state: _QuantState = getattr(model, _STATE_ATTR)
     amax = {n: q.amax.detach().float().contiguous() for n, q in _quantizers(model) if q.amax is not None}
     meta = {"backend": state.config.backend, "config": state.config.to_dict(),
-            "float_modules": list(state.float_modules), "enabled": [n for n, q in _quantizers(model) if q.is_enabled]}
+            "float_modules": list(state.float_modules), "enabled": [n for n, q in _quantizers(model) if q.is_enabled],
+            "unsigned": [n for n, q in _quantizers(model) if q.unsigned]}
     return meta, amax
 
 
@@ -396,6 +463,9 @@ def restore(float_model: nn.Module, meta: dict, amax: dict[str, torch.Tensor]) -
     missing = [n for n in enabled if n not in qs]
     if missing:
         raise QuantizationError(f"stored quantizers {missing[:3]} do not exist in the rebuilt model")
+    for qn in meta.get("unsigned", []):
+        if qn in qs:
+            qs[qn].unsigned = True
     for qn, t in amax.items():
         if qn not in qs:
             raise QuantizationError(f"stored range for unknown quantizer {qn!r}")

@@ -105,7 +105,7 @@ def test_missing_onnxruntime_gives_an_install_hint(net, x, tmp_path, monkeypatch
 
 def test_compress_with_quant_int8_reports_the_deployment(net, loader, tmp_path):
     (xt, yt), = data.test_pairs()
-    res = ganslim.compress(net, net, loader, target_macs=0.4, steps=20, finetune_steps=10, quant="int8", quant_steps=10,
+    res = ganslim.compress(net, net, loader, target_macs=0.4, steps=20, finetune_steps=10, quant="int8", quant_steps=10, quant_lr=1e-6,
                            progress=False, eval_inputs=[(xt[:, :, :64, :64], yt[:, :, :64, :64])])
     assert Q.is_quantized(res.model) and not Q.is_quantized(res.float_model)
     rep = res.report

@@ -154,3 +154,18 @@ def test_qat_checkpoint_reloads_bit_exactly_and_stays_quantized(qnet, tmp_path):
         assert torch.equal(back(x), qnet(x))
     # and it is still trainable (resume QAT)
     assert all(p.requires_grad for p in back.parameters())
+
+
+def test_activation_ranges_are_unsigned_after_relu_and_robust_to_outliers(net, loader):
+    q = Q.quantize(net, loader, calib_batches=2)
+    qs = dict(Q._quantizers(q))
+    assert not qs["model.1.input_quantizer"].unsigned  # the image input in [-1, 1]
+    assert qs["model.4.input_quantizer"].unsigned  # after a ReLU: all 8 bits on [0, amax]
+    # one huge activation in the calibration data: max calibration follows it, the percentile does not
+    spiky = [(x.clone().index_put_((torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0])),
+                                   torch.tensor(50.0)), y) for x, y in loader]
+    q_max = Q.quantize(net, spiky, act_calib="max", calib_batches=2)
+    q_pct = Q.quantize(net, spiky, calib_batches=2)
+    a_max = float(dict(Q._quantizers(q_max))["model.1.input_quantizer"].amax)
+    a_pct = float(dict(Q._quantizers(q_pct))["model.1.input_quantizer"].amax)
+    assert a_max == pytest.approx(50.0) and a_pct <= 1.0
