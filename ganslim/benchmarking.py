@@ -1,82 +1,491 @@
-"""``ganslim.bench`` (module ``ganslim.benchmarking``): measure generators side by side (the first one is the reference).
+"""``ganslim.bench`` (module ``ganslim.benchmarking``): a teacher and any number of compressed
+generators, measured side by side on the same inputs; the first model is the teacher (reference).
 
-Per model: MACs (papers' convention, G), params (M), size (MB: file size for a path, fp32 weights
-otherwise), CPU latency median and p90 (ms, whole batch), PSNR to the reference's output and PSNR/SSIM
-to ground truth when given. A model that fails to load or run is reported in its row with the
+Per row (one model on one runtime): MACs (papers' convention, G; counted from the graph for ONNX
+files too), parameters (M), file size (MB; fp32 weights for an in-memory module), latency median and
+p90 (ms for the whole batch; CPU threads stated; CUDA when the model is there), throughput (img/s),
+peak activation memory (MB, PyTorch runtimes), PSNR/SSIM to the teacher's output and to the ground
+truth when given, FID / LPIPS only with user-supplied feature networks (``"not computed"``
+otherwise). Every cost column has its ratio to the teacher (``10.2x`` = ten times cheaper).
+
+Models: ``nn.Module``; ``"default"`` (the default teacher); a ganslim ``.safetensors`` checkpoint
+(also QAT ones); a plain ``torch.save`` state dict or plain safetensors with ``factory=``; an
+``.onnx`` file (run by onnxruntime). Runtimes per PyTorch model: ``eager``, ``compile``
+(``torch.compile``), ``onnxruntime`` (fp32 export), ``onnxruntime-int8`` (int8 QDQ export; QAT
+models keep their trained weights). A model or runtime that fails is reported in its row with the
 reason; the other rows are still measured.
 """
 from __future__ import annotations
 
+import copy
+import importlib
+import json
+import math
 import os
-from typing import Any, Optional, Sequence
+import pathlib
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from . import measure
+from ._utils import as_input_tuple
 
-COLUMNS = ["model", "MACs(G)", "params(M)", "size(MB)", "latency(ms)", "p90(ms)", "PSNR-ref(dB)", "PSNR-gt(dB)",
-           "SSIM-gt", "error"]
+RUNTIMES = ("eager", "compile", "onnxruntime", "onnxruntime-int8")
+NOT_COMPUTED = "not computed"
 
 
-def resolve_model(m: Any) -> nn.Module:
-    """An ``nn.Module`` as given (eval mode), ``"default"`` -> the default teacher, otherwise a ganslim
-    checkpoint path loaded without its original class."""
+@dataclass
+class BenchRow:
+    """One model on one runtime. Units: MACs in G (papers' convention), params in M, sizes and
+    memory in MB (10^6 bytes), latency in ms per forward of the whole batch, throughput img/s,
+    PSNR in dB; ``*_x`` columns are teacher / this (costs: > 1 means cheaper than the teacher)."""
+
+    model: str
+    runtime: str = "eager"
+    macs_g: Optional[float] = None
+    params_m: Optional[float] = None
+    size_mb: Optional[float] = None
+    latency_ms: Optional[float] = None
+    p90_ms: Optional[float] = None
+    throughput: Optional[float] = None
+    peak_mb: Optional[float] = None
+    psnr_teacher: Optional[float] = None
+    ssim_teacher: Optional[float] = None
+    psnr_gt: Optional[float] = None
+    ssim_gt: Optional[float] = None
+    fid: Any = NOT_COMPUTED
+    lpips: Any = NOT_COMPUTED
+    macs_x: Optional[float] = None
+    params_x: Optional[float] = None
+    size_x: Optional[float] = None
+    latency_x: Optional[float] = None
+    peak_x: Optional[float] = None
+    device: str = "cpu"
+    threads: Optional[int] = None
+    error: Optional[str] = None
+    notes: list = field(default_factory=list)
+
+
+def _factory(spec: str) -> Callable[[], nn.Module]:
+    mod_name, _, fn_name = spec.partition(":")
+    if not fn_name:
+        raise ValueError(f"factory must look like 'package.module:function', got {spec!r}")
+    return getattr(importlib.import_module(mod_name), fn_name)
+
+
+def resolve_model(m: Any, factory: Optional[str | Callable] = None) -> nn.Module:
+    """Any accepted model description -> module in eval mode (see the module docstring)."""
     if isinstance(m, nn.Module):
         return m.eval()
     from . import data
-    from .checkpoint import load
+    from .checkpoint import CheckpointError, load, read_metadata
 
     if m in (None, "default"):
         return data.default_teacher()
-    return load(m)
+    path = str(m)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    make = _factory(factory) if isinstance(factory, str) else factory
+    low = path.lower()
+    if low.endswith(".onnx"):
+        from .deploy import OnnxModule
+
+        return OnnxModule(path)
+    if low.endswith(".safetensors"):
+        # a ganslim checkpoint rebuilds itself; a plain safetensors state dict needs the factory
+        if read_metadata(path).get("format_version") is not None or make is None:
+            return load(path)
+        return load(path, model=make())
+    if low.endswith((".pth", ".pt", ".ckpt", ".bin")):
+        if make is None:
+            raise ValueError(f"{path}: a plain state dict needs a model factory (factory='pkg.module:function', "
+                             "CLI --factory) to know the architecture")
+        model = make()
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable torch file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+            raise ValueError(f"{path}: does not match the factory's model ({detail})") from None
+        if missing or unexpected:
+            raise ValueError(f"{path}: does not match the factory's model (missing {list(missing)[:3]}, "
+                             f"unexpected {list(unexpected)[:3]})")
+        return model.eval()
+    raise ValueError(f"{path}: unknown format (expected .safetensors, .onnx, or .pth/.pt with a factory)")
+
+
+def _label(m: Any, i: int) -> str:
+    if isinstance(m, str):
+        return "default teacher" if m == "default" else os.path.basename(m)
+    return f"{type(m).__name__}#{i}"
+
+
+def _ratio(teacher_v: Optional[float], v: Optional[float]) -> Optional[float]:
+    if teacher_v is None or v is None or not v:
+        return None
+    return teacher_v / v
+
+
+def _fid(feature_net: nn.Module, a: list[torch.Tensor], b: list[torch.Tensor]) -> Any:
+    """Fréchet distance between feature statistics of two image sets (``feature_net``: images ->
+    (N, D) features, e.g. a TorchScript Inception pool3)."""
+    import numpy as np
+    from scipy import linalg
+
+    if len(a) < 2:
+        return f"{NOT_COMPUTED} (needs at least 2 images, got {len(a)})"
+    with torch.no_grad():
+        fa = torch.cat([feature_net(x).flatten(1) for x in a]).double().numpy()
+        fb = torch.cat([feature_net(x).flatten(1) for x in b]).double().numpy()
+    mu1, mu2 = fa.mean(0), fb.mean(0)
+    s1, s2 = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2)
+    covmean = (covmean[0] if isinstance(covmean, tuple) else covmean).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def _load_feature_net(path: Optional[str], what: str):
+    """A user's local network: ``.pt2`` (``torch.export.save``) or TorchScript (``torch.jit.save``)."""
+    if path is None:
+        return None
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} weights {path!r} not found (a .pt2 file from torch.export.save, or "
+                                "TorchScript from torch.jit.save); nothing is downloaded")
+    if str(path).endswith(".pt2"):
+        return torch.export.load(path).module()
+    return torch.jit.load(path, map_location="cpu").eval()
 
 
 def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None,
-          repeats: int = 10, threads: Optional[int] = None) -> list[dict]:
-    """Measure each model (an ``nn.Module``, a ganslim checkpoint path, or ``"default"``) on ``inputs``
-    ``(N, C, H, W)`` (default: the held-out photo, with its cartoon as ``target``). Returns one dict
-    per model with the keys of :data:`COLUMNS` that apply."""
-    if inputs is None:
-        from . import data
+          repeats: int = 10, threads: Optional[int] = None, *, eval_pairs: Optional[list] = None,
+          runtimes: Sequence[str] = ("eager",), factory: Optional[str | Callable] = None,
+          calib_loader: Optional[Any] = None, fid_features: Optional[str] = None, lpips_net: Optional[str] = None,
+          warmup: int = 2, max_seconds: float = 20.0, device: Optional[str] = None,
+          progress: bool = False) -> list[BenchRow]:
+    """Measure each model on the same inputs; the first one is the teacher (reference).
 
-        (inputs, target), = data.test_pairs()
-    rows, ref = [], None
-    for m in models_or_paths:
-        row: dict = {"model": m if isinstance(m, str) else type(m).__name__}
-        try:
-            model = resolve_model(m)
-            with torch.no_grad():
-                out = model(inputs)
-            row.update({"MACs(G)": measure.count_macs(model, inputs) / 1e9,
-                        "params(M)": measure.count_params(model) / 1e6,
-                        "size(MB)": measure.model_size_mb(m) if isinstance(m, str) and os.path.exists(m)
-                        else measure.model_size_mb(model)})
-            lat = measure.measure_latency(model, inputs, warmup=2, repeats=repeats, threads=threads)
-            row["latency(ms)"], row["p90(ms)"] = lat.median_ms, lat.p90_ms
-            if ref is None:
-                ref = out
-            elif ref.shape == out.shape:
-                row["PSNR-ref(dB)"] = measure.psnr(out, ref)
-            else:
-                row["error"] = f"output {tuple(out.shape)} != reference {tuple(ref.shape)}"
-            if target is not None and target.shape == out.shape:
-                row["PSNR-gt(dB)"] = measure.psnr(out, target)
-                row["SSIM-gt"] = measure.ssim(out, target)
-        except Exception as e:  # noqa: BLE001 - reported per row, other rows still measured
-            row["error"] = f"{type(e).__name__}: {e}"
-        rows.append(row)
+    Args:
+        models_or_paths: modules, ``"default"``, or checkpoint/ONNX paths (see module docstring).
+        inputs, target: one input ``(N, C, H, W)`` (or tuple) and its ground truth; or
+            ``eval_pairs=[(inputs, target_or_None), ...]`` for several images (latency at the first).
+            Default: the embedded held-out photo with its ground truth.
+        runtimes: any of :data:`RUNTIMES` (ONNX files always run on onnxruntime).
+        factory: ``"pkg.module:function"`` (or callable) building the architecture for plain state dicts.
+        calib_loader: batches for the int8 runtime's activation ranges (default: the eval inputs).
+        fid_features: a saved network mapping images to features (FID of each model's outputs vs
+            the ground truth, or vs the teacher's outputs without one); ``lpips_net``: a file
+            ``(x, y) -> distance per image``. Both ``.pt2`` (torch.export) or TorchScript. Without them the columns say "not computed".
+        device: ``"cuda"`` to measure PyTorch runtimes there (inputs and model moved).
+
+    Returns:
+        list of :class:`BenchRow`, teacher first; ``rows[i].error`` says why a row failed.
+    """
+    bad = [r for r in runtimes if r not in RUNTIMES]
+    if bad:
+        raise ValueError(f"unknown runtime(s) {bad}; choose from {', '.join(RUNTIMES)}")
+    if eval_pairs is None:
+        if inputs is None:
+            from . import data
+
+            eval_pairs = [((x,), y) for x, y in data.test_pairs()]
+        else:
+            eval_pairs = [(as_input_tuple(inputs), target)]
+    else:
+        eval_pairs = [(as_input_tuple(i), t) for i, t in eval_pairs]
+    if not eval_pairs:
+        raise ValueError("no evaluation inputs")
+    first = eval_pairs[0][0]
+    fid_net = _load_feature_net(fid_features, "FID feature network")
+    lpips = _load_feature_net(lpips_net, "LPIPS network")
+    dev = torch.device(device) if device else torch.device("cpu")
+    n_threads = threads or torch.get_num_threads()
+    rows: list[BenchRow] = []
+    teacher_outs: Optional[list[torch.Tensor]] = None
+    teacher_row: Optional[BenchRow] = None
+    tmpdir = tempfile.mkdtemp(prefix="ganslim-bench-")
+    try:
+        for i, spec in enumerate(models_or_paths):
+            name = _label(spec, i)
+            try:
+                model = resolve_model(spec, factory)
+            except Exception as e:  # noqa: BLE001 - reported in the row
+                rows.append(BenchRow(model=name, runtime="-", error=f"{type(e).__name__}: {e}"))
+                if i == 0:
+                    break  # no teacher: nothing to compare against
+                continue
+            from .deploy import OnnxModule
+
+            is_onnx = isinstance(model, OnnxModule)
+            model_runtimes = ["onnxruntime"] if is_onnx else list(runtimes)
+            for rt in model_runtimes:
+                row = BenchRow(model=name, runtime=rt, threads=n_threads)
+                try:
+                    runner, file_for_size = _prepare(model, rt, spec, first, calib_loader, eval_pairs, tmpdir, n_threads,
+                                                     is_onnx)
+                    _measure_row(row, model, runner, rt, file_for_size, eval_pairs, dev, repeats, warmup, max_seconds,
+                                 n_threads, is_onnx)
+                    outs = [runner_out(runner, inp, dev) for inp, _ in eval_pairs]
+                    if teacher_outs is None:
+                        teacher_outs = outs
+                    else:
+                        for o, t in zip(outs, teacher_outs):
+                            if o.shape != t.shape:
+                                raise ValueError(f"output {tuple(o.shape)} does not match the teacher's {tuple(t.shape)}")
+                        row.psnr_teacher = _mean([measure.psnr(o, t) for o, t in zip(outs, teacher_outs)])
+                        row.ssim_teacher = _mean([measure.ssim(o, t) for o, t in zip(outs, teacher_outs)])
+                    gts = [(o, g) for o, (_, g) in zip(outs, eval_pairs) if g is not None and g.shape == o.shape]
+                    if gts:
+                        row.psnr_gt = _mean([measure.psnr(o, g) for o, g in gts])
+                        row.ssim_gt = _mean([measure.ssim(o, g) for o, g in gts])
+                    refs = [g for _, g in gts] if gts else teacher_outs
+                    if fid_net is not None:
+                        row.fid = _fid(fid_net, outs, refs)
+                    if lpips is not None:
+                        with torch.no_grad():
+                            row.lpips = _mean([float(lpips(o, r).mean()) for o, r in zip(outs, refs)])
+                except Exception as e:  # noqa: BLE001 - reported per row, other rows still measured
+                    row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                if teacher_row is None and row.error is None:
+                    teacher_row = row
+                if teacher_row is not None:
+                    t = teacher_row
+                    row.macs_x = _ratio(t.macs_g, row.macs_g)
+                    row.params_x = _ratio(t.params_m, row.params_m)
+                    row.size_x = _ratio(t.size_mb, row.size_mb)
+                    row.latency_x = _ratio(t.latency_ms, row.latency_ms)
+                    row.peak_x = _ratio(t.peak_mb, row.peak_mb)
+                rows.append(row)
+                if progress:
+                    print(f"  measured {row.model} [{row.runtime}]" + (f": {row.error}" if row.error else ""), flush=True)
+    finally:
+        for f in pathlib.Path(tmpdir).glob("*"):
+            f.unlink()
+        os.rmdir(tmpdir)
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """Aligned text table of :func:`bench` rows."""
-    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+def _mean(v: list[float]) -> Optional[float]:
+    v = [x for x in v if x is not None and not math.isnan(x)]
+    return sum(v) / len(v) if v else None
 
-    def fmt(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols}
-    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
-    lines += ["  ".join(fmt(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
+def runner_out(runner: nn.Module, inputs: tuple, dev: torch.device) -> torch.Tensor:
+    from .train import first_output
+
+    with torch.no_grad():
+        on_dev = not getattr(runner, "_ganslim_cpu_only", False)
+        out = runner(*(t.to(dev) if on_dev else t for t in inputs))
+    return first_output(out).detach().float().cpu()
+
+
+def _prepare(model: nn.Module, rt: str, spec: Any, first: tuple, calib_loader, eval_pairs, tmpdir: str, threads: int,
+             is_onnx: bool):
+    """The callable that runs ``model`` on runtime ``rt``, and the file whose size is reported."""
+    from .deploy import OnnxModule, export
+
+    src_file = spec if isinstance(spec, str) and os.path.exists(spec) else None
+    if is_onnx:
+        model._ganslim_cpu_only = True
+        return model, src_file
+    if rt == "eager":
+        return model, src_file
+    if rt == "compile":
+        compiled = torch.compile(copy.deepcopy(model))
+        with torch.no_grad():
+            compiled(*first)  # compile now, so latency measures the compiled code
+        return compiled, src_file
+    fmt = "onnx" if rt == "onnxruntime" else "onnx-int8"
+    path = os.path.join(tmpdir, f"m{len(os.listdir(tmpdir))}.onnx")
+    calib = calib_loader if calib_loader is not None else [inp for inp, _ in eval_pairs]
+    export(model, path, fmt, example_inputs=first, calib_loader=calib if fmt == "onnx-int8" else None)
+    runner = OnnxModule(path, threads=threads)
+    runner._ganslim_cpu_only = True
+    return runner, path
+
+
+def _measure_row(row: BenchRow, model: nn.Module, runner: nn.Module, rt: str, size_file: Optional[str], eval_pairs,
+                 dev: torch.device, repeats: int, warmup: int, max_seconds: float, threads: int, is_onnx: bool) -> None:
+    from .deploy import OnnxModule, onnx_macs
+
+    first = eval_pairs[0][0]
+    cpu_only = getattr(runner, "_ganslim_cpu_only", False)
+    run_dev = torch.device("cpu") if cpu_only else dev
+    if isinstance(runner, OnnxModule):
+        row.macs_g = onnx_macs(runner.path, first) / 1e9
+        row.params_m = runner.num_weights() / 1e6
+    else:
+        from . import quantization as Q
+
+        counted = Q.to_float(model) if Q.is_quantized(model) else model
+        row.macs_g = measure.count_macs(counted, first) / 1e9
+        row.params_m = measure.count_params(counted) / 1e6
+    row.size_mb = os.path.getsize(size_file) / 1e6 if size_file else measure.model_size_mb(model)
+    if run_dev.type != "cpu":
+        runner = runner.to(run_dev)
+    lat = measure.measure_latency(runner, first, warmup=warmup, repeats=repeats,
+                                  threads=None if cpu_only and isinstance(runner, OnnxModule) else threads,
+                                  device=run_dev if not isinstance(runner, OnnxModule) else None, max_seconds=max_seconds)
+    row.latency_ms, row.p90_ms = lat.median_ms, lat.p90_ms
+    row.throughput = measure.throughput(lat)
+    row.device = lat.device
+    if rt == "eager" and not isinstance(runner, OnnxModule):
+        try:
+            row.peak_mb = measure.peak_memory_mb(runner, first, device=run_dev)
+        except Exception as e:  # noqa: BLE001 - memory is a bonus column
+            row.notes.append(f"peak memory not measured: {e}")
+
+
+# ---------------------------------------------------------------------------------------------- output
+_COLS = [("model", "model", None), ("runtime", "runtime", None), ("MACs G", "macs_g", "macs_x"),
+         ("params M", "params_m", "params_x"), ("size MB", "size_mb", "size_x"), ("latency ms", "latency_ms", "latency_x"),
+         ("p90 ms", "p90_ms", None), ("img/s", "throughput", None), ("peak MB", "peak_mb", "peak_x"),
+         ("PSNR-teacher", "psnr_teacher", None), ("PSNR-GT", "psnr_gt", None), ("SSIM-GT", "ssim_gt", None),
+         ("FID", "fid", None), ("LPIPS", "lpips", None)]
+
+
+def _cell(row: BenchRow, key: str, ratio_key: Optional[str]) -> str:
+    v = getattr(row, key)
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        nd = 3 if key in ("macs_g", "params_m", "ssim_gt") else (2 if key.startswith(("psnr", "size", "fid", "lpips")) else 1)
+        s = f"{v:.{nd}f}"
+    else:
+        s = str(v)
+    r = getattr(row, ratio_key) if ratio_key else None
+    return f"{s} ({r:.2f}x)" if r is not None else s
+
+
+def _visible_cols(rows: list[BenchRow]) -> list[tuple]:
+    keep = []
+    for title, key, rk in _COLS:
+        vals = [getattr(r, key) for r in rows]
+        if key in ("fid", "lpips") and all(v == NOT_COMPUTED for v in vals):
+            continue
+        if all(v is None for v in vals) and key not in ("model", "runtime"):
+            continue
+        keep.append((title, key, rk))
+    return keep
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """Aligned text table; ratios to the teacher in parentheses; errors listed below."""
+    cols = _visible_cols(rows)
+    table = [[t for t, _, _ in cols]] + [[_cell(r, k, rk) if not r.error else (_cell(r, k, None) if k in ("model", "runtime") else "")
+                                          for _, k, rk in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    out = ["  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(line)) for line in table]
+    out.insert(1, "-" * len(out[0]))
+    for r in rows:
+        if r.error:
+            out.append(f"{r.model} [{r.runtime}]: {r.error}")
+    if all(r.fid == NOT_COMPUTED for r in rows):
+        out.append("FID / LPIPS: not computed (pass --fid-features / --lpips with local .pt2 or TorchScript networks)")
+    return "\n".join(out)
+
+
+def format_markdown(rows: list[BenchRow]) -> str:
+    cols = _visible_cols(rows) + [("error", "error", None)]
+    lines = ["| " + " | ".join(t for t, _, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r, k, rk) for _, k, rk in cols) + " |")
     return "\n".join(lines)
+
+
+def rows_to_json(rows: list[BenchRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def write_outputs(rows: list[BenchRow], json_path: Optional[str] = None, markdown_path: Optional[str] = None,
+                  plot_path: Optional[str] = None, x_axis: str = "macs") -> list[str]:
+    """Write the chosen outputs (atomic JSON, Markdown, Pareto PNG); returns the paths written."""
+    from .report import write_json
+
+    written = []
+    if json_path:
+        written.append(write_json(rows_to_json(rows), json_path))
+    if markdown_path:
+        tmp = f"{markdown_path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(format_markdown(rows) + "\n")
+        os.replace(tmp, markdown_path)
+        written.append(markdown_path)
+    if plot_path:
+        written.append(pareto_plot(rows, plot_path, x_axis))
+    return written
+
+
+def pareto_plot(rows: list[BenchRow], path: str, x_axis: str = "macs") -> str:
+    """PNG: cost (MACs G or latency ms, log scale) against fidelity (PSNR to ground truth, or to the
+    teacher without one), one labelled point per row; the Pareto front is drawn as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "macs_g" if x_axis == "macs" else "latency_ms"
+    use_gt = any(r.psnr_gt is not None for r in rows)
+    yk = "psnr_gt" if use_gt else "psnr_teacher"
+    pts = [(getattr(r, key), getattr(r, yk), f"{r.model} [{r.runtime}]") for r in rows
+           if not r.error and getattr(r, key) and getattr(r, yk) is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for x, y, lab in pts:
+        ax.scatter([x], [y], s=36)
+        ax.annotate(lab, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    front, best = [], -float("inf")
+    for x, y, _ in sorted(pts):
+        if y > best:
+            front.append((x, y))
+            best = y
+    if len(front) > 1:
+        ax.plot(*zip(*front), "--", color="gray", linewidth=1, label="Pareto front")
+        ax.legend(fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs (G, papers' convention)" if key == "macs_g" else "latency (ms)")
+    ax.set_ylabel("PSNR to ground truth (dB)" if use_gt else "PSNR to teacher (dB)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def image_grid(models_or_paths: Sequence[Any], path: str, eval_pairs: Optional[list] = None,
+               factory: Optional[str | Callable] = None, labels: Optional[Sequence[str]] = None) -> str:
+    """PNG grid, one row per evaluation image: input | teacher | each model | ground truth."""
+    from . import data
+    from .visualize import save_image_grid
+
+    if eval_pairs is None:
+        eval_pairs = [((x,), y) for x, y in data.test_pairs()]
+    models = []
+    for i, m in enumerate(models_or_paths):
+        try:
+            models.append((labels[i] if labels else _label(m, i), resolve_model(m, factory)))
+        except Exception:  # noqa: BLE001 - the table reports why; the grid shows what loads
+            continue
+    grid_rows = []
+    for inputs, target in eval_pairs:
+        inputs = as_input_tuple(inputs)
+        row = [inputs[0]] + [runner_out(m, inputs, torch.device("cpu")) for _, m in models]
+        if target is not None:
+            row.append(target)
+        grid_rows.append(row)
+    names = ["input"] + [n for n, _ in models] + (["ground truth"] if eval_pairs[0][1] is not None else [])
+    return save_image_grid(grid_rows, path, labels=names)
+
+
+def dump(rows: list[BenchRow]) -> str:
+    return json.dumps(rows_to_json(rows), indent=2, default=str)

@@ -2,7 +2,7 @@
 
     ganslim demo                       # compress the embedded default teacher, print the table
     ganslim compress --teacher T.safetensors [--images DIR] --target-macs 0.1 --out runs/x
-    ganslim bench A.safetensors B.safetensors [--input-shape 1,3,256,256]
+    ganslim bench default A.safetensors B.onnx --runtimes eager,onnxruntime-int8 --plot p.png --grid g.png
     ganslim export CKPT.safetensors --format onnx-int8 --out student.int8.onnx
     ganslim info CKPT.safetensors
 """
@@ -77,17 +77,35 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .benchmarking import bench, format_table
+    from . import data
+    from .benchmarking import bench, format_table, image_grid, write_outputs
 
-    shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else None
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) if shape else None
-    rows = bench(args.checkpoints, x, repeats=args.repeats, threads=args.threads)
-    where = f"random input {shape}" if shape else "the held-out photo"
-    print(f"{where}; {args.threads or torch.get_num_threads()} CPU threads; PSNR-ref is to the first model")
+    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+    if args.images:
+        size = tuple(int(v) for v in args.size.split(",")) if args.size else None
+        pairs = [((x,), None) for x in data.folder_images(args.images, size=size)]
+        where = f"{len(pairs)} image(s) of {args.images} (no ground truth: fidelity is to the teacher)"
+    elif shape:
+        x = (torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+        pairs = [((x,), None)]
+        where = f"random input {shape}"
+    else:
+        pairs = [((x,), y) for x, y in data.test_pairs()]
+        where = "the embedded held-out photo (with ground truth)"
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    models = [args.teacher] + list(args.checkpoints)
+    rows = bench(models, eval_pairs=pairs, repeats=args.repeats, threads=args.threads, runtimes=runtimes,
+                 factory=args.factory, fid_features=args.fid_features, lpips_net=args.lpips, device=args.device,
+                 progress=not args.quiet)
+    first = pairs[0][0][0]
+    print(f"{where}; latency at {tuple(first.shape)}, batch {first.shape[0]}, {args.threads or torch.get_num_threads()} "
+          f"CPU threads{'' if not args.device else ', device ' + args.device}; (ratios) = teacher / model")
     print(format_table(rows))
-    if args.json:
-        write_json(rows, args.json)
-    return 1 if all("error" in r for r in rows) else 0
+    for p in write_outputs(rows, args.json, args.markdown, args.plot, args.plot_x):
+        print(f"wrote {p}")
+    if args.grid:
+        print(f"wrote {image_grid(models, args.grid, pairs, args.factory)}")
+    return 1 if all(r.error for r in rows) else 0
 
 
 def _cmd_export(args) -> int:
@@ -157,12 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quant-steps", type=int, default=300)
     c.set_defaults(fn=_cmd_compress)
 
-    b = sub.add_parser("bench", help="measure checkpoints side by side (the first is the reference)")
-    b.add_argument("checkpoints", nargs="+", help="ganslim .safetensors files, or 'default' for the default teacher")
-    b.add_argument("--input-shape", help="e.g. 1,3,256,256 (random input); default: the held-out photo")
+    b = sub.add_parser("bench", help="measure a teacher and compressed checkpoints side by side")
+    b.add_argument("teacher", help="the reference: ganslim .safetensors, .onnx, .pth (with --factory), or 'default'")
+    b.add_argument("checkpoints", nargs="*", help="models to compare: same formats as the teacher")
+    b.add_argument("--factory", help="'package.module:function' building the architecture of plain state dicts")
+    b.add_argument("--images", help="folder of input images (whole images; no ground truth)")
+    b.add_argument("--size", help="resize --images to H,W (default: crop to multiples of 4)")
+    b.add_argument("--input-shape", help="random input of this shape, e.g. 1,3,256,256")
+    b.add_argument("--runtimes", default="eager", help="comma list of: eager, compile, onnxruntime, onnxruntime-int8")
     b.add_argument("--repeats", type=int, default=10)
     b.add_argument("--threads", type=int)
+    b.add_argument("--device", help="cpu (default) or cuda for the PyTorch runtimes")
     b.add_argument("--json")
+    b.add_argument("--markdown")
+    b.add_argument("--plot", help="PNG Pareto plot (cost vs PSNR)")
+    b.add_argument("--plot-x", choices=["macs", "latency"], default="macs")
+    b.add_argument("--grid", help="PNG image grid: input | teacher | each model | ground truth")
+    b.add_argument("--fid-features", help="TorchScript image->features network (e.g. Inception pool3) for FID")
+    b.add_argument("--lpips", help="TorchScript (x, y)->distance network for LPIPS")
+    b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=_cmd_bench)
 
     e = sub.add_parser("export", help="write a checkpoint as ONNX (fp32) or int8 QDQ ONNX for onnxruntime")

@@ -246,3 +246,33 @@ class ImageFolder(Dataset):
         img = self.images[int(torch.randint(0, len(self.images), (1,), generator=gen))]
         i, j = _random_crop(gen, img.shape[1], img.shape[2], self.crop)
         return img[:, i:i + self.crop, j:j + self.crop].contiguous()
+
+
+def folder_images(root: str, size: tuple[int, int] | None = None, multiple: int = 4, limit: int = 64) -> list[torch.Tensor]:
+    """Whole images of a folder as ``(1, 3, H, W)`` tensors in [-1, 1] (sorted by name, at most
+    ``limit``): resized to ``size`` (H, W) when given, else centre-cropped so that H and W are
+    multiples of ``multiple`` (generators with k stride-2 stages need multiples of 2^k)."""
+    import skimage.io
+    from skimage.transform import resize
+
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    files = sorted(f for f in os.listdir(root) if f.lower().endswith(ImageFolder.EXTS))[:limit]
+    if not files:
+        raise ValueError(f"no images ({', '.join(ImageFolder.EXTS)}) in {root!r}")
+    out = []
+    for f in files:
+        img = skimage.io.imread(os.path.join(root, f))
+        if img.ndim == 2:
+            img = np.stack([img] * 3, -1)
+        img = img[..., :3].astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0)
+        if size is not None:
+            img = resize(img, size, anti_aliasing=True, order=3).astype(np.float32).clip(0, 1)
+        else:
+            h, w = (img.shape[0] // multiple) * multiple, (img.shape[1] // multiple) * multiple
+            if h == 0 or w == 0:
+                raise ValueError(f"{f} is smaller than {multiple} pixels")
+            top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+            img = img[top:top + h, left:left + w]
+        out.append(torch.from_numpy(img.transpose(2, 0, 1) * 2 - 1).unsqueeze(0).contiguous())
+    return out

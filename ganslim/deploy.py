@@ -96,10 +96,83 @@ class OnnxModule(nn.Module):
                 counts[node.op_type] = counts.get(node.op_type, 0) + 1
         return counts
 
+    def num_weights(self) -> int:
+        """Number of weight values stored in the file (initializers of float or integer type)."""
+        import onnx
+
+        n = 0
+        for init in onnx.load(self.path, load_external_data=False).graph.initializer:
+            if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+                                  onnx.TensorProto.UINT8, onnx.TensorProto.BFLOAT16) and len(init.dims) > 1:
+                size = 1
+                for d in init.dims:
+                    size *= d
+                n += size
+        return n
+
     def int8_kernels(self) -> int:
         """Number of integer compute kernels onnxruntime runs (0 for a float model)."""
         return sum(v for k, v in self.op_types().items()
                    if k.startswith(("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantize")))
+
+
+def onnx_macs(path: str | os.PathLike, example_inputs: Any) -> int:
+    """MACs (papers' convention: a conv, transposed or not, costs ``out_numel * C_in/groups * prod(k)``;
+    MatMul/Gemm ``M*N*K``) of one run of an ONNX file on ``example_inputs``. Shapes are read from a
+    real onnxruntime run with the compute nodes' outputs exposed, so dynamic graphs count right."""
+    import onnx
+
+    ort = _onnx_libs()
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {i.name: list(i.dims) for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+
+    def weight_dims(name: str):
+        if name in inits:
+            return inits[name]
+        n = producers.get(name)  # DequantizeLinear(int8 weight) in QDQ graphs
+        if n is not None and n.op_type in ("DequantizeLinear", "Cast", "Identity") and n.input[0] in inits:
+            return inits[n.input[0]]
+        return None
+
+    compute = [n for n in g.node if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")]
+    existing = {o.name for o in g.output}
+    for n in compute:
+        for t in (n.output[0], n.input[0]):
+            if t not in existing:
+                g.output.append(onnx.helper.make_empty_tensor_value_info(t))
+                existing.add(t)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feed = {i.name: t.detach().cpu().float().numpy() for i, t in zip(sess.get_inputs(), as_input_tuple(example_inputs))}
+    names = [o.name for o in sess.get_outputs()]
+    shapes = {n: v.shape for n, v in zip(names, sess.run(names, feed))}
+    total = 0
+    for n in compute:
+        out = shapes.get(n.output[0])
+        if out is None:
+            continue
+        out_numel = 1
+        for d in out:
+            out_numel *= int(d)
+        if n.op_type in ("Conv", "ConvTranspose"):
+            w = weight_dims(n.input[1])
+            if w is None:
+                continue
+            groups = next((a.i for a in n.attribute if a.name == "group"), 1)
+            cin_per_group = w[0] // groups if n.op_type == "ConvTranspose" else w[1]
+            k = 1
+            for d in w[2:]:
+                k *= d
+            total += out_numel * cin_per_group * k
+        else:
+            a = shapes.get(n.input[0])
+            if a is not None:
+                total += out_numel * int(a[-1])
+    return total
 
 
 def _export_float(model: nn.Module, example: tuple, path: pathlib.Path, opset: int) -> None:
