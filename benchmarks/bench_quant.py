@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="benchmarks/results/quant.json")
+    ap.add_argument("--keep-dir", default="runs/quant", help="where the QAT checkpoint and its int8 ONNX are saved")
     args = ap.parse_args()
     if not os.path.exists(args.student):
         sys.exit(f"{args.student} not found: run `make demo` first (it writes the compressed float student), "
@@ -87,6 +88,15 @@ def main() -> None:
           f"(PTQ {summary['psnr_gt_change_ptq_vs_fp32']:+.2f} dB); QAT over PTQ: {summary['qat_gain_over_ptq_db_gt']:+.2f} dB "
           f"to ground truth, {summary['qat_gain_over_ptq_db_to_float']:+.2f} dB to the float student; teacher int8/fp32 "
           f"latency {summary['teacher_int8_latency_over_fp32']:.2f}x")
+    # keep the QAT student (checkpoint + int8 ONNX) for benchmarks/bench_models.py
+    os.makedirs(args.keep_dir, exist_ok=True)
+    from ganslim import save
+    from ganslim.deploy import export
+
+    qat_ckpt = save(qat, os.path.join(args.keep_dir, "student_qat.safetensors"))
+    qat_onnx = export(qat, os.path.join(args.keep_dir, "student_qat.int8.onnx"), "onnx-int8", example_inputs=x,
+                      calib_loader=loader)
+    print(f"saved {qat_ckpt} and {qat_onnx}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": machine, "student": args.student, "qat_steps": args.qat_steps,

@@ -66,7 +66,7 @@ def _cmd_compress(args) -> int:
     cfg = CompressConfig(target_macs=args.target_macs, steps=args.steps, finetune_steps=args.finetune_steps,
                          lr=args.lr, gate_lr=args.gate_lr, device=args.device, seed=args.seed,
                          progress=not args.no_progress, eval_inputs=eval_inputs, quant=args.quant,
-                         quant_steps=args.quant_steps)
+                         quant_steps=args.quant_steps, target_latency_ms=args.target_latency_ms)
     result = compress(teacher, teacher, loader, config=cfg)
     print(result.report)
     os.makedirs(args.out, exist_ok=True)
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", help="state dict (.pth or .safetensors) for --factory")
     c.add_argument("--images", help="folder of input images (unpaired: targets come from the teacher)")
     c.add_argument("--target-macs", type=float, default=0.1, help="fraction of the teacher's MACs (or absolute if > 1)")
+    c.add_argument("--target-latency-ms", type=float,
+                   help="device-aware budget: latency (ms) of the evaluation input on --device, measured; replaces --target-macs")
     c.add_argument("--steps", type=int, default=600)
     c.add_argument("--finetune-steps", type=int, default=600)
     c.add_argument("--lr", type=float, default=2e-4)

@@ -82,7 +82,7 @@ def model_stats(model: nn.Module, example, eval_pairs, teacher: Optional[nn.Modu
         params=measure.count_params(model),
         size_mb=measure.model_size_mb(model),
     )
-    if cfg.measure_latency and eval_pairs:
+    if (cfg.measure_latency or cfg.target_latency_ms is not None) and eval_pairs:
         lat = measure.measure_latency(model, eval_pairs[0][0], warmup=2, repeats=7, threads=threads, max_seconds=30)
         st.latency_ms, st.latency_p90_ms = lat.median_ms, lat.p90_ms
     if eval_pairs:
@@ -152,8 +152,19 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     teacher_macs = float(measure.count_macs(teacher, example, "papers"))
     macs_model = MacsModel(student, targets, measure.macs_by_module(student, example, "papers"))
     target_abs = None
-    if cfg.target_macs is not None:
+    calibration = None
+    if cfg.target_latency_ms is not None:
+        from .device_aware import calibrate_latency
+
+        pairs = _eval_pairs(cfg, first)
+        lat_input = tuple(t[:1].to(device) for t in pairs[0][0]) if pairs else example
+        calibration = calibrate_latency(student, targets, example, lat_input, cfg.target_latency_ms, device=cfg.device)
+        if calibration.macs_fraction is None:
+            raise ValueError(f"impossible latency target: {calibration.note}\n{calibration.table()}")
+        target_abs = calibration.macs_fraction * macs_model.total
+    elif cfg.target_macs is not None:
         target_abs = cfg.target_macs * teacher_macs if cfg.target_macs <= 1 else float(cfg.target_macs)
+    if target_abs is not None:
         floor = macs_model.macs([torch.nn.functional.one_hot(torch.tensor(0), g.size).bool() for g in targets.groups])
         if target_abs < floor:
             raise ValueError(f"impossible MACs target {target_abs / 1e9:.4g} G: keeping one channel per prunable group "
@@ -255,12 +266,19 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
         err = (s_stats.macs / t_stats.macs) / target_fraction - 1
         if abs(err) > 0.05:
             notes.append(f"student MACs are {err:+.1%} from the target")
+    if calibration is not None:
+        got = f"; the student measures {s_stats.latency_ms:.1f} ms" if s_stats.latency_ms else ""
+        notes.append(f"latency target {cfg.target_latency_ms:g} ms on {calibration.device} ({calibration.threads} threads, "
+                     f"input {calibration.input_shape}) -> {calibration.macs_fraction:.3f} of the MACs, interpolated from "
+                     f"{len(calibration.points)} measured slim variants{got}")
     report = CompressReport(
         teacher=t_stats, student=s_stats, input_shape=tuple(stat_input[0].shape), latency_threads=threads,
         widths={g.root: (info["kept"][g.root], g.size) for g in targets.groups}, skipped=dict(targets.skipped),
         distill_layers=mapping, target_macs=target_fraction, steps=cfg.steps, finetune_steps=cfg.finetune_steps,
         seconds=time.time() - t0, final_rho=cfg.rho, export_max_abs_diff=info["max_abs_diff"], notes=notes,
-        quant=cfg.quant, quant_steps=cfg.quant_steps if cfg.quant else 0)
+        quant=cfg.quant, quant_steps=cfg.quant_steps if cfg.quant else 0,
+        latency_target_ms=cfg.target_latency_ms,
+        latency_calibration=[list(p) for p in calibration.points] if calibration is not None else [])
     if qmodel is not None and cfg.deploy_check and eval_pairs:
         from .deploy import measure_deployment
 

@@ -15,6 +15,9 @@ class CompressConfig:
 
     # --- budget
     target_macs: Optional[float] = 0.1
+    # Device-aware budget (ms per forward of the report's evaluation input on ``device``): when set it
+    # replaces target_macs; the MACs target is found by measuring slimmed copies (ganslim.device_aware).
+    target_latency_ms: Optional[float] = None
     strategy: str = "slim"  # gating + L1 proximal step + removal (GAN Slimming); more strategies later
     # --- schedule
     steps: int = 600  # sparsify phase, gates attached
@@ -80,6 +83,8 @@ class CompressConfig:
             raise ValueError("steps and finetune_steps must be >= 0")
         if self.strategy not in ("slim",):
             raise ValueError(f"unknown strategy {self.strategy!r}; available: 'slim'")
+        if self.target_latency_ms is not None and not self.target_latency_ms > 0:
+            raise ValueError(f"target_latency_ms must be > 0 ms, got {self.target_latency_ms}")
         if self.quant not in (None, "int8"):
             raise ValueError(f"quant must be None or 'int8', got {self.quant!r}")
         if self.gan_mode not in ("lsgan", "vanilla", "hinge"):

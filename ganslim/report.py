@@ -85,6 +85,8 @@ class CompressReport:
     quant: Optional[str] = None  # "int8" when a QAT stage ran
     quant_steps: int = 0
     deployment: list = field(default_factory=list)  # DeployStats rows (onnxruntime), fp32 first
+    latency_target_ms: Optional[float] = None  # device-aware budget, when one was given
+    latency_calibration: list = field(default_factory=list)  # [(width, MACs fraction, ms)] measured
 
     @property
     def macs_reduction(self) -> float:

@@ -189,3 +189,26 @@ def test_batches_with_teacher_outputs_skip_the_teacher_forward(small_teacher):
         h.remove()
     res = ganslim.compress(small_teacher, small_teacher, loader, target_macs=0.5, **FAST)
     assert res.report.student.macs < res.report.teacher.macs
+
+
+def test_latency_target_is_measured_on_this_device(small_teacher, loader):
+    from ganslim.device_aware import calibrate_latency
+    from ganslim.targeting import find_channel_groups
+
+    (x, y), = data.test_pairs()
+    x = x[:, :, :128, :128]
+    t = find_channel_groups(copy.deepcopy(small_teacher), x[:, :, :32, :32])
+    full = measure.measure_latency(small_teacher, x, repeats=5).median_ms
+    cal = calibrate_latency(small_teacher, t, x[:, :, :32, :32], x, target_ms=0.6 * full, repeats=5)
+    fr = [p[1] for p in cal.points]
+    assert fr == sorted(fr, reverse=True) and fr[0] == 1.0 and len(cal.points) >= 2  # really slimmed copies
+    assert cal.macs_fraction is not None and 0.0 < cal.macs_fraction < 1.0
+    assert "MACs fraction" in cal.table()
+    res = ganslim.compress(small_teacher, small_teacher, loader, target_latency_ms=0.6 * full,
+                           eval_inputs=[(x, y[:, :, :128, :128])], steps=20, finetune_steps=4, progress=False)
+    rep = res.report
+    assert rep.latency_target_ms == pytest.approx(0.6 * full) and rep.latency_calibration
+    assert rep.student.macs < rep.teacher.macs and any("latency target" in n for n in rep.notes)
+    with pytest.raises(ValueError, match="impossible latency target"):
+        ganslim.compress(small_teacher, small_teacher, loader, target_latency_ms=1e-6, eval_inputs=[(x, None)],
+                         steps=2, finetune_steps=0, progress=False)
