@@ -50,8 +50,8 @@ class CompressConfig:
     quant_steps: int = 300
     quant_lr: float = 1e-4
     quant_calib_batches: int = 8
-    quant_skip_first: bool = False  # keep the first / last weighted layer in float
-    quant_skip_last: bool = False
+    quant_skip_first: bool = True  # keep the first / last weighted layer in float
+    quant_skip_last: bool = True
     deploy_check: bool = True  # with quant: export fp32 + int8 ONNX and measure both in onnxruntime
     # --- targeting
     include: Optional[Sequence[Any]] = None

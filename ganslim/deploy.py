@@ -224,8 +224,27 @@ def _calibration_batches(calib_loader: Optional[Iterable], example: tuple, batch
     return out
 
 
+def _float_ends(path: pathlib.Path, keep_first: bool, keep_last: bool) -> list[str]:
+    """Node names to leave in float: everything up to and including the first weighted node (the
+    input's pads too, or onnxruntime would still run that conv on quantized input) and/or the last
+    weighted node and what follows it. Graph order is topological in exported files."""
+    import onnx
+
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    idx = [i for i, n in enumerate(nodes) if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    if not idx:
+        return []
+    out = []
+    if keep_first:
+        out += [n.name for n in nodes[:idx[0] + 1]]
+    if keep_last:
+        out += [n.name for n in nodes[idx[-1]:]]
+    return out
+
+
 def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple], names: Sequence[str],
-                     act_calib: str = "percentile", act_percentile: float = 99.9) -> None:
+                     act_calib: str = "percentile", act_percentile: float = 99.9, keep_first: bool = False,
+                     keep_last: bool = False) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -236,6 +255,8 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
     except Exception:  # pre-processing is an optimisation; quantize the raw graph when it fails
         src = fp32
     extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    # thin image-facing layers (3 channels in or out) run slower as int8 than as float on CPU kernels
+    exclude = _float_ends(src, keep_first, keep_last)
     if act_calib == "percentile":
         extra["CalibPercentile"] = float(act_percentile)
     import contextlib
@@ -245,7 +266,7 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
         quantize_static(str(src), str(out), _CalibReader(batches, names), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.Percentile if act_calib == "percentile" else CalibrationMethod.MinMax,
-                        extra_options=extra)
+                        extra_options=extra, nodes_to_exclude=exclude)
 
 
 def _minify(path: pathlib.Path) -> None:
@@ -280,8 +301,8 @@ def _minify(path: pathlib.Path) -> None:
 
 def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", example_inputs: Any = None,
            calib_loader: Optional[Iterable] = None, batch_fn: Optional[Callable] = None, calib_batches: int = 8,
-           opset: int = 17, verify: bool = True, act_calib: str = "percentile", act_percentile: float = 99.9
-           ) -> pathlib.Path:
+           opset: int = 17, verify: bool = True, act_calib: str = "percentile", act_percentile: float = 99.9,
+           keep_first_float: bool = True, keep_last_float: bool = True) -> pathlib.Path:
     """Write ``model`` to ``path`` for deployment; returns the path.
 
     Args:
@@ -294,6 +315,8 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
             batch to inputs, as in :func:`ganslim.compress`); ``calib_batches`` of them are used.
         act_calib, act_percentile: activation ranges for int8 (``"percentile"`` of |x|, or
             ``"max"``); a QAT model uses the settings it was calibrated with.
+        keep_first_float, keep_last_float: leave the first / last weighted layer in float in the
+            int8 file (a QAT model uses its ``skip_first`` / ``skip_last``).
         verify: run the written file in onnxruntime and check its output is finite and close to
             the PyTorch model's (float: max |diff| <= 1e-3; int8: PSNR >= 20 dB).
     """
@@ -350,7 +373,9 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
             qcfg = Q.config_of(model) if Q.is_quantized(model) else None
             _quantize_static(fp32, result, batches, names,
                              act_calib=qcfg.act_calib if qcfg else act_calib,
-                             act_percentile=qcfg.act_percentile if qcfg else act_percentile)
+                             act_percentile=qcfg.act_percentile if qcfg else act_percentile,
+                             keep_first=qcfg.skip_first if qcfg else keep_first_float,
+                             keep_last=qcfg.skip_last if qcfg else keep_last_float)
         _minify(result)
         if verify:
             om = OnnxModule(result, threads=1)

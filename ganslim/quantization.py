@@ -51,8 +51,10 @@ class QuantConfig:
     weight_bits: int = 8
     act_bits: int = 8
     per_channel: bool = True  # one weight scale per output channel
-    skip_first: bool = False
-    skip_last: bool = False
+    # The image-facing layers stay float by default: they are the most sensitive, and with 3 channels
+    # in or out int8 kernels are slower than float ones (demo student: 4.1 vs 1.6 ms and 7.8 vs 5.2 ms).
+    skip_first: bool = True
+    skip_last: bool = True
     exclude: Sequence[str] = ()
     calib_batches: int = 8
     # Activation ranges: "max" over the calibration batches, or this percentile of |x| (robust: a
@@ -268,6 +270,9 @@ def quantize(model: nn.Module, loader: Optional[Iterable], config: Optional[Quan
             float_names.append(order[0])
         if cfg.skip_last and order:
             float_names.append(order[-1])
+    if not set(weighted) - set(float_names):
+        raise QuantizationError(f"every weighted layer ({', '.join(weighted)}) is kept in float by skip_first / "
+                                "skip_last / exclude: nothing to quantize; set skip_first=False or skip_last=False")
     unsupported = _unsupported(work)
     if unsupported:
         warnings.warn("left in float (no int8 version of these layers): " + ", ".join(unsupported), stacklevel=2)
@@ -450,7 +455,9 @@ def restore(float_model: nn.Module, meta: dict, amax: dict[str, torch.Tensor]) -
         cfg = QuantConfig(**{**cfg_dict, "exclude": tuple(cfg_dict.get("exclude", ())), "fold_batchnorm": False})
     except TypeError as e:
         raise QuantizationError(f"unreadable quantization state: {e}") from None
-    model = quantize(float_model, None, cfg)
+    # the stored float_modules say which layers stay float; no forward pass is needed to find them again
+    model = quantize(float_model, None, cfg, skip_first=False, skip_last=False)
+    getattr(model, _STATE_ATTR).config = cfg
     qs = dict(_quantizers(model))
     for name in meta.get("float_modules", []):
         for qn, q in qs.items():

@@ -58,7 +58,12 @@ def test_int8_onnx_runs_integer_kernels_and_stays_close(net, loader, x, tmp_path
     p8 = export(q, tmp_path / "int8.onnx", "onnx-int8", example_inputs=x, calib_loader=loader)
     om = OnnxModule(p8)
     n_convs = sum(isinstance(m, (nn.Conv2d,)) for m in net.modules())
-    assert om.int8_kernels() >= n_convs  # every Conv2d runs as QLinearConv (plus QLinearAdd etc.)
+    ops = om.op_types()
+    # every Conv2d but the image-facing first and last (kept float by default) runs as QLinearConv
+    assert ops.get("QLinearConv", 0) == n_convs - 2 and om.int8_kernels() > n_convs - 2
+    all8 = export(Q.quantize(net, loader, skip_first=False, skip_last=False), tmp_path / "all8.onnx", "onnx-int8",
+                  example_inputs=x, calib_loader=loader)
+    assert OnnxModule(all8).op_types().get("QLinearConv", 0) == n_convs
     assert os.path.getsize(p8) < 0.3 * os.path.getsize(p32)
     with torch.no_grad():
         assert measure.psnr(om(x), net(x)) > 30.0
@@ -72,7 +77,7 @@ def test_ptq_of_a_float_model_is_the_same_call(net, loader, x, tmp_path):
 def test_uncalibrated_qat_model_is_refused_and_nothing_is_written(net, x, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = Q.quantize(net, None)
+        q = Q.quantize(net, None, example_inputs=x)
     with pytest.raises(ExportError, match="never calibrated"):
         export(q, tmp_path / "q.onnx", "onnx-int8", example_inputs=x)
     assert list(tmp_path.iterdir()) == []

@@ -68,9 +68,9 @@ def test_fold_batchnorm_keeps_outputs_on_random_architectures(spec, widths):
 def test_quantize_inserts_calibrated_int8_quantizers_close_to_float(net, qnet):
     assert Q.is_quantized(qnet) and Q.is_calibrated(qnet) and not Q.is_quantized(net)
     n_weighted = sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in net.modules())
-    assert Q.enabled_quantizers(qnet) == 2 * n_weighted  # weights + inputs of every conv
+    assert Q.enabled_quantizers(qnet) == 2 * (n_weighted - 2)  # weights + inputs of every conv but first/last
     assert not any(isinstance(m, nn.BatchNorm2d) for m in qnet.modules())  # folded first
-    inorm = Q.quantize(create_model("resnet_6blocks", ngf=4), None, calib_batches=1)
+    inorm = Q.quantize(create_model("resnet_6blocks", ngf=4), None, calib_batches=1, skip_first=False, skip_last=False)
     n_in = sum(isinstance(m, nn.InstanceNorm2d) for m in inorm.modules())
     assert Q.enabled_quantizers(inorm) == 2 * n_weighted + n_in  # instance norm inputs too (int8 conv outputs)
     x = _x()
@@ -84,7 +84,9 @@ def test_to_float_gives_standard_layers_with_weights_on_the_int8_grid(qnet):
     assert not Q.is_quantized(f)
     assert all(type(m).__module__.startswith("torch.nn") or type(m).__name__ in ("GraphModule", "Module")
                for m in f.modules())
-    convs = [m for m in f.modules() if isinstance(m, nn.Conv2d)]
+    kept_float = set(qnet._ganslim_quant.float_modules)  # first and last layer by default
+    assert len(kept_float) == 2
+    convs = [m for n, m in f.named_modules() if isinstance(m, nn.Conv2d) and n not in kept_float]
     for c in convs:
         w = c.weight.detach().flatten(1)
         scale = w.abs().amax(1, keepdim=True) / 127
@@ -111,9 +113,12 @@ def test_unsupported_layers_are_left_in_float_with_a_warning(loader):
         def forward(self, x):
             return x * self.s
 
-    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Scale(), nn.Conv2d(4, 3, 3, padding=1), nn.Tanh())
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Scale(), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1),
+                      nn.Tanh())
     with pytest.warns(UserWarning, match=r"left in float.*1 \(Scale\)"):
         Q.quantize(m, loader, calib_batches=1)
+    with pytest.raises(Q.QuantizationError, match="nothing to quantize"):
+        Q.quantize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 3, 3)), loader)  # only first and last
 
 
 def test_model_without_weighted_layers_is_refused(loader):
@@ -123,7 +128,7 @@ def test_model_without_weighted_layers_is_refused(loader):
 
 def test_qat_recovers_fidelity_lost_to_coarse_quantization(net, loader):
     """3-bit weights / 4-bit activations hurt; a short QAT with the float net as teacher wins part back."""
-    q = Q.quantize(net, loader, weight_bits=3, act_bits=4, calib_batches=4)
+    q = Q.quantize(net, loader, weight_bits=3, act_bits=4, calib_batches=4, skip_first=False, skip_last=False)
     xs = [x for x, _ in data.default_loader(batch_size=4, crop=32, length=8, seed=5)]
     with torch.no_grad():
         before = measure.compare_outputs(net, q, xs)["psnr"]
@@ -137,7 +142,7 @@ def test_qat_recovers_fidelity_lost_to_coarse_quantization(net, loader):
 def test_uncalibrated_model_cannot_be_trained(net):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = Q.quantize(net, None)
+        q = Q.quantize(net, None, example_inputs=_x())
     assert not Q.is_calibrated(q)
     with pytest.raises(Q.QuantizationError, match="never calibrated"):
         Q.train_qat(q, net, [])
@@ -157,15 +162,15 @@ def test_qat_checkpoint_reloads_bit_exactly_and_stays_quantized(qnet, tmp_path):
 
 
 def test_activation_ranges_are_unsigned_after_relu_and_robust_to_outliers(net, loader):
-    q = Q.quantize(net, loader, calib_batches=2)
+    q = Q.quantize(net, loader, calib_batches=2, skip_first=False)
     qs = dict(Q._quantizers(q))
     assert not qs["model.1.input_quantizer"].unsigned  # the image input in [-1, 1]
     assert qs["model.4.input_quantizer"].unsigned  # after a ReLU: all 8 bits on [0, amax]
     # one huge activation in the calibration data: max calibration follows it, the percentile does not
     spiky = [(x.clone().index_put_((torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0])),
                                    torch.tensor(50.0)), y) for x, y in loader]
-    q_max = Q.quantize(net, spiky, act_calib="max", calib_batches=2)
-    q_pct = Q.quantize(net, spiky, calib_batches=2)
+    q_max = Q.quantize(net, spiky, act_calib="max", calib_batches=2, skip_first=False)
+    q_pct = Q.quantize(net, spiky, calib_batches=2, skip_first=False)
     a_max = float(dict(Q._quantizers(q_max))["model.1.input_quantizer"].amax)
     a_pct = float(dict(Q._quantizers(q_pct))["model.1.input_quantizer"].amax)
     assert a_max == pytest.approx(50.0) and a_pct <= 1.0
