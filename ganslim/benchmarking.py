@@ -438,12 +438,17 @@ def pareto_plot(rows: list[BenchRow], path: str, x_axis: str = "macs") -> str:
     yk = "psnr_gt" if use_gt else "psnr_teacher"
     pts = [(getattr(r, key), getattr(r, yk), f"{r.model} [{r.runtime}]") for r in rows
            if not r.error and getattr(r, key) and getattr(r, yk) is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    merged: dict = {}  # identical points (e.g. one network on two runtimes at equal MACs) share a label
     for x, y, lab in pts:
+        merged.setdefault((round(x, 6), round(y, 4)), []).append(lab)
+    for i, ((x, y), labs) in enumerate(sorted(merged.items())):
         ax.scatter([x], [y], s=36)
-        ax.annotate(lab, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        # alternate above / below so neighbours at similar cost do not print over each other
+        ax.annotate(" + ".join(labs), (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -11),
+                    fontsize=7)
     front, best = [], -float("inf")
-    for x, y, _ in sorted(pts):
+    for x, y in sorted(merged, key=lambda p: (p[0], -p[1])):  # cheapest first; at equal cost the best only
         if y > best:
             front.append((x, y))
             best = y
@@ -451,6 +456,11 @@ def pareto_plot(rows: list[BenchRow], path: str, x_axis: str = "macs") -> str:
         ax.plot(*zip(*front), "--", color="gray", linewidth=1, label="Pareto front")
         ax.legend(fontsize=7)
     ax.set_xscale("log")
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5)))
     ax.set_xlabel("MACs (G, papers' convention)" if key == "macs_g" else "latency (ms)")
     ax.set_ylabel("PSNR to ground truth (dB)" if use_gt else "PSNR to teacher (dB)")
     ax.grid(True, alpha=0.3)
