@@ -139,3 +139,23 @@ def test_cli_export_int8_from_a_qat_checkpoint(net, loader, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ganslim", "export", str(tmp_path / "missing.safetensors")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "error" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_several_inputs_export_and_run(tmp_path):
+    from archs import TwoInputGenerator
+
+    torch.manual_seed(0)
+    m = TwoInputGenerator().eval()
+    x, c = torch.rand(1, 3, 32, 48) * 2 - 1, torch.rand(1, 2, 32, 48)
+    p = export(m, tmp_path / "two.onnx", example_inputs=(x, c))
+    om = OnnxModule(p)
+    assert om.input_names == ["input0", "input1"]
+    with torch.no_grad():
+        assert (om(x, c) - m(x, c)).abs().max() < 1e-4
+    calib = [((torch.rand(2, 3, 32, 48) * 2 - 1, torch.rand(2, 2, 32, 48)), None) for _ in range(3)]
+    p8 = export(m, tmp_path / "two8.onnx", "onnx-int8", example_inputs=(x, c), calib_loader=calib,
+                batch_fn=lambda b: b, keep_first_float=False, keep_last_float=False)
+    om8 = OnnxModule(p8)
+    assert om8.int8_kernels() > 0
+    with torch.no_grad():
+        assert measure.psnr(om8(x, c), m(x, c)) > 25
