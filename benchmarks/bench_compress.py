@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ganslim import data, measure  # noqa: E402
+from ganslim import data  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
 from ganslim.demo import DEMO_CONFIG, demo_loader  # noqa: E402
 from ganslim.deploy import measure_deployment  # noqa: E402

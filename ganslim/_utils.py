@@ -13,3 +13,14 @@ def as_input_tuple(example_inputs: Any) -> Tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
     raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def first_output(out: Any) -> torch.Tensor:
+    """The image tensor of a generator's output (first item of a tuple/list/dict)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return first_output(out[0])
+    if isinstance(out, dict) and out:
+        return first_output(next(iter(out.values())))
+    raise TypeError(f"generator returned {type(out).__name__}, not an image tensor")

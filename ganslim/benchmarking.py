@@ -22,7 +22,6 @@ import importlib
 import json
 import math
 import os
-import pathlib
 import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -76,12 +75,36 @@ def _factory(spec: str) -> Callable[[], nn.Module]:
     return getattr(importlib.import_module(mod_name), fn_name)
 
 
+def load_state_file(model: nn.Module, path: str) -> nn.Module:
+    """Load a ``torch.save`` state dict (optionally under ``"state_dict"``, as training scripts save
+    it) into ``model``; a file that does not match the model is a one-line ``ValueError``."""
+    from .checkpoint import CheckpointError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable torch file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise ValueError(f"{path}: does not match the factory's model ({detail})") from None
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not match the factory's model (missing {list(missing)[:3]}, "
+                         f"unexpected {list(unexpected)[:3]})")
+    return model
+
+
 def resolve_model(m: Any, factory: Optional[str | Callable] = None) -> nn.Module:
     """Any accepted model description -> module in eval mode (see the module docstring)."""
     if isinstance(m, nn.Module):
         return m.eval()
     from . import data
-    from .checkpoint import CheckpointError, load, read_metadata
+    from .checkpoint import load, read_metadata
 
     if m in (None, "default"):
         return data.default_teacher()
@@ -103,24 +126,7 @@ def resolve_model(m: Any, factory: Optional[str | Callable] = None) -> nn.Module
         if make is None:
             raise ValueError(f"{path}: a plain state dict needs a model factory (factory='pkg.module:function', "
                              "CLI --factory) to know the architecture")
-        model = make()
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{path}: unreadable torch file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # shape mismatches
-            detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-            raise ValueError(f"{path}: does not match the factory's model ({detail})") from None
-        if missing or unexpected:
-            raise ValueError(f"{path}: does not match the factory's model (missing {list(missing)[:3]}, "
-                             f"unexpected {list(unexpected)[:3]})")
-        return model.eval()
+        return load_state_file(make(), path).eval()
     raise ValueError(f"{path}: unknown format (expected .safetensors, .onnx, or .pth/.pt with a factory)")
 
 
@@ -212,8 +218,7 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
     rows: list[BenchRow] = []
     teacher_outs: Optional[list[torch.Tensor]] = None
     teacher_row: Optional[BenchRow] = None
-    tmpdir = tempfile.mkdtemp(prefix="ganslim-bench-")
-    try:
+    with tempfile.TemporaryDirectory(prefix="ganslim-bench-") as tmpdir:
         for i, spec in enumerate(models_or_paths):
             name = _label(spec, i)
             try:
@@ -267,10 +272,6 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
                 rows.append(row)
                 if progress:
                     print(f"  measured {row.model} [{row.runtime}]" + (f": {row.error}" if row.error else ""), flush=True)
-    finally:
-        for f in pathlib.Path(tmpdir).glob("*"):
-            f.unlink()
-        os.rmdir(tmpdir)
     return rows
 
 

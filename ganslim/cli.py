@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -20,20 +19,16 @@ from .report import write_json
 
 
 def _load_model(path: str | None, factory: str | None = None, weights: str | None = None):
-    from .benchmarking import resolve_model
+    from .benchmarking import _factory, load_state_file, resolve_model
     from .checkpoint import load
 
     if factory:
-        mod_name, _, fn_name = factory.partition(":")
-        if not fn_name:
-            raise ValueError(f"--factory must look like 'package.module:function', got {factory!r}")
-        model = getattr(importlib.import_module(mod_name), fn_name)()
+        model = _factory(factory)()
         if weights:
             if weights.endswith(".safetensors"):
                 load(weights, model=model)
             else:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-                model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+                load_state_file(model, weights)
         return model.eval()
     return resolve_model(path)
 

@@ -151,14 +151,15 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     targets = find_channel_groups(student, example, include=cfg.include, exclude=cfg.exclude)
     teacher_macs = float(measure.count_macs(teacher, example, "papers"))
     macs_model = MacsModel(student, targets, measure.macs_by_module(student, example, "papers"))
+    eval_pairs = _eval_pairs(cfg, first)  # for the report, and the latency budget's deployment input
+    # MACs and latency at the evaluation input (a whole image) when there is one, else at one training sample
+    stat_input = tuple(t[:1].to(device) for t in eval_pairs[0][0]) if eval_pairs else example
     target_abs = None
     calibration = None
     if cfg.target_latency_ms is not None:
         from .device_aware import calibrate_latency
 
-        pairs = _eval_pairs(cfg, first)
-        lat_input = tuple(t[:1].to(device) for t in pairs[0][0]) if pairs else example
-        calibration = calibrate_latency(student, targets, example, lat_input, cfg.target_latency_ms, device=cfg.device)
+        calibration = calibrate_latency(student, targets, example, stat_input, cfg.target_latency_ms, device=cfg.device)
         if calibration.macs_fraction is None:
             raise ValueError(f"impossible latency target: {calibration.note}\n{calibration.table()}")
         target_abs = calibration.macs_fraction * macs_model.total
@@ -254,10 +255,7 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
                   callbacks=callbacks)
 
     # ----------------------------------------------------------------- report
-    eval_pairs = _eval_pairs(cfg, first)
     threads = torch.get_num_threads()
-    # MACs at the evaluation input (a whole image) when there is one, else at one training sample
-    stat_input = tuple(t[:1].to(device) for t in eval_pairs[0][0]) if eval_pairs else example
     t_stats = model_stats(teacher, stat_input, eval_pairs, None, cfg, threads)
     s_stats = model_stats(plain, stat_input, eval_pairs, teacher, cfg, threads)
     target_fraction = None if target_abs is None else target_abs / teacher_macs

@@ -1,7 +1,7 @@
 """Typed configuration for :func:`ganslim.compress` (the CLI builds the same dataclass)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 

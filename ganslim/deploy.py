@@ -14,19 +14,21 @@ place (written atomically: nothing half-written is left behind).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
+import math
 import os
 import pathlib
-import secrets
 import tempfile
 import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from ._utils import as_input_tuple
-from .train import first_output, split_batch
+from .train import first_output, input_batches, split_batch
 
 __all__ = ["export", "OnnxModule", "FORMATS", "ExportError"]
 
@@ -40,7 +42,7 @@ class ExportError(RuntimeError):
 
 def _onnx_libs():
     try:
-        import onnx  # noqa: F401
+        import onnx  # noqa: F401 - presence check only
         import onnxruntime
     except ImportError as e:
         raise ImportError(f"ONNX export needs onnx and onnxruntime ({e}); install them: {_ORT_HINT}") from None
@@ -104,10 +106,7 @@ class OnnxModule(nn.Module):
         for init in onnx.load(self.path, load_external_data=False).graph.initializer:
             if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
                                   onnx.TensorProto.UINT8, onnx.TensorProto.BFLOAT16) and len(init.dims) > 1:
-                size = 1
-                for d in init.dims:
-                    size *= d
-                n += size
+                n += math.prod(init.dims)
         return n
 
     def int8_kernels(self) -> int:
@@ -155,19 +154,14 @@ def onnx_macs(path: str | os.PathLike, example_inputs: Any) -> int:
         out = shapes.get(n.output[0])
         if out is None:
             continue
-        out_numel = 1
-        for d in out:
-            out_numel *= int(d)
+        out_numel = math.prod(int(d) for d in out)
         if n.op_type in ("Conv", "ConvTranspose"):
             w = weight_dims(n.input[1])
             if w is None:
                 continue
             groups = next((a.i for a in n.attribute if a.name == "group"), 1)
             cin_per_group = w[0] // groups if n.op_type == "ConvTranspose" else w[1]
-            k = 1
-            for d in w[2:]:
-                k *= d
-            total += out_numel * cin_per_group * k
+            total += out_numel * cin_per_group * math.prod(w[2:])
         else:
             a = shapes.get(n.input[0])
             if a is not None:
@@ -175,7 +169,8 @@ def onnx_macs(path: str | os.PathLike, example_inputs: Any) -> int:
     return total
 
 
-def _export_float(model: nn.Module, example: tuple, path: pathlib.Path, opset: int) -> None:
+def _export_float(model: nn.Module, example: tuple, path: pathlib.Path, opset: int) -> list[str]:
+    """Export ``model`` as float ONNX; returns the graph's input names."""
     n_in = len(example)
     names = [f"input{i}" for i in range(n_in)] if n_in > 1 else ["input"]
     dyn = {n: {0: "batch", 2: "height", 3: "width"} for n, t in zip(names, example) if t.dim() == 4}
@@ -193,6 +188,7 @@ def _export_float(model: nn.Module, example: tuple, path: pathlib.Path, opset: i
         warnings.simplefilter("ignore")
         torch.onnx.export(_First(model).eval(), example, str(path), dynamo=False, opset_version=opset,
                           input_names=names, output_names=["output"], dynamic_axes=dyn, do_constant_folding=True)
+    return names
 
 
 class _CalibReader:
@@ -207,20 +203,15 @@ class _CalibReader:
 
 def _calibration_batches(calib_loader: Optional[Iterable], example: tuple, batches: int,
                          batch_fn: Optional[Callable]) -> list[tuple]:
-    out = []
     if calib_loader is not None:
-        for batch in calib_loader:
-            inputs, _ = split_batch(batch, batch_fn)
-            out.append(tuple(inputs))
-            if len(out) >= batches:
-                break
+        out = input_batches(calib_loader, batches, batch_fn)
         if not out:
             raise ExportError("calib_loader yielded no batches")
     else:
         warnings.warn("onnx-int8 export without calib_loader: activation ranges come from the example input "
                       "alone; pass calib_loader= (a few batches of real inputs) for a faithful int8 model",
                       stacklevel=3)
-        out.append(example)
+        out = [example]
     return out
 
 
@@ -259,9 +250,6 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
     exclude = _float_ends(src, keep_first, keep_last)
     if act_calib == "percentile":
         extra["CalibPercentile"] = float(act_percentile)
-    import contextlib
-    import io
-
     with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints calibration chatter
         quantize_static(str(src), str(out), _CalibReader(batches, names), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -350,62 +338,56 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
     else:
         float_model = model
     if any(t.device.type != "cpu" for t in float_model.state_dict().values()):
-        import copy
-
         float_model = copy.deepcopy(float_model).cpu()  # export on the CPU without moving the user's model
     was_training = float_model.training
     float_model.eval()
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".ganslim-export-", dir=path.parent))
     try:
-        with torch.no_grad():
-            reference = first_output(float_model(*example))
-        fp32 = tmp / "model.fp32.onnx"
-        try:
-            _export_float(float_model, example, fp32, opset)
-        except Exception as e:
-            raise ExportError(f"torch.onnx.export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                              "the generator must be traceable (no data-dependent Python control flow)") from None
-        result = fp32
-        if format == "onnx-int8":
-            names = [i.name for i in OnnxModule(fp32, threads=1).session.get_inputs()]
-            batches = _calibration_batches(calib_loader, example, calib_batches, batch_fn)
-            result = tmp / "model.int8.onnx"
-            qcfg = Q.config_of(model) if Q.is_quantized(model) else None
-            _quantize_static(fp32, result, batches, names,
-                             act_calib=qcfg.act_calib if qcfg else act_calib,
-                             act_percentile=qcfg.act_percentile if qcfg else act_percentile,
-                             keep_first=qcfg.skip_first if qcfg else keep_first_float,
-                             keep_last=qcfg.skip_last if qcfg else keep_last_float)
-        _minify(result)
-        if verify:
-            om = OnnxModule(result, threads=1)
-            if len(om.input_names) != len(example):
-                raise ExportError(f"the exported graph takes {len(om.input_names)} input(s) but the model takes "
-                                  f"{len(example)}: parts of forward() ran outside torch (numpy, .item(), Python "
-                                  "control flow) and were frozen as constants; use torch operations")
-            out = om(*example)
-            if out.shape != reference.shape or not torch.isfinite(out).all():
-                raise ExportError(f"the exported {format} model gives an output of shape {tuple(out.shape)} "
-                                  f"(finite: {bool(torch.isfinite(out).all())}), PyTorch gives {tuple(reference.shape)}")
-            if format == "onnx":
-                diff = float((out - reference).abs().max())
-                if diff > 1e-3:
-                    raise ExportError(f"onnxruntime output differs from PyTorch by {diff:.3g} (> 1e-3)")
-            else:
-                from .measure import psnr
+        # the scratch folder sits beside the target, so the final move is an atomic rename
+        with tempfile.TemporaryDirectory(prefix=".ganslim-export-", dir=path.parent) as tmp_name:
+            tmp = pathlib.Path(tmp_name)
+            with torch.no_grad():
+                reference = first_output(float_model(*example))
+            fp32 = tmp / "model.fp32.onnx"
+            try:
+                names = _export_float(float_model, example, fp32, opset)
+            except Exception as e:
+                raise ExportError(f"torch.onnx.export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                  "the generator must be traceable (no data-dependent Python control flow)") from None
+            result = fp32
+            if format == "onnx-int8":
+                batches = _calibration_batches(calib_loader, example, calib_batches, batch_fn)
+                result = tmp / "model.int8.onnx"
+                qcfg = Q.config_of(model) if Q.is_quantized(model) else None
+                _quantize_static(fp32, result, batches, names,
+                                 act_calib=qcfg.act_calib if qcfg else act_calib,
+                                 act_percentile=qcfg.act_percentile if qcfg else act_percentile,
+                                 keep_first=qcfg.skip_first if qcfg else keep_first_float,
+                                 keep_last=qcfg.skip_last if qcfg else keep_last_float)
+            _minify(result)
+            if verify:
+                om = OnnxModule(result, threads=1)
+                if len(om.input_names) != len(example):
+                    raise ExportError(f"the exported graph takes {len(om.input_names)} input(s) but the model takes "
+                                      f"{len(example)}: parts of forward() ran outside torch (numpy, .item(), Python "
+                                      "control flow) and were frozen as constants; use torch operations")
+                out = om(*example)
+                if out.shape != reference.shape or not torch.isfinite(out).all():
+                    raise ExportError(f"the exported {format} model gives an output of shape {tuple(out.shape)} "
+                                      f"(finite: {bool(torch.isfinite(out).all())}), PyTorch gives {tuple(reference.shape)}")
+                if format == "onnx":
+                    diff = float((out - reference).abs().max())
+                    if diff > 1e-3:
+                        raise ExportError(f"onnxruntime output differs from PyTorch by {diff:.3g} (> 1e-3)")
+                else:
+                    from .measure import psnr
 
-                p = psnr(out, reference.clamp(-1, 1)) if reference.abs().max() <= 1.0 + 1e-6 else None
-                if p is not None and p < 20.0:
-                    raise ExportError(f"the int8 model's output is only {p:.1f} dB PSNR from the float model's: "
-                                      "calibrate on real inputs (calib_loader) or keep sensitive layers in float")
-        final_tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        os.replace(result, final_tmp)
-        os.replace(final_tmp, path)
+                    p = psnr(out, reference.clamp(-1, 1)) if reference.abs().max() <= 1.0 + 1e-6 else None
+                    if p is not None and p < 20.0:
+                        raise ExportError(f"the int8 model's output is only {p:.1f} dB PSNR from the float model's: "
+                                          "calibrate on real inputs (calib_loader) or keep sensitive layers in float")
+            os.replace(result, path)
     finally:
         float_model.train(was_training)
-        for f in tmp.glob("*"):
-            f.unlink()
-        tmp.rmdir()
     return path
 
 
@@ -429,11 +411,10 @@ def measure_deployment(variants: Sequence[tuple[str, nn.Module, str]], reference
     first_inputs = eval_pairs[0][0]
     inputs_list = [p[0] for p in eval_pairs]
     with_gt = [(i, t) for i, t in eval_pairs if t is not None]
-    own_dir = out_dir is None
-    folder = pathlib.Path(tempfile.mkdtemp(prefix="ganslim-deploy-") if own_dir else out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    try:
+    with (tempfile.TemporaryDirectory(prefix="ganslim-deploy-") if out_dir is None else contextlib.nullcontext(out_dir)) as d:
+        folder = pathlib.Path(d)
+        folder.mkdir(parents=True, exist_ok=True)
         for name, model, fmt in variants:
             safe = "".join(c if c.isalnum() else "_" for c in name).strip("_")
             p = export(model, folder / f"{safe}.onnx", fmt, example_inputs=first_inputs, calib_loader=calib_loader,
@@ -450,9 +431,4 @@ def measure_deployment(variants: Sequence[tuple[str, nn.Module, str]], reference
                 f = measure.fidelity_to_target(om, with_gt)
                 row.psnr_to_gt, row.ssim_to_gt = f["psnr"], f["ssim"]
             rows.append(row)
-    finally:
-        if own_dir:
-            for f in folder.glob("*"):
-                f.unlink()
-            folder.rmdir()
     return rows

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .train import split_batch
+from .train import input_batches, split_batch
 
 __all__ = ["QuantConfig", "fold_batchnorm", "quantize", "train_qat", "is_quantized", "is_calibrated", "to_float",
            "quant_state", "restore", "QuantizationError"]
@@ -177,11 +177,7 @@ def _execution_order(model: nn.Module, example: tuple) -> list[str]:
     finally:
         for h in hooks:
             h.remove()
-    seen: list[str] = []
-    for n in order:
-        if n not in seen:
-            seen.append(n)
-    return seen
+    return list(dict.fromkeys(order))  # first call of each layer, in order
 
 
 def _modelopt_config(cfg: QuantConfig, float_names: Sequence[str]) -> dict:
@@ -215,16 +211,12 @@ def _unsupported(model: nn.Module) -> list[str]:
 
 def _calibration_loop(loader: Iterable, batches: int, batch_fn: Optional[Callable], device) -> Callable:
     def loop(model: nn.Module) -> None:
-        n = 0
-        with torch.no_grad():
-            for batch in loader:
-                inputs, _ = split_batch(batch, batch_fn)
-                model(*(t.to(device) for t in inputs))
-                n += 1
-                if n >= batches:
-                    break
-        if n == 0:
+        calibration = input_batches(loader, batches, batch_fn)
+        if not calibration:
             raise QuantizationError("the calibration loader yielded no batches")
+        with torch.no_grad():
+            for inputs in calibration:
+                model(*(t.to(device) for t in inputs))
     return loop
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._utils import first_output  # noqa: F401 - re-exported: the loop's callers import it from here
+
 BatchFn = Callable[[Any], tuple]
 
 
@@ -74,15 +76,14 @@ def cached_teacher_output(batch: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def first_output(out: Any) -> torch.Tensor:
-    """The image tensor of a generator's output (first item of a tuple/list/dict)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out:
-        return first_output(out[0])
-    if isinstance(out, dict) and out:
-        return first_output(next(iter(out.values())))
-    raise TypeError(f"generator returned {type(out).__name__}, not an image tensor")
+def input_batches(loader: Iterable, n: int, batch_fn: Optional[BatchFn] = None) -> list[tuple[torch.Tensor, ...]]:
+    """The generator inputs of the first ``n`` batches of ``loader`` (fewer if it ends sooner)."""
+    out = []
+    for batch in loader:
+        out.append(split_batch(batch, batch_fn)[0])
+        if len(out) >= n:
+            break
+    return out
 
 
 def cycle(loader: Iterable) -> Iterator:

@@ -12,6 +12,7 @@ from ganslim.benchmarking import NOT_COMPUTED, _fid, bench, format_markdown, for
 from ganslim.cli import main
 from ganslim.deploy import export
 from ganslim.zoo import create_model
+from trained import briefly_trained
 
 
 def teacher_arch():
@@ -23,16 +24,8 @@ def teacher_arch():
 def models(tmp_path_factory):
     """A small trained teacher and compressed students in every format bench accepts."""
     d = tmp_path_factory.mktemp("bench")
-    torch.manual_seed(0)
-    teacher = teacher_arch()
     loader = data.default_loader(batch_size=2, crop=32, length=24)
-    opt = torch.optim.Adam(teacher.parameters(), 1e-3)
-    for x, y in loader:
-        loss = (teacher(x) - y).abs().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    teacher.eval()
+    teacher = briefly_trained(teacher_arch, loader)
     res = ganslim.compress(teacher, teacher, loader, target_macs=0.3, steps=10, finetune_steps=4, progress=False,
                            measure_latency=False)
     paths = {"teacher": ganslim.save(teacher, d / "teacher.safetensors"),

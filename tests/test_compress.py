@@ -10,6 +10,7 @@ from archs import TwoInputGenerator
 from ganslim import data, measure
 from ganslim.train import NonFiniteLossError
 from ganslim.zoo import create_model
+from trained import briefly_trained
 
 FAST = dict(steps=30, finetune_steps=10, progress=False, measure_latency=False)
 
@@ -21,15 +22,7 @@ def loader():
 
 @pytest.fixture(scope="module")
 def small_teacher(loader):
-    torch.manual_seed(0)
-    t = create_model("resnet_6blocks", ngf=8)
-    opt = torch.optim.Adam(t.parameters(), 1e-3)
-    for i, (x, y) in enumerate(loader):  # a few steps so the teacher is not random
-        loss = (t(x) - y).abs().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return t.eval()
+    return briefly_trained(lambda: create_model("resnet_6blocks", ngf=8), loader)
 
 
 def test_compress_meets_the_macs_target_and_returns_a_plain_smaller_model(small_teacher, loader):

@@ -13,6 +13,7 @@ from ganslim import data, measure
 from ganslim import quantization as Q
 from ganslim.deploy import ExportError, OnnxModule, export
 from ganslim.zoo import create_model
+from trained import briefly_trained
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("modelopt.torch.quantization")
@@ -25,15 +26,7 @@ def loader():
 
 @pytest.fixture(scope="module")
 def net(loader):
-    torch.manual_seed(0)
-    m = create_model("resnet_6blocks", ngf=16, norm="batch")
-    opt = torch.optim.Adam(m.parameters(), 1e-3)
-    for x, y in loader:
-        loss = (m(x) - y).abs().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
+    return briefly_trained(lambda: create_model("resnet_6blocks", ngf=16, norm="batch"), loader)
 
 
 @pytest.fixture(scope="module")

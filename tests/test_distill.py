@@ -2,7 +2,6 @@
 import copy
 
 import torch
-import torch.nn as nn
 
 from archs import RandomGenerator
 from ganslim.distill import FeatureDistiller, auto_distill_points

@@ -1,5 +1,4 @@
 """Targeting, gates, proximal step, MACs accounting and physical removal on random architectures."""
-import copy
 
 import pytest
 import torch

@@ -12,6 +12,7 @@ from archs import OPS, RandomGenerator
 from ganslim import data, measure
 from ganslim import quantization as Q
 from ganslim.zoo import create_model
+from trained import briefly_trained
 
 pytest.importorskip("modelopt.torch.quantization")
 
@@ -23,15 +24,8 @@ def loader():
 
 @pytest.fixture(scope="module")
 def net(loader):
-    torch.manual_seed(0)
-    m = create_model("resnet_6blocks", ngf=8, norm="batch")  # like the default teacher: BN, reflection pads, deconvs
-    opt = torch.optim.Adam(m.parameters(), 1e-3)
-    for x, y in loader:
-        loss = (m(x) - y).abs().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
+    # like the default teacher: batch norm, reflection pads, transposed convs
+    return briefly_trained(lambda: create_model("resnet_6blocks", ngf=8, norm="batch"), loader)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .latency import _eval_on, _model_device
+from .._utils import as_input_tuple, first_output
 
 __all__ = ["psnr", "ssim", "compare_outputs", "fidelity_to_target"]
 
@@ -118,31 +119,10 @@ def ssim(x: Any, y: Any, data_range: float = 2.0) -> float:
 
 
 # --------------------------------------------------------------------------- model comparisons
-def _as_inputs(batch: Any) -> tuple:
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch)
-    raise TypeError(f"a batch must be a tensor or a tuple of tensors, got {type(batch).__name__}; "
-                    "pass batch_fn to map it to model inputs")
-
-
-def _image_output(out: Any) -> torch.Tensor:
-    """The image of a generator's output: the tensor itself, or the first tensor of a
-    tuple/list/dict output."""
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
-    raise TypeError(f"cannot find an image tensor in model output of type {type(out).__name__}")
-
-
 def _run(model: nn.Module, inputs: tuple) -> torch.Tensor:
     dev = _model_device(model)
     inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in inputs)
-    return _image_output(model(*inputs))
+    return first_output(model(*inputs))
 
 
 class _Mean:
@@ -189,7 +169,7 @@ def compare_outputs(
     acc = _Mean()
     with _eval_on(model_a, _model_device(model_a)), _eval_on(model_b, _model_device(model_b)), torch.no_grad():
         for batch in batches:
-            inputs = _as_inputs(batch_fn(batch) if batch_fn is not None else batch)
+            inputs = as_input_tuple(batch_fn(batch) if batch_fn is not None else batch)
             acc.add(_run(model_a, inputs), _run(model_b, inputs), data_range)
     return acc.result()
 
@@ -213,6 +193,6 @@ def fidelity_to_target(
     acc = _Mean()
     with _eval_on(model, _model_device(model)), torch.no_grad():
         for inp, target in pairs:
-            out = _run(model, _as_inputs(inp))
+            out = _run(model, as_input_tuple(inp))
             acc.add(out, target, data_range)
     return acc.result()

@@ -42,7 +42,7 @@ import functools
 import warnings
 from math import prod
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Sequence, Union
 
 import torch
 import torch.nn as nn
