@@ -3,6 +3,8 @@
     ganslim demo                       # compress the embedded default teacher, print the table
     ganslim compress --teacher T.safetensors [--images DIR] --target-macs 0.1 --out runs/x
     ganslim bench default A.safetensors B.onnx --runtimes eager,onnxruntime-int8 --plot p.png --grid g.png
+    ganslim compress --strategy ofa --target-macs 0.1 --out runs/ofa    # also writes runs/ofa/supernet.safetensors
+    ganslim search runs/ofa/supernet.safetensors --target-macs 0.2 0.1 0.05 --out runs/search
     ganslim export CKPT.safetensors --format onnx-int8 --out student.int8.onnx
     ganslim info CKPT.safetensors
 """
@@ -61,13 +63,51 @@ def _cmd_compress(args) -> int:
     cfg = CompressConfig(target_macs=args.target_macs, steps=args.steps, finetune_steps=args.finetune_steps,
                          lr=args.lr, gate_lr=args.gate_lr, device=args.device, seed=args.seed,
                          progress=not args.no_progress, eval_inputs=eval_inputs, quant=args.quant,
-                         quant_steps=args.quant_steps, target_latency_ms=args.target_latency_ms)
+                         quant_steps=args.quant_steps, target_latency_ms=args.target_latency_ms,
+                         strategy=args.strategy, search_population=args.population,
+                         search_generations=args.generations, channel_multiple=args.channel_multiple)
+    os.makedirs(args.out, exist_ok=True)
+    if args.strategy == "ofa":  # resumable: a rerun with the same --out continues the supernet training
+        cfg.supernet_checkpoint = os.path.join(args.out, "supernet.state.pt")
     result = compress(teacher, teacher, loader, config=cfg)
     print(result.report)
-    os.makedirs(args.out, exist_ok=True)
     path = save(result.model, os.path.join(args.out, "student.safetensors"))
     write_json(result.report.to_dict(), os.path.join(args.out, "report.json"))
     print(f"saved {path}")
+    if result.supernet is not None:
+        from .supernet import save_supernet
+
+        print(f"saved {save_supernet(result.supernet, os.path.join(args.out, 'supernet.safetensors'))} "
+              f"(search it for other budgets: ganslim search {os.path.join(args.out, 'supernet.safetensors')} --target-macs ...)")
+    return 0
+
+
+def _cmd_search(args) -> int:
+    from . import data
+    from .search import search_budgets
+    from .supernet import load_supernet
+
+    supernet = load_supernet(args.supernet)
+    teacher = _load_model(args.teacher, args.factory, args.weights)
+    n = max(8, args.finetune_steps) * args.batch_size
+    if args.images:
+        ds = data.ImageFolder(args.images, crop=args.crop, length=n, seed=args.seed)
+        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, drop_last=True)
+        eval_pairs = [((x,), None) for x in data.folder_images(args.images)[:4]]
+    else:
+        loader = data.default_loader(batch_size=args.batch_size, crop=args.crop, length=n, seed=args.seed, teacher=teacher)
+        eval_pairs = [((x,), y) for x, y in data.test_pairs()]
+    budgets = [("macs", v) for v in (args.target_macs or [])] + [("latency", v) for v in (args.target_latency_ms or [])]
+    if not budgets:
+        raise ValueError("give --target-macs and/or --target-latency-ms (one or more values each)")
+    os.makedirs(args.out, exist_ok=True)
+    rows = search_budgets(supernet, teacher, loader, eval_pairs, budgets, out_dir=args.out,
+                          finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+                          population=args.population, generations=args.generations, seed=args.seed,
+                          progress=not args.no_progress, plot=os.path.join(args.out, "pareto.png"))
+    print(rows.table())
+    write_json(rows.to_dict(), os.path.join(args.out, "search.json"))
+    print(f"wrote {args.out}/search.json, {args.out}/pareto.png and {len(rows.rows)} sub-network checkpoint(s)")
     return 0
 
 
@@ -170,7 +210,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--quant", choices=["int8"], help="add a QAT stage (8-bit weights and activations)")
     c.add_argument("--quant-steps", type=int, default=300)
+    c.add_argument("--strategy", choices=["slim", "ofa"], default="slim",
+                   help="slim: gates + L1 (GAN Slimming); ofa: supernet + evolutionary search (GAN Compression)")
+    c.add_argument("--channel-multiple", type=int, default=1, help="round kept widths up to a multiple (8 suits kernels)")
+    c.add_argument("--population", type=int, default=24, help="ofa: search population")
+    c.add_argument("--generations", type=int, default=8, help="ofa: search generations")
     c.set_defaults(fn=_cmd_compress)
+
+    s = sub.add_parser("search", help="find sub-networks of a saved supernet for one or more budgets (no retraining)")
+    s.add_argument("supernet", help="supernet .safetensors written by `ganslim compress --strategy ofa`")
+    s.add_argument("--target-macs", type=float, nargs="+", help="fractions of the teacher's MACs (or absolute if > 1)")
+    s.add_argument("--target-latency-ms", type=float, nargs="+", help="measured latency budgets on this CPU (ms)")
+    s.add_argument("--teacher", default="default", help="ganslim .safetensors checkpoint, or 'default'")
+    s.add_argument("--factory", help="'package.module:function' that builds the teacher (with --weights)")
+    s.add_argument("--weights", help="state dict (.pth or .safetensors) for --factory")
+    s.add_argument("--images", help="folder of images (unpaired: fitness is fidelity to the teacher)")
+    s.add_argument("--finetune-steps", type=int, default=0, help="distillation fine-tune of each exported sub-network")
+    s.add_argument("--finetune-lr", type=float, default=2e-3)
+    s.add_argument("--population", type=int, default=24)
+    s.add_argument("--generations", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--crop", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="runs/search")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=_cmd_search)
 
     b = sub.add_parser("bench", help="measure a teacher and compressed checkpoints side by side")
     b.add_argument("teacher", help="the reference: ganslim .safetensors, .onnx, .pth (with --factory), or 'default'")

@@ -27,7 +27,7 @@ from .distill import FeatureDistiller, auto_distill_points
 from .gating import GateSet, MacsModel, export_pruned, threshold_for_target
 from .report import CompressReport, ModelStats
 from .targeting import find_channel_groups
-from .train import DistillTrainer, LossWeights, first_output, lr_cosine, split_batch
+from .train import DistillTrainer, LossWeights, finetune, first_output, split_batch
 
 
 @dataclass
@@ -41,9 +41,26 @@ class CompressResult:
     report: CompressReport
     config: CompressConfig
     float_model: Optional[nn.Module] = None
+    supernet: Optional[nn.Module] = None  # strategy "ofa": the trained supernet (search it again for other budgets)
 
     def __iter__(self):  # allows ``model, report = ganslim.compress(...)``
         return iter((self.model, self.report))
+
+
+@dataclass
+class _Stage:
+    """What a strategy stage hands to the shared fine-tune / QAT / report steps."""
+
+    plain: nn.Module  # physically smaller student
+    info: dict  # "max_abs_diff" of the export, "kept" widths per group root
+    targets: Any  # ganslim.targeting.Targets
+    mapping: dict  # feature distillation pairs
+    distiller: Optional[FeatureDistiller]
+    target_abs: Optional[float]  # MACs budget (absolute, at the example input)
+    calibration: Any  # device_aware.LatencyCalibration or None
+    weights: LossWeights
+    search: Optional[dict] = None
+    supernet: Optional[nn.Module] = None
 
 
 def _first_batch(loader: Iterable) -> Any:
@@ -148,12 +165,94 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     if target is not None and target[:1].shape != t_out.shape:
         raise ValueError(f"ground truth {tuple(target[:1].shape)} does not match the generator output {tuple(t_out.shape)}")
 
-    targets = find_channel_groups(student, example, include=cfg.include, exclude=cfg.exclude)
     teacher_macs = float(measure.count_macs(teacher, example, "papers"))
-    macs_model = MacsModel(student, targets, measure.macs_by_module(student, example, "papers"))
     eval_pairs = _eval_pairs(cfg, first)  # for the report, and the latency budget's deployment input
     # MACs and latency at the evaluation input (a whole image) when there is one, else at one training sample
     stat_input = tuple(t[:1].to(device) for t in eval_pairs[0][0]) if eval_pairs else example
+    stage = _ofa_stage if cfg.strategy == "ofa" else _slim_stage
+    st = stage(cfg, student, teacher, loader, example, inputs, teacher_macs, eval_pairs, stat_input, same_arch,
+               discriminator, callbacks)
+    plain, info, targets, mapping, distiller = st.plain, st.info, st.targets, st.mapping, st.distiller
+    target_abs, calibration, weights = st.target_abs, st.calibration, st.weights
+    notes = []
+
+    # fine-tune the plain smaller network (cheaper per step than the gated one)
+    if cfg.finetune_steps > 0:
+        ft_distiller = None
+        if distiller is not None and cfg.finetune_distill:
+            ft_distiller = FeatureDistiller(plain, teacher, mapping, example).to(device)
+            batch_inputs = [t.to(device) for t in inputs]  # the first batch, split above
+            with torch.no_grad():
+                plain.eval()(*batch_inputs)
+                teacher(*batch_inputs)
+            ft_distiller.fit_maps()
+            ft_distiller.to(device)
+        finetune(plain, teacher, loader, cfg.finetune_steps, cfg.finetune_lr, weights, ft_distiller, discriminator,
+                 cfg.gan_mode, cfg.device, cfg.batch_fn, cfg.progress, callbacks)
+        if ft_distiller is not None:
+            ft_distiller.remove()
+    plain.eval()
+
+    qmodel = None
+    if cfg.quant:
+        from .quantization import QuantConfig, quantize, train_qat
+
+        qcfg = QuantConfig(steps=cfg.quant_steps, lr=cfg.quant_lr, calib_batches=cfg.quant_calib_batches,
+                           skip_first=cfg.quant_skip_first, skip_last=cfg.quant_skip_last,
+                           recon_weight=cfg.recon_weight, gt_weight=cfg.gt_weight)
+        qmodel = quantize(plain, loader, qcfg, batch_fn=cfg.batch_fn, example_inputs=example)
+        train_qat(qmodel, teacher, loader, qcfg, batch_fn=cfg.batch_fn, device=cfg.device, progress=cfg.progress,
+                  callbacks=callbacks)
+
+    # ----------------------------------------------------------------- report
+    threads = torch.get_num_threads()
+    t_stats = model_stats(teacher, stat_input, eval_pairs, None, cfg, threads)
+    s_stats = model_stats(plain, stat_input, eval_pairs, teacher, cfg, threads)
+    target_fraction = None if target_abs is None else target_abs / teacher_macs
+    if target_fraction is not None:
+        # compare fractions: the report's MACs may be measured at another input size than the target's
+        err = (s_stats.macs / t_stats.macs) / target_fraction - 1
+        if abs(err) > 0.05:
+            notes.append(f"student MACs are {err:+.1%} from the target")
+    if st.search and cfg.target_latency_ms is not None:
+        notes.append(f"latency budget {cfg.target_latency_ms:g} ms measured on sliced sub-networks during the search "
+                     f"(chosen: {st.search['best_latency_ms']:.1f} ms); the exported student measures "
+                     f"{s_stats.latency_ms or float('nan'):.1f} ms")
+    if calibration is not None:
+        got = f"; the student measures {s_stats.latency_ms:.1f} ms" if s_stats.latency_ms else ""
+        notes.append(f"latency target {cfg.target_latency_ms:g} ms on {calibration.device} ({calibration.threads} threads, "
+                     f"input {calibration.input_shape}) -> {calibration.macs_fraction:.3f} of the MACs, interpolated from "
+                     f"{len(calibration.points)} measured slim variants{got}")
+    report = CompressReport(
+        teacher=t_stats, student=s_stats, input_shape=tuple(stat_input[0].shape), latency_threads=threads,
+        widths={g.root: (info["kept"][g.root], g.size) for g in targets.groups}, skipped=dict(targets.skipped),
+        distill_layers=mapping, target_macs=target_fraction, steps=cfg.steps, finetune_steps=cfg.finetune_steps,
+        seconds=time.time() - t0, final_rho=cfg.rho if cfg.strategy == "slim" else None,
+        export_max_abs_diff=info["max_abs_diff"], notes=notes, quant=cfg.quant,
+        quant_steps=cfg.quant_steps if cfg.quant else 0, latency_target_ms=cfg.target_latency_ms,
+        latency_calibration=[list(p) for p in calibration.points] if calibration is not None else [],
+        strategy=cfg.strategy, search=st.search or {})
+    if qmodel is not None and cfg.deploy_check and eval_pairs:
+        from .deploy import measure_deployment
+
+        report.deployment = measure_deployment(
+            [("student fp32", plain, "onnx"), ("student int8 (QAT)", qmodel, "onnx-int8")], plain,
+            [(tuple(t.cpu() for t in i), None if g is None else g.cpu()) for i, g in eval_pairs], teacher=teacher.cpu(),
+            calib_loader=loader, batch_fn=cfg.batch_fn, threads=threads)
+        teacher.to(device)
+        report.seconds = time.time() - t0
+    if qmodel is not None:
+        return CompressResult(qmodel, report, cfg, float_model=plain, supernet=st.supernet)
+    return CompressResult(plain, report, cfg, float_model=plain, supernet=st.supernet)
+
+
+def _slim_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, loader: Iterable, example: tuple,
+                inputs: tuple, teacher_macs: float, eval_pairs: list, stat_input: tuple, same_arch: bool,
+                discriminator: Optional[nn.Module], callbacks: Iterable[Callable]):
+    """GAN Slimming: gates + L1 proximal step + progressive pruning to the target, then removal."""
+    device = torch.device(cfg.device)
+    targets = find_channel_groups(student, example, include=cfg.include, exclude=cfg.exclude)
+    macs_model = MacsModel(student, targets, measure.macs_by_module(student, example, "papers"))
     target_abs = None
     calibration = None
     if cfg.target_latency_ms is not None:
@@ -208,7 +307,6 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
 
     trainer.run(loader, cfg.steps, desc="ganslim gating", progress=cfg.progress, postfix=postfix, callbacks=callbacks)
 
-    notes = []
     if target_abs is not None:
         _, alive = threshold_for_target(gates, macs_model, target_abs, multiple=cfg.channel_multiple)
         gates.set_masks(alive)
@@ -218,77 +316,48 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     plain, info = export_pruned(student, gates, example, atol=cfg.export_atol)
     gates.detach()
 
-    # fine-tune the plain smaller network (cheaper per step than the gated one)
-    if cfg.finetune_steps > 0:
-        ft_distiller = None
-        if distiller is not None and cfg.finetune_distill:
-            ft_distiller = FeatureDistiller(plain, teacher, mapping, example).to(device)
-            batch_inputs = [t.to(device) for t in inputs]  # the first batch, split above
-            with torch.no_grad():
-                plain.eval()(*batch_inputs)
-                teacher(*batch_inputs)
-            ft_distiller.fit_maps()
-            ft_distiller.to(device)
-        ft_groups = [{"params": list(plain.parameters()), "lr": cfg.finetune_lr}]
-        if ft_distiller is not None:
-            ft_groups.append({"params": list(ft_distiller.parameters()), "lr": cfg.finetune_lr})
-        ft = DistillTrainer(plain, teacher, ft_groups, weights, ft_distiller, discriminator, cfg.finetune_lr, cfg.gan_mode,
-                            cfg.device, cfg.batch_fn)
-        sched = torch.optim.lr_scheduler.LambdaLR(ft.opt, lambda s: lr_cosine(s, cfg.finetune_steps))
-        ft.after_step.append(lambda tr: sched.step())
-        ft.run(loader, cfg.finetune_steps, desc="ganslim fine-tune", progress=cfg.progress, callbacks=callbacks)
-        if ft_distiller is not None:
-            ft_distiller.remove()
-    plain.eval()
-    for p in plain.parameters():
-        p.requires_grad_(True)
+    return _Stage(plain, info, targets, mapping, distiller, target_abs, calibration, weights)
 
-    qmodel = None
-    if cfg.quant:
-        from .quantization import QuantConfig, quantize, train_qat
 
-        qcfg = QuantConfig(steps=cfg.quant_steps, lr=cfg.quant_lr, calib_batches=cfg.quant_calib_batches,
-                           skip_first=cfg.quant_skip_first, skip_last=cfg.quant_skip_last,
-                           recon_weight=cfg.recon_weight, gt_weight=cfg.gt_weight)
-        qmodel = quantize(plain, loader, qcfg, batch_fn=cfg.batch_fn, example_inputs=example)
-        train_qat(qmodel, teacher, loader, qcfg, batch_fn=cfg.batch_fn, device=cfg.device, progress=cfg.progress,
-                  callbacks=callbacks)
+def _ofa_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, loader: Iterable, example: tuple,
+               inputs: tuple, teacher_macs: float, eval_pairs: list, stat_input: tuple, same_arch: bool,
+               discriminator: Optional[nn.Module], callbacks: Iterable[Callable]):
+    """Once-for-all: supernet (sandwich rule) -> evolutionary search at the budget -> export."""
+    from .search import Evaluator, SearchConfig, evolve, resolve_budget
+    from .slicing import SliceConfig, make_supernet, recalibrate_bn
+    from .supernet import SupernetConfig, train_supernet
+    from .train import input_batches
 
-    # ----------------------------------------------------------------- report
-    threads = torch.get_num_threads()
-    t_stats = model_stats(teacher, stat_input, eval_pairs, None, cfg, threads)
-    s_stats = model_stats(plain, stat_input, eval_pairs, teacher, cfg, threads)
-    target_fraction = None if target_abs is None else target_abs / teacher_macs
-    if target_fraction is not None:
-        # compare fractions: the report's MACs may be measured at another input size than the target's
-        err = (s_stats.macs / t_stats.macs) / target_fraction - 1
-        if abs(err) > 0.05:
-            notes.append(f"student MACs are {err:+.1%} from the target")
-    if calibration is not None:
-        got = f"; the student measures {s_stats.latency_ms:.1f} ms" if s_stats.latency_ms else ""
-        notes.append(f"latency target {cfg.target_latency_ms:g} ms on {calibration.device} ({calibration.threads} threads, "
-                     f"input {calibration.input_shape}) -> {calibration.macs_fraction:.3f} of the MACs, interpolated from "
-                     f"{len(calibration.points)} measured slim variants{got}")
-    report = CompressReport(
-        teacher=t_stats, student=s_stats, input_shape=tuple(stat_input[0].shape), latency_threads=threads,
-        widths={g.root: (info["kept"][g.root], g.size) for g in targets.groups}, skipped=dict(targets.skipped),
-        distill_layers=mapping, target_macs=target_fraction, steps=cfg.steps, finetune_steps=cfg.finetune_steps,
-        seconds=time.time() - t0, final_rho=cfg.rho, export_max_abs_diff=info["max_abs_diff"], notes=notes,
-        quant=cfg.quant, quant_steps=cfg.quant_steps if cfg.quant else 0,
-        latency_target_ms=cfg.target_latency_ms,
-        latency_calibration=[list(p) for p in calibration.points] if calibration is not None else [])
-    if qmodel is not None and cfg.deploy_check and eval_pairs:
-        from .deploy import measure_deployment
-
-        report.deployment = measure_deployment(
-            [("student fp32", plain, "onnx"), ("student int8 (QAT)", qmodel, "onnx-int8")], plain,
-            [(tuple(t.cpu() for t in i), None if g is None else g.cpu()) for i, g in eval_pairs], teacher=teacher.cpu(),
-            calib_loader=loader, batch_fn=cfg.batch_fn, threads=threads)
-        teacher.to(device)
-        report.seconds = time.time() - t0
-    if qmodel is not None:
-        return CompressResult(qmodel, report, cfg, float_model=plain)
-    return CompressResult(plain, report, cfg, float_model=plain)
+    if discriminator is not None:
+        raise ValueError("strategy='ofa' trains with distillation losses only; drop discriminator= or use strategy='slim'")
+    supernet = make_supernet(student, example, SliceConfig(ratios=tuple(cfg.width_ratios), multiple=cfg.channel_multiple),
+                             include=cfg.include, exclude=cfg.exclude, copy_model=False)
+    budget = resolve_budget(supernet, cfg.target_macs if cfg.target_latency_ms is None else None, teacher_macs)
+    scfg = SupernetConfig(steps=cfg.steps, lr=cfg.supernet_lr, random_subnets=cfg.random_subnets, seed=cfg.seed,
+                          recon_weight=cfg.recon_weight, gt_weight=cfg.gt_weight, mse_weight=cfg.mse_weight)
+    sinfo = train_supernet(supernet, teacher, loader, scfg, batch_fn=cfg.batch_fn, device=cfg.device,
+                           progress=cfg.progress, checkpoint=cfg.supernet_checkpoint,
+                           callbacks=[lambda step, losses: [cb(None, losses) for cb in callbacks]] if callbacks else ())
+    bn_inputs = [tuple(t.to(cfg.device) for t in b) for b in input_batches(loader, 4, cfg.batch_fn)]
+    pairs = [(tuple(t.to(cfg.device) for t in i), None if g is None else g.to(cfg.device)) for i, g in eval_pairs]
+    qcfg = SearchConfig(population=cfg.search_population, generations=cfg.search_generations, metric=cfg.search_metric,
+                        seed=cfg.seed)
+    evaluator = Evaluator(supernet, teacher, pairs, bn_inputs, qcfg.metric, latency_input=stat_input,
+                          latency_repeats=qcfg.latency_repeats)
+    result = evolve(supernet, evaluator, budget, cfg.target_latency_ms, qcfg, teacher_macs, progress=cfg.progress)
+    recalibrate_bn(supernet, bn_inputs, result.best.widths)
+    plain = supernet.export(result.best.widths, atol=cfg.export_atol)
+    supernet.set_widths(supernet.largest())
+    info = {"max_abs_diff": supernet.last_export_diff, "kept": dict(result.best.widths)}
+    weights = LossWeights(cfg.recon_weight, cfg.gt_weight, 0.0, 0.0, cfg.mse_weight)
+    search_info = {"evaluations": result.evaluations, "seconds": result.seconds, "per_minute": result.per_minute,
+                   "supernet_steps": sinfo["steps"], "supernet_seconds": sinfo["seconds"],
+                   "resumed_from": sinfo["resumed_from"], "best_fitness": result.best.fitness,
+                   "metric": qcfg.metric if isinstance(qcfg.metric, str) else getattr(qcfg.metric, "__name__", "metric"),
+                   "best_macs_fraction": result.best.macs / teacher_macs, "best_latency_ms": result.best.latency_ms,
+                   "pareto": [[c.macs / teacher_macs, c.fitness] for c in result.pareto()],
+                   "generations": result.generations}
+    return _Stage(plain, info, supernet.targets, {}, None, budget, None, weights, search_info, supernet)
 
 
 def _eval_pairs(cfg: CompressConfig, first_batch) -> list:

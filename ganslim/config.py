@@ -5,6 +5,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 
+STRATEGIES = ("slim", "ofa")
+
+
 @dataclass
 class CompressConfig:
     """All knobs of one compression run; every field has a working default.
@@ -18,7 +21,9 @@ class CompressConfig:
     # Device-aware budget (ms per forward of the report's evaluation input on ``device``): when set it
     # replaces target_macs; the MACs target is found by measuring slimmed copies (ganslim.device_aware).
     target_latency_ms: Optional[float] = None
-    strategy: str = "slim"  # gating + L1 proximal step + removal (GAN Slimming); more strategies later
+    # "slim": gates + L1 proximal step + removal (GAN Slimming); "ofa": once-for-all supernet (sandwich
+    # rule, weight sharing) + evolutionary search at the budget + export (GAN Compression, generalised)
+    strategy: str = "slim"
     # --- schedule
     steps: int = 600  # sparsify phase, gates attached
     finetune_steps: int = 300  # after physical removal, plain smaller student
@@ -30,6 +35,15 @@ class CompressConfig:
     prune_start: float = 0.1  # fraction of ``steps`` before the first channel is switched off (gates separate)
     prune_every: int = 10  # steps between progressive pruning decisions
     target_reach: float = 0.6  # fraction of ``steps`` by which the MACs schedule reaches the target
+    # --- once-for-all (strategy="ofa"): ``steps`` are supernet steps, each over the largest, the
+    # smallest and ``random_subnets`` random sub-networks
+    width_ratios: Sequence[float] = (0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5, 0.625, 0.75, 1.0)
+    supernet_lr: float = 1e-3
+    random_subnets: int = 2
+    search_population: int = 24
+    search_generations: int = 8
+    search_metric: Any = "psnr_gt"  # "psnr_gt" | "psnr_teacher" | "ssim_gt" | callable(model) -> float
+    supernet_checkpoint: Optional[str] = None  # resumable supernet training state (written every 200 steps)
     # --- losses
     # Measured on the default task (3000 fine-tune steps at 10x): L1 to teacher and ground truth at 10/10
     # gave 28.06 dB, ground truth alone 28.33, 2/10 + MSE 28.68: the teacher's own errors should not
@@ -81,8 +95,8 @@ class CompressConfig:
             raise ValueError(f"target_macs must be > 0 (a fraction of the teacher's MACs or an absolute count), got {self.target_macs}")
         if self.steps < 0 or self.finetune_steps < 0:
             raise ValueError("steps and finetune_steps must be >= 0")
-        if self.strategy not in ("slim",):
-            raise ValueError(f"unknown strategy {self.strategy!r}; available: 'slim'")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; available: {', '.join(map(repr, STRATEGIES))}")
         if self.target_latency_ms is not None and not self.target_latency_ms > 0:
             raise ValueError(f"target_latency_ms must be > 0 ms, got {self.target_latency_ms}")
         if self.quant not in (None, "int8"):

@@ -300,6 +300,12 @@ def fold_gates(model: nn.Module, gates: GateSet) -> None:
 def prune_dead_channels(model: nn.Module, gates: GateSet, example_inputs) -> dict[str, int]:
     """Remove every channel whose gate is off, physically, with torch-pruning.
     Returns ``{group root: kept channels}``."""
+    return prune_channels(model, gates.groups, gates.alive(), example_inputs)
+
+
+def prune_channels(model: nn.Module, groups: list[ChannelGroup], alive: list[torch.Tensor], example_inputs) -> dict[str, int]:
+    """Remove, physically and with torch-pruning's dependency graph, every position of each group
+    not marked in ``alive[i]`` (bool per position). Returns ``{group root: kept channels}``."""
     import torch_pruning as tp
 
     inputs = as_input_tuple(example_inputs)
@@ -310,9 +316,9 @@ def prune_dead_channels(model: nn.Module, gates: GateSet, example_inputs) -> dic
                                                    verbose=False)
     model.train(was_training)
     kept = {}
-    for g, alive in zip(gates.groups, gates.alive()):
+    for g, keep in zip(groups, alive):
         root = model.get_submodule(g.root)
-        dead = [i for i, a in enumerate(alive.tolist()) if not a]
+        dead = [i for i, a in enumerate(keep.tolist()) if not a]
         kept[g.root] = g.size - len(dead)
         if not dead:
             continue

@@ -87,6 +87,8 @@ class CompressReport:
     deployment: list = field(default_factory=list)  # DeployStats rows (onnxruntime), fp32 first
     latency_target_ms: Optional[float] = None  # device-aware budget, when one was given
     latency_calibration: list = field(default_factory=list)  # [(width, MACs fraction, ms)] measured
+    strategy: str = "slim"
+    search: dict = field(default_factory=dict)  # strategy "ofa": supernet training and search figures
 
     @property
     def macs_reduction(self) -> float:
@@ -134,12 +136,19 @@ class CompressReport:
         lines = [f"{'':<{w0}}  {'teacher':>{w[1]}}  {'student':>{w[2]}}  {'teacher/student':>{w[3]}}"]
         lines.append("-" * len(lines[0]))
         lines += [f"{a:<{w0}}  {b:>{w[1]}}  {c:>{w[2]}}  {d:>{w[3]}}" for a, b, c, d in rows]
-        lines.append(f"input {tuple(self.input_shape)}; {self.steps} gated steps + {self.finetune_steps} fine-tune steps "
+        first_stage = "supernet steps" if self.strategy == "ofa" else "gated steps"
+        lines.append(f"input {tuple(self.input_shape)}; {self.steps} {first_stage} + {self.finetune_steps} fine-tune steps "
                      f"in {self.seconds / 60:.1f} min; export max |diff| {fmt(self.export_max_abs_diff, '', 7)}")
         if self.widths:
             lines.append("widths kept: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in list(self.widths.items())))
         if self.skipped:
             lines.append("not pruned: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items()))
+        if self.search:
+            sr = self.search
+            lines.append(f"search: {sr['evaluations']} sub-networks evaluated in {sr['seconds']:.1f} s "
+                         f"({sr['per_minute']:.0f}/min); supernet {sr['supernet_steps']} steps in "
+                         f"{sr['supernet_seconds'] / 60:.1f} min; chosen sub-network {sr['best_fitness']:.3f} "
+                         f"({sr['metric']}) before fine-tune")
         if self.deployment:
             lines.append(f"deployment ({self.quant or 'fp32'}{f', {self.quant_steps} QAT steps' if self.quant else ''}):")
             lines.append(format_deploy_table(self.deployment, self.latency_threads))

@@ -119,6 +119,22 @@ class LossWeights:
     mse: float = 0.0  # MSE to the ground truth (to the teacher's output without one): PSNR's own loss
 
 
+def output_losses(s_out: torch.Tensor, t_out: torch.Tensor, target: Optional[torch.Tensor],
+                  w: LossWeights) -> dict[str, torch.Tensor]:
+    """The output-level distillation losses (weighted): L1 to the teacher's output, L1 to the ground
+    truth when there is one, MSE to the ground truth (to the teacher's output without one)."""
+    losses: dict[str, torch.Tensor] = {}
+    if w.recon:
+        losses["recon"] = w.recon * F.l1_loss(s_out, t_out)
+    if w.gt and target is not None:
+        if target.shape != s_out.shape:
+            raise ValueError(f"ground truth {tuple(target.shape)} does not match the output {tuple(s_out.shape)}")
+        losses["gt"] = w.gt * F.l1_loss(s_out, target)
+    if w.mse:
+        losses["mse"] = w.mse * F.mse_loss(s_out, target if target is not None and w.gt else t_out)
+    return losses
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -165,16 +181,9 @@ class DistillTrainer:
         if s_out.shape != t_out.shape:
             raise ValueError(f"student output {tuple(s_out.shape)} and teacher output {tuple(t_out.shape)} differ in shape")
         w = self.weights
-        losses: dict[str, torch.Tensor] = {}
-        if w.recon:
-            losses["recon"] = w.recon * F.l1_loss(s_out, t_out)
-        if w.gt and target is not None:
+        if target is not None:
             target = target.to(self.device)
-            if target.shape != s_out.shape:
-                raise ValueError(f"ground truth {tuple(target.shape)} does not match the output {tuple(s_out.shape)}")
-            losses["gt"] = w.gt * F.l1_loss(s_out, target)
-        if w.mse:
-            losses["mse"] = w.mse * F.mse_loss(s_out, target if target is not None and w.gt else t_out)
+        losses = output_losses(s_out, t_out, target, w)
         if self.distiller is not None and w.distill:
             losses["distill"] = w.distill * self.distiller.loss()
         if self.discriminator is not None and w.adv:
@@ -234,3 +243,24 @@ class DistillTrainer:
 def lr_cosine(step: int, total: int, floor: float = 0.05) -> float:
     """Cosine factor from 1 to ``floor`` over ``total`` steps."""
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
+def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int, lr: float, weights: LossWeights,
+             distiller=None, discriminator: Optional[nn.Module] = None, gan_mode: str = "lsgan", device: str = "cpu",
+             batch_fn: Optional[BatchFn] = None, progress: bool = True, callbacks: Iterable[Callable] = (),
+             desc: str = "ganslim fine-tune") -> nn.Module:
+    """Distillation fine-tune of a plain (already compressed) ``model`` in place: ``steps`` Adam steps
+    at ``lr`` with cosine decay (to 5%); ``distiller``'s mapping layers train alongside. Returns
+    ``model`` in eval mode."""
+    if steps > 0:
+        groups = [{"params": list(model.parameters()), "lr": lr}]
+        if distiller is not None:
+            groups.append({"params": list(distiller.parameters()), "lr": lr})
+        tr = DistillTrainer(model, teacher, groups, weights, distiller, discriminator, lr, gan_mode, device, batch_fn)
+        sched = torch.optim.lr_scheduler.LambdaLR(tr.opt, lambda s: lr_cosine(s, steps))
+        tr.after_step.append(lambda _: sched.step())
+        tr.run(loader, steps, desc=desc, progress=progress, callbacks=callbacks)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

@@ -1,0 +1,519 @@
+"""Evolutionary architecture search over a supernet's widths, under a MACs and/or a measured latency budget.
+
+One trained :class:`~ganslim.slicing.Supernet` answers any budget without retraining: a population
+of width configurations that satisfy the budget is evolved (the best ``parents`` fraction survives;
+children by uniform crossover of two parents and by mutation, i.e. each group's width redrawn with
+probability ``mutation_prob``); a child over budget is shrunk (a random group one width step down)
+until it fits, which keeps the search near the budget's edge where the best networks are.
+
+Fitness is measured, not predicted: each candidate's BatchNorm statistics are re-estimated on a
+few training batches (:func:`~ganslim.slicing.recalibrate_bn`) and its outputs are compared on a
+held-out set (PSNR to the ground truth when there is one, else to the teacher; or any
+``metric(model) -> float``, higher is better, e.g. a negative FID). The latency budget is checked
+by timing the sliced sub-network on this device. Every evaluation is cached, so several budgets
+share work, and all of them feed the Pareto front (MACs vs fidelity) of :class:`SearchResult`.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import measure
+from ._utils import as_input_tuple
+from .slicing import Supernet, recalibrate_bn
+
+__all__ = ["SearchConfig", "Candidate", "SearchResult", "Evaluator", "evolve", "search", "BudgetError", "pareto_front",
+           "budget_range", "resolve_budget"]
+
+
+class BudgetError(ValueError):
+    """A budget no sub-network of the supernet can meet (or one above the teacher)."""
+
+
+@dataclass
+class SearchConfig:
+    """Evolution: ``population`` candidates per generation, ``generations`` rounds, the best
+    ``parents`` fraction survives, ``crossover`` fraction of the children come from crossover
+    (the rest from mutation), each width redrawn with ``mutation_prob``. ``bn_batches`` training
+    batches re-estimate BatchNorm statistics per candidate. ``metric``: ``"psnr_gt"``,
+    ``"psnr_teacher"``, ``"ssim_gt"`` or a callable ``model -> float`` (higher is better)."""
+
+    population: int = 24
+    generations: int = 8
+    parents: float = 0.25
+    crossover: float = 0.5
+    mutation_prob: float = 0.2
+    bn_batches: int = 4
+    metric: Any = "psnr_gt"
+    latency_repeats: int = 5
+    seed: int = 0
+
+    def validate(self) -> "SearchConfig":
+        if self.population < 2 or self.generations < 1:
+            raise ValueError("population must be >= 2 and generations >= 1")
+        if not 0 < self.parents <= 1 or not 0 <= self.crossover <= 1 or not 0 <= self.mutation_prob <= 1:
+            raise ValueError("parents must lie in (0, 1], crossover and mutation_prob in [0, 1]")
+        if not callable(self.metric) and self.metric not in ("psnr_gt", "psnr_teacher", "ssim_gt"):
+            raise ValueError(f"metric must be 'psnr_gt', 'psnr_teacher', 'ssim_gt' or a callable, got {self.metric!r}")
+        return self
+
+
+@dataclass
+class Candidate:
+    """One evaluated sub-network: ``widths`` ({group root: channels}), ``macs`` (papers' convention,
+    at the supernet's example input), ``fitness`` (higher is better), measured ``latency_ms`` when a
+    latency budget is in play, and the fidelity ``metrics`` (PSNR dB / SSIM)."""
+
+    widths: dict
+    macs: float
+    fitness: float
+    latency_ms: Optional[float] = None
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple:
+        return tuple(sorted(self.widths.items()))
+
+
+def _key(widths: dict) -> tuple:
+    return tuple(sorted(widths.items()))
+
+
+class Evaluator:
+    """Measures candidates on ``eval_pairs`` ([(inputs tuple, target or None)]), caching by widths.
+
+    ``bn_inputs``: input tuples for BatchNorm re-estimation; ``latency_input``: input tuple timed for
+    a latency budget (default: the first evaluation input)."""
+
+    def __init__(self, supernet: Supernet, teacher: Optional[nn.Module], eval_pairs: Sequence[tuple],
+                 bn_inputs: Sequence[tuple] = (), metric: Any = "psnr_gt", latency_input: Optional[tuple] = None,
+                 latency_repeats: int = 5, threads: Optional[int] = None):
+        if not eval_pairs:
+            raise ValueError("search needs at least one evaluation input")
+        self.supernet, self.metric = supernet, metric
+        self.eval_pairs = [(as_input_tuple(i), t) for i, t in eval_pairs]
+        self.bn_inputs = list(bn_inputs)
+        self.latency_input = latency_input or self.eval_pairs[0][0]
+        self.latency_repeats, self.threads = latency_repeats, threads
+        has_gt = all(t is not None for _, t in self.eval_pairs)
+        if metric in ("psnr_gt", "ssim_gt") and not has_gt:
+            if teacher is None:
+                raise ValueError("the evaluation pairs have no ground truth and no teacher was given")
+            self.metric = "psnr_teacher"  # unpaired data: fidelity to the teacher is all there is
+        self.teacher_out = None
+        if teacher is not None:
+            was = teacher.training
+            teacher.eval()
+            with torch.no_grad():
+                self.teacher_out = [_first(teacher(*i)) for i, _ in self.eval_pairs]
+            teacher.train(was)
+        self.cache: dict[tuple, Candidate] = {}
+        self.latency_cache: dict[tuple, float] = {}
+        self.evaluations = 0
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def __call__(self, widths: dict) -> Candidate:
+        k = _key(widths)
+        if k in self.cache:
+            return self.cache[k]
+        t0 = time.time()
+        sn = self.supernet
+        sn.set_widths(widths)
+        recalibrate_bn(sn, self.bn_inputs)
+        sn.model.eval()
+        outs = [_first(sn.model(*i)) for i, _ in self.eval_pairs]
+        metrics = {}
+        gts = [t for _, t in self.eval_pairs]
+        if all(t is not None for t in gts):
+            metrics["psnr_gt"] = sum(measure.psnr(o, t) for o, t in zip(outs, gts)) / len(outs)
+            metrics["ssim_gt"] = sum(measure.ssim(o, t) for o, t in zip(outs, gts)) / len(outs)
+        if self.teacher_out is not None:
+            metrics["psnr_teacher"] = sum(measure.psnr(o, t) for o, t in zip(outs, self.teacher_out)) / len(outs)
+        fitness = float(self.metric(sn.model)) if callable(self.metric) else float(metrics[self.metric])
+        cand = Candidate(dict(widths), sn.macs(widths), fitness, self.latency_cache.get(k), metrics)
+        self.cache[k] = cand
+        self.evaluations += 1
+        self.seconds += time.time() - t0
+        return cand
+
+    def estimate_latency(self, macs: float) -> Optional[float]:
+        """Least-squares line ``ms = a + b * MACs`` through the timings so far (None below 3 timings)."""
+        pts = [(self.supernet.macs(dict(k)), ms) for k, ms in self.latency_cache.items()]
+        if len(pts) < 3:
+            return None
+        n = len(pts)
+        mx = sum(p[0] for p in pts) / n
+        my = sum(p[1] for p in pts) / n
+        var = sum((p[0] - mx) ** 2 for p in pts)
+        if var <= 0:
+            return None
+        b = sum((p[0] - mx) * (p[1] - my) for p in pts) / var
+        return my + b * (macs - mx)
+
+    def latency(self, widths: dict) -> float:
+        """Median latency (ms) of the sliced sub-network on ``latency_input`` (cached)."""
+        k = _key(widths)
+        if k not in self.latency_cache:
+            sn = self.supernet
+            sn.set_widths(widths)
+            st = measure.measure_latency(sn.model, self.latency_input, warmup=2, repeats=self.latency_repeats,
+                                         threads=self.threads, max_seconds=20)
+            self.latency_cache[k] = st.median_ms
+            if k in self.cache:
+                self.cache[k].latency_ms = st.median_ms
+        return self.latency_cache[k]
+
+
+@dataclass
+class SearchResult:
+    """The best sub-network for one budget, and every candidate evaluated on the way."""
+
+    best: Candidate
+    budget_macs: Optional[float]
+    budget_latency_ms: Optional[float]
+    reference_macs: float
+    evaluated: list
+    evaluations: int
+    seconds: float
+    generations: list = field(default_factory=list)  # best fitness per generation
+
+    @property
+    def per_minute(self) -> float:
+        """Sub-networks evaluated per minute (fresh evaluations, not cache hits)."""
+        return 60.0 * self.evaluations / max(self.seconds, 1e-9)
+
+    def pareto(self) -> list[Candidate]:
+        """Candidates no other beats on both MACs (lower) and fitness (higher), cheapest first."""
+        return pareto_front(self.evaluated)
+
+    def table(self, limit: int = 12) -> str:
+        lines = [f"{'MACs G':>9} {'x fewer':>8} {'fitness':>8} {'PSNR-GT':>8} {'PSNR-T':>8} {'ms':>7}"]
+        for c in self.pareto()[-limit:]:
+            lines.append(f"{c.macs / 1e9:9.4f} {self.reference_macs / max(c.macs, 1):8.2f} {c.fitness:8.3f} "
+                         f"{c.metrics.get('psnr_gt', float('nan')):8.2f} {c.metrics.get('psnr_teacher', float('nan')):8.2f} "
+                         f"{c.latency_ms if c.latency_ms is not None else float('nan'):7.1f}")
+        return "\n".join(lines)
+
+
+def pareto_front(cands: Sequence[Candidate]) -> list[Candidate]:
+    out, best = [], -float("inf")
+    for c in sorted(cands, key=lambda c: (c.macs, -c.fitness)):
+        if c.fitness > best:
+            out.append(c)
+            best = c.fitness
+    return out
+
+
+def _first(out):
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def budget_range(supernet: Supernet) -> tuple[float, float]:
+    """(MACs of the smallest, of the largest sub-network) at the supernet's example input."""
+    return supernet.macs(supernet.smallest()), supernet.macs(supernet.largest())
+
+
+def resolve_budget(supernet: Supernet, target_macs: Optional[float], reference_macs: Optional[float] = None) -> Optional[float]:
+    """``target_macs`` as a fraction (<= 1) of ``reference_macs`` (default: the full supernet) or an
+    absolute count -> absolute MACs, checked against what the supernet can reach."""
+    if target_macs is None:
+        return None
+    ref = float(reference_macs or supernet.total_macs)
+    budget = float(target_macs) * ref if target_macs <= 1 else float(target_macs)
+    lo, hi = budget_range(supernet)
+    if not target_macs > 0 or budget < lo or budget > ref * 1.000001:
+        raise BudgetError(f"MACs budget {budget / 1e9:.4g} G ({budget / ref:.4g} of the teacher) is outside the "
+                          f"achievable range {lo / 1e9:.4g}-{min(hi, ref) / 1e9:.4g} G, i.e. target_macs between "
+                          f"{lo / ref:.4f} and {min(hi, ref) / ref:.4f}")
+    return budget
+
+
+class _Sampler:
+    def __init__(self, supernet: Supernet, rng: random.Random, fits: Callable[[dict], bool]):
+        self.sn, self.rng, self.fits = supernet, rng, fits
+
+    def shrink_to_fit(self, widths: dict, tries: int = 400) -> Optional[dict]:
+        """Step random groups one width down until ``widths`` fits the budget (None if it cannot)."""
+        w = dict(widths)
+        for _ in range(tries):
+            if self.fits(w):
+                return w
+            roots = [r for r, c in self.sn.choices.items() if c.index(w[r]) > 0]
+            if not roots:
+                return None
+            r = self.rng.choice(roots)
+            c = self.sn.choices[r]
+            w[r] = c[c.index(w[r]) - 1]
+        return None
+
+    def random(self) -> Optional[dict]:
+        return self.shrink_to_fit(self.sn.sample(self.rng))
+
+    def mutate(self, widths: dict, prob: float) -> Optional[dict]:
+        w = {r: (self.rng.choice(c) if self.rng.random() < prob else widths[r]) for r, c in self.sn.choices.items()}
+        return self.shrink_to_fit(w)
+
+    def crossover(self, a: dict, b: dict) -> Optional[dict]:
+        return self.shrink_to_fit({r: (a[r] if self.rng.random() < 0.5 else b[r]) for r in a})
+
+
+def evolve(supernet: Supernet, evaluator: Evaluator, budget_macs: Optional[float] = None,
+           budget_latency_ms: Optional[float] = None, config: Optional[SearchConfig] = None,
+           reference_macs: Optional[float] = None, progress: bool = True) -> SearchResult:
+    """Evolutionary search for the fittest sub-network within ``budget_macs`` (absolute MACs at the
+    supernet's example input) and/or ``budget_latency_ms`` (measured on this device)."""
+    cfg = (config or SearchConfig()).validate()
+    rng = random.Random(cfg.seed)
+    t0, n0, s0 = time.time(), evaluator.evaluations, evaluator.seconds
+    if budget_latency_ms is not None:
+        smallest = supernet.smallest()
+        lat = evaluator.latency(smallest)
+        if lat > budget_latency_ms:
+            raise BudgetError(f"latency budget {budget_latency_ms:g} ms is below the smallest sub-network's measured "
+                              f"{lat:.2f} ms on this device; achievable: >= {lat:.2f} ms")
+
+    def fits(w: dict) -> bool:
+        if budget_macs is not None and supernet.macs(w) > budget_macs:
+            return False
+        if budget_latency_ms is not None:
+            # timing every trial is slow: a linear MACs -> ms fit of the timings so far decides the
+            # clear cases; candidates within 20% of the budget are timed (and every one finally kept)
+            est = evaluator.estimate_latency(supernet.macs(w))
+            if est is not None and est > 1.2 * budget_latency_ms:
+                return False
+            if est is None or est > 0.8 * budget_latency_ms:
+                return evaluator.latency(w) <= budget_latency_ms
+        return True
+
+    sampler = _Sampler(supernet, rng, fits)
+    pop: list[dict] = []
+    if fits(supernet.largest()):
+        pop.append(supernet.largest())
+    tries = 0
+    while len(pop) < cfg.population and tries < cfg.population * 20:
+        tries += 1
+        w = sampler.random()
+        if w is not None and _key(w) not in {_key(p) for p in pop}:
+            pop.append(w)
+    if not pop:
+        pop = [supernet.smallest()]
+    from tqdm.auto import tqdm
+
+    history = []
+    seen: dict[tuple, Candidate] = {}
+    bar = tqdm(range(cfg.generations), desc="ganslim search", disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        scored = [evaluator(w) for w in pop]
+        for c in scored:
+            seen[c.key] = c
+        scored.sort(key=lambda c: -c.fitness)
+        history.append(scored[0].fitness)
+        if progress:
+            bar.set_postfix({"best": f"{scored[0].fitness:.3f}", "MACs": f"{scored[0].macs / 1e9:.3f}G"}, refresh=False)
+        n_par = max(1, int(round(cfg.parents * cfg.population)))
+        parents = [c.widths for c in scored[:n_par]]
+        children: list[dict] = []
+        keys = {_key(p) for p in parents}
+        attempts = 0
+        while len(parents) + len(children) < cfg.population and attempts < cfg.population * 20:
+            attempts += 1
+            if len(parents) > 1 and rng.random() < cfg.crossover:
+                a, b = rng.sample(parents, 2)
+                w = sampler.crossover(a, b)
+            else:
+                w = sampler.mutate(rng.choice(parents), cfg.mutation_prob)
+            if w is not None and _key(w) not in keys:
+                keys.add(_key(w))
+                children.append(w)
+        pop = parents + children
+    bar.close()
+    for w in pop:
+        c = evaluator(w)
+        seen[c.key] = c
+    ok = [c for c in seen.values() if budget_macs is None or c.macs <= budget_macs]
+    ok.sort(key=lambda c: -c.fitness)
+    best = None
+    for c in ok:  # the fittest whose *measured* latency meets the budget
+        if budget_latency_ms is None or evaluator.latency(c.widths) <= budget_latency_ms:
+            best = c
+            break
+    if best is None:
+        raise BudgetError(f"no sub-network found within the budget (latency {budget_latency_ms} ms, MACs {budget_macs})")
+    return SearchResult(best, budget_macs, budget_latency_ms, float(reference_macs or supernet.total_macs),
+                        sorted(evaluator.cache.values(), key=lambda c: c.macs), evaluator.evaluations - n0,
+                        evaluator.seconds - s0 if evaluator.seconds > s0 else time.time() - t0, history)
+
+
+def search(supernet: Supernet, teacher: Optional[nn.Module], eval_pairs: Sequence[tuple], bn_inputs: Sequence[tuple] = (),
+           target_macs: Optional[float] = None, target_latency_ms: Optional[float] = None,
+           config: Optional[SearchConfig] = None, reference_macs: Optional[float] = None,
+           evaluator: Optional[Evaluator] = None, progress: bool = True, threads: Optional[int] = None) -> SearchResult:
+    """Find the best sub-network of ``supernet`` for one budget.
+
+    Args:
+        eval_pairs: held-out ``[(inputs tuple, target or None)]`` for fitness.
+        bn_inputs: training input tuples for BatchNorm re-estimation per candidate.
+        target_macs: fraction (<= 1) of ``reference_macs`` (the teacher's MACs at the supernet's
+            example input; default the full supernet) or an absolute MACs count.
+        target_latency_ms: measured latency budget (ms per forward of the first eval input).
+        evaluator: reuse one across budgets (cached evaluations are shared).
+    Raises:
+        BudgetError: the budget is outside what the supernet can reach (message gives the range).
+    """
+    cfg = (config or SearchConfig()).validate()
+    if target_macs is None and target_latency_ms is None:
+        raise BudgetError("give target_macs and/or target_latency_ms")
+    budget = resolve_budget(supernet, target_macs, reference_macs)
+    if target_latency_ms is not None and not target_latency_ms > 0:
+        raise BudgetError(f"target_latency_ms must be > 0, got {target_latency_ms}")
+    ev = evaluator or Evaluator(supernet, teacher, eval_pairs, bn_inputs, cfg.metric, latency_repeats=cfg.latency_repeats,
+                                threads=threads)
+    prev = supernet.widths
+    try:
+        return evolve(supernet, ev, budget, target_latency_ms, cfg, reference_macs, progress)
+    finally:
+        supernet.set_widths(prev)
+
+
+
+# ------------------------------------------------------------------------------ many budgets, one supernet
+@dataclass
+class BudgetRow:
+    """One budget's outcome: the chosen sub-network measured after export (and fine-tune)."""
+
+    budget: str  # "macs 0.1" or "latency 25 ms"
+    macs_fraction: float  # exported model's MACs / teacher's, at the evaluation input
+    psnr_gt_search: Optional[float]  # at selection time (supernet weights, BN re-estimated)
+    psnr_gt: Optional[float]  # exported (and fine-tuned) model
+    psnr_teacher: Optional[float]
+    latency_ms: Optional[float]  # exported plain model, this CPU
+    evaluations: int
+    search_seconds: float
+    finetune_seconds: float
+    path: Optional[str] = None
+    widths: dict = field(default_factory=dict)
+
+
+@dataclass
+class BudgetRows:
+    rows: list
+    results: list  # SearchResult per budget
+    teacher_psnr_gt: Optional[float] = None
+    teacher_latency_ms: Optional[float] = None
+
+    def table(self) -> str:
+        head = (f"{'budget':<16} {'MACs':>7} {'x fewer':>8} {'PSNR-GT search':>15} {'PSNR-GT':>8} {'vs teacher':>10} "
+                f"{'PSNR-T':>7} {'ms':>7} {'evals':>6} {'search s':>8} {'tune s':>7}")
+        lines = [head, "-" * len(head)]
+
+        def f(v, nd=2):
+            return "n/a" if v is None else f"{v:.{nd}f}"
+
+        for r in self.rows:
+            gap = None if r.psnr_gt is None or self.teacher_psnr_gt is None else r.psnr_gt - self.teacher_psnr_gt
+            lines.append(f"{r.budget:<16} {r.macs_fraction:7.4f} {1 / r.macs_fraction:8.2f} {f(r.psnr_gt_search):>15} "
+                         f"{f(r.psnr_gt):>8} {('n/a' if gap is None else f'{gap:+.2f} dB'):>10} {f(r.psnr_teacher):>7} "
+                         f"{f(r.latency_ms, 1):>7} {r.evaluations:6d} {r.search_seconds:8.1f} {r.finetune_seconds:7.1f}")
+        if self.teacher_psnr_gt is not None:
+            lines.append(f"teacher: PSNR-GT {self.teacher_psnr_gt:.2f} dB, {f(self.teacher_latency_ms, 1)} ms")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {"rows": [asdict(r) for r in self.rows], "teacher_psnr_gt": self.teacher_psnr_gt,
+                "teacher_latency_ms": self.teacher_latency_ms,
+                "pareto": [[[c.macs / r.reference_macs, c.fitness] for c in r.pareto()] for r in self.results]}
+
+
+def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: Sequence[tuple],
+                   budgets: Sequence[tuple], out_dir: Optional[str] = None, finetune_steps: int = 0,
+                   finetune_lr: float = 2e-3, population: int = 24, generations: int = 8, seed: int = 0,
+                   bn_batches: int = 4, progress: bool = True, plot: Optional[str] = None,
+                   batch_fn=None, threads: Optional[int] = None) -> BudgetRows:
+    """One supernet, several budgets, no retraining: for each ``("macs", fraction)`` or
+    ``("latency", ms)`` in ``budgets``: search, re-estimate BatchNorm, export a plain module,
+    optionally fine-tune it (``finetune_steps`` distillation steps), measure it, and save it to
+    ``out_dir/subnet_<budget>.safetensors``. Evaluations are shared between budgets.
+    ``plot``: PNG of every evaluated sub-network (MACs vs fitness) with each budget's choice."""
+    from .checkpoint import save
+    from .train import LossWeights, finetune, input_batches
+
+    cfg = SearchConfig(population=population, generations=generations, seed=seed, bn_batches=bn_batches)
+    bn_inputs = input_batches(loader, bn_batches, batch_fn)
+    pairs = [(as_input_tuple(i), t) for i, t in eval_pairs]
+    ev = Evaluator(supernet, teacher, pairs, bn_inputs, cfg.metric, latency_repeats=cfg.latency_repeats, threads=threads)
+    stat_input = pairs[0][0]
+    teacher_macs_eval = measure.count_macs(teacher, stat_input, "papers")
+    gt_pairs = [(i, t) for i, t in pairs if t is not None]
+    t_psnr = measure.fidelity_to_target(teacher, gt_pairs)["psnr"] if gt_pairs else None
+    t_lat = measure.measure_latency(teacher, stat_input, warmup=2, repeats=5, threads=threads, max_seconds=30).median_ms
+    rows, results = [], []
+    for kind, value in budgets:
+        t0 = time.time()
+        res = search(supernet, teacher, pairs, bn_inputs, target_macs=value if kind == "macs" else None,
+                     target_latency_ms=value if kind == "latency" else None, config=cfg, evaluator=ev,
+                     progress=progress, threads=threads)
+        recalibrate_bn(supernet, bn_inputs, res.best.widths)
+        plain = supernet.export(res.best.widths)
+        supernet.set_widths(supernet.largest())
+        search_s = time.time() - t0
+        t1 = time.time()
+        if finetune_steps > 0:
+            finetune(plain, teacher, loader, finetune_steps, finetune_lr, LossWeights(2.0, 10.0, 0.0, 0.0, 50.0),
+                     batch_fn=batch_fn, progress=progress, desc=f"fine-tune {kind} {value:g}")
+        ft_s = time.time() - t1
+        plain.eval()
+        fid_gt = measure.fidelity_to_target(plain, gt_pairs)["psnr"] if gt_pairs else None
+        fid_t = measure.compare_outputs(teacher, plain, [i for i, _ in pairs])["psnr"]
+        lat = measure.measure_latency(plain, stat_input, warmup=2, repeats=5, threads=threads, max_seconds=30).median_ms
+        label = f"macs {value:g}" if kind == "macs" else f"latency {value:g} ms"
+        path = None
+        if out_dir is not None:
+            name = f"subnet_{kind}_{value:g}".replace(".", "p")
+            path = str(save(plain, f"{out_dir}/{name}.safetensors",
+                            metadata={"budget": label, "widths": res.best.widths, "finetune_steps": finetune_steps}))
+        rows.append(BudgetRow(label, measure.count_macs(plain, stat_input, "papers") / teacher_macs_eval,
+                              res.best.metrics.get("psnr_gt"), fid_gt, fid_t, lat, res.evaluations, search_s, ft_s, path,
+                              dict(res.best.widths)))
+        results.append(res)
+    out = BudgetRows(rows, results, t_psnr, t_lat)
+    if plot:
+        pareto_plot(results, [r.budget for r in rows], plot)
+    return out
+
+
+def pareto_plot(results: Sequence[SearchResult], labels: Sequence[str], path: str) -> str:
+    """PNG: every evaluated sub-network (MACs fraction of the teacher vs fitness), the Pareto front,
+    and the sub-network chosen for each budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    allc = {c.key: c for r in results for c in r.evaluated}
+    ref = results[0].reference_macs
+    xs = [c.macs / ref for c in allc.values()]
+    ys = [c.fitness for c in allc.values()]
+    ax.scatter(xs, ys, s=8, c="#bbbbbb", label=f"evaluated ({len(allc)})")
+    front = pareto_front(list(allc.values()))
+    ax.plot([c.macs / ref for c in front], [c.fitness for c in front], "-o", ms=3, c="#1f77b4", label="Pareto front")
+    for r, lab in zip(results, labels):
+        ax.scatter([r.best.macs / ref], [r.best.fitness], s=60, marker="*", zorder=3)
+        ax.annotate(lab, (r.best.macs / ref, r.best.fitness), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs / teacher MACs")
+    ax.set_ylabel("fitness (PSNR dB, supernet weights)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

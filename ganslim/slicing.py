@@ -1,0 +1,481 @@
+"""Once-for-all width slicing: any generator becomes a supernet whose channel groups run at a chosen width.
+
+GAN Compression's second lever, generalised to any architecture. The prunable channel groups come
+from torch-pruning's dependency graph (:mod:`ganslim.targeting`), so coupled channels (residual
+adds, concatenations, norms, depthwise convs) always share one width: a width is chosen *per
+group*, never per layer, which makes inconsistent widths impossible by construction.
+
+* Channels are first **reordered by importance** inside each group (norm scale ``|gamma|`` where the
+  group has an affine norm, else the L2 norm of the producers' filters; or scores the user gives,
+  e.g. GAN Slimming gates), physically and function-preservingly, so a width ``k`` means the
+  ``k`` most useful channels: the group's leading positions.
+* **Slicing** replaces the ``forward`` of each touched layer *instance* (the user's class is not
+  touched; :meth:`Supernet.detach` restores it) with one that runs on the leading channels only:
+  real smaller convolutions, so small sub-networks are cheaper to train and evaluate.
+* A **sub-network** (``{group root: width}``) is exported as a plain module of standard layers with
+  the real smaller weights copied in (torch-pruning removes the other channels physically) and its
+  output is checked equal to the sliced supernet's.
+* BatchNorm statistics are shared by all widths while training; :func:`recalibrate_bn` re-estimates
+  them for one sub-network before it is evaluated or exported (as OFA does).
+"""
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._utils import as_input_tuple
+from .gating import MacsModel, prune_channels
+from .targeting import NORM_TYPES, ChannelGroup, Targets, find_channel_groups
+
+__all__ = ["SliceConfig", "Supernet", "make_supernet", "recalibrate_bn", "width_choices", "SliceError"]
+
+Widths = dict  # {group root name: kept channels}
+
+
+class SliceError(ValueError):
+    """A width configuration or a layer the supernet cannot slice; the message names it."""
+
+
+@dataclass
+class SliceConfig:
+    """Candidate widths of every channel group: ``ratios`` of its full size, rounded up to a multiple
+    of ``multiple`` channels (8 suits CPU/GPU kernels), at least ``min_channels``.
+    ``importance``: ``"magnitude"`` (norm ``|gamma|`` or filter L2 norm) or ``"none"`` (keep the order)."""
+
+    ratios: Sequence[float] = (0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5, 0.625, 0.75, 1.0)
+    multiple: int = 8
+    min_channels: int = 1
+    importance: str = "magnitude"
+
+    def validate(self) -> "SliceConfig":
+        if not self.ratios or not all(0 < r <= 1 for r in self.ratios):
+            raise SliceError(f"width ratios must lie in (0, 1], got {list(self.ratios)}")
+        if self.multiple < 1 or self.min_channels < 1:
+            raise SliceError("multiple and min_channels must be >= 1")
+        if self.importance not in ("magnitude", "none"):
+            raise SliceError(f"importance must be 'magnitude' or 'none', got {self.importance!r}")
+        return self
+
+
+def width_choices(size: int, cfg: SliceConfig) -> list[int]:
+    """Sorted distinct widths for a group of ``size`` channels; always includes ``size`` itself."""
+    out = {size}
+    for r in cfg.ratios:
+        k = -(-int(round(r * size * 1000)) // 1000)  # ceil without float noise
+        k = -(-k // cfg.multiple) * cfg.multiple
+        out.add(int(min(size, max(cfg.min_channels, k))))
+    return sorted(out)
+
+
+# ------------------------------------------------------------------------------------------ importance
+@torch.no_grad()
+def group_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    """Score per position of ``group`` (higher = keep first): the sum over the group's affine norms
+    of ``|gamma|`` (a conv feeding a norm is rescaled by it, so its filter norm says little) or,
+    without one, the sum over producers of the filters' L2 norms, each member normalised to mean 1."""
+    score = torch.zeros(group.size)
+    norms = [m for m in group.members if m.role == "norm"
+             and getattr(model.get_submodule(m.name), "weight", None) is not None]
+    members = norms or [m for m in group.members if m.role == "producer"]
+    for mem in members:
+        mod = model.get_submodule(mem.name)
+        w = mod.weight.detach().float().cpu()
+        if isinstance(mod, NORM_TYPES):
+            s = w.abs()
+        elif isinstance(mod, nn.modules.conv._ConvTransposeNd):
+            s = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)
+            s = s.repeat(mod.groups)
+        else:
+            s = w.reshape(w.shape[0], -1).norm(dim=1)
+        vals = s[mem.channels]
+        score[mem.positions] += vals / vals.mean().clamp_min(1e-12)
+    return score
+
+
+def _member_index(dim: int, mem, order: torch.Tensor) -> torch.Tensor:
+    """Index over a layer's channel dim that moves the channel at old position ``order[p]`` to position p."""
+    idx = torch.arange(dim)
+    pos_to_ch = dict(zip(mem.positions, mem.channels))
+    for p in mem.positions:
+        idx[pos_to_ch[p]] = pos_to_ch[int(order[p])]
+    return idx
+
+
+def _depthwise(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and mod.groups == mod.in_channels
+
+
+@torch.no_grad()
+def reorder_channels(model: nn.Module, groups: Sequence[ChannelGroup], orders: Sequence[torch.Tensor]) -> None:
+    """Permute every group's channels in place so position ``p`` holds old position ``orders[g][p]``.
+    The network computes the same function afterwards (every coupled layer is permuted alike)."""
+    for group, order in zip(groups, orders):
+        if torch.equal(order, torch.arange(group.size)):
+            continue
+        for mem in group.members:
+            mod = model.get_submodule(mem.name)
+            if mem.role == "norm":
+                idx = _member_index(mod.num_features, mem, order)
+                for t in (getattr(mod, "weight", None), getattr(mod, "bias", None),
+                          getattr(mod, "running_mean", None), getattr(mod, "running_var", None)):
+                    if t is not None:
+                        t.copy_(t[idx])
+                continue
+            transposed = isinstance(mod, nn.modules.conv._ConvTransposeNd)
+            if transposed and mod.groups > 1:
+                raise SliceError(f"{mem.name}: grouped transposed convs cannot be sliced")
+            w = mod.weight
+            if mem.role == "producer":
+                idx = _member_index(_channels(mod, "out"), mem, order)
+                if _depthwise(mod):
+                    w.copy_(w[idx])  # depthwise: in and out channels move together (weight dim 0)
+                else:
+                    w.copy_(w.index_select(1 if transposed else 0, idx))
+                if mod.bias is not None:
+                    mod.bias.copy_(mod.bias[idx])
+            elif not _depthwise(mod):  # consumer: input channels (a depthwise conv moved with its outputs)
+                idx = _member_index(_channels(mod, "in"), mem, order)
+                w.copy_(w.index_select(0 if transposed else 1, idx))
+
+
+# ------------------------------------------------------------------------------------------ slicing
+def _sel(t: Optional[torch.Tensor], idx, dim: int = 0) -> Optional[torch.Tensor]:
+    if t is None or idx is None:
+        return t
+    if isinstance(idx, slice):
+        return t[idx] if dim == 0 else t[:, idx]
+    return t.index_select(dim, idx)
+
+
+def _as_index(keep: torch.Tensor):
+    """A ``slice`` when the kept channels are a leading run (views, no copy), else an index tensor."""
+    n = int(keep.sum())
+    if bool(keep[:n].all()):
+        return slice(0, n)
+    return keep.nonzero().flatten()
+
+
+def _sliced_forward(mod: nn.Module, state: dict, x: torch.Tensor, *args, **kwargs):
+    """Forward of one layer restricted to ``state["in"]`` / ``state["out"]`` channels (None = all)."""
+    cin, cout = state.get("in"), state.get("out")
+    if cin is None and cout is None:
+        return state["orig"](x, *args, **kwargs)
+    if isinstance(mod, nn.modules.conv._ConvTransposeNd):
+        w = _sel(_sel(mod.weight, cin, 0), cout, 1)
+        fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[w.dim() - 2]
+        return fn(x, w, _sel(mod.bias, cout), mod.stride, mod.padding, mod.output_padding, mod.groups, mod.dilation)
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        groups = mod.groups
+        if _depthwise(mod):
+            w, b = _sel(mod.weight, cout), _sel(mod.bias, cout)
+            groups = w.shape[0]
+        else:
+            w, b = _sel(_sel(mod.weight, cout, 0), cin, 1), _sel(mod.bias, cout)
+        fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+        if mod.padding_mode != "zeros":
+            x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
+            return fn(x, w, b, mod.stride, 0, mod.dilation, groups)
+        return fn(x, w, b, mod.stride, mod.padding, mod.dilation, groups)
+    if isinstance(mod, nn.Linear):
+        return F.linear(x, _sel(_sel(mod.weight, cout, 0), cin, 1), _sel(mod.bias, cout))
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return _sliced_batch_norm(mod, cout, x)
+    if isinstance(mod, nn.modules.instancenorm._InstanceNorm):
+        rm, rv = _sel(mod.running_mean, cout), _sel(mod.running_var, cout)
+        use_input_stats = mod.training or not mod.track_running_stats
+        out = F.instance_norm(x, rm, rv, _sel(mod.weight, cout), _sel(mod.bias, cout), use_input_stats,
+                              mod.momentum if mod.momentum is not None else 0.1, mod.eps)
+        _write_back(mod, cout, rm, rv)
+        return out
+    raise SliceError(f"cannot slice {type(mod).__name__}")
+
+
+def _write_back(mod, idx, rm, rv) -> None:
+    # index_select copies: running statistics updated on the copy go back to the shared buffers
+    if mod.training and rm is not None and not isinstance(idx, slice):
+        with torch.no_grad():
+            mod.running_mean[idx] = rm
+            mod.running_var[idx] = rv
+
+
+def _sliced_batch_norm(mod: nn.modules.batchnorm._BatchNorm, idx, x: torch.Tensor) -> torch.Tensor:
+    # mirrors nn.BatchNorm's own forward (momentum None = cumulative average), on a channel subset
+    factor = 0.0 if mod.momentum is None else mod.momentum
+    if mod.training and mod.track_running_stats and mod.num_batches_tracked is not None:
+        mod.num_batches_tracked.add_(1)
+        factor = 1.0 / float(mod.num_batches_tracked) if mod.momentum is None else mod.momentum
+    use_batch = mod.training or (mod.running_mean is None and mod.running_var is None)
+    track = not mod.training or mod.track_running_stats
+    rm, rv = _sel(mod.running_mean, idx), _sel(mod.running_var, idx)
+    out = F.batch_norm(x, rm if track else None, rv if track else None, _sel(mod.weight, idx), _sel(mod.bias, idx),
+                       use_batch, factor, mod.eps)
+    _write_back(mod, idx, rm, rv)
+    return out
+
+
+def _first(out):
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _channels(mod: nn.Module, side: str) -> int:
+    if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        return mod.num_features
+    if isinstance(mod, nn.Linear):
+        return mod.in_features if side == "in" else mod.out_features
+    return mod.in_channels if side == "in" else mod.out_channels
+
+
+class Supernet(nn.Module):
+    """A generator whose channel groups run at any of their candidate widths (weight sharing).
+
+    ``model``: the (reordered) network; its layers' forwards are replaced per instance while the
+    supernet is attached. ``groups``: the channel groups; ``choices[root]``: candidate widths.
+    Call :meth:`set_widths` then run ``supernet(x)`` (or ``supernet.model(x)``).
+    """
+
+    def __init__(self, model: nn.Module, targets: Targets, example_inputs: Any, config: SliceConfig,
+                 base_macs: Optional[Mapping[str, int]] = None):
+        super().__init__()
+        from . import measure
+
+        self.model = model
+        self.targets = targets
+        self.groups: list[ChannelGroup] = list(targets.groups)
+        self.config = config
+        self.example_inputs = tuple(t.detach()[:1].cpu() for t in as_input_tuple(example_inputs))
+        self.choices: dict[str, list[int]] = {g.root: width_choices(g.size, config) for g in self.groups}
+        base = dict(base_macs) if base_macs is not None else measure.macs_by_module(model, self.example_inputs, "papers")
+        self._macs = MacsModel(model, targets, base)
+        self._states: dict[str, dict] = {}
+        self.last_export_diff: Optional[float] = None
+        self._widths: Widths = self.largest()
+        self.attach()
+
+    # ------------------------------------------------------------------ configurations
+    def largest(self) -> Widths:
+        return {r: c[-1] for r, c in self.choices.items()}
+
+    def smallest(self) -> Widths:
+        return {r: c[0] for r, c in self.choices.items()}
+
+    def sample(self, rng: random.Random) -> Widths:
+        """A uniformly random configuration (each group's width drawn from its choices)."""
+        return {r: rng.choice(c) for r, c in self.choices.items()}
+
+    def check(self, widths: Mapping[str, int]) -> Widths:
+        """Validate a configuration: every group named once, widths within ``1..size``."""
+        missing = [g.root for g in self.groups if g.root not in widths]
+        extra = [k for k in widths if k not in self.choices]
+        if missing or extra:
+            raise SliceError(f"a width configuration must name every channel group once; missing {missing[:4]}, "
+                             f"unknown {extra[:4]}")
+        out = {}
+        for g in self.groups:
+            k = int(widths[g.root])
+            if not 1 <= k <= g.size:
+                raise SliceError(f"group {g.root}: width {k} outside 1..{g.size}")
+            out[g.root] = k
+        return out
+
+    def alive(self, widths: Mapping[str, int]) -> list[torch.Tensor]:
+        """Boolean per group position: kept (the leading ``widths[root]`` positions)."""
+        out = []
+        for g in self.groups:
+            a = torch.zeros(g.size, dtype=torch.bool)
+            a[: int(widths[g.root])] = True
+            out.append(a)
+        return out
+
+    def macs(self, widths: Optional[Mapping[str, int]] = None) -> float:
+        """MACs (papers' convention) of a sub-network at the example input's size (exact for convs)."""
+        return self._macs.macs(self.alive(self._widths if widths is None else widths))
+
+    @property
+    def total_macs(self) -> float:
+        """MACs of the full-width network at the example input's size."""
+        return self._macs.total
+
+    # ------------------------------------------------------------------ slicing
+    def attach(self) -> "Supernet":
+        """Replace the forward of every layer a group touches (instance attribute; idempotent)."""
+        touched = {m.name for g in self.groups for m in g.members}
+        for name in sorted(touched):
+            mod = self.model.get_submodule(name)
+            if name in self._states:
+                continue
+            if not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm,
+                                    nn.modules.instancenorm._InstanceNorm)):
+                raise SliceError(f"{name}: {type(mod).__name__} cannot be sliced")
+            if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and not _depthwise(mod):
+                raise SliceError(f"{name}: grouped conv (groups={mod.groups}) cannot be sliced")
+            if _depthwise(mod) and mod.out_channels != mod.in_channels:
+                raise SliceError(f"{name}: depthwise conv with a channel multiplier cannot be sliced")
+            state = {"orig": mod.forward, "in": None, "out": None}
+            self._states[name] = state
+
+            def fwd(x, *args, _mod=mod, _state=state, **kwargs):
+                return _sliced_forward(_mod, _state, x, *args, **kwargs)
+
+            mod.forward = fwd
+        self.set_widths(self._widths)
+        return self
+
+    def detach(self) -> None:
+        """Give every layer its own forward back (the model computes the full-width function)."""
+        for name in self._states:
+            mod = self.model.get_submodule(name)
+            if "forward" in mod.__dict__:
+                del mod.forward
+        self._states = {}
+
+    def set_widths(self, widths: Mapping[str, int]) -> "Supernet":
+        """Make the next forward passes run the sub-network ``widths`` (``{group root: channels}``)."""
+        widths = self.check(widths)
+        self._widths = widths
+        if not self._states:
+            return self
+        keep_in: dict[str, torch.Tensor] = {}
+        keep_out: dict[str, torch.Tensor] = {}
+        for g, a in zip(self.groups, self.alive(widths)):
+            for mem in g.members:
+                mod = self.model.get_submodule(mem.name)
+                side = keep_in if mem.role == "consumer" else keep_out
+                if mem.name not in side:
+                    side[mem.name] = torch.ones(_channels(mod, "in" if mem.role == "consumer" else "out"), dtype=torch.bool)
+                side[mem.name][mem.channels] = a[mem.positions]
+        for name, st in self._states.items():
+            mod = self.model.get_submodule(name)
+            kin, kout = keep_in.get(name), keep_out.get(name)
+            if _depthwise(mod):  # the in and out channels of a depthwise conv are one set
+                kout = kin if kout is None else (kout if kin is None else kout & kin)
+                kin = None
+            st["in"] = None if kin is None or bool(kin.all()) else _as_index(kin)
+            st["out"] = None if kout is None or bool(kout.all()) else _as_index(kout)
+        return self
+
+    @property
+    def widths(self) -> Widths:
+        return dict(self._widths)
+
+    def forward(self, *inputs):
+        return self.model(*inputs)
+
+    # ------------------------------------------------------------------ export
+    def export(self, widths: Optional[Mapping[str, int]] = None, atol: float = 1e-4) -> nn.Module:
+        """The sub-network ``widths`` as a plain module of standard layers (real smaller weights),
+        its output checked equal to the sliced supernet's on the example input (max |diff| <= atol).
+        Run :func:`recalibrate_bn` for these widths first when the network has BatchNorm."""
+        widths = self.check(self._widths if widths is None else widths)
+        prev = self._widths
+        self.set_widths(widths)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                ref = _first(self.model(*self.example_inputs))
+            plain = self.plain_copy()
+        finally:
+            self.set_widths(prev)
+            self.model.train(was_training)
+        prune_channels(plain, self.groups, self.alive(widths), self.example_inputs)
+        plain.eval()
+        with torch.no_grad():
+            out = _first(plain(*self.example_inputs))
+        diff = float((out - ref).abs().max())
+        self.last_export_diff = diff
+        if not diff <= atol:
+            raise SliceError(f"exported sub-network differs from the sliced supernet by {diff:.3g} (> {atol})")
+        for p in plain.parameters():
+            p.requires_grad_(True)
+        return plain
+
+    def plain_copy(self) -> nn.Module:
+        """A deep copy of the full-width network without the slicing forwards (e.g. to save it)."""
+        attached = bool(self._states)
+        self.detach()
+        try:
+            return copy.deepcopy(self.model)
+        finally:
+            if attached:
+                self.attach()
+
+    def __deepcopy__(self, memo):
+        # the slicing forwards are closures over this model's layers: copy the plain network and
+        # slice the copy afresh
+        new = Supernet(self.plain_copy(), self.targets, self.example_inputs, self.config, base_macs=self._macs.base)
+        new.train(self.training)
+        return new.set_widths(self._widths)
+
+    def describe(self) -> dict:
+        """JSON-serialisable description (group roots, sizes, choices, slicing config, example shapes)."""
+        return {"groups": [{"root": g.root, "size": g.size, "choices": self.choices[g.root]} for g in self.groups],
+                "ratios": list(self.config.ratios), "multiple": self.config.multiple,
+                "min_channels": self.config.min_channels,
+                "input_shapes": [list(t.shape) for t in self.example_inputs]}
+
+
+def make_supernet(model: nn.Module, example_inputs: Any, config: Optional[SliceConfig] = None,
+                  include: Optional[Sequence] = None, exclude: Sequence = (),
+                  importance: Optional[Mapping[str, torch.Tensor]] = None, copy_model: bool = True,
+                  reorder: bool = True) -> Supernet:
+    """Turn ``model`` into a width-sliceable :class:`Supernet` (a deep copy unless ``copy_model=False``).
+
+    Args:
+        example_inputs: a tensor ``(N, C, H, W)`` or tuple of the model's inputs (tracing, MACs).
+        config: :class:`SliceConfig` (candidate width ratios, rounding multiple, importance).
+        include/exclude: as for :func:`ganslim.targeting.find_channel_groups`.
+        importance: optional ``{group root: score per channel}`` (e.g. gate magnitudes); overrides
+            ``config.importance`` for the groups it names.
+        reorder: sort channels by importance (off for a supernet that is already ordered).
+    """
+    cfg = (config or SliceConfig()).validate()
+    net = copy.deepcopy(model) if copy_model else model
+    inputs = as_input_tuple(example_inputs)
+    targets = find_channel_groups(net, inputs, include=include, exclude=exclude)
+    if reorder and (cfg.importance != "none" or importance):
+        orders = []
+        for g in targets.groups:
+            if importance and g.root in importance:
+                s = torch.as_tensor(importance[g.root]).detach().float().cpu().abs()
+                if s.numel() != g.size:
+                    raise SliceError(f"importance for {g.root} has {s.numel()} values, the group has {g.size} channels")
+            elif cfg.importance == "magnitude":
+                s = group_importance(net, g)
+            else:
+                s = -torch.arange(g.size, dtype=torch.float)
+            orders.append(torch.argsort(s, descending=True, stable=True))
+        reorder_channels(net, targets.groups, orders)
+    return Supernet(net, targets, inputs, cfg)
+
+
+@torch.no_grad()
+def recalibrate_bn(supernet: Supernet, batches: Iterable[tuple], widths: Optional[Mapping[str, int]] = None) -> int:
+    """Re-estimate the BatchNorm running statistics of the sub-network ``widths`` (default: the
+    current one) from ``batches`` (tuples of generator inputs): statistics reset, then a cumulative
+    average over the batches in train mode, no gradients. Returns the number of BatchNorm layers
+    recalibrated (0 for instance-norm networks: nothing to do)."""
+    bns = [m for m in supernet.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    if widths is not None:
+        supernet.set_widths(widths)
+    was_training = supernet.model.training
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    supernet.model.train()
+    try:
+        for inputs in batches:
+            supernet.model(*inputs)
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        supernet.model.train(was_training)
+    return len(bns)

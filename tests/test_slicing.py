@@ -1,0 +1,291 @@
+"""Once-for-all: width slicing on any generator, supernet training (resumable), search under budgets, export."""
+import json
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ganslim
+from ganslim import measure
+from ganslim.checkpoint import CheckpointError
+from ganslim.cli import main
+from ganslim.search import BudgetError, Evaluator, SearchConfig, pareto_front, search
+from ganslim.slicing import SliceConfig, SliceError, make_supernet, recalibrate_bn, width_choices
+from ganslim.supernet import SupernetConfig, load_supernet, save_supernet, train_supernet
+from ganslim.zoo import create_model
+
+from archs import OPS, RandomGenerator
+
+
+def _bn_stats(m: nn.Module, x: torch.Tensor) -> nn.Module:
+    m.train()
+    with torch.no_grad():
+        m(x)
+    return m.eval()
+
+
+def test_width_choices_round_to_the_multiple_and_keep_the_full_width():
+    cfg = SliceConfig(ratios=(0.1, 0.25, 0.5, 1.0), multiple=8)
+    assert width_choices(128, cfg) == [16, 32, 64, 128]
+    assert width_choices(20, cfg) == [8, 16, 20]  # 0.5 * 20 = 10 -> 16; full width always offered
+    assert width_choices(4, cfg) == [4]  # smaller than the multiple: only its own width
+    with pytest.raises(SliceError, match="ratios"):
+        SliceConfig(ratios=(0.0, 1.0)).validate()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=st.lists(st.sampled_from(OPS), min_size=1, max_size=6),
+       widths=st.lists(st.integers(2, 12), min_size=7, max_size=7),
+       norm=st.sampled_from(["instance", "instance_affine", "batch", "none"]), seed=st.integers(0, 1000))
+def test_fuzz_slicing_equals_the_exported_subnetwork(spec, widths, norm, seed):
+    """Random architectures (residual adds, concatenations, depthwise and transposed convs): reordering
+    keeps the function; any sampled widths run without a shape error (coupled channels share one
+    width by construction); the sliced supernet equals its physically exported sub-network; the MACs
+    the supernet predicts are the exported model's measured MACs."""
+    torch.manual_seed(seed)
+    m = RandomGenerator(spec, widths, norm)
+    x = torch.randn(1, 3, 16, 16)
+    if norm == "batch":
+        _bn_stats(m, torch.randn(4, 3, 16, 16))
+    m.eval()
+    with torch.no_grad():
+        ref = m(x)
+    sn = make_supernet(m, x, SliceConfig(ratios=(0.25, 0.5, 0.75, 1.0), multiple=1)).eval()
+    with torch.no_grad():
+        assert torch.allclose(sn(x), ref, atol=1e-5), "reordering channels changed the function"
+    rng = random.Random(seed)
+    for widths_cfg in (sn.smallest(), sn.sample(rng), sn.sample(rng)):
+        sn.set_widths(widths_cfg)
+        with torch.no_grad():
+            sliced = sn(x)
+        plain = sn.export(widths_cfg)  # raises when the export differs from the sliced supernet
+        with torch.no_grad():
+            assert torch.allclose(plain(x), sliced, atol=1e-5)
+        measured = measure.count_macs(plain, x, "papers")
+        # exact for weighted layers; parameter-free ones (LeakyReLU costs MACs in this convention) are
+        # counted at full width by the prediction
+        free = sum(v for k, v in sn._macs.base.items() if not any(True for _ in m.get_submodule(k).parameters()))
+        assert measured * (1 - 1e-6) <= sn.macs(widths_cfg) <= measured * (1 + 1e-6) + free
+        if widths_cfg != sn.largest():
+            assert measure.count_params(plain) < measure.count_params(m)
+    assert torch.equal(sn.set_widths(sn.largest())(x), sn(x))
+
+
+def test_sliced_layers_really_compute_on_fewer_channels():
+    m = create_model("resnet_6blocks", ngf=8).eval()
+    x = torch.randn(1, 3, 32, 32)
+    sn = make_supernet(m, x, SliceConfig(ratios=(0.25, 1.0), multiple=1))
+    sn.set_widths(sn.smallest())
+    shapes = {}
+    handles = [mod.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, o.shape[1]))
+               for n, mod in sn.model.named_modules() if isinstance(mod, nn.Conv2d)]
+    with torch.no_grad():
+        sn(x)
+    for h in handles:
+        h.remove()
+    assert shapes["model.1"] == 2 and shapes["model.4"] == 4  # 8 -> 2, 16 -> 4 channels: real smaller tensors
+    sn.detach()
+    assert "forward" not in sn.model.get_submodule("model.1").__dict__  # the user's layers are restored
+
+
+def test_importance_order_puts_the_largest_norm_scales_first():
+    m = create_model("resnet_6blocks", ngf=8, norm="batch").eval()
+    bn = m.model[2]  # the first conv's norm
+    with torch.no_grad():
+        bn.weight.copy_(torch.arange(8, dtype=torch.float))  # channel 7 most important
+    sn = make_supernet(m, torch.randn(1, 3, 32, 32))
+    assert torch.equal(sn.model.model[2].weight, torch.arange(7, -1, -1, dtype=torch.float))
+
+
+def test_batchnorm_recalibration_matches_the_subnetwork_statistics():
+    torch.manual_seed(0)
+    m = create_model("resnet_6blocks", ngf=8, norm="batch")
+    x = torch.randn(4, 3, 32, 32)
+    sn = make_supernet(m, x[:1], SliceConfig(ratios=(0.5, 1.0), multiple=1))
+    w = sn.smallest()
+    assert recalibrate_bn(sn, [(x,)], w) > 0
+    k = w["model.1"]
+    with torch.no_grad():  # the first norm's running mean is exactly the batch mean of the sliced conv output
+        feat = sn.model.model[1](sn.model.model[0](x))
+    assert feat.shape[1] == k
+    assert torch.allclose(sn.model.model[2].running_mean[:k], feat.mean((0, 2, 3)), atol=1e-6)
+    sn.train()
+    with torch.no_grad():
+        batch_stats = sn(x)  # BatchNorm on the batch's own statistics
+    sn.eval()
+    with torch.no_grad():
+        running = sn(x)  # on the re-estimated running statistics (unbiased variance: tiny differences)
+    assert (batch_stats - running).abs().max() < 0.02
+
+
+def _tiny_task(n_batches: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.rand(4, 3, 24, 24, generator=g) * 2 - 1 for _ in range(n_batches)]
+    return [(x, torch.tanh(x.flip(1) * 1.5)) for x in xs]
+
+
+def test_sandwich_training_improves_the_smallest_and_the_largest_subnetwork():
+    torch.manual_seed(0)
+    teacher = create_model("resnet_6blocks", ngf=8, norm="instance").eval()
+    loader = _tiny_task()
+    torch.manual_seed(1)  # a freshly initialised student learns the paired task
+    sn = make_supernet(create_model("resnet_6blocks", ngf=8, norm="instance"), loader[0][0][:1],
+                       SliceConfig(ratios=(0.25, 0.5, 1.0), multiple=1))
+
+    def l1_to_gt(widths):
+        sn.set_widths(widths).eval()
+        with torch.no_grad():
+            return sum(float((sn(x) - y).abs().mean()) for x, y in loader)
+
+    before = (l1_to_gt(sn.smallest()), l1_to_gt(sn.largest()))
+    info = train_supernet(sn, teacher, loader, SupernetConfig(steps=30, lr=2e-3, recon_weight=0, gt_weight=10,
+                                                              mse_weight=0), progress=False)
+    after = (l1_to_gt(sn.smallest()), l1_to_gt(sn.largest()))
+    assert info["steps"] == 30
+    # measured: 3.48 -> 3.36 (smallest, a quarter of the widths) and 3.65 -> 3.05 (largest)
+    assert after[0] < 0.98 * before[0] and after[1] < 0.9 * before[1]
+
+
+def test_interrupted_supernet_training_resumes_to_the_same_weights(tmp_path):
+    torch.manual_seed(0)
+    teacher = create_model("resnet_6blocks", ngf=4, norm="instance").eval()
+    loader = _tiny_task(5)
+    cfg = SupernetConfig(steps=8, lr=1e-3, save_every=3, seed=3)
+
+    def fresh():
+        torch.manual_seed(1)
+        return make_supernet(teacher, loader[0][0][:1], SliceConfig(ratios=(0.5, 1.0), multiple=1))
+
+    whole = fresh()
+    train_supernet(whole, teacher, loader, cfg, progress=False)
+
+    ckpt = tmp_path / "sn.state.pt"
+    broken = fresh()
+
+    def crash(step, losses):
+        if step == 5:
+            raise KeyboardInterrupt  # killed after step 5; the last checkpoint is step 3
+
+    with pytest.raises(KeyboardInterrupt):
+        train_supernet(broken, teacher, loader, cfg, progress=False, checkpoint=ckpt, callbacks=[crash])
+    assert torch.load(ckpt, weights_only=False)["step"] == 3
+    resumed = fresh()
+    info = train_supernet(resumed, teacher, loader, cfg, progress=False, checkpoint=ckpt)
+    assert info["resumed_from"] == 3
+    for (k, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+
+    ckpt.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot resume"):
+        train_supernet(fresh(), teacher, loader, cfg, progress=False, checkpoint=ckpt)
+
+
+def _searchable():
+    torch.manual_seed(0)
+    teacher = create_model("resnet_6blocks", ngf=8, norm="batch").eval()
+    _bn_stats(teacher, torch.randn(4, 3, 32, 32))
+    loader = _tiny_task(4)
+    sn = make_supernet(teacher, loader[0][0][:1], SliceConfig(ratios=(0.25, 0.5, 0.75, 1.0), multiple=1))
+    pairs = [((x[:2],), y[:2]) for x, y in loader[:2]]
+    bn = [(x,) for x, _ in loader[2:]]
+    return teacher, sn, pairs, bn
+
+
+def test_search_meets_the_macs_budget_and_keeps_the_fittest():
+    teacher, sn, pairs, bn = _searchable()
+    cfg = SearchConfig(population=8, generations=3, metric="psnr_teacher")
+    res = search(sn, teacher, pairs, bn, target_macs=0.3, config=cfg, progress=False)
+    assert res.best.macs <= 0.3 * sn.total_macs
+    within = [c for c in res.evaluated if c.macs <= 0.3 * sn.total_macs]
+    assert res.best.fitness == max(c.fitness for c in within)
+    assert res.evaluations >= 8 and res.per_minute > 0
+    front = res.pareto()
+    assert [c.macs for c in front] == sorted(c.macs for c in front)
+    assert all(a.fitness < b.fitness for a, b in zip(front, front[1:]))
+    assert pareto_front(front) == front
+    # the exported choice is a plain module at those MACs
+    recalibrate_bn(sn, bn, res.best.widths)
+    plain = sn.export(res.best.widths)
+    x = pairs[0][0][0][:1]
+    assert measure.count_macs(plain, x) <= 0.3 * measure.count_macs(teacher, x) * 1.01
+
+
+def test_budgets_outside_the_achievable_range_name_the_range():
+    teacher, sn, pairs, bn = _searchable()
+    with pytest.raises(BudgetError, match="achievable range"):
+        search(sn, teacher, pairs, bn, target_macs=0.001, progress=False)
+    with pytest.raises(BudgetError, match="achievable range"):
+        search(sn, teacher, pairs, bn, target_macs=2 * sn.total_macs, progress=False)
+    with pytest.raises(BudgetError, match="below the smallest"):
+        search(sn, teacher, pairs, bn, target_latency_ms=1e-6, progress=False)
+    with pytest.raises(SliceError, match="every channel group"):
+        sn.set_widths({"model.1": 2})
+
+
+def test_latency_budget_is_measured_on_this_device():
+    teacher, sn, pairs, bn = _searchable()
+    big = (torch.rand(1, 3, 128, 128) * 2 - 1,)  # large enough that width, not overhead, sets the time
+    ev = Evaluator(sn, teacher, pairs, bn, "psnr_teacher", latency_input=big)
+    full, small = ev.latency(sn.largest()), ev.latency(sn.smallest())
+    budget = (full + small) / 2
+    res = search(sn, teacher, pairs, bn, target_latency_ms=budget, config=SearchConfig(population=6, generations=2),
+                 evaluator=ev, progress=False)
+    assert res.best.latency_ms is not None and res.best.latency_ms <= budget  # measured, not predicted
+
+
+def test_supernet_saves_and_reloads_without_its_class(tmp_path):
+    teacher, sn, pairs, bn = _searchable()
+    path = save_supernet(sn, tmp_path / "sn.safetensors")
+    again = load_supernet(path)
+    assert again.choices == sn.choices
+    w = sn.sample(random.Random(1))
+    x = pairs[0][0][0]
+    sn.set_widths(w).eval()
+    again.set_widths(w).eval()
+    with torch.no_grad():
+        assert torch.equal(sn(x), again(x))
+    ganslim.save(teacher, tmp_path / "plain.safetensors")
+    with pytest.raises(CheckpointError, match="not a ganslim supernet"):
+        load_supernet(tmp_path / "plain.safetensors")
+
+
+def test_compress_with_the_ofa_strategy_returns_a_plain_smaller_model():
+    torch.manual_seed(0)
+    teacher = create_model("resnet_6blocks", ngf=8, norm="instance").eval()
+    loader = _tiny_task(4)
+    res = ganslim.compress(teacher, teacher, loader, strategy="ofa", target_macs=0.3, steps=6, finetune_steps=4,
+                           search_population=6, search_generations=2, progress=False, measure_latency=False)
+    assert res.report.strategy == "ofa" and res.supernet is not None
+    assert res.report.student.macs <= 0.3 * res.report.teacher.macs * 1.01
+    assert res.report.search["evaluations"] >= 6
+    assert not any(isinstance(m, type(res.supernet)) for m in res.model.modules())
+    assert all("forward" not in m.__dict__ for m in res.model.modules())  # no slicing left in the result
+    with pytest.raises(BudgetError, match="achievable range"):
+        ganslim.compress(teacher, teacher, loader, strategy="ofa", target_macs=1e-4, steps=1, progress=False)
+
+
+def test_cli_compress_ofa_then_search_several_budgets(tmp_path, capsys):
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.safetensors"
+    ganslim.save(create_model("resnet_6blocks", ngf=4), teacher)
+    out = tmp_path / "ofa"
+    assert main(["compress", "--teacher", str(teacher), "--strategy", "ofa", "--target-macs", "0.5", "--steps", "3",
+                 "--finetune-steps", "1", "--crop", "32", "--batch-size", "2", "--population", "4", "--generations",
+                 "1", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "supernet.safetensors").exists() and (out / "supernet.state.pt").exists()
+    rc = main(["search", str(out / "supernet.safetensors"), "--teacher", str(teacher), "--target-macs", "0.6", "0.4",
+               "--population", "4", "--generations", "1", "--crop", "32", "--batch-size", "2",
+               "--out", str(tmp_path / "s"), "--no-progress"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "s" / "search.json").read_text())["rows"]
+    assert [r["budget"] for r in rows] == ["macs 0.6", "macs 0.4"]
+    assert all(r["macs_fraction"] <= float(r["budget"].split()[1]) * 1.01 for r in rows)
+    assert (tmp_path / "s" / "pareto.png").stat().st_size > 1000
+    for r in rows:
+        assert ganslim.load(r["path"]) is not None
+    assert main(["search", str(out / "supernet.safetensors"), "--teacher", str(teacher), "--target-macs", "0.0001",
+                 "--out", str(tmp_path / "s2"), "--no-progress"]) == 2
+    assert "achievable range" in capsys.readouterr().err
