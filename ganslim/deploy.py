@@ -233,9 +233,36 @@ def _float_ends(path: pathlib.Path, keep_first: bool, keep_last: bool) -> list[s
     return out
 
 
+def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple) -> list[str]:
+    """Write ``fp32`` with the exact int8-enabling rewrites of :mod:`ganslim.onnx_rewrite` applied
+    to ``out``; returns what was rewritten (empty: nothing to do, ``out`` not written). The result
+    is run in onnxruntime against the original on ``example``; if it differs (max |diff| above
+    1e-4 of the output's range) the rewrite is dropped with a warning."""
+    import onnx
+
+    from .onnx_rewrite import subpixel_conv_transpose
+
+    m = onnx.load(str(fp32))
+    done = subpixel_conv_transpose(m)
+    if not done:
+        return []
+    onnx.save(m, str(out))
+    try:
+        ref, new = OnnxModule(fp32, threads=1)(*example), OnnxModule(out, threads=1)(*example)
+        ok = ref.shape == new.shape and float((ref - new).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
+    except Exception:
+        ok = False
+    if not ok:
+        warnings.warn("the sub-pixel rewrite of ConvTranspose changed the ONNX model's output; exporting without it",
+                      stacklevel=3)
+        out.unlink(missing_ok=True)
+        return []
+    return done
+
+
 def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple], names: Sequence[str],
                      act_calib: str = "percentile", act_percentile: float = 99.9, keep_first: bool = False,
-                     keep_last: bool = False) -> None:
+                     keep_last: bool = False, integer_pads: bool = True) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -255,6 +282,14 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.Percentile if act_calib == "percentile" else CalibrationMethod.MinMax,
                         extra_options=extra, nodes_to_exclude=exclude)
+    if integer_pads:
+        import onnx
+
+        from . import onnx_rewrite
+
+        m = onnx.load(str(out))
+        if onnx_rewrite.integer_pads(m):
+            onnx.save(m, str(out))
 
 
 def _minify(path: pathlib.Path) -> None:
@@ -290,7 +325,7 @@ def _minify(path: pathlib.Path) -> None:
 def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", example_inputs: Any = None,
            calib_loader: Optional[Iterable] = None, batch_fn: Optional[Callable] = None, calib_batches: int = 8,
            opset: int = 17, verify: bool = True, act_calib: str = "percentile", act_percentile: float = 99.9,
-           keep_first_float: bool = True, keep_last_float: bool = True) -> pathlib.Path:
+           keep_first_float: bool = True, keep_last_float: bool = True, int8_rewrites: bool = True) -> pathlib.Path:
     """Write ``model`` to ``path`` for deployment; returns the path.
 
     Args:
@@ -305,6 +340,11 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
             ``"max"``); a QAT model uses the settings it was calibrated with.
         keep_first_float, keep_last_float: leave the first / last weighted layer in float in the
             int8 file (a QAT model uses its ``skip_first`` / ``skip_last``).
+        int8_rewrites: before quantizing, rewrite each ConvTranspose as its exact sub-pixel form
+            (stride-1 Conv + DepthToSpace), which onnxruntime runs as an integer QLinearConv where a
+            ConvTranspose stays float; after quantizing, run the reflection/zero pads on the uint8
+            tensors instead of DequantizeLinear -> Pad -> QuantizeLinear. Both are exact (see
+            :mod:`ganslim.onnx_rewrite`); ``False`` quantizes the graph as exported.
         verify: run the written file in onnxruntime and check its output is finite and close to
             the PyTorch model's (float: max |diff| <= 1e-3; int8: PSNR >= 20 dB).
     """
@@ -358,11 +398,15 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
                 batches = _calibration_batches(calib_loader, example, calib_batches, batch_fn)
                 result = tmp / "model.int8.onnx"
                 qcfg = Q.config_of(model) if Q.is_quantized(model) else None
-                _quantize_static(fp32, result, batches, names,
+                src = fp32
+                if int8_rewrites and _rewrite_float(fp32, tmp / "model.fp32.rewritten.onnx", example):
+                    src = tmp / "model.fp32.rewritten.onnx"
+                _quantize_static(src, result, batches, names,
                                  act_calib=qcfg.act_calib if qcfg else act_calib,
                                  act_percentile=qcfg.act_percentile if qcfg else act_percentile,
                                  keep_first=qcfg.skip_first if qcfg else keep_first_float,
-                                 keep_last=qcfg.skip_last if qcfg else keep_last_float)
+                                 keep_last=qcfg.skip_last if qcfg else keep_last_float,
+                                 integer_pads=int8_rewrites)
             _minify(result)
             if verify:
                 om = OnnxModule(result, threads=1)

@@ -50,9 +50,10 @@ def test_int8_onnx_runs_integer_kernels_and_stays_close(net, loader, x, tmp_path
     p32 = export(net, tmp_path / "fp32.onnx", example_inputs=x)
     p8 = export(q, tmp_path / "int8.onnx", "onnx-int8", example_inputs=x, calib_loader=loader)
     om = OnnxModule(p8)
-    n_convs = sum(isinstance(m, (nn.Conv2d,)) for m in net.modules())
+    n_convs = sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in net.modules())
     ops = om.op_types()
-    # every Conv2d but the image-facing first and last (kept float by default) runs as QLinearConv
+    # every conv (ConvTranspose2d in its sub-pixel form) but the image-facing first and last (kept
+    # float by default) runs as QLinearConv
     assert ops.get("QLinearConv", 0) == n_convs - 2 and om.int8_kernels() > n_convs - 2
     all8 = export(Q.quantize(net, loader, skip_first=False, skip_last=False), tmp_path / "all8.onnx", "onnx-int8",
                   example_inputs=x, calib_loader=loader)
@@ -152,3 +153,54 @@ def test_several_inputs_export_and_run(tmp_path):
     assert om8.int8_kernels() > 0
     with torch.no_grad():
         assert measure.psnr(om8(x, c), m(x, c)) > 25
+
+
+@pytest.mark.parametrize("k,s,p,op,bias", [(3, 2, 1, 1, False), (4, 2, 1, 0, True), (3, 2, 1, 0, True), (3, 2, 0, 0, True),
+                                          (5, 3, 2, 1, True), (2, 2, 0, 1, False), (3, 1, 1, 0, True), (1, 2, 0, 1, True)])
+def test_subpixel_rewrite_of_conv_transpose_is_exact(k, s, p, op, bias, tmp_path):
+    import onnx
+
+    from ganslim.deploy import _export_float
+    from ganslim.onnx_rewrite import subpixel_conv_transpose
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+    m = nn.Sequential(nn.ConvTranspose2d(3, 4, k, s, p, op, bias=bias), bn, nn.ReLU()).eval()
+    x = torch.randn(1, 3, 5, 7)
+    _export_float(m, (x,), tmp_path / "m.onnx", 17)
+    g = onnx.load(str(tmp_path / "m.onnx"))
+    assert len(subpixel_conv_transpose(g)) == 1
+    assert {n.op_type for n in g.graph.node}.isdisjoint({"ConvTranspose", "BatchNormalization", "DepthToSpace"})
+    onnx.save(g, str(tmp_path / "r.onnx"))
+    om = OnnxModule(tmp_path / "r.onnx", threads=1)
+    with torch.no_grad():
+        for xi in (x, torch.randn(2, 3, 6, 3)):  # odd and even sizes, batch 2 (dynamic axes)
+            ref = m(xi)
+            out = om(xi)
+            assert out.shape == ref.shape and (out - ref).abs().max() < 1e-5
+
+
+def test_int8_upsampling_runs_as_qlinearconv_and_pads_on_uint8(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+                      nn.ReflectionPad2d(1), nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                      nn.ConvTranspose2d(16, 8, 3, 2, 1, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Conv2d(8, 3, 3, padding=1), nn.Tanh()).eval()
+    x = torch.rand(1, 3, 32, 48) * 2 - 1
+    calib = [(torch.rand(2, 3, 32, 48) * 2 - 1, None) for _ in range(2)]
+    kw = dict(example_inputs=x, calib_loader=calib, batch_fn=lambda b: b)
+    p8 = export(m, tmp_path / "m8.onnx", "onnx-int8", **kw)
+    ops = OnnxModule(p8).op_types()
+    assert "ConvTranspose" not in ops and ops.get("QLinearConv", 0) == 3  # middle conv, strided conv, upsampling
+    g = onnx.load(str(p8)).graph
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    pads = [n for n in g.node if n.op_type == "Pad"]
+    assert pads and all(producer.get(n.input[0]) != "DequantizeLinear" for n in pads)
+    plain = OnnxModule(export(m, tmp_path / "plain.onnx", "onnx-int8", int8_rewrites=False, **kw)).op_types()
+    assert plain.get("ConvTranspose", 0) == 1 and plain.get("QLinearConv", 0) == 2
+    with torch.no_grad():
+        assert measure.psnr(OnnxModule(p8)(x), m(x)) > 30
