@@ -233,17 +233,20 @@ def _float_ends(path: pathlib.Path, keep_first: bool, keep_last: bool) -> list[s
     return out
 
 
-def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple) -> list[str]:
-    """Write ``fp32`` with the exact int8-enabling rewrites of :mod:`ganslim.onnx_rewrite` applied
-    to ``out``; returns what was rewritten (empty: nothing to do, ``out`` not written). The result
-    is run in onnxruntime against the original on ``example``; if it differs (max |diff| above
-    1e-4 of the output's range) the rewrite is dropped with a warning."""
+def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: bool) -> list[str]:
+    """Write ``fp32`` with the exact rewrites of :mod:`ganslim.onnx_rewrite` applied to ``out``: the
+    thin output conv as a space-to-depth conv (fp32 and int8) and, for ``int8``, each ConvTranspose
+    in its sub-pixel form. Returns what was rewritten (empty: nothing to do, ``out`` not written).
+    The result is run in onnxruntime against the original on ``example``; if it differs (max |diff|
+    above 1e-4 of the output's range) the rewrite is dropped with a warning."""
     import onnx
 
-    from .onnx_rewrite import subpixel_conv_transpose
+    from .onnx_rewrite import space_to_depth_thin_conv, subpixel_conv_transpose
 
     m = onnx.load(str(fp32))
-    done = subpixel_conv_transpose(m)
+    done = space_to_depth_thin_conv(m)
+    if int8:
+        done += subpixel_conv_transpose(m)
     if not done:
         return []
     onnx.save(m, str(out))
@@ -253,7 +256,7 @@ def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple) -> lis
     except Exception:
         ok = False
     if not ok:
-        warnings.warn("the sub-pixel rewrite of ConvTranspose changed the ONNX model's output; exporting without it",
+        warnings.warn("an exact ONNX rewrite (ganslim.onnx_rewrite) changed the model's output; exporting without it",
                       stacklevel=3)
         out.unlink(missing_ok=True)
         return []
@@ -325,7 +328,7 @@ def _minify(path: pathlib.Path) -> None:
 def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", example_inputs: Any = None,
            calib_loader: Optional[Iterable] = None, batch_fn: Optional[Callable] = None, calib_batches: int = 8,
            opset: int = 17, verify: bool = True, act_calib: str = "percentile", act_percentile: float = 99.9,
-           keep_first_float: bool = True, keep_last_float: bool = True, int8_rewrites: bool = True) -> pathlib.Path:
+           keep_first_float: bool = True, keep_last_float: bool = True, rewrites: bool = True) -> pathlib.Path:
     """Write ``model`` to ``path`` for deployment; returns the path.
 
     Args:
@@ -340,11 +343,13 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
             ``"max"``); a QAT model uses the settings it was calibrated with.
         keep_first_float, keep_last_float: leave the first / last weighted layer in float in the
             int8 file (a QAT model uses its ``skip_first`` / ``skip_last``).
-        int8_rewrites: before quantizing, rewrite each ConvTranspose as its exact sub-pixel form
-            (stride-1 Conv + DepthToSpace), which onnxruntime runs as an integer QLinearConv where a
-            ConvTranspose stays float; after quantizing, run the reflection/zero pads on the uint8
-            tensors instead of DequantizeLinear -> Pad -> QuantizeLinear. Both are exact (see
-            :mod:`ganslim.onnx_rewrite`); ``False`` quantizes the graph as exported.
+        rewrites: exact graph rewrites for onnxruntime's CPU kernels (:mod:`ganslim.onnx_rewrite`):
+            a thin output conv (<= 4 channels, e.g. the RGB layer) as a stride-2 conv with 4x the
+            channels + depth-to-space (fp32 and int8); for int8 also each ConvTranspose as its
+            sub-pixel form (stride-1 Conv + depth-to-space), which runs as an integer QLinearConv
+            where a ConvTranspose stays float, and the pads between quantized layers on the uint8
+            tensors instead of DequantizeLinear -> Pad -> QuantizeLinear. Each is verified in
+            onnxruntime against the plain export; ``False`` writes the graph as torch exports it.
         verify: run the written file in onnxruntime and check its output is finite and close to
             the PyTorch model's (float: max |diff| <= 1e-3; int8: PSNR >= 20 dB).
     """
@@ -394,19 +399,21 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
                 raise ExportError(f"torch.onnx.export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                   "the generator must be traceable (no data-dependent Python control flow)") from None
             result = fp32
+            if rewrites and format == "onnx" and _rewrite_float(fp32, tmp / "model.fp32.rewritten.onnx", example, False):
+                result = tmp / "model.fp32.rewritten.onnx"
             if format == "onnx-int8":
                 batches = _calibration_batches(calib_loader, example, calib_batches, batch_fn)
                 result = tmp / "model.int8.onnx"
                 qcfg = Q.config_of(model) if Q.is_quantized(model) else None
                 src = fp32
-                if int8_rewrites and _rewrite_float(fp32, tmp / "model.fp32.rewritten.onnx", example):
+                if rewrites and _rewrite_float(fp32, tmp / "model.fp32.rewritten.onnx", example, True):
                     src = tmp / "model.fp32.rewritten.onnx"
                 _quantize_static(src, result, batches, names,
                                  act_calib=qcfg.act_calib if qcfg else act_calib,
                                  act_percentile=qcfg.act_percentile if qcfg else act_percentile,
                                  keep_first=qcfg.skip_first if qcfg else keep_first_float,
                                  keep_last=qcfg.skip_last if qcfg else keep_last_float,
-                                 integer_pads=int8_rewrites)
+                                 integer_pads=rewrites)
             _minify(result)
             if verify:
                 om = OnnxModule(result, threads=1)

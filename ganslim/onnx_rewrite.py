@@ -16,6 +16,14 @@ The stride-1 form quantizes to ``QLinearConv``. It does ``ceil(k/s)^2 * s^2 / k^
 multiply-adds of the transposed conv (16/9 for k3 s2: the phases' kernels are zero-padded to a
 common size), which int8 more than pays for.
 
+``space_to_depth_thin_conv`` (float graph, fp32 and int8 alike): a generator's output layer is a
+large-kernel conv (7x7) to 3 channels at full resolution. onnxruntime's CPU convolution computes
+output channels in blocks of 8/16 (NCHWc), so 3 channels waste most of the work, and in an int8
+model this float layer becomes its largest single cost. The same conv is exactly a stride-2 conv
+with ``4*C_out`` output channels and a kernel one tap larger (each output phase ``(r_h, r_w)`` gets
+the original kernel shifted by ``(r_h, r_w)``) followed by depth-to-space and a crop to the original
+size: about 1.3x the multiply-adds in a shape the kernels fill.
+
 ``integer_pads`` (QDQ graph, after quantization): onnxruntime keeps ``DequantizeLinear -> Pad ->
 QuantizeLinear`` (the reflection pads in front of every residual-block conv) as three float passes
 over the feature map; a pad only copies values, so the same Pad on the uint8 tensor (constant pads
@@ -28,7 +36,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["subpixel_conv_transpose", "integer_pads", "axis_plan", "subpixel_weight"]
+__all__ = ["subpixel_conv_transpose", "integer_pads", "axis_plan", "subpixel_weight", "space_to_depth_thin_conv"]
 
 
 def axis_plan(k: int, s: int, p: int, op: int) -> tuple[int, int, int, int, list[list[tuple[int, int]]]]:
@@ -215,6 +223,96 @@ def _subpixel_nodes(model, node, inits, bn=None, act=None):
             model.graph.initializer.append(numpy_helper.from_array(np.array(v, dtype=np.int64), names[-1]))
         new.append(helper.make_node("Slice", [conv_out] + names, [out], name=f"{base}_subpixel_crop"))
     return new
+
+
+def space_to_depth_thin_conv(model, max_out_channels: int = 4, stride: int = 2) -> list[str]:
+    """Rewrite (in place) every float 2-D ``Conv`` with at most ``max_out_channels`` outputs (group 1,
+    stride 1, dilation 1, explicit pads, constant weights, kernel >= 2) as ``Conv(stride) ->
+    [activation] -> DepthToSpace -> Slice``; returns the rewritten node names. An elementwise
+    activation reading only the conv's output (the generator's Tanh) moves in front of the
+    depth-to-space. The crop is computed from the input's shape, so dynamic sizes (odd ones too) work."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    done, nodes, moved = [], [], set()
+    s = int(stride)
+    for node in g.node:
+        if node.output and node.output[0] in moved:
+            continue
+        new = None
+        a = _attrs(node) if node.op_type == "Conv" else {}
+        if (node.op_type == "Conv" and len(node.input) >= 2 and node.input[1] in inits
+                and (len(node.input) < 3 or not node.input[2] or node.input[2] in inits)):
+            w = numpy_helper.to_array(inits[node.input[1]])
+            k = list(a.get("kernel_shape", w.shape[2:]))
+            pads = list(a.get("pads", [0, 0, 0, 0]))
+            if (w.ndim == 4 and w.dtype == np.float32 and w.shape[0] <= max_out_channels and a.get("group", 1) == 1
+                    and all(v == 1 for v in a.get("strides", [1, 1])) and all(v == 1 for v in a.get("dilations", [1, 1]))
+                    and a.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET") and len(k) == 2 and min(k) >= 2):
+                users = consumers.get(node.output[0], [])
+                act = users[0] if (len(users) == 1 and node.output[0] not in outputs and users[0].op_type in _ELEMENTWISE
+                                   and users[0].input[0] == node.output[0]) else None
+                c_out, c_in = w.shape[:2]
+                kn = [k[0] + s - 1, k[1] + s - 1]
+                wn = np.zeros((c_out, s, s, c_in, kn[0], kn[1]), dtype=np.float32)
+                for rh in range(s):
+                    for rw in range(s):
+                        wn[:, rh, rw, :, rh:rh + k[0], rw:rw + k[1]] = w
+                wn = wn.reshape(c_out * s * s, c_in, kn[0], kn[1])
+                base = node.name or node.output[0]
+                w_name = _unique(model, f"{base}_s2d_w")
+                g.initializer.append(numpy_helper.from_array(wn, w_name))
+                ins = [node.input[0], w_name]
+                if len(node.input) > 2 and node.input[2]:
+                    b = numpy_helper.to_array(inits[node.input[2]])
+                    b_name = _unique(model, f"{base}_s2d_b")
+                    g.initializer.append(numpy_helper.from_array(np.repeat(b, s * s).astype(np.float32), b_name))
+                    ins.append(b_name)
+                final = act.output[0] if act is not None else node.output[0]
+                conv_out = _unique(model, f"{base}_s2d")
+                # trailing zero pad of s-1 so every phase has ceil(H_out / s) rows; the crop removes the extra
+                new = [helper.make_node("Conv", ins, [conv_out], name=f"{base}_s2d_conv", kernel_shape=kn,
+                                        strides=[s, s], pads=[pads[0], pads[1], pads[2] + s - 1, pads[3] + s - 1])]
+                if act is not None:
+                    moved_act = copy.deepcopy(act)
+                    moved_act.input[0] = conv_out
+                    moved_act.output[0] = conv_out = _unique(model, f"{base}_s2d_act")
+                    new.append(moved_act)
+                    moved.add(act.output[0])
+                d2s = _unique(model, f"{base}_s2d_d2s")
+                new += _depth_to_space(model, conv_out, d2s, s, c_out, f"{base}_s2d_d2s")
+
+                def const(name, v):
+                    n = _unique(model, f"{base}_{name}")
+                    g.initializer.append(numpy_helper.from_array(np.array(v, dtype=np.int64), n))
+                    return n
+
+                shp, hw, ends = (_unique(model, f"{base}_s2d_{t}") for t in ("shape", "hw", "ends"))
+                new += [helper.make_node("Shape", [node.input[0]], [shp]),
+                        helper.make_node("Slice", [shp, const("s2d_st", [2]), const("s2d_en", [4])], [hw]),
+                        helper.make_node("Add", [hw, const("s2d_off", [pads[0] + pads[2] - k[0] + 1,
+                                                                       pads[1] + pads[3] - k[1] + 1])], [ends]),
+                        helper.make_node("Slice", [d2s, const("s2d_zero", [0, 0]), ends, const("s2d_axes", [2, 3])],
+                                         [final], name=f"{base}_s2d_crop")]
+        if new is None:
+            nodes.append(node)
+        else:
+            nodes.extend(new)
+            done.append(node.name)
+    if done:
+        del g.node[:]
+        g.node.extend(nodes)
+        used = {i for n in g.node for i in n.input}
+        keep = [i for i in g.initializer if i.name in used or i.name in {x.name for x in g.input}]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    return done
 
 
 def _depth_to_space(model, x: str, y: str, s: int, c: int, base: str) -> list:

@@ -62,7 +62,9 @@ def test_every_format_side_by_side_with_ratios_and_per_row_errors(models):
     assert s.error is None and s.macs_x > 2.5 and s.params_x > 1.0 and s.psnr_gt is not None and s.peak_mb > 0
     assert by["student.onnx"].runtime == "onnxruntime"
     # the ONNX file is the same network: MACs (conv-only count, BN folded) and outputs agree
-    assert by["student.onnx"].macs_g == pytest.approx(s.macs_g, rel=0.02)
+    # MACs counted from the ONNX graph: the thin output conv runs as a stride-2 conv with zero taps
+    # (ganslim.onnx_rewrite), a few per cent more multiply-adds than the PyTorch module
+    assert s.macs_g <= by["student.onnx"].macs_g <= 1.15 * s.macs_g
     assert by["student.onnx"].psnr_teacher == pytest.approx(s.psnr_teacher, abs=0.01)
     assert by["qat.safetensors"].error is None and by["qat.safetensors"].macs_g == pytest.approx(s.macs_g, rel=0.02)
     assert by["teacher.pth"].error is None and by["teacher.pth"].psnr_teacher > 100  # same weights as the teacher

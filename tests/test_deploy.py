@@ -200,7 +200,28 @@ def test_int8_upsampling_runs_as_qlinearconv_and_pads_on_uint8(tmp_path):
     producer = {o: n.op_type for n in g.node for o in n.output}
     pads = [n for n in g.node if n.op_type == "Pad"]
     assert pads and all(producer.get(n.input[0]) != "DequantizeLinear" for n in pads)
-    plain = OnnxModule(export(m, tmp_path / "plain.onnx", "onnx-int8", int8_rewrites=False, **kw)).op_types()
+    plain = OnnxModule(export(m, tmp_path / "plain.onnx", "onnx-int8", rewrites=False, **kw)).op_types()
     assert plain.get("ConvTranspose", 0) == 1 and plain.get("QLinearConv", 0) == 2
     with torch.no_grad():
         assert measure.psnr(OnnxModule(p8)(x), m(x)) > 30
+
+
+def test_thin_output_conv_runs_as_a_strided_conv_with_four_times_the_channels(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 10, 3, padding=1), nn.ReLU(), nn.ReflectionPad2d(3), nn.Conv2d(10, 3, 7),
+                      nn.Tanh()).eval()
+    x = torch.rand(1, 3, 24, 40) * 2 - 1
+    p = export(m, tmp_path / "m.onnx", "onnx", example_inputs=x)
+    convs = [n for n in onnx.load(str(p)).graph.node if n.op_type == "Conv"]
+    strides = [list(next(a.ints for a in n.attribute if a.name == "strides")) for n in convs]
+    assert strides == [[1, 1], [2, 2]]  # the 10 -> 3 conv became stride 2 with 12 output channels
+    om = OnnxModule(p)
+    for shape in [(1, 3, 24, 40), (2, 3, 17, 9), (1, 3, 33, 64)]:  # dynamic, odd sizes cropped exactly
+        xi = torch.rand(shape) * 2 - 1
+        with torch.no_grad():
+            assert (om(xi) - m(xi)).abs().max() < 1e-5
+    plain = onnx.load(str(export(m, tmp_path / "plain.onnx", "onnx", example_inputs=x, rewrites=False))).graph.node
+    assert [list(next(a.ints for a in n.attribute if a.name == "strides")) for n in plain if n.op_type == "Conv"] \
+        == [[1, 1], [1, 1]]
