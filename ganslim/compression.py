@@ -55,12 +55,12 @@ class _Stage:
     info: dict  # "max_abs_diff" of the export, "kept" widths per group root
     targets: Any  # ganslim.targeting.Targets
     mapping: dict  # feature distillation pairs
-    distiller: Optional[FeatureDistiller]
     target_abs: Optional[float]  # MACs budget (absolute, at the example input)
     calibration: Any  # device_aware.LatencyCalibration or None
     weights: LossWeights
     search: Optional[dict] = None
     supernet: Optional[nn.Module] = None
+    stage_steps: Optional[int] = None  # training steps before the fine-tune (None: cfg.steps)
 
 
 def _first_batch(loader: Iterable) -> Any:
@@ -169,23 +169,29 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     eval_pairs = _eval_pairs(cfg, first)  # for the report, and the latency budget's deployment input
     # MACs and latency at the evaluation input (a whole image) when there is one, else at one training sample
     stat_input = tuple(t[:1].to(device) for t in eval_pairs[0][0]) if eval_pairs else example
-    stage = _ofa_stage if cfg.strategy == "ofa" else _slim_stage
+    notes = []
+    if cfg.strategy == "auto":
+        from .strategies import choose_strategy
+
+        chosen, why = choose_strategy(cfg.target_macs if cfg.target_latency_ms is None else None)
+        cfg = cfg.replace(strategy=chosen)
+        notes.append(f"strategy auto -> {chosen}: {why}")
+    stage = {"slim": _slim_stage, "ofa": _ofa_stage, "onestep": _onestep_stage, "evolve": _evolve_stage}[cfg.strategy]
     st = stage(cfg, student, teacher, loader, example, inputs, teacher_macs, eval_pairs, stat_input, same_arch,
                discriminator, callbacks)
-    plain, info, targets, mapping, distiller = st.plain, st.info, st.targets, st.mapping, st.distiller
+    plain, info, targets, mapping = st.plain, st.info, st.targets, st.mapping
     target_abs, calibration, weights = st.target_abs, st.calibration, st.weights
-    notes = []
 
     # fine-tune the plain smaller network (cheaper per step than the gated one)
     if cfg.finetune_steps > 0:
         ft_distiller = None
-        if distiller is not None and cfg.finetune_distill:
-            ft_distiller = FeatureDistiller(plain, teacher, mapping, example).to(device)
+        if mapping and cfg.distill_weight and cfg.finetune_distill:
+            ft_distiller = FeatureDistiller(plain, teacher, mapping, example, kind=cfg.distill_loss).to(device)
             batch_inputs = [t.to(device) for t in inputs]  # the first batch, split above
             with torch.no_grad():
                 plain.eval()(*batch_inputs)
                 teacher(*batch_inputs)
-            ft_distiller.fit_maps()
+            ft_distiller.fit_maps()  # least-squares start for the 1x1 maps (nothing to fit for gka)
             ft_distiller.to(device)
         finetune(plain, teacher, loader, cfg.finetune_steps, cfg.finetune_lr, weights, ft_distiller, discriminator,
                  cfg.gan_mode, cfg.device, cfg.batch_fn, cfg.progress, callbacks)
@@ -226,7 +232,8 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     report = CompressReport(
         teacher=t_stats, student=s_stats, input_shape=tuple(stat_input[0].shape), latency_threads=threads,
         widths={g.root: (info["kept"][g.root], g.size) for g in targets.groups}, skipped=dict(targets.skipped),
-        distill_layers=mapping, target_macs=target_fraction, steps=cfg.steps, finetune_steps=cfg.finetune_steps,
+        distill_layers=mapping, target_macs=target_fraction,
+        steps=cfg.steps if st.stage_steps is None else st.stage_steps, finetune_steps=cfg.finetune_steps,
         seconds=time.time() - t0, final_rho=cfg.rho if cfg.strategy == "slim" else None,
         export_max_abs_diff=info["max_abs_diff"], notes=notes, quant=cfg.quant,
         quant_steps=cfg.quant_steps if cfg.quant else 0, latency_target_ms=cfg.target_latency_ms,
@@ -253,31 +260,19 @@ def _slim_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, loa
     device = torch.device(cfg.device)
     targets = find_channel_groups(student, example, include=cfg.include, exclude=cfg.exclude)
     macs_model = MacsModel(student, targets, measure.macs_by_module(student, example, "papers"))
-    target_abs = None
-    calibration = None
-    if cfg.target_latency_ms is not None:
-        from .device_aware import calibrate_latency
-
-        calibration = calibrate_latency(student, targets, example, stat_input, cfg.target_latency_ms, device=cfg.device)
-        if calibration.macs_fraction is None:
-            raise ValueError(f"impossible latency target: {calibration.note}\n{calibration.table()}")
-        target_abs = calibration.macs_fraction * macs_model.total
-    elif cfg.target_macs is not None:
-        target_abs = cfg.target_macs * teacher_macs if cfg.target_macs <= 1 else float(cfg.target_macs)
-    if target_abs is not None:
-        floor = macs_model.macs([torch.nn.functional.one_hot(torch.tensor(0), g.size).bool() for g in targets.groups])
-        if target_abs < floor:
-            raise ValueError(f"impossible MACs target {target_abs / 1e9:.4g} G: keeping one channel per prunable group "
-                             f"already costs {floor / 1e9:.4g} G ({floor / teacher_macs:.3%} of the teacher)")
+    target_abs, calibration = None, None
+    if cfg.target_latency_ms is not None or cfg.target_macs is not None:
+        target_abs, calibration = _budget(cfg, student, targets, macs_model, example, stat_input, teacher_macs)
 
     mapping = _resolve_mapping(cfg, student, teacher, example, same_arch)
-    distiller = FeatureDistiller(student, teacher, mapping, example).to(device) if mapping and cfg.distill_weight else None
+    distiller = FeatureDistiller(student, teacher, mapping, example, kind=cfg.distill_loss).to(device) \
+        if mapping and cfg.distill_weight else None
     gates = GateSet(targets).to(device).attach(student)
     weights = LossWeights(cfg.recon_weight, cfg.gt_weight, cfg.distill_weight,
                           (cfg.adv_weight or 1.0) if discriminator is not None else 0.0, cfg.mse_weight)
     groups = [{"params": list(student.parameters()), "lr": cfg.lr},
               {"params": list(gates.parameters()), "lr": cfg.gate_lr}]
-    if distiller is not None:
+    if distiller is not None and any(True for _ in distiller.parameters()):
         groups.append({"params": list(distiller.parameters()), "lr": cfg.lr})
     trainer = DistillTrainer(student, teacher, groups, weights, distiller, discriminator, cfg.lr, cfg.gan_mode,
                              cfg.device, cfg.batch_fn)
@@ -316,7 +311,7 @@ def _slim_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, loa
     plain, info = export_pruned(student, gates, example, atol=cfg.export_atol)
     gates.detach()
 
-    return _Stage(plain, info, targets, mapping, distiller, target_abs, calibration, weights)
+    return _Stage(plain, info, targets, mapping, target_abs, calibration, weights)
 
 
 def _ofa_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, loader: Iterable, example: tuple,
@@ -357,7 +352,92 @@ def _ofa_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, load
                    "best_macs_fraction": result.best.macs / teacher_macs, "best_latency_ms": result.best.latency_ms,
                    "pareto": [[c.macs / teacher_macs, c.fitness] for c in result.pareto()],
                    "generations": result.generations}
-    return _Stage(plain, info, supernet.targets, {}, None, budget, None, weights, search_info, supernet)
+    return _Stage(plain, info, supernet.targets, {}, budget, None, weights, search_info, supernet)
+
+
+def _budget(cfg: CompressConfig, student: nn.Module, targets, macs_model: MacsModel, example: tuple, stat_input: tuple,
+            teacher_macs: float):
+    """Absolute MACs budget (at the example input) from the MACs or latency target, checked reachable."""
+    calibration = None
+    if cfg.target_latency_ms is not None:
+        from .device_aware import calibrate_latency
+
+        calibration = calibrate_latency(student, targets, example, stat_input, cfg.target_latency_ms, device=cfg.device)
+        if calibration.macs_fraction is None:
+            raise ValueError(f"impossible latency target: {calibration.note}\n{calibration.table()}")
+        target_abs = calibration.macs_fraction * macs_model.total
+    else:
+        target_abs = cfg.target_macs * teacher_macs if cfg.target_macs <= 1 else float(cfg.target_macs)
+    floor = macs_model.macs([torch.nn.functional.one_hot(torch.tensor(0), g.size).bool() for g in targets.groups])
+    if target_abs < floor:
+        raise ValueError(f"impossible MACs target {target_abs / 1e9:.4g} G: keeping one channel per prunable group "
+                         f"already costs {floor / 1e9:.4g} G ({floor / teacher_macs:.3%} of the teacher)")
+    return target_abs, calibration
+
+
+def _onestep_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, loader: Iterable, example: tuple,
+                   inputs: tuple, teacher_macs: float, eval_pairs: list, stat_input: tuple, same_arch: bool,
+                   discriminator: Optional[nn.Module], callbacks: Iterable[Callable]):
+    """CAT: one global threshold on the norm scales meets the budget; the fine-tune does the rest."""
+    from .onestep import onestep_masks, onestep_prune
+
+    if cfg.target_macs is None and cfg.target_latency_ms is None:
+        raise ValueError("strategy='onestep' needs target_macs or target_latency_ms")
+    targets = find_channel_groups(student, example, include=cfg.include, exclude=cfg.exclude)
+    macs_model = MacsModel(student, targets, measure.macs_by_module(student, example, "papers"))
+    target_abs, calibration = _budget(cfg, student, targets, macs_model, example, stat_input, teacher_macs)
+    alive = onestep_masks(student.eval(), targets, macs_model, target_abs, multiple=cfg.channel_multiple)
+    plain = onestep_prune(student, targets, alive, example)
+    kept = {g.root: int(a.sum()) for g, a in zip(targets.groups, alive)}
+    mapping = _resolve_mapping(cfg, plain, teacher, example, same_arch) if cfg.finetune_distill else {}
+    weights = LossWeights(cfg.recon_weight, cfg.gt_weight, cfg.distill_weight,
+                          (cfg.adv_weight or 1.0) if discriminator is not None else 0.0, cfg.mse_weight)
+    return _Stage(plain, {"max_abs_diff": 0.0, "kept": kept}, targets, mapping, target_abs, calibration, weights,
+                  stage_steps=0)
+
+
+def _evolve_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, loader: Iterable, example: tuple,
+                  inputs: tuple, teacher_macs: float, eval_pairs: list, stat_input: tuple, same_arch: bool,
+                  discriminator: Optional[nn.Module], callbacks: Iterable[Callable]):
+    """Co-Evolutionary Compression: genetic search over channel masks, discriminator-aware fitness."""
+    from .evolve import EvolveConfig, evolve_masks
+    from .onestep import importance_scores, onestep_prune
+    from .train import input_batches
+
+    if cfg.target_macs is None and cfg.target_latency_ms is None:
+        raise ValueError("strategy='evolve' needs target_macs or target_latency_ms")
+    targets = find_channel_groups(student, example, include=cfg.include, exclude=cfg.exclude)
+    macs_model = MacsModel(student, targets, measure.macs_by_module(student, example, "papers"))
+    target_abs, calibration = _budget(cfg, student, targets, macs_model, example, stat_input, teacher_macs)
+    # fitness batches: held out from the start of the loader (the fine-tune cycles over them too)
+    batches = [tuple(t.to(cfg.device) for t in b) for b in input_batches(loader, cfg.evolve_batches, cfg.batch_fn)]
+    reverse = cfg.reverse_generator
+    if reverse is not None:
+        reverse.to(cfg.device).eval()
+    if discriminator is not None:
+        discriminator.to(cfg.device)
+    was_d = discriminator.training if discriminator is not None else None
+    if discriminator is not None:
+        discriminator.eval()
+    try:
+        res = evolve_masks(student, teacher, targets, macs_model, target_abs, importance_scores(student, targets), batches,
+                           discriminator, reverse,
+                           EvolveConfig(population=cfg.evolve_population, generations=cfg.evolve_generations, seed=cfg.seed),
+                           multiple=cfg.channel_multiple, progress=cfg.progress)
+    finally:
+        if discriminator is not None:
+            discriminator.train(was_d)
+    plain = onestep_prune(student, targets, res.alive, example)
+    kept = {g.root: int(a.sum()) for g, a in zip(targets.groups, res.alive)}
+    mapping = _resolve_mapping(cfg, plain, teacher, example, same_arch) if cfg.finetune_distill else {}
+    weights = LossWeights(cfg.recon_weight, cfg.gt_weight, cfg.distill_weight,
+                          (cfg.adv_weight or 1.0) if discriminator is not None else 0.0, cfg.mse_weight)
+    search = {"evaluations": res.evaluations, "seconds": res.seconds, "per_minute": 60 * res.evaluations / max(res.seconds, 1e-9),
+              "best_fitness": res.fitness, "generations": res.history,
+              "metric": "-L1 to teacher" + (" - D term" if discriminator is not None else "")
+                        + (" - cycle" if reverse is not None else "")}
+    return _Stage(plain, {"max_abs_diff": 0.0, "kept": kept}, targets, mapping, target_abs, calibration,
+                  weights, search, stage_steps=0)
 
 
 def _eval_pairs(cfg: CompressConfig, first_batch) -> list:

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 
-STRATEGIES = ("slim", "ofa")
+STRATEGIES = ("slim", "onestep", "ofa", "evolve", "auto")
 
 
 @dataclass
@@ -21,8 +21,11 @@ class CompressConfig:
     # Device-aware budget (ms per forward of the report's evaluation input on ``device``): when set it
     # replaces target_macs; the MACs target is found by measuring slimmed copies (ganslim.device_aware).
     target_latency_ms: Optional[float] = None
-    # "slim": gates + L1 proximal step + removal (GAN Slimming); "ofa": once-for-all supernet (sandwich
-    # rule, weight sharing) + evolutionary search at the budget + export (GAN Compression, generalised)
+    # "slim": gates + L1 proximal step + removal (GAN Slimming); "onestep": one global threshold on the
+    # norm scales meeting the MACs target, no training before the fine-tune (CAT); "ofa": once-for-all
+    # supernet (sandwich rule) + evolutionary search at the budget (GAN Compression, generalised);
+    # "evolve": genetic search over channel masks, discriminator-aware (Co-Evolutionary Compression);
+    # "auto": the strategy that won the measured head-to-head (benchmarks/bench_strategies.py) nearest this target
     strategy: str = "slim"
     # --- schedule
     steps: int = 600  # sparsify phase, gates attached
@@ -44,6 +47,13 @@ class CompressConfig:
     search_generations: int = 8
     search_metric: Any = "psnr_gt"  # "psnr_gt" | "psnr_teacher" | "ssim_gt" | callable(model) -> float
     supernet_checkpoint: Optional[str] = None  # resumable supernet training state (written every 200 steps)
+    # --- evolve (strategy="evolve"): fitness on ``evolve_batches`` held batches; with ``discriminator=``
+    # given to compress, the discriminator's judgement of the pruned output vs the teacher's counts too,
+    # and with ``reverse_generator`` (the other CycleGAN direction) cycle consistency
+    evolve_population: int = 16
+    evolve_generations: int = 10
+    evolve_batches: int = 2
+    reverse_generator: Optional[Any] = None
     # --- losses
     # Measured on the default task (3000 fine-tune steps at 10x): L1 to teacher and ground truth at 10/10
     # gave 28.06 dB, ground truth alone 28.33, 2/10 + MSE 28.68: the teacher's own errors should not
@@ -51,7 +61,8 @@ class CompressConfig:
     recon_weight: float = 2.0  # L1(student(x), teacher(x)): pseudo pairs, works unpaired
     gt_weight: float = 10.0  # L1(student(x), ground truth) when the batch has one
     mse_weight: float = 50.0  # MSE to ground truth (teacher without one); +0.2 dB PSNR at 10x on the default task
-    distill_weight: float = 1.0  # variance-normalised feature MSE through 1x1 mappings
+    distill_weight: float = 1.0  # feature distillation weight
+    distill_loss: str = "mse"  # "mse": variance-normalised MSE through 1x1 mappings; "gka": CAT's kernel alignment
     distill_layers: Optional[Mapping[str, str] | Sequence[str]] = None  # None: auto
     n_distill_layers: int = 4
     # Feature distillation in the fine-tune too. Off: on the default task it changed PSNR by < 0.01 dB
@@ -99,6 +110,8 @@ class CompressConfig:
             raise ValueError(f"unknown strategy {self.strategy!r}; available: {', '.join(map(repr, STRATEGIES))}")
         if self.target_latency_ms is not None and not self.target_latency_ms > 0:
             raise ValueError(f"target_latency_ms must be > 0 ms, got {self.target_latency_ms}")
+        if self.distill_loss not in ("mse", "gka"):
+            raise ValueError(f"distill_loss must be 'mse' or 'gka', got {self.distill_loss!r}")
         if self.quant not in (None, "int8"):
             raise ValueError(f"quant must be None or 'int8', got {self.quant!r}")
         if self.gan_mode not in ("lsgan", "vanilla", "hinge"):
@@ -106,6 +119,6 @@ class CompressConfig:
         return self
 
     def to_dict(self) -> dict:
-        d = asdict(self) if self.batch_fn is None and self.eval_inputs is None else {
-            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("batch_fn", "eval_inputs")}
+        d = asdict(self) if self.batch_fn is None and self.eval_inputs is None and self.reverse_generator is None else {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("batch_fn", "eval_inputs", "reverse_generator")}
         return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, dict, tuple)) else repr(v)) for k, v in d.items()}

@@ -3,6 +3,10 @@
 
 ``L_distill = sum_t mean((map_t(S_t(x)) - T_t(x))^2) / var(T_t(x))`` over chosen layer pairs ``t``. Hooks come off
 with :meth:`FeatureDistiller.remove`; the user's classes are never modified.
+
+``kind="gka"``: CAT's global kernel alignment instead, ``L = sum_t 1 - KA(S_t, T_t)`` with
+:func:`kernel_alignment` over every pixel of the batch: no mapping layers, any widths, invariant to
+channel permutation and to scaling of either side.
 """
 from __future__ import annotations
 
@@ -101,6 +105,21 @@ def auto_distill_points(model: nn.Module, example_inputs, k: int = 4) -> list[st
     return [pool[i] for i in dict.fromkeys(idx)]
 
 
+def kernel_alignment(fs: torch.Tensor, ft: torch.Tensor, center: bool = True) -> torch.Tensor:
+    """Linear kernel alignment (CKA when ``center``) between two feature maps of the same batch and
+    spatial size, ``(N, C_s, H, W)`` and ``(N, C_t, H, W)``: every pixel of every image is a sample,
+    ``X`` is ``(N*H*W, C_s)``, ``Y`` is ``(N*H*W, C_t)``, and
+    ``KA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` in [0, 1] (1: the same up to an orthogonal map
+    and a scale). Costs ``C_s x C_t`` Gram products, never ``(NHW)^2``."""
+    x = fs.transpose(0, 1).reshape(fs.shape[1], -1).T.float()
+    y = ft.transpose(0, 1).reshape(ft.shape[1], -1).T.float()
+    if center:
+        x = x - x.mean(0, keepdim=True)
+        y = y - y.mean(0, keepdim=True)
+    cross = (y.T @ x).pow(2).sum()
+    return cross / ((x.T @ x).norm() * (y.T @ y).norm()).clamp_min(1e-12)
+
+
 class FeatureDistiller(nn.Module):
     """Distillation between ``mapping = {student_layer: teacher_layer}``.
 
@@ -108,8 +127,12 @@ class FeatureDistiller(nn.Module):
     networks. Call ``loss()`` after a forward pass of both student and teacher.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, mapping: Mapping[str, str], example_inputs):
+    def __init__(self, student: nn.Module, teacher: nn.Module, mapping: Mapping[str, str], example_inputs,
+                 kind: str = "mse"):
         super().__init__()
+        if kind not in ("mse", "gka"):
+            raise ValueError(f"distillation loss must be 'mse' or 'gka', got {kind!r}")
+        self.kind = kind
         self.mapping = dict(mapping)
         inputs = as_input_tuple(example_inputs)
         self.student_rec = FeatureRecorder(student, list(self.mapping))
@@ -131,6 +154,8 @@ class FeatureDistiller(nn.Module):
             if fs.shape[2:] != ft.shape[2:]:
                 raise ValueError(f"distillation pair {s_name!r} -> {t_name!r}: spatial sizes differ "
                                  f"({tuple(fs.shape[2:])} vs {tuple(ft.shape[2:])})")
+            if kind == "gka":
+                continue  # width-independent: no mapping layer
             conv = nn.Conv2d(fs.shape[1], ft.shape[1], 1)
             with torch.no_grad():  # identity when widths match (student copied from teacher)
                 conv.weight.zero_()
@@ -145,6 +170,8 @@ class FeatureDistiller(nn.Module):
     def fit_maps(self) -> None:
         """Least-squares refit of each mapping from the features of the last forward pass (used after
         channels were removed so the maps start aligned). ``W = T S^T (S S^T + eps I)^-1``."""
+        if self.kind == "gka":
+            return
         for s_name, t_name in self.mapping.items():
             fs, ft = self.student_rec.features[s_name], self.teacher_rec.features[t_name]
             s = fs.detach().transpose(0, 1).reshape(fs.shape[1], -1)
@@ -165,7 +192,10 @@ class FeatureDistiller(nn.Module):
         for s_name, t_name in self.mapping.items():
             fs = self.student_rec.features[s_name]
             ft = self.teacher_rec.features[t_name]
-            total = total + F.mse_loss(self.maps[_key(s_name)](fs), ft) / ft.var().clamp_min(1e-6)
+            if self.kind == "gka":
+                total = total + (1.0 - kernel_alignment(fs, ft))
+            else:
+                total = total + F.mse_loss(self.maps[_key(s_name)](fs), ft) / ft.var().clamp_min(1e-6)
         self.student_rec.clear()
         self.teacher_rec.clear()
         return total

@@ -136,19 +136,21 @@ class CompressReport:
         lines = [f"{'':<{w0}}  {'teacher':>{w[1]}}  {'student':>{w[2]}}  {'teacher/student':>{w[3]}}"]
         lines.append("-" * len(lines[0]))
         lines += [f"{a:<{w0}}  {b:>{w[1]}}  {c:>{w[2]}}  {d:>{w[3]}}" for a, b, c, d in rows]
-        first_stage = "supernet steps" if self.strategy == "ofa" else "gated steps"
-        lines.append(f"input {tuple(self.input_shape)}; {self.steps} {first_stage} + {self.finetune_steps} fine-tune steps "
-                     f"in {self.seconds / 60:.1f} min; export max |diff| {fmt(self.export_max_abs_diff, '', 7)}")
+        first_stage = {"ofa": "supernet steps", "slim": "gated steps"}.get(self.strategy, "training steps")
+        lines.append(f"input {tuple(self.input_shape)}; strategy {self.strategy}: {self.steps} {first_stage} + "
+                     f"{self.finetune_steps} fine-tune steps in {self.seconds / 60:.1f} min; export max |diff| "
+                     f"{fmt(self.export_max_abs_diff, '', 7)}")
         if self.widths:
             lines.append("widths kept: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in list(self.widths.items())))
         if self.skipped:
             lines.append("not pruned: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items()))
         if self.search:
             sr = self.search
-            lines.append(f"search: {sr['evaluations']} sub-networks evaluated in {sr['seconds']:.1f} s "
-                         f"({sr['per_minute']:.0f}/min); supernet {sr['supernet_steps']} steps in "
-                         f"{sr['supernet_seconds'] / 60:.1f} min; chosen sub-network {sr['best_fitness']:.3f} "
-                         f"({sr['metric']}) before fine-tune")
+            line = (f"search: {sr['evaluations']} candidates evaluated in {sr['seconds']:.1f} s ({sr['per_minute']:.0f}/min); "
+                    f"chosen: fitness {sr['best_fitness']:.3f} ({sr['metric']}) before fine-tune")
+            if "supernet_steps" in sr:
+                line += f"; supernet {sr['supernet_steps']} steps in {sr['supernet_seconds'] / 60:.1f} min"
+            lines.append(line)
         if self.deployment:
             lines.append(f"deployment ({self.quant or 'fp32'}{f', {self.quant_steps} QAT steps' if self.quant else ''}):")
             lines.append(format_deploy_table(self.deployment, self.latency_threads))

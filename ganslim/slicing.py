@@ -75,13 +75,14 @@ def width_choices(size: int, cfg: SliceConfig) -> list[int]:
 
 # ------------------------------------------------------------------------------------------ importance
 @torch.no_grad()
-def group_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+def group_importance(model: nn.Module, group: ChannelGroup, source: str = "auto") -> torch.Tensor:
     """Score per position of ``group`` (higher = keep first): the sum over the group's affine norms
     of ``|gamma|`` (a conv feeding a norm is rescaled by it, so its filter norm says little) or,
-    without one, the sum over producers of the filters' L2 norms, each member normalised to mean 1."""
+    without one (or with ``source="filters"``), the sum over producers of the filters' L2 norms;
+    each member normalised to mean 1."""
     score = torch.zeros(group.size)
     norms = [m for m in group.members if m.role == "norm"
-             and getattr(model.get_submodule(m.name), "weight", None) is not None]
+             and getattr(model.get_submodule(m.name), "weight", None) is not None] if source != "filters" else []
     members = norms or [m for m in group.members if m.role == "producer"]
     for mem in members:
         mod = model.get_submodule(mem.name)

@@ -1,0 +1,151 @@
+"""Strategies beyond GAN Slimming: CAT one-step pruning, GKA distillation, evolutionary masks with a
+discriminator-aware fitness, and strategy selection through one compress() call."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ganslim
+from ganslim import measure
+from ganslim.config import STRATEGIES, CompressConfig
+from ganslim.distill import FeatureDistiller, kernel_alignment
+from ganslim.evolve import ChannelMasks, EvolveConfig, _Fitness, evolve_masks
+from ganslim.gating import MacsModel
+from ganslim.onestep import importance_scores, onestep_masks, onestep_prune
+from ganslim.strategies import choose_strategy
+from ganslim.targeting import find_channel_groups
+from ganslim.zoo import create_model
+
+
+def _trained_bn(ngf=8, seed=0):
+    torch.manual_seed(seed)
+    m = create_model("resnet_6blocks", ngf=ngf, norm="batch")
+    with torch.no_grad():  # non-trivial norm scales and running statistics
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.2, 2.0)
+        m.train()
+        m(torch.randn(4, 3, 32, 32))
+    return m.eval()
+
+
+def test_kernel_alignment_is_invariant_to_channel_permutation_scale_and_width():
+    torch.manual_seed(0)
+    f = torch.randn(2, 16, 8, 8)
+    perm = f[:, torch.randperm(16)] * 7.5  # same features, shuffled channels, scaled
+    assert kernel_alignment(f, perm).item() == pytest.approx(1.0, abs=1e-5)
+    q, _ = torch.linalg.qr(torch.randn(16, 16))  # any orthogonal mix of channels
+    rotated = torch.einsum("dc,nchw->ndhw", q, f)
+    assert kernel_alignment(f, rotated).item() == pytest.approx(1.0, abs=1e-4)
+    wider = torch.cat([f, torch.zeros(2, 8, 8, 8)], 1)  # 24 channels vs 16: width-independent
+    assert kernel_alignment(f, wider).item() == pytest.approx(1.0, abs=1e-5)
+    unrelated = kernel_alignment(f, torch.randn(2, 16, 8, 8)).item()
+    assert 0 <= unrelated < 0.3
+
+
+def test_gka_distiller_has_no_mapping_layers_and_its_loss_falls_when_features_align():
+    teacher = _trained_bn()
+    student = create_model("resnet_6blocks", ngf=8, norm="batch").eval()
+    x = torch.randn(2, 3, 32, 32)
+    d = FeatureDistiller(student, teacher, {"model.10": "model.10"}, x, kind="gka")
+    assert sum(p.numel() for p in d.parameters()) == 0
+    student(x)
+    teacher(x)
+    unrelated = float(d.loss())
+    student.load_state_dict(teacher.state_dict())
+    student(x)
+    teacher(x)
+    assert float(d.loss()) < 1e-5 < unrelated
+    with pytest.raises(ValueError, match="'mse' or 'gka'"):
+        FeatureDistiller(student, teacher, {"model.10": "model.10"}, x, kind="l2")
+
+
+def test_onestep_meets_the_macs_target_and_keeps_the_largest_norm_scales():
+    m = _trained_bn(ngf=16)
+    x = torch.randn(1, 3, 32, 32)
+    targets = find_channel_groups(m, x)
+    mm = MacsModel(m, targets, measure.macs_by_module(m, x))
+    bn = m.model[2]
+    with torch.no_grad():
+        bn.weight.fill_(0.5)
+        bn.weight[5] = 50.0  # by far the most important channel of the first group
+    target = 0.25 * mm.total
+    alive = onestep_masks(m, targets, mm, target)
+    assert bool(alive[0][5])
+    plain = onestep_prune(m, targets, alive, x)
+    got = measure.count_macs(plain, x)
+    assert 0.9 * target <= got <= target  # one global threshold lands within a channel of the target
+    assert mm.macs(alive) == pytest.approx(got, rel=1e-6)
+    scores = importance_scores(m, targets)
+    assert all(s.mean().item() == pytest.approx(1.0, rel=1e-2) for s in scores)  # groups compared fairly
+
+
+def test_channel_masks_compute_exactly_the_pruned_network():
+    m = _trained_bn()
+    x = torch.randn(2, 3, 32, 32)
+    targets = find_channel_groups(m, x[:1])
+    mm = MacsModel(m, targets, measure.macs_by_module(m, x[:1]))
+    res = evolve_masks(m, m, targets, mm, 0.3 * mm.total, importance_scores(m, targets), [(x,)],
+                       config=EvolveConfig(population=6, generations=2), progress=False)
+    assert res.macs <= 0.3 * mm.total and res.evaluations >= 6
+    assert all("forward" not in mod.__dict__ for mod in m.modules()) and not m._forward_hooks  # hooks removed
+    masks = ChannelMasks(targets)
+    masks.set_masks(res.alive)
+    masks.attach(m)
+    with torch.no_grad():
+        masked = m(x)
+    masks.detach()
+    plain = onestep_prune(m, targets, res.alive, x[:1])
+    with torch.no_grad():
+        assert torch.allclose(plain(x), masked, atol=1e-5)
+
+
+def test_discriminator_and_cycle_terms_enter_the_fitness():
+    teacher = _trained_bn()
+    m = copy.deepcopy(teacher)  # the student the masks go on
+    x = torch.randn(2, 3, 32, 32)
+    targets = find_channel_groups(m, x[:1])
+    masks = ChannelMasks(targets).attach(m)
+    half = [torch.arange(g.size) < max(1, g.size // 2) for g in targets.groups]
+    full = [torch.ones(g.size, dtype=torch.bool) for g in targets.groups]
+    disc = nn.Conv2d(3, 1, 4, 2, 1)
+    reverse = create_model("resnet_6blocks", ngf=4).eval()
+    cfg = EvolveConfig()
+    plain_f = _Fitness(m, teacher, masks, [(x,)], None, None, cfg)
+    with_d = _Fitness(m, teacher, masks, [(x,)], disc, None, cfg)
+    with_both = _Fitness(m, teacher, masks, [(x,)], disc, reverse, cfg)
+    assert with_both(half) < with_d(half) < plain_f(half) < 0  # each term is a non-negative distance subtracted
+    assert with_d(full) == pytest.approx(0.0, abs=1e-6)  # all channels kept: the teacher itself
+    masks.detach()
+
+
+def test_every_strategy_runs_through_one_compress_call():
+    teacher = _trained_bn()
+    g = torch.Generator().manual_seed(0)
+    loader = [(xb, torch.tanh(xb.flip(1))) for xb in (torch.rand(4, 3, 24, 24, generator=g) * 2 - 1 for _ in range(3))]
+    disc = nn.Conv2d(3, 1, 4, 2, 1)
+    for strategy in ("slim", "onestep", "evolve", "ofa"):
+        res = ganslim.compress(teacher, teacher, loader, strategy=strategy, target_macs=0.3, steps=4, finetune_steps=2,
+                               progress=False, measure_latency=False, evolve_population=4, evolve_generations=1,
+                               search_population=4, search_generations=1, distill_loss="gka", finetune_distill=True,
+                               discriminator=disc if strategy == "evolve" else None)
+        assert res.report.strategy == strategy
+        assert res.report.student.macs <= 0.3 * res.report.teacher.macs * 1.02, strategy
+        assert not any(h for mod in res.model.modules() for h in mod._forward_hooks.values()), strategy
+    with pytest.raises(ValueError, match="'slim', 'onestep', 'ofa', 'evolve', 'auto'"):
+        CompressConfig(strategy="magic").validate()
+    assert STRATEGIES == ("slim", "onestep", "ofa", "evolve", "auto")
+
+
+def test_auto_picks_the_measured_winner_nearest_the_target(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"winners": {"0.1": {"strategy": "slim", "psnr_gt": 29.7, "minutes": 7.0},
+                                            "0.05": {"strategy": "ofa", "psnr_gt": 28.1, "minutes": 20.0}},
+                                "overall": "slim", "source": "test"}))
+    assert choose_strategy(0.12, path)[0] == "slim"
+    assert choose_strategy(0.04, path)[0] == "ofa"
+    assert choose_strategy(None, path)[0] == "slim"
+    strategy, why = choose_strategy(0.1, tmp_path / "missing.json")
+    assert strategy == "slim" and "no measured head-to-head" in why
