@@ -145,6 +145,26 @@ def record_module_io(model: nn.Module, inputs: tuple) -> dict[str, tuple[list[in
     return io
 
 
+def _unknown_channel_layer(model: nn.Module, members: list[GroupMember], io: dict) -> str | None:
+    """A reason to skip the group when its channels flow (through parameter-free layers) into a layer
+    that holds tensors of its own but is unknown to torch-pruning (e.g. a hand-written instance norm
+    with per-channel ``scale``/``shift``): such a layer would neither shrink with the group nor keep
+    a zeroed channel at zero. None when there is none."""
+    names = {mm.name for mm in members}
+    frontier = {i for mm in members if mm.role in ("producer", "norm") for i in io.get(mm.name, ([], []))[1]}
+    for name, (ins, outs) in io.items():  # forward order: a chain of param-free layers is followed
+        if name in names or not frontier.intersection(ins):
+            continue
+        mod = model.get_submodule(name)
+        if next(iter(mod.parameters(recurse=False)), None) is not None or any(
+                b.dim() > 0 for b in mod.buffers(recurse=False)):
+            return (f"channels pass through {type(mod).__name__} ({name}), a layer with per-channel tensors that "
+                    "torch-pruning does not know; replace it by a standard layer (for CartoonGAN: "
+                    "ganslim.adapters.cartoongan.convert_instance_norms)")
+        frontier.update(outs)
+    return None
+
+
 def find_channel_groups(
     model: nn.Module,
     example_inputs,
@@ -229,6 +249,8 @@ def find_channel_groups(
                 if g not in (1, getattr(pmod, "in_channels", 1)):
                     reason = f"grouped conv {pm.name} (groups={g}) couples channels in blocks"
                     break
+        if reason is None:
+            reason = _unknown_channel_layer(model, members, io)
         if reason is None and include is not None and not _matches(name, m, include):
             reason = "not matched by include"
         if reason is None and exclude and any(_matches(p.name, model.get_submodule(p.name), exclude) for p in prod_mods):
