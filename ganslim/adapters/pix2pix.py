@@ -252,8 +252,6 @@ def make_model_class(BaseModel: type, networks: Any, find_model_using_name: Opti
 
         # ------------------------------------------------------------- checkpoints
         def save_networks(self, epoch):
-            from ..checkpoint import save
-
             os.makedirs(self.save_dir, exist_ok=True)
             if not self.isTrain:
                 return

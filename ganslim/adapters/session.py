@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
