@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
+from . import distributed as dist
 from . import measure
 from .config import CompressConfig
 from .distill import FeatureDistiller, auto_distill_points
@@ -141,6 +142,8 @@ def compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Opt
 def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Optional[CompressConfig],
               discriminator: Optional[nn.Module], callbacks: Iterable[Callable], **overrides) -> CompressResult:
     cfg = (config or CompressConfig()).replace(**overrides).validate()
+    if not dist.is_main():  # under torchrun: one progress bar, rank 0's
+        cfg = cfg.replace(progress=False)
     if not isinstance(model, nn.Module) or not isinstance(teacher, nn.Module):
         raise TypeError("model and teacher must be torch.nn.Module instances")
     t0 = time.time()
@@ -340,6 +343,7 @@ def _ofa_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, load
     evaluator = Evaluator(supernet, teacher, pairs, bn_inputs, qcfg.metric, latency_input=stat_input,
                           latency_repeats=qcfg.latency_repeats)
     result = evolve(supernet, evaluator, budget, cfg.target_latency_ms, qcfg, teacher_macs, progress=cfg.progress)
+    result = dist.broadcast_object(result)  # with a latency budget the timings differ per process: rank 0 decides
     recalibrate_bn(supernet, bn_inputs, result.best.widths)
     plain = supernet.export(result.best.widths, atol=cfg.export_atol)
     supernet.set_widths(supernet.largest())
@@ -363,6 +367,7 @@ def _budget(cfg: CompressConfig, student: nn.Module, targets, macs_model: MacsMo
         from .device_aware import calibrate_latency
 
         calibration = calibrate_latency(student, targets, example, stat_input, cfg.target_latency_ms, device=cfg.device)
+        calibration = dist.broadcast_object(calibration)  # timings differ per process: rank 0 decides
         if calibration.macs_fraction is None:
             raise ValueError(f"impossible latency target: {calibration.note}\n{calibration.table()}")
         target_abs = calibration.macs_fraction * macs_model.total

@@ -195,7 +195,7 @@ class FeatureDistiller(nn.Module):
             if self.kind == "gka":
                 total = total + (1.0 - kernel_alignment(fs, ft))
             else:
-                total = total + F.mse_loss(self.maps[_key(s_name)](fs), ft) / ft.var().clamp_min(1e-6)
+                total = total + F.mse_loss(self.maps[_key(s_name)](fs), ft) / _variance(ft).clamp_min(1e-6)
         self.student_rec.clear()
         self.teacher_rec.clear()
         return total
@@ -204,6 +204,22 @@ class FeatureDistiller(nn.Module):
         """Take the hooks off both networks."""
         self.student_rec.remove()
         self.teacher_rec.remove()
+
+
+@torch.no_grad()
+def _variance(t: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of every element of ``t``; under torchrun over the *global* batch (sums
+    all-reduced), so the loss's normaliser and hence the gradients match a one-process run."""
+    from . import distributed as dist
+
+    if not dist.is_distributed():
+        return t.var()
+    t = t.detach().double()
+    stats = torch.stack([t.sum(), (t * t).sum(), torch.tensor(float(t.numel()), dtype=torch.float64)])
+    torch.distributed.all_reduce(stats)
+    s, ss, n = stats.tolist()
+    return torch.tensor((ss - s * s / n) / max(n - 1.0, 1.0), dtype=t.dtype if t.is_floating_point() else torch.float32,
+                        device=t.device).float()
 
 
 def _key(name: str) -> str:

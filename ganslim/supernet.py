@@ -27,9 +27,10 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
+from . import distributed as dist
 from .slicing import SliceConfig, Supernet, make_supernet
-from .train import (LossWeights, NonFiniteLossError, cached_teacher_output, cycle, first_output, lr_cosine,
-                    output_losses, split_batch)
+from .train import (LossWeights, NonFiniteLossError, _finite_everywhere, cached_teacher_output, cycle, first_output,
+                    lr_cosine, output_losses, split_batch)
 
 __all__ = ["SupernetConfig", "train_supernet", "save_supernet", "load_supernet"]
 
@@ -103,20 +104,21 @@ def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, con
         torch.set_rng_state(state["torch_rng"])
     from tqdm.auto import tqdm
 
+    pre = dist.presharded(loader)
     it = cycle(loader)
     for _ in range(start):  # same data position as the interrupted run
         next(it)
     supernet.model.train()
     t0 = time.time()
     losses: dict = {}
-    bar = tqdm(range(start, cfg.steps), desc="ganslim supernet", disable=not progress, dynamic_ncols=True,
+    bar = tqdm(range(start, cfg.steps), desc="ganslim supernet", disable=not progress or not dist.is_main(), dynamic_ncols=True,
                mininterval=2.0, initial=start, total=cfg.steps)
     for step in bar:
         batch = next(it)
         inputs, target = split_batch(batch, batch_fn)
-        inputs = tuple(t.to(dev) for t in inputs)
-        target = target.to(dev) if target is not None else None
-        t_out = cached_teacher_output(batch)
+        inputs = tuple(dist.shard(t, pre).to(dev) for t in inputs)  # this rank's rows under torchrun
+        target = dist.shard(target, pre).to(dev) if target is not None else None
+        t_out = dist.shard(cached_teacher_output(batch), pre)
         if t_out is None:
             with torch.no_grad():
                 t_out = first_output(teacher(*inputs))
@@ -129,13 +131,14 @@ def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, con
             supernet.set_widths(widths)
             out = output_losses(first_output(supernet.model(*inputs)), t_out, target, weights)
             loss = sum(out.values())
-            if not torch.isfinite(loss):
+            if not _finite_everywhere(loss):
                 raise NonFiniteLossError(f"non-finite supernet loss at step {step} ({float(loss):.4g}); lower the "
                                          "learning rate or check the inputs for NaN/inf")
             loss.backward()
             total += float(loss.detach())
             for k, v in out.items():
                 losses[k] = losses.get(k, 0.0) + float(v.detach())
+        dist.average_gradients(supernet.model.parameters())
         opt.step()
         sched.step()
         supernet.set_widths(supernet.largest())
@@ -144,7 +147,7 @@ def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, con
             cb(step + 1, losses)
         if progress and step % 5 == 0:
             bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
-        if ckpt is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+        if ckpt is not None and dist.is_main() and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             _atomic_torch_save({"model": supernet.model.state_dict(), "optimizer": opt.state_dict(),
                                 "scheduler": sched.state_dict(), "step": step + 1, "python_rng": rng.getstate(),
                                 "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}, ckpt)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed as dist
 from ._utils import first_output  # noqa: F401 - re-exported: the loop's callers import it from here
 
 BatchFn = Callable[[Any], tuple]
@@ -119,6 +120,14 @@ class LossWeights:
     mse: float = 0.0  # MSE to the ground truth (to the teacher's output without one): PSNR's own loss
 
 
+def _finite_everywhere(loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite on every rank (all ranks agree, so none waits alone in an all-reduce)."""
+    bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0)
+    if dist.is_distributed():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bool(bad)
+
+
 def output_losses(s_out: torch.Tensor, t_out: torch.Tensor, target: Optional[torch.Tensor],
                   w: LossWeights) -> dict[str, torch.Tensor]:
     """The output-level distillation losses (weighted): L1 to the teacher's output, L1 to the ground
@@ -163,6 +172,7 @@ class DistillTrainer:
         self.after_step: list[Callable[["DistillTrainer"], None]] = []
         self.state = TrainState()
         self._good = None
+        self._presharded = False
 
     def _snapshot(self) -> None:
         self._good = copy.deepcopy(self.student.state_dict())
@@ -170,8 +180,10 @@ class DistillTrainer:
     def step(self, batch: Any) -> dict:
         """One optimisation step on ``batch``; returns the float losses."""
         inputs, target = split_batch(batch, self.batch_fn)
-        inputs = tuple(t.to(self.device) for t in inputs)
-        cached = cached_teacher_output(batch)
+        pre = self._presharded
+        inputs = tuple(dist.shard(t, pre).to(self.device) for t in inputs)  # this rank's rows (torchrun)
+        target = dist.shard(target, pre)
+        cached = dist.shard(cached_teacher_output(batch), pre)
         if cached is not None and not (self.distiller is not None and self.weights.distill):
             t_out = cached.to(self.device)  # offline distillation: no teacher forward this step
         else:  # feature distillation needs the teacher's activations: run it
@@ -189,7 +201,7 @@ class DistillTrainer:
         if self.discriminator is not None and w.adv:
             losses["adv"] = w.adv * gan_loss(self.discriminator(s_out), True, self.gan_mode)
         total = sum(losses.values())
-        if not torch.isfinite(total):
+        if not _finite_everywhere(total):
             if self._good is not None:
                 self.student.load_state_dict(self._good)
             bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
@@ -197,6 +209,7 @@ class DistillTrainer:
                                      "good weights. Lower the learning rates or check the inputs for NaN/inf.")
         self.opt.zero_grad(set_to_none=True)
         total.backward()
+        dist.average_gradients(p for g in self.opt.param_groups for p in g["params"])
         self.opt.step()
         if self.discriminator is not None:
             real = target if target is not None else t_out
@@ -204,6 +217,7 @@ class DistillTrainer:
                             + gan_loss(self.discriminator(s_out.detach()), False, self.gan_mode))
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
+            dist.average_gradients(self.discriminator.parameters())
             self.opt_d.step()
             losses["D"] = d_loss
         self.state.step += 1
@@ -226,8 +240,10 @@ class DistillTrainer:
         self.student.train()
         self.teacher.eval()
         self._snapshot()
+        self._presharded = dist.presharded(loader)
         it = cycle(loader)
-        bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True, leave=True, mininterval=2.0)
+        bar = tqdm(range(steps), desc=desc, disable=not progress or not dist.is_main(), dynamic_ncols=True, leave=True,
+                   mininterval=2.0)
         for _ in bar:
             losses = self.step(next(it))
             for cb in callbacks:

@@ -1,0 +1,121 @@
+"""Multi-process training with ``torchrun`` / ``torch.distributed`` (DistributedDataParallel semantics).
+
+Run any ganslim training under ``torchrun --nproc_per_node N script.py``: when a process group is
+initialised (or the ``torchrun`` environment variables are set, see :func:`init_from_env`) every
+training loop of ganslim (gating, fine-tune, QAT, supernet)
+
+* takes its share of each global batch: rank ``r`` of ``W`` uses rows ``r*B/W ... (r+1)*B/W`` of the
+  batch the loader yields (so a run on W processes sees exactly the batches of a one-process run; a
+  ``DataLoader`` with a ``DistributedSampler`` is taken as already sharded);
+* averages the gradients of *every* trained tensor over the ranks after each backward pass: the
+  student's weights and, unlike a plain ``DistributedDataParallel`` wrapper, the channel gates, the
+  distillation mapping layers and the quantizers' parameters, which live outside the student;
+* therefore takes identical optimizer steps on every rank, so deterministic decisions (the L1
+  proximal step, progressive pruning, supernet sub-network sampling from a shared seed) agree;
+* shows progress bars and writes files on rank 0 only.
+
+BatchNorm uses each rank's local statistics (as DDP does without SyncBatchNorm, which needs CUDA).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Optional
+
+import torch
+
+__all__ = ["is_distributed", "rank", "world_size", "is_main", "init_from_env", "shard", "average_gradients",
+           "barrier", "broadcast_object", "presharded"]
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and world_size() > 1
+
+
+def rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or no process group): the process that prints and writes files."""
+    return rank() == 0
+
+
+def init_from_env(backend: Optional[str] = None) -> bool:
+    """Initialise the default process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``...) when present; ``backend`` defaults to nccl with CUDA, else gloo. Returns whether
+    a multi-process group is active."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
+        return False
+    if not torch.distributed.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return is_distributed()
+
+
+def _presharded(loader: Any) -> bool:
+    from torch.utils.data.distributed import DistributedSampler
+
+    return isinstance(getattr(loader, "sampler", None), DistributedSampler) or \
+        isinstance(getattr(getattr(loader, "batch_sampler", None), "sampler", None), DistributedSampler)
+
+
+def shard(t: Optional[torch.Tensor], presharded: bool = False) -> Optional[torch.Tensor]:
+    """This rank's rows of a global batch tensor ``(B, ...)``; B must divide by the world size."""
+    if t is None or presharded or not is_distributed():
+        return t
+    w, r = world_size(), rank()
+    if t.shape[0] % w:
+        raise ValueError(f"global batch of {t.shape[0]} cannot be split evenly over {w} processes; use a batch size "
+                         f"divisible by {w} (or a DataLoader with a DistributedSampler)")
+    n = t.shape[0] // w
+    return t[r * n:(r + 1) * n]
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """All-reduce (mean) the gradients of ``params`` over the ranks, one flat buffer per dtype/device.
+    A parameter without a gradient on this rank counts as zero (every rank must pass the same list)."""
+    if not is_distributed():
+        return
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size()
+    i = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[i:i + n].view_as(p).clone()
+        i += n
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as rank ``src`` has it, on every rank (decisions taken from measurements, e.g. latency,
+    that differ between processes must be made once)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def presharded(loader: Any) -> bool:
+    """Whether ``loader`` already yields this rank's share (a DataLoader with a DistributedSampler)."""
+    return _presharded(loader)
