@@ -14,7 +14,10 @@ Stages (each usable alone from its own module):
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -180,8 +183,15 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
         cfg = cfg.replace(strategy=chosen)
         notes.append(f"strategy auto -> {chosen}: {why}")
     stage = {"slim": _slim_stage, "ofa": _ofa_stage, "onestep": _onestep_stage, "evolve": _evolve_stage}[cfg.strategy]
-    st = stage(cfg, student, teacher, loader, example, inputs, teacher_macs, eval_pairs, stat_input, same_arch,
-               discriminator, callbacks)
+    stage_file = _ckpt(cfg, "stage.pt")
+    st = _load_stage(stage_file, cfg) if stage_file and os.path.exists(stage_file) else None
+    if st is None:
+        st = stage(cfg, student, teacher, loader, example, inputs, teacher_macs, eval_pairs, stat_input, same_arch,
+                   discriminator, callbacks)
+        if stage_file:
+            _save_stage(stage_file, st, cfg)
+    else:
+        notes.append(f"resumed: the {cfg.strategy} stage was read from {stage_file}")
     plain, info, targets, mapping = st.plain, st.info, st.targets, st.mapping
     target_abs, calibration, weights = st.target_abs, st.calibration, st.weights
 
@@ -197,7 +207,8 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
             ft_distiller.fit_maps()  # least-squares start for the 1x1 maps (nothing to fit for gka)
             ft_distiller.to(device)
         finetune(plain, teacher, loader, cfg.finetune_steps, cfg.finetune_lr, weights, ft_distiller, discriminator,
-                 cfg.gan_mode, cfg.device, cfg.batch_fn, cfg.progress, callbacks)
+                 cfg.gan_mode, cfg.device, cfg.batch_fn, cfg.progress, callbacks, checkpoint=_ckpt(cfg, "finetune.pt"),
+                 checkpoint_every=cfg.checkpoint_every)
         if ft_distiller is not None:
             ft_distiller.remove()
     plain.eval()
@@ -303,7 +314,11 @@ def _slim_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, loa
     def postfix() -> dict:
         return {"MACs": f"{ctl['macs'] / 1e9:.3f}G"}
 
-    trainer.run(loader, cfg.steps, desc="ganslim gating", progress=cfg.progress, postfix=postfix, callbacks=callbacks)
+    trainer.modules["gates"] = gates
+    if distiller is not None:
+        trainer.modules["distiller"] = distiller
+    trainer.run(loader, cfg.steps, desc="ganslim gating", progress=cfg.progress, postfix=postfix, callbacks=callbacks,
+                checkpoint=_ckpt(cfg, "gating.pt"), checkpoint_every=cfg.checkpoint_every)
 
     if target_abs is not None:
         _, alive = threshold_for_target(gates, macs_model, target_abs, multiple=cfg.channel_multiple)
@@ -334,7 +349,7 @@ def _ofa_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, load
     scfg = SupernetConfig(steps=cfg.steps, lr=cfg.supernet_lr, random_subnets=cfg.random_subnets, seed=cfg.seed,
                           recon_weight=cfg.recon_weight, gt_weight=cfg.gt_weight, mse_weight=cfg.mse_weight)
     sinfo = train_supernet(supernet, teacher, loader, scfg, batch_fn=cfg.batch_fn, device=cfg.device,
-                           progress=cfg.progress, checkpoint=cfg.supernet_checkpoint,
+                           progress=cfg.progress, checkpoint=cfg.supernet_checkpoint or _ckpt(cfg, "supernet.pt"),
                            callbacks=[lambda step, losses: [cb(None, losses) for cb in callbacks]] if callbacks else ())
     bn_inputs = [tuple(t.to(cfg.device) for t in b) for b in input_batches(loader, 4, cfg.batch_fn)]
     pairs = [(tuple(t.to(cfg.device) for t in i), None if g is None else g.to(cfg.device)) for i, g in eval_pairs]
@@ -443,6 +458,47 @@ def _evolve_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, l
                         + (" - cycle" if reverse is not None else "")}
     return _Stage(plain, {"max_abs_diff": 0.0, "kept": kept}, targets, mapping, target_abs, calibration,
                   weights, search, stage_steps=0)
+
+
+def _ckpt(cfg: CompressConfig, name: str) -> Optional[str]:
+    if not cfg.checkpoint_dir:
+        return None
+    os.makedirs(cfg.checkpoint_dir, exist_ok=True)
+    return os.path.join(cfg.checkpoint_dir, name)
+
+
+def _save_stage(path: str, st: _Stage, cfg: CompressConfig) -> None:
+    """The first stage's result (the pruned student as a pickled module, widths, budget; a supernet as
+    its plain network) so a resumed run goes straight to the fine-tune."""
+    from .train import atomic_torch_save
+
+    sn = st.supernet
+    state = {"strategy": cfg.strategy, "target_macs": cfg.target_macs, "stage": dataclasses.replace(st, supernet=None),
+             "supernet": None if sn is None else {"model": sn.plain_copy(), "config": sn.config,
+                                                   "example": sn.example_inputs, "choices": sn.choices}}
+    if dist.is_main():
+        try:
+            atomic_torch_save(state, path)
+        except Exception as e:  # noqa: BLE001 - e.g. a class defined inside a function cannot be pickled
+            warnings.warn(f"cannot checkpoint the compression stage to {path} ({type(e).__name__}: {e}); a resumed "
+                          "run will redo it", stacklevel=3)
+
+
+def _load_stage(path: str, cfg: CompressConfig) -> Optional[_Stage]:
+    from .train import load_checkpoint
+
+    state = load_checkpoint(path)
+    if state.get("strategy") != cfg.strategy or state.get("target_macs") != cfg.target_macs:
+        raise ValueError(f"{path} belongs to a run with strategy {state.get('strategy')!r}, target_macs "
+                         f"{state.get('target_macs')}; use another checkpoint_dir or delete it")
+    st = state["stage"]
+    if state.get("supernet"):
+        from .slicing import Supernet
+
+        s = state["supernet"]
+        st.supernet = Supernet(s["model"], st.targets, s["example"], s["config"])
+        st.supernet.choices = s["choices"]
+    return st
 
 
 def _eval_pairs(cfg: CompressConfig, first_batch) -> list:

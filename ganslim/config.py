@@ -84,6 +84,11 @@ class CompressConfig:
     # --- data
     batch_fn: Optional[Callable] = None  # batch -> (inputs tuple, target or None)
     # --- run
+    # Resumable runs: training state written atomically every ``checkpoint_every`` steps to
+    # checkpoint_dir (gating.pt / supernet.pt, stage.pt after the first stage, finetune.pt); a run with
+    # the same directory and configuration continues where the last one stopped.
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 200
     device: str = "cpu"
     seed: int = 0
     log_every: int = 10
@@ -106,6 +111,8 @@ class CompressConfig:
             raise ValueError(f"target_macs must be > 0 (a fraction of the teacher's MACs or an absolute count), got {self.target_macs}")
         if self.steps < 0 or self.finetune_steps < 0:
             raise ValueError("steps and finetune_steps must be >= 0")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; available: {', '.join(map(repr, STRATEGIES))}")
         if self.target_latency_ms is not None and not self.target_latency_ms > 0:

@@ -22,15 +22,15 @@ import pathlib
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
 from . import distributed as dist
 from .slicing import SliceConfig, Supernet, make_supernet
-from .train import (LossWeights, NonFiniteLossError, _finite_everywhere, cached_teacher_output, cycle, first_output,
-                    lr_cosine, output_losses, split_batch)
+from .train import (LossWeights, NonFiniteLossError, _finite_everywhere, atomic_torch_save, cached_teacher_output, cycle,
+                    first_output, lr_cosine, output_losses, split_batch)
 
 __all__ = ["SupernetConfig", "train_supernet", "save_supernet", "load_supernet"]
 
@@ -55,16 +55,6 @@ class SupernetConfig:
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         return self
-
-
-def _atomic_torch_save(obj: Any, path: pathlib.Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, config: Optional[SupernetConfig] = None,
@@ -148,7 +138,7 @@ def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, con
         if progress and step % 5 == 0:
             bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
         if ckpt is not None and dist.is_main() and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            _atomic_torch_save({"model": supernet.model.state_dict(), "optimizer": opt.state_dict(),
+            atomic_torch_save({"model": supernet.model.state_dict(), "optimizer": opt.state_dict(),
                                 "scheduler": sched.state_dict(), "step": step + 1, "python_rng": rng.getstate(),
                                 "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}, ckpt)
     bar.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -173,6 +174,8 @@ class DistillTrainer:
         self.state = TrainState()
         self._good = None
         self._presharded = False
+        self.schedulers: list = []  # saved with checkpoints
+        self.modules: dict[str, nn.Module] = {}  # further trained state saved with checkpoints (gates, mappings)
 
     def _snapshot(self) -> None:
         self._good = copy.deepcopy(self.student.state_dict())
@@ -230,20 +233,65 @@ class DistillTrainer:
             self._snapshot()
         return out
 
+    # ----------------------------------------------------------------- resumable state
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs: student, optimizers, schedulers, registered ``modules``
+        (gates, mapping layers), step, random states."""
+        import random
+
+        return {"student": self.student.state_dict(), "opt": self.opt.state_dict(),
+                "opt_d": self.opt_d.state_dict() if self.opt_d is not None else None,
+                "discriminator": self.discriminator.state_dict() if self.discriminator is not None else None,
+                "schedulers": [s.state_dict() for s in self.schedulers],
+                "modules": {k: m.state_dict() for k, m in self.modules.items()},
+                "step": self.state.step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        import random
+
+        self.student.load_state_dict(state["student"])
+        self.opt.load_state_dict(state["opt"])
+        if self.opt_d is not None and state.get("opt_d") is not None:
+            self.opt_d.load_state_dict(state["opt_d"])
+            self.discriminator.load_state_dict(state["discriminator"])
+        for s, sd in zip(self.schedulers, state["schedulers"]):
+            s.load_state_dict(sd)
+        for k, m in self.modules.items():
+            m.load_state_dict(state["modules"][k])
+        self.state.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write :meth:`state_dict` to ``path`` atomically (rank 0 only under torchrun)."""
+        if dist.is_main():
+            atomic_torch_save(self.state_dict(), path)
+
     def run(self, loader: Iterable, steps: int, desc: str = "train", progress: bool = True,
-            postfix: Optional[Callable[[], dict]] = None, callbacks: Iterable[Callable] = ()) -> None:
-        """Run ``steps`` optimisation steps over ``loader`` (cycled) with a tqdm progress bar."""
+            postfix: Optional[Callable[[], dict]] = None, callbacks: Iterable[Callable] = (),
+            checkpoint: Optional[str] = None, checkpoint_every: int = 200) -> None:
+        """Run ``steps`` optimisation steps over ``loader`` (cycled) with a tqdm progress bar.
+
+        ``checkpoint``: a file written atomically every ``checkpoint_every`` steps and at the end; when
+        it exists at the start the run resumes from it (weights, optimizer, schedulers, registered
+        modules, random states, and the same data position: the loader is fast-forwarded)."""
         if steps <= 0:
             return
         from tqdm.auto import tqdm
 
+        start = 0
+        if checkpoint is not None and os.path.exists(checkpoint):
+            self.load_state_dict(load_checkpoint(checkpoint))
+            start = self.state.step
         self.student.train()
         self.teacher.eval()
         self._snapshot()
         self._presharded = dist.presharded(loader)
         it = cycle(loader)
-        bar = tqdm(range(steps), desc=desc, disable=not progress or not dist.is_main(), dynamic_ncols=True, leave=True,
-                   mininterval=2.0)
+        for _ in range(start):  # the batches the interrupted run had used
+            next(it)
+        bar = tqdm(range(start, steps), desc=desc, disable=not progress or not dist.is_main(), dynamic_ncols=True,
+                   leave=True, mininterval=2.0, initial=start, total=steps)
         for _ in bar:
             losses = self.step(next(it))
             for cb in callbacks:
@@ -253,7 +301,30 @@ class DistillTrainer:
                 if postfix is not None:
                     info.update(postfix())
                 bar.set_postfix(info, refresh=False)
+            if checkpoint is not None and (self.state.step % checkpoint_every == 0 or self.state.step == steps):
+                self.save_checkpoint(checkpoint)
         bar.close()
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+    path = str(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load`` of a ganslim training checkpoint with a clear error for a damaged or foreign file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix
+        raise ValueError(f"{path}: not a readable ganslim training checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); delete it to start afresh") from None
 
 
 def lr_cosine(step: int, total: int, floor: float = 0.05) -> float:
@@ -264,7 +335,7 @@ def lr_cosine(step: int, total: int, floor: float = 0.05) -> float:
 def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int, lr: float, weights: LossWeights,
              distiller=None, discriminator: Optional[nn.Module] = None, gan_mode: str = "lsgan", device: str = "cpu",
              batch_fn: Optional[BatchFn] = None, progress: bool = True, callbacks: Iterable[Callable] = (),
-             desc: str = "ganslim fine-tune") -> nn.Module:
+             desc: str = "ganslim fine-tune", checkpoint: Optional[str] = None, checkpoint_every: int = 200) -> nn.Module:
     """Distillation fine-tune of a plain (already compressed) ``model`` in place: ``steps`` Adam steps
     at ``lr`` with cosine decay (to 5%); ``distiller``'s mapping layers train alongside. Returns
     ``model`` in eval mode."""
@@ -275,7 +346,11 @@ def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int,
         tr = DistillTrainer(model, teacher, groups, weights, distiller, discriminator, lr, gan_mode, device, batch_fn)
         sched = torch.optim.lr_scheduler.LambdaLR(tr.opt, lambda s: lr_cosine(s, steps))
         tr.after_step.append(lambda _: sched.step())
-        tr.run(loader, steps, desc=desc, progress=progress, callbacks=callbacks)
+        tr.schedulers.append(sched)
+        if distiller is not None:
+            tr.modules["distiller"] = distiller
+        tr.run(loader, steps, desc=desc, progress=progress, callbacks=callbacks, checkpoint=checkpoint,
+               checkpoint_every=checkpoint_every)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
