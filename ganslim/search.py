@@ -336,6 +336,9 @@ def evolve(supernet: Supernet, evaluator: Evaluator, budget_macs: Optional[float
     for w in pop:
         c = evaluator(w)
         seen[c.key] = c
+    if budget_latency_ms is not None:  # measured within the budget above: a valid answer whatever the timing noise
+        c = evaluator(supernet.smallest())
+        seen[c.key] = c
     ok = [c for c in seen.values() if budget_macs is None or c.macs <= budget_macs]
     ok.sort(key=lambda c: -c.fitness)
     best = None
