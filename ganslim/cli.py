@@ -60,16 +60,26 @@ def _cmd_compress(args) -> int:
         loader = data.default_loader(batch_size=args.batch_size, crop=args.crop, length=max(1, steps) * args.batch_size,
                                      seed=args.seed)
         eval_inputs = [tuple(p) for p in data.test_pairs()]
-    cfg = CompressConfig(target_macs=args.target_macs, steps=args.steps, finetune_steps=args.finetune_steps,
-                         lr=args.lr, gate_lr=args.gate_lr, device=args.device, seed=args.seed,
-                         progress=not args.no_progress, eval_inputs=eval_inputs, quant=args.quant,
-                         quant_steps=args.quant_steps, target_latency_ms=args.target_latency_ms,
-                         strategy=args.strategy, search_population=args.population,
-                         search_generations=args.generations, channel_multiple=args.channel_multiple)
+    flags = dict(target_macs=args.target_macs, steps=args.steps, finetune_steps=args.finetune_steps,
+                 lr=args.lr, gate_lr=args.gate_lr, device=args.device, seed=args.seed, quant=args.quant,
+                 quant_steps=args.quant_steps, target_latency_ms=args.target_latency_ms,
+                 strategy=args.strategy, search_population=args.population,
+                 search_generations=args.generations, channel_multiple=args.channel_multiple)
+    if args.config:  # the file's options, then the flags given explicitly on the command line
+        defaults = build_parser().parse_args(["compress"])
+        given = {k: v for k, v in flags.items() if v != getattr(defaults, _FLAG_DEST.get(k, k))}
+        cfg = CompressConfig.from_file(args.config).replace(**given)
+    else:
+        cfg = CompressConfig(**flags)
+    cfg = cfg.replace(progress=not args.no_progress, eval_inputs=eval_inputs).validate()
     os.makedirs(args.out, exist_ok=True)
     if args.strategy == "ofa":  # resumable: a rerun with the same --out continues the supernet training
         cfg.supernet_checkpoint = os.path.join(args.out, "supernet.state.pt")
     result = compress(teacher, teacher, loader, config=cfg)
+    from . import distributed
+
+    if not distributed.is_main():  # under torchrun only rank 0 prints and writes
+        return 0
     print(result.report)
     path = save(result.model, os.path.join(args.out, "student.safetensors"))
     write_json(result.report.to_dict(), os.path.join(args.out, "report.json"))
@@ -80,6 +90,10 @@ def _cmd_compress(args) -> int:
         print(f"saved {save_supernet(result.supernet, os.path.join(args.out, 'supernet.safetensors'))} "
               f"(search it for other budgets: ganslim search {os.path.join(args.out, 'supernet.safetensors')} --target-macs ...)")
     return 0
+
+
+# CompressConfig field -> argparse dest, where they differ
+_FLAG_DEST = {"search_population": "population", "search_generations": "generations"}
 
 
 def _cmd_search(args) -> int:
@@ -195,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--factory", help="'package.module:function' that builds the generator (with --weights)")
     c.add_argument("--weights", help="state dict (.pth or .safetensors) for --factory")
     c.add_argument("--images", help="folder of input images (unpaired: targets come from the teacher)")
+    c.add_argument("--config", help="JSON file of CompressConfig options (flags given explicitly override it)")
     c.add_argument("--target-macs", type=float, default=0.1, help="fraction of the teacher's MACs (or absolute if > 1)")
     c.add_argument("--target-latency-ms", type=float,
                    help="device-aware budget: latency (ms) of the evaluation input on --device, measured; replaces --target-macs")

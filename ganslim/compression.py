@@ -145,6 +145,7 @@ def compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Opt
 def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Optional[CompressConfig],
               discriminator: Optional[nn.Module], callbacks: Iterable[Callable], **overrides) -> CompressResult:
     cfg = (config or CompressConfig()).replace(**overrides).validate()
+    dist.init_from_env()  # under torchrun: join its process group (no-op otherwise)
     if not dist.is_main():  # under torchrun: one progress bar, rank 0's
         cfg = cfg.replace(progress=False)
     if not isinstance(model, nn.Module) or not isinstance(teacher, nn.Module):

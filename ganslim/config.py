@@ -125,6 +125,38 @@ class CompressConfig:
             raise ValueError(f"gan_mode must be lsgan, vanilla or hinge, got {self.gan_mode!r}")
         return self
 
+    @classmethod
+    def from_file(cls, path: str) -> "CompressConfig":
+        """Read options from a JSON file ``{"target_macs": 0.1, "steps": 800, ...}`` (field names of this
+        class); unknown names, wrong types and malformed JSON are errors that name the file and the fix."""
+        import json
+
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {path} not found") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path}: expected a JSON object of option names, got {type(raw).__name__}")
+        defaults = cls()
+        for k, v in raw.items():
+            if not hasattr(defaults, k) or k in ("batch_fn", "eval_inputs", "reverse_generator"):
+                raise ValueError(f"config file {path}: unknown option {k!r}; known: "
+                                 f"{', '.join(f.name for f in fields(cls) if f.name not in ('batch_fn', 'eval_inputs', 'reverse_generator'))}")
+            d = getattr(defaults, k)
+            ok = (v is None or d is None or (isinstance(d, bool) and isinstance(v, bool))
+                  or (isinstance(d, (int, float)) and not isinstance(d, bool) and isinstance(v, (int, float))
+                      and not isinstance(v, bool))
+                  or (isinstance(d, str) and isinstance(v, str)) or (isinstance(d, (list, tuple)) and isinstance(v, list)))
+            if not ok:
+                raise ValueError(f"config file {path}: option {k!r} must be {type(d).__name__}, got {json.dumps(v)}")
+        try:
+            return cls().replace(**raw).validate()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config file {path}: {e}") from None
+
     def to_dict(self) -> dict:
         d = asdict(self) if self.batch_fn is None and self.eval_inputs is None and self.reverse_generator is None else {
             f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("batch_fn", "eval_inputs", "reverse_generator")}

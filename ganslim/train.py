@@ -121,6 +121,17 @@ class LossWeights:
     mse: float = 0.0  # MSE to the ground truth (to the teacher's output without one): PSNR's own loss
 
 
+def _run_on_batch(model: nn.Module, inputs: tuple, who: str, step: int):
+    """``model(*inputs)``; a shape/dtype failure becomes one line naming the batch and the fix."""
+    try:
+        return model(*inputs)
+    except RuntimeError as e:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise ValueError(f"the {who} failed on the batch at step {step} (input shape {shapes}): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; every batch must have the layout "
+                         "of the first one (channels, dtype), or pass batch_fn") from None
+
+
 def _finite_everywhere(loss: torch.Tensor) -> bool:
     """Whether ``loss`` is finite on every rank (all ranks agree, so none waits alone in an all-reduce)."""
     bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0)
@@ -191,8 +202,8 @@ class DistillTrainer:
             t_out = cached.to(self.device)  # offline distillation: no teacher forward this step
         else:  # feature distillation needs the teacher's activations: run it
             with torch.no_grad():
-                t_out = first_output(self.teacher(*inputs))
-        s_out = first_output(self.student(*inputs))
+                t_out = first_output(_run_on_batch(self.teacher, inputs, "teacher", self.state.step))
+        s_out = first_output(_run_on_batch(self.student, inputs, "student", self.state.step))
         if s_out.shape != t_out.shape:
             raise ValueError(f"student output {tuple(s_out.shape)} and teacher output {tuple(t_out.shape)} differ in shape")
         w = self.weights

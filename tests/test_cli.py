@@ -82,3 +82,33 @@ def test_compress_from_factory_weights_and_an_image_folder(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["student"]["psnr_to_gt"] is None  # an image folder has no targets: pseudo pairs only
     assert report["student"]["macs"] <= 0.5 * report["teacher"]["macs"] * 1.05
+
+
+def test_config_file_options_and_errors(tiny_teacher, tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"target_macs": 0.5, "steps": 3, "finetune_steps": 1, "gate_lr": 0.01}))
+    out = tmp_path / "run"
+    rc = main(["compress", "--teacher", tiny_teacher, "--config", str(cfg), "--finetune-steps", "2", "--crop", "32",
+               "--batch-size", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 3 and report["finetune_steps"] == 2  # the file's steps, the flag's fine-tune steps
+    for text, msg in [("{", "not valid JSON (line 1"), ('{"stepz": 3}', "unknown option 'stepz'"),
+                      ('{"steps": "many"}', "option 'steps' must be int"), ('[1, 2]', "expected a JSON object"),
+                      ('{"strategy": "magic"}', "unknown strategy 'magic'")]:
+        cfg.write_text(text)
+        bad_out = tmp_path / "bad"
+        assert main(["compress", "--teacher", tiny_teacher, "--config", str(cfg), "--out", str(bad_out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0] and "c.json" in err[0], err
+        assert not bad_out.exists()  # nothing half-written
+    assert main(["compress", "--config", str(tmp_path / "missing.json")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_a_batch_with_another_layout_is_named_in_the_error():
+    teacher = create_model("resnet_6blocks", ngf=4).eval()
+    good = torch.rand(2, 3, 16, 16) * 2 - 1
+    loader = [(good,), (good,), (torch.rand(2, 1, 16, 16),)]  # a grayscale batch slipped in
+    with pytest.raises(ValueError, match=r"failed on the batch at step 2 \(input shape \(2, 1, 16, 16\)\)"):
+        ganslim.compress(teacher, teacher, loader, steps=4, finetune_steps=0, progress=False, measure_latency=False)
