@@ -28,7 +28,7 @@ from . import distributed as dist
 from . import measure
 from .config import CompressConfig
 from .distill import FeatureDistiller, auto_distill_points
-from .gating import GateSet, MacsModel, export_pruned, threshold_for_target
+from .gating import GateSet, MacsModel, export_pruned, macs_schedule, threshold_for_target
 from .report import CompressReport, ModelStats
 from .targeting import find_channel_groups
 from .train import DistillTrainer, LossWeights, finetune, first_output, split_batch
@@ -304,7 +304,7 @@ def _slim_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, loa
         gates.prox_step(cfg.gate_lr, cfg.rho)
         k = tr.state.step
         if target_abs is not None and start < k <= reach and (k % cfg.prune_every == 0 or k == reach):
-            goal = target_abs + (macs_model.total - target_abs) * (1.0 - (k - start) / (reach - start)) ** 3
+            goal = macs_schedule(k, start, reach, macs_model.total, target_abs)
             _, alive = threshold_for_target(gates, macs_model, goal)
             gates.set_masks(alive, final=False)
         if k % 5 == 0:

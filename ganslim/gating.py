@@ -205,6 +205,16 @@ class MacsModel:
         return total
 
 
+def macs_schedule(step: int, start: int, reach: int, total_macs: float, target_macs: float) -> float:
+    """MACs allowed at ``step`` by the cubic gradual-pruning schedule: the full network until
+    ``start``, then ``target + (total - target) * (1 - (step - start) / (reach - start))^3``, the target
+    from ``reach`` on."""
+    if step <= start:
+        return total_macs
+    t = min(1.0, (step - start) / max(1, reach - start))
+    return target_macs + (total_macs - target_macs) * (1.0 - t) ** 3
+
+
 def threshold_for_target(gates: GateSet, macs_model: MacsModel, target_macs: float, iters: int = 60,
                          multiple: int = 1) -> tuple[float, list[torch.Tensor]]:
     """Global threshold ``tau`` on ``|gate|`` (bisection) so that the channels with ``|g| > tau`` give

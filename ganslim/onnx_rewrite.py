@@ -260,25 +260,40 @@ def space_to_depth_thin_conv(model, max_out_channels: int = 4, stride: int = 2) 
                                    and users[0].input[0] == node.output[0]) else None
                 c_out, c_in = w.shape[:2]
                 kn = [k[0] + s - 1, k[1] + s - 1]
-                wn = np.zeros((c_out, s, s, c_in, kn[0], kn[1]), dtype=np.float32)
+                base = node.name or node.output[0]
+
+                def const(name, v):
+                    n = _unique(model, f"{base}_{name}")
+                    g.initializer.append(numpy_helper.from_array(np.array(v, dtype=np.int64), n))
+                    return n
+
+                # The strided kernel of phase (r_h, r_w) is the original kernel shifted by (r_h, r_w): built
+                # in the graph from the original weight (Pad, Concat, Reshape on constants), so the file keeps
+                # the compact weight and onnxruntime folds the expanded one once when it loads the model.
+                new, phases = [], []
                 for rh in range(s):
                     for rw in range(s):
-                        wn[:, rh, rw, :, rh:rh + k[0], rw:rw + k[1]] = w
-                wn = wn.reshape(c_out * s * s, c_in, kn[0], kn[1])
-                base = node.name or node.output[0]
-                w_name = _unique(model, f"{base}_s2d_w")
-                g.initializer.append(numpy_helper.from_array(wn, w_name))
+                        padded, phase = (_unique(model, f"{base}_s2d_w{rh}{rw}{t}") for t in ("p", "u"))
+                        new += [helper.make_node("Pad", [node.input[1], const(f"s2d_pads{rh}{rw}",
+                                                 [0, 0, rh, rw, 0, 0, s - 1 - rh, s - 1 - rw])], [padded]),
+                                helper.make_node("Unsqueeze", [padded, const(f"s2d_ax{rh}{rw}", [1])], [phase])]
+                        phases.append(phase)
+                stacked, w_name = _unique(model, f"{base}_s2d_wstack"), _unique(model, f"{base}_s2d_w")
+                new += [helper.make_node("Concat", phases, [stacked], axis=1),  # (C_out, s*s, C_in, K, K)
+                        helper.make_node("Reshape", [stacked, const("s2d_wshape", [c_out * s * s, c_in, kn[0], kn[1]])],
+                                         [w_name])]
                 ins = [node.input[0], w_name]
                 if len(node.input) > 2 and node.input[2]:
-                    b = numpy_helper.to_array(inits[node.input[2]])
-                    b_name = _unique(model, f"{base}_s2d_b")
-                    g.initializer.append(numpy_helper.from_array(np.repeat(b, s * s).astype(np.float32), b_name))
+                    b_col, b_rep, b_name = (_unique(model, f"{base}_s2d_b{t}") for t in ("col", "rep", ""))
+                    new += [helper.make_node("Unsqueeze", [node.input[2], const("s2d_bax", [1])], [b_col]),
+                            helper.make_node("Expand", [b_col, const("s2d_bexp", [c_out, s * s])], [b_rep]),
+                            helper.make_node("Reshape", [b_rep, const("s2d_bshape", [c_out * s * s])], [b_name])]
                     ins.append(b_name)
                 final = act.output[0] if act is not None else node.output[0]
                 conv_out = _unique(model, f"{base}_s2d")
                 # trailing zero pad of s-1 so every phase has ceil(H_out / s) rows; the crop removes the extra
-                new = [helper.make_node("Conv", ins, [conv_out], name=f"{base}_s2d_conv", kernel_shape=kn,
-                                        strides=[s, s], pads=[pads[0], pads[1], pads[2] + s - 1, pads[3] + s - 1])]
+                new.append(helper.make_node("Conv", ins, [conv_out], name=f"{base}_s2d_conv", kernel_shape=kn,
+                                            strides=[s, s], pads=[pads[0], pads[1], pads[2] + s - 1, pads[3] + s - 1]))
                 if act is not None:
                     moved_act = copy.deepcopy(act)
                     moved_act.input[0] = conv_out
@@ -287,12 +302,6 @@ def space_to_depth_thin_conv(model, max_out_channels: int = 4, stride: int = 2) 
                     moved.add(act.output[0])
                 d2s = _unique(model, f"{base}_s2d_d2s")
                 new += _depth_to_space(model, conv_out, d2s, s, c_out, f"{base}_s2d_d2s")
-
-                def const(name, v):
-                    n = _unique(model, f"{base}_{name}")
-                    g.initializer.append(numpy_helper.from_array(np.array(v, dtype=np.int64), n))
-                    return n
-
                 shp, hw, ends = (_unique(model, f"{base}_s2d_{t}") for t in ("shape", "hw", "ends"))
                 new += [helper.make_node("Shape", [node.input[0]], [shp]),
                         helper.make_node("Slice", [shp, const("s2d_st", [2]), const("s2d_en", [4])], [hw]),

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .. import measure
 from .._utils import as_input_tuple, first_output
 from ..distill import FeatureDistiller, FeatureRecorder, auto_distill_points
-from ..gating import GateSet, MacsModel, export_pruned, threshold_for_target
+from ..gating import GateSet, MacsModel, export_pruned, macs_schedule, threshold_for_target
 from ..targeting import find_channel_groups
 from .errors import AdapterError
 
@@ -156,7 +156,7 @@ class SlimSession:
             return
         self.gates.prox_step(self.gate_lr, self.rho)
         if self.start < k <= self.reach and (k % self.prune_every == 0 or k == self.reach):
-            goal = self.target_abs + (self.macs_model.total - self.target_abs) * (1.0 - (k - self.start) / (self.reach - self.start)) ** 3
+            goal = macs_schedule(k, self.start, self.reach, self.macs_model.total, self.target_abs)
             _, alive = threshold_for_target(self.gates, self.macs_model, goal)
             self.gates.set_masks(alive, final=False)
         if k >= self.steps:
