@@ -1,9 +1,11 @@
 """ganslim: compress existing GAN generators.
 
-Public API (kept stable): ``compress``, ``save``, ``load``, ``bench``, ``export``.
-Submodules: ``zoo`` (reference generators), ``data`` (embedded default data),
-``measure`` (MACs, params, latency, fidelity), ``checkpoint`` (safetensors save/load),
-``quantization`` (QAT with ModelOpt), ``deploy`` (ONNX / int8 ONNX export, onnxruntime runner).
+Public API (kept stable): ``compress``, ``save``, ``load``, ``bench``, ``export``, ``make_supernet``.
+Submodules (imported on first use, e.g. ``ganslim.adapters.SlimSession``): ``zoo`` (reference
+generators), ``data`` (embedded default data), ``measure`` (MACs, params, latency, fidelity),
+``checkpoint`` (safetensors save/load), ``quantization`` (QAT with ModelOpt), ``deploy`` (ONNX / int8
+ONNX export, onnxruntime runner), ``slicing`` / ``supernet`` / ``search`` (once-for-all), ``onestep``,
+``evolve``, ``distributed`` (torchrun), ``adapters`` (official repositories).
 """
 from __future__ import annotations
 
@@ -21,12 +23,19 @@ _LAZY = {
     "bench": "ganslim.benchmarking",
     "export": "ganslim.deploy",
     "quantize": "ganslim.quantization",
+    "make_supernet": "ganslim.slicing",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f"ganslim.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"ganslim.{name}":
+                raise
     raise AttributeError(f"module 'ganslim' has no attribute {name!r}")
 
 
