@@ -243,11 +243,15 @@ def find_channel_groups(
         if reason is None:
             # depthwise/grouped producers couple in and out channels; torch-pruning handles them, but every
             # producer in the group must be a plain (groups == 1) layer or a depthwise one
-            for pm in prod_mods:
-                pmod = model.get_submodule(pm.name)
+            # a consumer too: the input channels of a grouped conv can only go in whole blocks
+            for mm in members:
+                if mm.role == "norm":
+                    continue
+                pmod = model.get_submodule(mm.name)
                 g = getattr(pmod, "groups", 1)
-                if g not in (1, getattr(pmod, "in_channels", 1)):
-                    reason = f"grouped conv {pm.name} (groups={g}) couples channels in blocks"
+                depthwise = g == getattr(pmod, "in_channels", 0) == getattr(pmod, "out_channels", -1)
+                if g != 1 and not depthwise:
+                    reason = f"grouped conv {mm.name} (groups={g}) couples channels in blocks"
                     break
         if reason is None:
             reason = _unknown_channel_layer(model, members, io)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-OPS = ("conv", "res", "down", "up_t", "up_conv", "cat", "dw", "leaky")
+OPS = ("conv", "res", "down", "up_t", "up_conv", "cat", "dw", "leaky", "grouped")
 
 
 def norm_layer(kind: str, c: int) -> nn.Module:
@@ -66,6 +66,14 @@ class RandomGenerator(nn.Module):
                 layers += [CatBlock(c, norm, w, c)]
             elif op == "dw":
                 layers += [nn.Conv2d(c, c, 3, padding=1, groups=c), norm_layer(norm, c), nn.ReLU(True)]
+            elif op == "grouped":  # groups=2: channels coupled in blocks (never pruned, must stay consistent)
+                g_out = 2 * max(1, w // 2)
+                if c % 2:
+                    layers += [nn.Conv2d(c, c + 1, 1), norm_layer(norm, c + 1), nn.ReLU(True)]
+                    c += 1
+                layers += [nn.Conv2d(c, g_out, 3, padding=1, groups=2), norm_layer(norm, g_out), nn.ReLU(True),
+                           nn.Conv2d(g_out, w, 1), norm_layer(norm, w), nn.ReLU(True)]  # a prunable group follows
+                c = w
             elif op == "leaky":
                 layers += [nn.Conv2d(c, w, 3, padding=1), norm_layer(norm, w), nn.LeakyReLU(0.2, True)]
                 c = w
