@@ -180,9 +180,9 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     if cfg.strategy == "auto":
         from .strategies import choose_strategy
 
-        chosen, why = choose_strategy(cfg.target_macs if cfg.target_latency_ms is None else None)
-        cfg = cfg.replace(strategy=chosen)
-        notes.append(f"strategy auto -> {chosen}: {why}")
+        settings, why = choose_strategy(cfg.target_macs if cfg.target_latency_ms is None else None)
+        cfg = cfg.replace(**settings)
+        notes.append(f"strategy auto -> {why}")
     stage = {"slim": _slim_stage, "ofa": _ofa_stage, "onestep": _onestep_stage, "evolve": _evolve_stage}[cfg.strategy]
     stage_file = _ckpt(cfg, "stage.pt")
     st = _load_stage(stage_file, cfg) if stage_file and os.path.exists(stage_file) else None

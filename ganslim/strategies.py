@@ -16,21 +16,49 @@ from typing import Optional
 RESULTS = pathlib.Path(__file__).parent / "assets" / "strategy_results.json"
 FALLBACK = "slim"
 
+# The variants the head-to-head measures: name -> CompressConfig settings.
+VARIANTS = {
+    "slim": {"strategy": "slim"},
+    "onestep": {"strategy": "onestep"},
+    "onestep+gka": {"strategy": "onestep", "distill_loss": "gka", "finetune_distill": True},
+    "ofa": {"strategy": "ofa"},
+    "evolve": {"strategy": "evolve"},
+}
 
-def choose_strategy(target_macs: Optional[float], results: pathlib.Path = RESULTS) -> tuple[str, str]:
-    """``(strategy, reason)`` for a MACs target given as a fraction of the teacher (None: latency
-    target or absolute MACs, where the fraction is not known up front -> the overall winner)."""
+
+def winners_from_rows(rows: list, tie_db: float = 0.05) -> dict:
+    """From head-to-head rows (``target``, ``strategy`` = variant name, ``psnr_gt``, ``minutes``): per
+    target the best PSNR (ties within ``tie_db`` go to the faster), and ``overall``: the variant with
+    the best mean PSNR over the targets (used when the target fraction is not known up front)."""
+    winners = {}
+    for target in sorted({r["target"] for r in rows}, reverse=True):
+        cands = [r for r in rows if r["target"] == target]
+        top = max(r["psnr_gt"] for r in cands)
+        best = min((r for r in cands if r["psnr_gt"] >= top - tie_db), key=lambda r: r["minutes"])
+        winners[str(target)] = {"variant": best["strategy"], "psnr_gt": best["psnr_gt"], "minutes": best["minutes"]}
+    means = {}
+    for r in rows:
+        means.setdefault(r["strategy"], []).append(r["psnr_gt"])
+    complete = {k: sum(v) / len(v) for k, v in means.items() if len(v) == len(winners)}
+    return {"winners": winners, "overall": max(complete, key=complete.get) if complete else None}
+
+
+def choose_strategy(target_macs: Optional[float], results: pathlib.Path = RESULTS) -> tuple[dict, str]:
+    """``(CompressConfig settings, reason)`` of the measured winner for a MACs target given as a
+    fraction of the teacher (None: latency target or absolute MACs, where the fraction is not known
+    up front -> the variant with the best mean fidelity over the measured targets)."""
     try:
         table = json.loads(pathlib.Path(results).read_text())
         winners = {float(k): v for k, v in table["winners"].items()}
     except (OSError, ValueError, KeyError, TypeError):
-        return FALLBACK, f"no measured head-to-head at {results}; {FALLBACK} is the default"
+        return dict(VARIANTS[FALLBACK]), f"no measured head-to-head at {results}; {FALLBACK} is the default"
     if not winners:
-        return FALLBACK, f"the head-to-head at {results} has no winners; {FALLBACK} is the default"
+        return dict(VARIANTS[FALLBACK]), f"the head-to-head at {results} has no winners; {FALLBACK} is the default"
+    src = table.get("source", "bench_strategies.py")
     if target_macs is None or not 0 < target_macs <= 1:
-        best = table.get("overall") or winners[min(winners)]["strategy"]
-        return best, f"overall winner of the measured head-to-head ({table.get('source', 'bench_strategies.py')})"
+        best = table.get("overall") or winners[min(winners)]["variant"]
+        return dict(VARIANTS[best]), f"{best}: best mean fidelity over the measured targets ({src})"
     near = min(winners, key=lambda t: abs(math.log(t) - math.log(target_macs)))
     w = winners[near]
-    return w["strategy"], (f"won at target {near:g} on the default task ({w['psnr_gt']:.2f} dB to ground truth, "
-                           f"{w['minutes']:.1f} min; {table.get('source', 'bench_strategies.py')})")
+    return dict(VARIANTS[w["variant"]]), (f"{w['variant']} won at target {near:g} on the default task "
+                                          f"({w['psnr_gt']:.2f} dB to ground truth, {w['minutes']:.1f} min; {src})")

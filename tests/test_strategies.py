@@ -14,7 +14,7 @@ from ganslim.distill import FeatureDistiller, kernel_alignment
 from ganslim.evolve import ChannelMasks, EvolveConfig, _Fitness, evolve_masks
 from ganslim.gating import MacsModel
 from ganslim.onestep import importance_scores, onestep_masks, onestep_prune
-from ganslim.strategies import choose_strategy
+from ganslim.strategies import choose_strategy, winners_from_rows
 from ganslim.targeting import find_channel_groups
 from ganslim.zoo import create_model
 
@@ -140,12 +140,19 @@ def test_every_strategy_runs_through_one_compress_call():
 
 
 def test_auto_picks_the_measured_winner_nearest_the_target(tmp_path):
+    rows = [{"target": 0.1, "strategy": "slim", "psnr_gt": 29.70, "minutes": 7.0},
+            {"target": 0.1, "strategy": "onestep+gka", "psnr_gt": 29.68, "minutes": 4.0},  # a tie: the faster wins
+            {"target": 0.05, "strategy": "slim", "psnr_gt": 27.0, "minutes": 5.0},
+            {"target": 0.05, "strategy": "ofa", "psnr_gt": 28.1, "minutes": 20.0},
+            {"target": 0.05, "strategy": "onestep+gka", "psnr_gt": 27.5, "minutes": 3.0}]
+    table = winners_from_rows(rows)
+    assert table["winners"]["0.1"]["variant"] == "onestep+gka" and table["winners"]["0.05"]["variant"] == "ofa"
+    assert table["overall"] == "onestep+gka"  # best mean over both targets (ofa ran at one only)
     path = tmp_path / "results.json"
-    path.write_text(json.dumps({"winners": {"0.1": {"strategy": "slim", "psnr_gt": 29.7, "minutes": 7.0},
-                                            "0.05": {"strategy": "ofa", "psnr_gt": 28.1, "minutes": 20.0}},
-                                "overall": "slim", "source": "test"}))
-    assert choose_strategy(0.12, path)[0] == "slim"
-    assert choose_strategy(0.04, path)[0] == "ofa"
-    assert choose_strategy(None, path)[0] == "slim"
-    strategy, why = choose_strategy(0.1, tmp_path / "missing.json")
-    assert strategy == "slim" and "no measured head-to-head" in why
+    path.write_text(json.dumps(dict(table, source="test")))
+    settings, why = choose_strategy(0.12, path)
+    assert settings == {"strategy": "onestep", "distill_loss": "gka", "finetune_distill": True} and "0.1" in why
+    assert choose_strategy(0.04, path)[0] == {"strategy": "ofa"}
+    assert choose_strategy(None, path)[0]["strategy"] == "onestep"
+    settings, why = choose_strategy(0.1, tmp_path / "missing.json")
+    assert settings == {"strategy": "slim"} and "no measured head-to-head" in why
