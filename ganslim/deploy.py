@@ -138,7 +138,9 @@ def onnx_macs(path: str | os.PathLike, example_inputs: Any) -> int:
     compute = [n for n in g.node if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")]
     existing = {o.name for o in g.output}
     for n in compute:
-        for t in (n.output[0], n.input[0]):
+        # a weight computed in the graph (e.g. the thin-conv rewrite's strided kernel): read its shape too
+        computed_w = [n.input[1]] if len(n.input) > 1 and weight_dims(n.input[1]) is None else []
+        for t in [n.output[0], n.input[0]] + computed_w:
             if t not in existing:
                 g.output.append(onnx.helper.make_empty_tensor_value_info(t))
                 existing.add(t)
@@ -156,7 +158,7 @@ def onnx_macs(path: str | os.PathLike, example_inputs: Any) -> int:
             continue
         out_numel = math.prod(int(d) for d in out)
         if n.op_type in ("Conv", "ConvTranspose"):
-            w = weight_dims(n.input[1])
+            w = weight_dims(n.input[1]) or (list(shapes[n.input[1]]) if n.input[1] in shapes else None)
             if w is None:
                 continue
             groups = next((a.i for a in n.attribute if a.name == "group"), 1)
