@@ -172,7 +172,12 @@ def test_fuzz_gate_prune_export_keeps_output(spec, widths, norm, p_zero, seed):
     plain, info = export_pruned(m, gates, x)  # raises if the output differs by > 1e-4
     assert info["max_abs_diff"] <= 1e-4
     if any(not bool(a.all()) for a in gates.alive()):
-        assert measure.count_params(plain) < measure.count_params(m)
+        # conv/linear weights shrink; a gate folded into a non-affine norm makes it affine (2 values per
+        # kept channel), which can outweigh a few removed channels, so norms are not counted here
+        def weighted(net):
+            return sum(p.numel() for mod in net.modules() if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+                       for p in mod.parameters(recurse=False))
+        assert weighted(plain) < weighted(m)
         assert measure.count_macs(plain, x, "true") < measure.count_macs(m, x, "true") or before == 0
 
 
