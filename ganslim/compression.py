@@ -283,8 +283,7 @@ def _slim_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, loa
     distiller = FeatureDistiller(student, teacher, mapping, example, kind=cfg.distill_loss).to(device) \
         if mapping and cfg.distill_weight else None
     gates = GateSet(targets).to(device).attach(student)
-    weights = LossWeights(cfg.recon_weight, cfg.gt_weight, cfg.distill_weight,
-                          (cfg.adv_weight or 1.0) if discriminator is not None else 0.0, cfg.mse_weight)
+    weights = _loss_weights(cfg, discriminator)
     groups = [{"params": list(student.parameters()), "lr": cfg.lr},
               {"params": list(gates.parameters()), "lr": cfg.gate_lr}]
     if distiller is not None and any(True for _ in distiller.parameters()):
@@ -396,23 +395,33 @@ def _budget(cfg: CompressConfig, student: nn.Module, targets, macs_model: MacsMo
     return target_abs, calibration
 
 
+def _targets_and_budget(cfg: CompressConfig, student: nn.Module, example: tuple, stat_input: tuple, teacher_macs: float):
+    """Channel groups, MACs model and absolute budget for the strategies that prune once (onestep, evolve)."""
+    if cfg.target_macs is None and cfg.target_latency_ms is None:
+        raise ValueError(f"strategy={cfg.strategy!r} needs target_macs or target_latency_ms")
+    targets = find_channel_groups(student, example, include=cfg.include, exclude=cfg.exclude)
+    macs_model = MacsModel(student, targets, measure.macs_by_module(student, example, "papers"))
+    target_abs, calibration = _budget(cfg, student, targets, macs_model, example, stat_input, teacher_macs)
+    return targets, macs_model, target_abs, calibration
+
+
+def _loss_weights(cfg: CompressConfig, discriminator: Optional[nn.Module]) -> LossWeights:
+    return LossWeights(cfg.recon_weight, cfg.gt_weight, cfg.distill_weight,
+                       (cfg.adv_weight or 1.0) if discriminator is not None else 0.0, cfg.mse_weight)
+
+
 def _onestep_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, loader: Iterable, example: tuple,
                    inputs: tuple, teacher_macs: float, eval_pairs: list, stat_input: tuple, same_arch: bool,
                    discriminator: Optional[nn.Module], callbacks: Iterable[Callable]):
     """CAT: one global threshold on the norm scales meets the budget; the fine-tune does the rest."""
     from .onestep import onestep_masks, onestep_prune
 
-    if cfg.target_macs is None and cfg.target_latency_ms is None:
-        raise ValueError("strategy='onestep' needs target_macs or target_latency_ms")
-    targets = find_channel_groups(student, example, include=cfg.include, exclude=cfg.exclude)
-    macs_model = MacsModel(student, targets, measure.macs_by_module(student, example, "papers"))
-    target_abs, calibration = _budget(cfg, student, targets, macs_model, example, stat_input, teacher_macs)
+    targets, macs_model, target_abs, calibration = _targets_and_budget(cfg, student, example, stat_input, teacher_macs)
     alive = onestep_masks(student.eval(), targets, macs_model, target_abs, multiple=cfg.channel_multiple)
     plain = onestep_prune(student, targets, alive, example)
     kept = {g.root: int(a.sum()) for g, a in zip(targets.groups, alive)}
     mapping = _resolve_mapping(cfg, plain, teacher, example, same_arch) if cfg.finetune_distill else {}
-    weights = LossWeights(cfg.recon_weight, cfg.gt_weight, cfg.distill_weight,
-                          (cfg.adv_weight or 1.0) if discriminator is not None else 0.0, cfg.mse_weight)
+    weights = _loss_weights(cfg, discriminator)
     return _Stage(plain, {"max_abs_diff": 0.0, "kept": kept}, targets, mapping, target_abs, calibration, weights,
                   stage_steps=0)
 
@@ -425,11 +434,7 @@ def _evolve_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, l
     from .onestep import importance_scores, onestep_prune
     from .train import input_batches
 
-    if cfg.target_macs is None and cfg.target_latency_ms is None:
-        raise ValueError("strategy='evolve' needs target_macs or target_latency_ms")
-    targets = find_channel_groups(student, example, include=cfg.include, exclude=cfg.exclude)
-    macs_model = MacsModel(student, targets, measure.macs_by_module(student, example, "papers"))
-    target_abs, calibration = _budget(cfg, student, targets, macs_model, example, stat_input, teacher_macs)
+    targets, macs_model, target_abs, calibration = _targets_and_budget(cfg, student, example, stat_input, teacher_macs)
     # fitness batches: held out from the start of the loader (the fine-tune cycles over them too)
     batches = [tuple(t.to(cfg.device) for t in b) for b in input_batches(loader, cfg.evolve_batches, cfg.batch_fn)]
     reverse = cfg.reverse_generator
@@ -451,8 +456,7 @@ def _evolve_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, l
     plain = onestep_prune(student, targets, res.alive, example)
     kept = {g.root: int(a.sum()) for g, a in zip(targets.groups, res.alive)}
     mapping = _resolve_mapping(cfg, plain, teacher, example, same_arch) if cfg.finetune_distill else {}
-    weights = LossWeights(cfg.recon_weight, cfg.gt_weight, cfg.distill_weight,
-                          (cfg.adv_weight or 1.0) if discriminator is not None else 0.0, cfg.mse_weight)
+    weights = _loss_weights(cfg, discriminator)
     search = {"evaluations": res.evaluations, "seconds": res.seconds, "per_minute": 60 * res.evaluations / max(res.seconds, 1e-9),
               "best_fitness": res.fitness, "generations": res.history,
               "metric": "-L1 to teacher" + (" - D term" if discriminator is not None else "")

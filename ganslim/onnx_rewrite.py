@@ -104,12 +104,7 @@ def subpixel_conv_transpose(model, only: Optional[set] = None) -> list[str]:
     pads (no ``auto_pad``/``output_shape``) whose stride-1 form needs no input cropping. Others
     are left as they are. ``only``: restrict to these node names."""
     g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in g.output}
+    inits, consumers, outputs = _graph_index(g)
     done, nodes, folded = [], [], set()
     for node in g.node:
         if node.output and node.output[0] in folded:  # a BatchNormalization / activation moved into a rewrite
@@ -132,13 +127,27 @@ def subpixel_conv_transpose(model, only: Optional[set] = None) -> list[str]:
             nodes.extend(new_nodes)
             done.append(node.name)
     if done:
-        del g.node[:]
-        g.node.extend(nodes)
-        used = {i for n in g.node for i in n.input}
-        keep = [i for i in g.initializer if i.name in used or i.name in {x.name for x in g.input}]
-        del g.initializer[:]
-        g.initializer.extend(keep)
+        _replace_nodes(g, nodes)
     return done
+
+
+def _graph_index(g) -> tuple[dict, dict, set]:
+    """(initializers by name, consumer nodes by tensor name, graph output names) of graph ``g``."""
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return {i.name: i for i in g.initializer}, consumers, {o.name for o in g.output}
+
+
+def _replace_nodes(g, nodes: list) -> None:
+    """Give graph ``g`` the node list ``nodes`` and drop the initializers no node reads any more."""
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used or i.name in {x.name for x in g.input}]
+    del g.initializer[:]
+    g.initializer.extend(keep)
 
 
 def _foldable_batchnorm(node, inits) -> bool:
@@ -234,12 +243,7 @@ def space_to_depth_thin_conv(model, max_out_channels: int = 4, stride: int = 2) 
     from onnx import helper, numpy_helper
 
     g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in g.output}
+    inits, consumers, outputs = _graph_index(g)
     done, nodes, moved = [], [], set()
     s = int(stride)
     for node in g.node:
@@ -315,12 +319,7 @@ def space_to_depth_thin_conv(model, max_out_channels: int = 4, stride: int = 2) 
             nodes.extend(new)
             done.append(node.name)
     if done:
-        del g.node[:]
-        g.node.extend(nodes)
-        used = {i for n in g.node for i in n.input}
-        keep = [i for i in g.initializer if i.name in used or i.name in {x.name for x in g.input}]
-        del g.initializer[:]
-        g.initializer.extend(keep)
+        _replace_nodes(g, nodes)
     return done
 
 
