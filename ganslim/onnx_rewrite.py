@@ -103,32 +103,56 @@ def subpixel_conv_transpose(model, only: Optional[set] = None) -> list[str]:
     Eligible: 2-D, constant float weight (and bias), group 1, dilation 1, equal strides, explicit
     pads (no ``auto_pad``/``output_shape``) whose stride-1 form needs no input cropping. Others
     are left as they are. ``only``: restrict to these node names."""
+    def rewrite(node, inits, consumers, outputs):
+        if node.op_type != "ConvTranspose" or (only is not None and node.name not in only):
+            return None
+        users = consumers.get(node.output[0], [])
+        bn = users[0] if (len(users) == 1 and node.output[0] not in outputs
+                          and _foldable_batchnorm(users[0], inits)) else None
+        act = _sole_elementwise_user(bn.output[0] if bn is not None else node.output[0], consumers, outputs)
+        new = _subpixel_nodes(model, node, inits, bn, act)
+        return None if new is None else (new, [n for n in (bn, act) if n is not None])
+
+    return _rewrite_each(model, rewrite)
+
+
+def _rewrite_each(model, rewrite) -> list[str]:
+    """Walk the graph once; ``rewrite(node, inits, consumers, outputs)`` returns None (keep the node) or
+    ``(new nodes, absorbed nodes)``, the absorbed ones (a folded norm, a moved activation) being dropped
+    where they stood. Unused initializers go. Returns the names of the rewritten nodes."""
     g = model.graph
-    inits, consumers, outputs = _graph_index(g)
-    done, nodes, folded = [], [], set()
+    index = _graph_index(g)
+    done, nodes, absorbed = [], [], set()
     for node in g.node:
-        if node.output and node.output[0] in folded:  # a BatchNormalization / activation moved into a rewrite
+        if node.output and node.output[0] in absorbed:
             continue
-        new_nodes = None
-        if node.op_type == "ConvTranspose" and (only is None or node.name in only):
-            users = consumers.get(node.output[0], [])
-            bn = users[0] if (len(users) == 1 and node.output[0] not in outputs
-                              and _foldable_batchnorm(users[0], inits)) else None
-            last = bn.output[0] if bn is not None else node.output[0]
-            users = consumers.get(last, [])
-            act = users[0] if (len(users) == 1 and last not in outputs and users[0].op_type in _ELEMENTWISE
-                               and users[0].input[0] == last) else None
-            new_nodes = _subpixel_nodes(model, node, inits, bn, act)
-            if new_nodes is not None:
-                folded.update(n.output[0] for n in (bn, act) if n is not None)
-        if new_nodes is None:
+        out = rewrite(node, *index)
+        if out is None:
             nodes.append(node)
-        else:
-            nodes.extend(new_nodes)
-            done.append(node.name)
+            continue
+        new, eaten = out
+        nodes.extend(new)
+        done.append(node.name)
+        absorbed.update(n.output[0] for n in eaten)
     if done:
         _replace_nodes(g, nodes)
     return done
+
+
+def _sole_elementwise_user(name: str, consumers: dict, outputs: set):
+    """The elementwise activation that alone reads tensor ``name`` (not a graph output), else None."""
+    users = consumers.get(name, [])
+    return users[0] if (len(users) == 1 and name not in outputs and users[0].op_type in _ELEMENTWISE
+                        and users[0].input[0] == name) else None
+
+
+def _int_const(model, base: str, values) -> str:
+    """Add an int64 initializer holding ``values`` under a fresh name derived from ``base``; returns it."""
+    from onnx import numpy_helper
+
+    name = _unique(model, base)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+    return name
 
 
 def _graph_index(g) -> tuple[dict, dict, set]:
@@ -226,10 +250,8 @@ def _subpixel_nodes(model, node, inits, bn=None, act=None):
         conv_out = d2s_out
     if any(crop):
         big = np.iinfo(np.int64).max
-        names = []
-        for suffix, v in (("starts", [0, 0]), ("ends", [-c if c else big for c in crop]), ("axes", [2, 3])):
-            names.append(_unique(model, f"{base}_crop_{suffix}"))
-            model.graph.initializer.append(numpy_helper.from_array(np.array(v, dtype=np.int64), names[-1]))
+        names = [_int_const(model, f"{base}_crop_{suffix}", v)
+                 for suffix, v in (("starts", [0, 0]), ("ends", [-c if c else big for c in crop]), ("axes", [2, 3]))]
         new.append(helper.make_node("Slice", [conv_out] + names, [out], name=f"{base}_subpixel_crop"))
     return new
 
@@ -240,99 +262,84 @@ def space_to_depth_thin_conv(model, max_out_channels: int = 4, stride: int = 2) 
     [activation] -> DepthToSpace -> Slice``; returns the rewritten node names. An elementwise
     activation reading only the conv's output (the generator's Tanh) moves in front of the
     depth-to-space. The crop is computed from the input's shape, so dynamic sizes (odd ones too) work."""
+    return _rewrite_each(model, lambda node, inits, consumers, outputs: _thin_conv_nodes(
+        model, node, inits, consumers, outputs, max_out_channels, int(stride)))
+
+
+def _thin_conv_nodes(model, node, inits, consumers, outputs, max_out_channels: int, s: int):
+    """``(new nodes, [moved activation])`` replacing thin Conv ``node``, or None when it is not eligible."""
     from onnx import helper, numpy_helper
 
-    g = model.graph
-    inits, consumers, outputs = _graph_index(g)
-    done, nodes, moved = [], [], set()
-    s = int(stride)
-    for node in g.node:
-        if node.output and node.output[0] in moved:
-            continue
-        new = None
-        a = _attrs(node) if node.op_type == "Conv" else {}
-        if (node.op_type == "Conv" and len(node.input) >= 2 and node.input[1] in inits
-                and (len(node.input) < 3 or not node.input[2] or node.input[2] in inits)):
-            w = numpy_helper.to_array(inits[node.input[1]])
-            k = list(a.get("kernel_shape", w.shape[2:]))
-            pads = list(a.get("pads", [0, 0, 0, 0]))
-            if (w.ndim == 4 and w.dtype == np.float32 and w.shape[0] <= max_out_channels and a.get("group", 1) == 1
-                    and all(v == 1 for v in a.get("strides", [1, 1])) and all(v == 1 for v in a.get("dilations", [1, 1]))
-                    and a.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET") and len(k) == 2 and min(k) >= 2):
-                users = consumers.get(node.output[0], [])
-                act = users[0] if (len(users) == 1 and node.output[0] not in outputs and users[0].op_type in _ELEMENTWISE
-                                   and users[0].input[0] == node.output[0]) else None
-                c_out, c_in = w.shape[:2]
-                kn = [k[0] + s - 1, k[1] + s - 1]
-                base = node.name or node.output[0]
+    if not (node.op_type == "Conv" and len(node.input) >= 2 and node.input[1] in inits
+            and (len(node.input) < 3 or not node.input[2] or node.input[2] in inits)):
+        return None
+    a = _attrs(node)
+    w = numpy_helper.to_array(inits[node.input[1]])
+    k = list(a.get("kernel_shape", w.shape[2:]))
+    pads = list(a.get("pads", [0, 0, 0, 0]))
+    if not (w.ndim == 4 and w.dtype == np.float32 and w.shape[0] <= max_out_channels and a.get("group", 1) == 1
+            and all(v == 1 for v in a.get("strides", [1, 1])) and all(v == 1 for v in a.get("dilations", [1, 1]))
+            and a.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET") and len(k) == 2 and min(k) >= 2):
+        return None
+    act = _sole_elementwise_user(node.output[0], consumers, outputs)
+    c_out, c_in = w.shape[:2]
+    kn = [k[0] + s - 1, k[1] + s - 1]
+    base = node.name or node.output[0]
 
-                def const(name, v):
-                    n = _unique(model, f"{base}_{name}")
-                    g.initializer.append(numpy_helper.from_array(np.array(v, dtype=np.int64), n))
-                    return n
+    def const(name, v):
+        return _int_const(model, f"{base}_{name}", v)
 
-                # The strided kernel of phase (r_h, r_w) is the original kernel shifted by (r_h, r_w): built
-                # in the graph from the original weight (Pad, Concat, Reshape on constants), so the file keeps
-                # the compact weight and onnxruntime folds the expanded one once when it loads the model.
-                new, phases = [], []
-                for rh in range(s):
-                    for rw in range(s):
-                        padded, phase = (_unique(model, f"{base}_s2d_w{rh}{rw}{t}") for t in ("p", "u"))
-                        new += [helper.make_node("Pad", [node.input[1], const(f"s2d_pads{rh}{rw}",
-                                                 [0, 0, rh, rw, 0, 0, s - 1 - rh, s - 1 - rw])], [padded]),
-                                helper.make_node("Unsqueeze", [padded, const(f"s2d_ax{rh}{rw}", [1])], [phase])]
-                        phases.append(phase)
-                stacked, w_name = _unique(model, f"{base}_s2d_wstack"), _unique(model, f"{base}_s2d_w")
-                new += [helper.make_node("Concat", phases, [stacked], axis=1),  # (C_out, s*s, C_in, K, K)
-                        helper.make_node("Reshape", [stacked, const("s2d_wshape", [c_out * s * s, c_in, kn[0], kn[1]])],
-                                         [w_name])]
-                ins = [node.input[0], w_name]
-                if len(node.input) > 2 and node.input[2]:
-                    b_col, b_rep, b_name = (_unique(model, f"{base}_s2d_b{t}") for t in ("col", "rep", ""))
-                    new += [helper.make_node("Unsqueeze", [node.input[2], const("s2d_bax", [1])], [b_col]),
-                            helper.make_node("Expand", [b_col, const("s2d_bexp", [c_out, s * s])], [b_rep]),
-                            helper.make_node("Reshape", [b_rep, const("s2d_bshape", [c_out * s * s])], [b_name])]
-                    ins.append(b_name)
-                final = act.output[0] if act is not None else node.output[0]
-                conv_out = _unique(model, f"{base}_s2d")
-                # trailing zero pad of s-1 so every phase has ceil(H_out / s) rows; the crop removes the extra
-                new.append(helper.make_node("Conv", ins, [conv_out], name=f"{base}_s2d_conv", kernel_shape=kn,
-                                            strides=[s, s], pads=[pads[0], pads[1], pads[2] + s - 1, pads[3] + s - 1]))
-                if act is not None:
-                    moved_act = copy.deepcopy(act)
-                    moved_act.input[0] = conv_out
-                    moved_act.output[0] = conv_out = _unique(model, f"{base}_s2d_act")
-                    new.append(moved_act)
-                    moved.add(act.output[0])
-                d2s = _unique(model, f"{base}_s2d_d2s")
-                new += _depth_to_space(model, conv_out, d2s, s, c_out, f"{base}_s2d_d2s")
-                shp, hw, ends = (_unique(model, f"{base}_s2d_{t}") for t in ("shape", "hw", "ends"))
-                new += [helper.make_node("Shape", [node.input[0]], [shp]),
-                        helper.make_node("Slice", [shp, const("s2d_st", [2]), const("s2d_en", [4])], [hw]),
-                        helper.make_node("Add", [hw, const("s2d_off", [pads[0] + pads[2] - k[0] + 1,
-                                                                       pads[1] + pads[3] - k[1] + 1])], [ends]),
-                        helper.make_node("Slice", [d2s, const("s2d_zero", [0, 0]), ends, const("s2d_axes", [2, 3])],
-                                         [final], name=f"{base}_s2d_crop")]
-        if new is None:
-            nodes.append(node)
-        else:
-            nodes.extend(new)
-            done.append(node.name)
-    if done:
-        _replace_nodes(g, nodes)
-    return done
+    # The strided kernel of phase (r_h, r_w) is the original kernel shifted by (r_h, r_w): built in the
+    # graph from the original weight (Pad, Concat, Reshape on constants), so the file keeps the compact
+    # weight and onnxruntime folds the expanded one once when it loads the model.
+    new, phases = [], []
+    for rh in range(s):
+        for rw in range(s):
+            padded, phase = (_unique(model, f"{base}_s2d_w{rh}{rw}{t}") for t in ("p", "u"))
+            new += [helper.make_node("Pad", [node.input[1], const(f"s2d_pads{rh}{rw}",
+                                     [0, 0, rh, rw, 0, 0, s - 1 - rh, s - 1 - rw])], [padded]),
+                    helper.make_node("Unsqueeze", [padded, const(f"s2d_ax{rh}{rw}", [1])], [phase])]
+            phases.append(phase)
+    stacked, w_name = _unique(model, f"{base}_s2d_wstack"), _unique(model, f"{base}_s2d_w")
+    new += [helper.make_node("Concat", phases, [stacked], axis=1),  # (C_out, s*s, C_in, K, K)
+            helper.make_node("Reshape", [stacked, const("s2d_wshape", [c_out * s * s, c_in, kn[0], kn[1]])], [w_name])]
+    ins = [node.input[0], w_name]
+    if len(node.input) > 2 and node.input[2]:
+        b_col, b_rep, b_name = (_unique(model, f"{base}_s2d_b{t}") for t in ("col", "rep", ""))
+        new += [helper.make_node("Unsqueeze", [node.input[2], const("s2d_bax", [1])], [b_col]),
+                helper.make_node("Expand", [b_col, const("s2d_bexp", [c_out, s * s])], [b_rep]),
+                helper.make_node("Reshape", [b_rep, const("s2d_bshape", [c_out * s * s])], [b_name])]
+        ins.append(b_name)
+    final = act.output[0] if act is not None else node.output[0]
+    conv_out = _unique(model, f"{base}_s2d")
+    # trailing zero pad of s-1 so every phase has ceil(H_out / s) rows; the crop removes the extra
+    new.append(helper.make_node("Conv", ins, [conv_out], name=f"{base}_s2d_conv", kernel_shape=kn,
+                                strides=[s, s], pads=[pads[0], pads[1], pads[2] + s - 1, pads[3] + s - 1]))
+    if act is not None:
+        moved_act = copy.deepcopy(act)
+        moved_act.input[0] = conv_out
+        moved_act.output[0] = conv_out = _unique(model, f"{base}_s2d_act")
+        new.append(moved_act)
+    d2s = _unique(model, f"{base}_s2d_d2s")
+    new += _depth_to_space(model, conv_out, d2s, s, c_out, f"{base}_s2d_d2s")
+    shp, hw, ends = (_unique(model, f"{base}_s2d_{t}") for t in ("shape", "hw", "ends"))
+    new += [helper.make_node("Shape", [node.input[0]], [shp]),
+            helper.make_node("Slice", [shp, const("s2d_st", [2]), const("s2d_en", [4])], [hw]),
+            helper.make_node("Add", [hw, const("s2d_off", [pads[0] + pads[2] - k[0] + 1,
+                                                           pads[1] + pads[3] - k[1] + 1])], [ends]),
+            helper.make_node("Slice", [d2s, const("s2d_zero", [0, 0]), ends, const("s2d_axes", [2, 3])],
+                             [final], name=f"{base}_s2d_crop")]
+    return new, [act] if act is not None else []
 
 
 def _depth_to_space(model, x: str, y: str, s: int, c: int, base: str) -> list:
     """``DepthToSpace(s, CRD)`` of ``x`` (``(N, c*s*s, H, W)``) as Reshape/Transpose nodes whose
     transposes each move a single axis: onnxruntime's DepthToSpace is a generic 6-D shuffle, several
     times slower (0.7 vs 0.3 ms for a 40x128x192 uint8 tensor, 2 threads)."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     def const(name, v):
-        n = _unique(model, f"{base}_{name}")
-        model.graph.initializer.append(numpy_helper.from_array(np.array(v, dtype=np.int64), n))
-        return n
+        return _int_const(model, f"{base}_{name}", v)
 
     t = [_unique(model, f"{base}_{i}") for i in range(9)]
     return [
