@@ -294,9 +294,9 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
 
         m = onnx.load(str(out))
         done = onnx_rewrite.integer_pads(m)
-        before = OnnxModule(out, threads=1)(*batches[0]) if batches else None
         thin = onnx_rewrite.space_to_depth_thin_conv(m)  # the float RGB layer of the int8 graph
-        if done or thin:
+        if done or thin:  # `out` still holds the graph as quantized: the reference for the check
+            before = OnnxModule(out, threads=1)(*batches[0]) if batches else None
             tmp = out.with_suffix(".rewritten.onnx")
             onnx.save(m, str(tmp))
             after = OnnxModule(tmp, threads=1)(*batches[0]) if before is not None else None

@@ -63,7 +63,8 @@ def init_from_env(backend: Optional[str] = None) -> bool:
     return is_distributed()
 
 
-def _presharded(loader: Any) -> bool:
+def presharded(loader: Any) -> bool:
+    """Whether ``loader`` already yields this rank's share (a DataLoader with a DistributedSampler)."""
     from torch.utils.data.distributed import DistributedSampler
 
     return isinstance(getattr(loader, "sampler", None), DistributedSampler) or \
@@ -115,7 +116,3 @@ def barrier() -> None:
     if is_distributed():
         torch.distributed.barrier()
 
-
-def presharded(loader: Any) -> bool:
-    """Whether ``loader`` already yields this rank's share (a DataLoader with a DistributedSampler)."""
-    return _presharded(loader)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import measure
-from ._utils import as_input_tuple
+from ._utils import as_input_tuple, first_output
 from .slicing import Supernet, recalibrate_bn
 
 __all__ = ["SearchConfig", "Candidate", "SearchResult", "Evaluator", "evolve", "search", "BudgetError", "pareto_front",
@@ -77,7 +77,7 @@ class Candidate:
 
     @property
     def key(self) -> tuple:
-        return tuple(sorted(self.widths.items()))
+        return _key(self.widths)
 
 
 def _key(widths: dict) -> tuple:
@@ -110,7 +110,7 @@ class Evaluator:
             was = teacher.training
             teacher.eval()
             with torch.no_grad():
-                self.teacher_out = [_first(teacher(*i)) for i, _ in self.eval_pairs]
+                self.teacher_out = [first_output(teacher(*i)) for i, _ in self.eval_pairs]
             teacher.train(was)
         self.cache: dict[tuple, Candidate] = {}
         self.latency_cache: dict[tuple, float] = {}
@@ -127,7 +127,7 @@ class Evaluator:
         sn.set_widths(widths)
         recalibrate_bn(sn, self.bn_inputs)
         sn.model.eval()
-        outs = [_first(sn.model(*i)) for i, _ in self.eval_pairs]
+        outs = [first_output(sn.model(*i)) for i, _ in self.eval_pairs]
         metrics = {}
         gts = [t for _, t in self.eval_pairs]
         if all(t is not None for t in gts):
@@ -208,10 +208,6 @@ def pareto_front(cands: Sequence[Candidate]) -> list[Candidate]:
             out.append(c)
             best = c.fitness
     return out
-
-
-def _first(out):
-    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 def budget_range(supernet: Supernet) -> tuple[float, float]:
@@ -446,7 +442,11 @@ def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: S
     ``out_dir/subnet_<budget>.safetensors``. Evaluations are shared between budgets.
     ``plot``: PNG of every evaluated sub-network (MACs vs fitness) with each budget's choice."""
     from .checkpoint import save
+    from .config import CompressConfig
     from .train import LossWeights, finetune, input_batches
+
+    d = CompressConfig()  # compress's output losses for the fine-tune
+    weights = LossWeights(d.recon_weight, d.gt_weight, 0.0, 0.0, d.mse_weight)
 
     cfg = SearchConfig(population=population, generations=generations, seed=seed, bn_batches=bn_batches)
     bn_inputs = input_batches(loader, bn_batches, batch_fn)
@@ -469,7 +469,7 @@ def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: S
         search_s = time.time() - t0
         t1 = time.time()
         if finetune_steps > 0:
-            finetune(plain, teacher, loader, finetune_steps, finetune_lr, LossWeights(2.0, 10.0, 0.0, 0.0, 50.0),
+            finetune(plain, teacher, loader, finetune_steps, finetune_lr, weights,
                      batch_fn=batch_fn, progress=progress, desc=f"fine-tune {kind} {value:g}")
         ft_s = time.time() - t1
         plain.eval()

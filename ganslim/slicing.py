@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._utils import as_input_tuple
+from ._utils import as_input_tuple, first_output
 from .gating import MacsModel, prune_channels
 from .targeting import NORM_TYPES, ChannelGroup, Targets, find_channel_groups
 
@@ -220,10 +220,6 @@ def _sliced_batch_norm(mod: nn.modules.batchnorm._BatchNorm, idx, x: torch.Tenso
     return out
 
 
-def _first(out):
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
 def _channels(mod: nn.Module, side: str) -> int:
     if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         return mod.num_features
@@ -379,7 +375,7 @@ class Supernet(nn.Module):
         self.model.eval()
         try:
             with torch.no_grad():
-                ref = _first(self.model(*self.example_inputs))
+                ref = first_output(self.model(*self.example_inputs))
             plain = self.plain_copy()
         finally:
             self.set_widths(prev)
@@ -387,7 +383,7 @@ class Supernet(nn.Module):
         prune_channels(plain, self.groups, self.alive(widths), self.example_inputs)
         plain.eval()
         with torch.no_grad():
-            out = _first(plain(*self.example_inputs))
+            out = first_output(plain(*self.example_inputs))
         diff = float((out - ref).abs().max())
         self.last_export_diff = diff
         if not diff <= atol:
