@@ -131,7 +131,6 @@ def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, con
         dist.average_gradients(supernet.model.parameters())
         opt.step()
         sched.step()
-        supernet.set_widths(supernet.largest())
         losses["total"] = total
         for cb in callbacks:
             cb(step + 1, losses)
@@ -142,6 +141,7 @@ def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, con
                                 "scheduler": sched.state_dict(), "step": step + 1, "python_rng": rng.getstate(),
                                 "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}, ckpt)
     bar.close()
+    supernet.set_widths(supernet.largest())  # leave the full network active (each step sets its own widths)
     supernet.model.eval()
     return {"steps": cfg.steps, "seconds": time.time() - t0, "losses": losses, "resumed_from": start}
 
