@@ -56,7 +56,7 @@ class _Stage:
     """What a strategy stage hands to the shared fine-tune / QAT / report steps."""
 
     plain: nn.Module  # physically smaller student
-    info: dict  # "max_abs_diff" of the export, "kept" widths per group root
+    info: dict  # "rel_diff" of the export (float64, relative to the output scale), "kept" widths per group root
     targets: Any  # ganslim.targeting.Targets
     mapping: dict  # feature distillation pairs
     target_abs: Optional[float]  # MACs budget (absolute, at the example input)
@@ -154,7 +154,13 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     same_arch = model is teacher
-    student = copy.deepcopy(model).to(device)
+    try:
+        student = copy.deepcopy(model).to(device)
+    except RuntimeError as e:  # e.g. torch.nn.utils.spectral_norm's computed weight after a forward
+        raise ValueError(f"cannot copy {type(model).__name__} ({e}); if it uses spectral or weight norm, bake it into "
+                         "plain weights first: ganslim.adapters.strip_spectral_norm(model)") from e
+    for p in student.parameters():  # a frozen teacher passed as the model: the student must train
+        p.requires_grad_(True)
     teacher.to(device).eval()
 
     first = _first_batch(loader)
@@ -250,7 +256,7 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
         distill_layers=mapping, target_macs=target_fraction,
         steps=cfg.steps if st.stage_steps is None else st.stage_steps, finetune_steps=cfg.finetune_steps,
         seconds=time.time() - t0, final_rho=cfg.rho if cfg.strategy == "slim" else None,
-        export_max_abs_diff=info["max_abs_diff"], notes=notes, quant=cfg.quant,
+        export_rel_diff=info["rel_diff"], notes=notes, quant=cfg.quant,
         quant_steps=cfg.quant_steps if cfg.quant else 0, latency_target_ms=cfg.target_latency_ms,
         latency_calibration=[list(p) for p in calibration.points] if calibration is not None else [],
         strategy=cfg.strategy, search=st.search or {})
@@ -282,7 +288,7 @@ def _slim_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, loa
     mapping = _resolve_mapping(cfg, student, teacher, example, same_arch)
     distiller = FeatureDistiller(student, teacher, mapping, example, kind=cfg.distill_loss).to(device) \
         if mapping and cfg.distill_weight else None
-    gates = GateSet(targets).to(device).attach(student)
+    gates = GateSet.for_model(student, targets).to(device).attach(student)
     weights = _loss_weights(cfg, discriminator)
     groups = [{"params": list(student.parameters()), "lr": cfg.lr},
               {"params": list(gates.parameters()), "lr": cfg.gate_lr}]
@@ -326,7 +332,7 @@ def _slim_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, loa
     student.eval()
     if distiller is not None:
         distiller.remove()  # before export copies the student, so no hook travels into the result
-    plain, info = export_pruned(student, gates, example, atol=cfg.export_atol)
+    plain, info = export_pruned(student, gates, example, tol=cfg.export_tol)
     gates.detach()
 
     return _Stage(plain, info, targets, mapping, target_abs, calibration, weights)
@@ -360,9 +366,9 @@ def _ofa_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, load
     result = evolve(supernet, evaluator, budget, cfg.target_latency_ms, qcfg, teacher_macs, progress=cfg.progress)
     result = dist.broadcast_object(result)  # with a latency budget the timings differ per process: rank 0 decides
     recalibrate_bn(supernet, bn_inputs, result.best.widths)
-    plain = supernet.export(result.best.widths, atol=cfg.export_atol)
+    plain = supernet.export(result.best.widths, tol=cfg.export_tol)
     supernet.set_widths(supernet.largest())
-    info = {"max_abs_diff": supernet.last_export_diff, "kept": dict(result.best.widths)}
+    info = {"rel_diff": supernet.last_export_diff, "kept": dict(result.best.widths)}
     weights = LossWeights(cfg.recon_weight, cfg.gt_weight, 0.0, 0.0, cfg.mse_weight)
     search_info = {"evaluations": result.evaluations, "seconds": result.seconds, "per_minute": result.per_minute,
                    "supernet_steps": sinfo["steps"], "supernet_seconds": sinfo["seconds"],
@@ -422,7 +428,7 @@ def _onestep_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, 
     kept = {g.root: int(a.sum()) for g, a in zip(targets.groups, alive)}
     mapping = _resolve_mapping(cfg, plain, teacher, example, same_arch) if cfg.finetune_distill else {}
     weights = _loss_weights(cfg, discriminator)
-    return _Stage(plain, {"max_abs_diff": 0.0, "kept": kept}, targets, mapping, target_abs, calibration, weights,
+    return _Stage(plain, {"rel_diff": 0.0, "kept": kept}, targets, mapping, target_abs, calibration, weights,
                   stage_steps=0)
 
 
@@ -461,7 +467,7 @@ def _evolve_stage(cfg: CompressConfig, student: nn.Module, teacher: nn.Module, l
               "best_fitness": res.fitness, "generations": res.history,
               "metric": "-L1 to teacher" + (" - D term" if discriminator is not None else "")
                         + (" - cycle" if reverse is not None else "")}
-    return _Stage(plain, {"max_abs_diff": 0.0, "kept": kept}, targets, mapping, target_abs, calibration,
+    return _Stage(plain, {"rel_diff": 0.0, "kept": kept}, targets, mapping, target_abs, calibration,
                   weights, search, stage_steps=0)
 
 

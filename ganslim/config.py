@@ -95,7 +95,7 @@ class CompressConfig:
     progress: bool = True
     eval_inputs: Optional[Any] = None  # (inputs, target) pairs for the fidelity report; default: from loader
     measure_latency: bool = True
-    export_atol: float = 1e-4
+    export_tol: float = 1e-4  # export check: max |pruned - gated| / max |gated|, both run in float64
 
     def replace(self, **overrides) -> "CompressConfig":
         names = {f.name for f in fields(self)}

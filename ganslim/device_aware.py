@@ -83,7 +83,7 @@ def calibrate_latency(model: nn.Module, targets, example_inputs: Any, latency_in
             gates = GateSet(targets).to(next((p.device for p in model.parameters()), torch.device("cpu")))
             alive = _uniform_alive(targets.groups, w)
             gates.set_masks(alive)
-            variant, _ = export_pruned(model, gates, example, atol=float("inf"))
+            variant, _ = export_pruned(model, gates, example, tol=float("inf"))
             frac = macs_model.macs(alive) / macs_model.total
         lat = measure.measure_latency(variant, lat_in, warmup=2, repeats=repeats, threads=threads, device=device,
                                       max_seconds=20)

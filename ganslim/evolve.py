@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._utils import first_output
-from .gating import GateSet, MacsModel
+from .gating import GateSet, MacsModel, width_floors
 from .targeting import Targets
 
 __all__ = ["EvolveConfig", "ChannelMasks", "evolve_masks", "EvolveResult"]
@@ -121,23 +121,25 @@ def evolve_masks(student: nn.Module, teacher: nn.Module, targets: Targets, macs_
     order = [torch.argsort(s, descending=True) for s in importance]
     sizes = [g.size for g in targets.groups]
     frac = max(1e-3, min(1.0, target_macs / macs_model.total)) ** 0.5  # uniform width meeting the budget
+    floors = width_floors(sizes, macs_model, target_macs)  # no layer cut to one channel while avoidable
 
     def top(gi: int, k: int) -> torch.Tensor:
         a = torch.zeros(sizes[gi], dtype=torch.bool)
-        a[order[gi][:max(1, min(sizes[gi], k))]] = True
+        a[order[gi][:max(floors[gi], min(sizes[gi], k))]] = True
         return a
 
     def round_k(gi: int, k: int) -> int:
         if multiple > 1:
             k = -(-k // multiple) * multiple
-        return max(1, min(sizes[gi], k))
+        return max(floors[gi], min(sizes[gi], k))
 
     def repair(alive: list[torch.Tensor]) -> list[torch.Tensor]:
         alive = [a.clone() for a in alive]
         for _ in range(sum(sizes)):
             if macs_model.macs(alive) <= target_macs:
                 return alive
-            cand = [gi for gi, a in enumerate(alive) if int(a.sum()) > max(1, multiple if multiple <= sizes[gi] else 1)]
+            cand = [gi for gi, a in enumerate(alive)
+                    if int(a.sum()) - max(1, multiple if multiple <= sizes[gi] else 1) >= floors[gi]]
             if not cand:
                 break
             gi = rng.choice(cand)
@@ -148,9 +150,28 @@ def evolve_masks(student: nn.Module, teacher: nn.Module, targets: Targets, macs_
                 alive[gi][order[gi][0]] = True
         return alive
 
+    def grow(alive: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Add the most important dropped channels (a block of ``multiple``) to random groups while the
+        MACs stay within the target, so individuals sit at the budget's edge (a fitness that hardly
+        rewards width otherwise leaves the answer far below the target)."""
+        alive = [a.clone() for a in alive]
+        if macs_model.macs(alive) > target_macs:
+            return alive
+        open_groups = [gi for gi, a in enumerate(alive) if not bool(a.all())]
+        rng.shuffle(open_groups)
+        while open_groups:
+            gi = open_groups.pop()
+            trial = alive[gi].clone()
+            trial[[int(c) for c in order[gi] if not trial[c]][:max(1, multiple)]] = True
+            if macs_model.macs([trial if j == gi else a for j, a in enumerate(alive)]) <= target_macs:
+                alive[gi] = trial
+                if not bool(trial.all()):
+                    open_groups.insert(rng.randrange(len(open_groups) + 1), gi)
+        return alive
+
     def random_individual() -> list[torch.Tensor]:
-        return repair([top(gi, round_k(gi, int(round(sizes[gi] * frac * rng.uniform(0.6, 1.6)))))
-                       for gi in range(len(sizes))])
+        return grow(repair([top(gi, round_k(gi, int(round(sizes[gi] * frac * rng.uniform(0.6, 1.6)))))
+                            for gi in range(len(sizes))]))
 
     def mutate(alive: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
@@ -165,10 +186,10 @@ def evolve_masks(student: nn.Module, teacher: nn.Module, targets: Targets, macs_
                     step = max(1, multiple, sizes[gi] // 8)
                     a = top(gi, round_k(gi, int(a.sum()) + rng.choice((-step, step))))
             out.append(a)
-        return repair(out)
+        return grow(repair(out))
 
     def cross(x: list[torch.Tensor], y: list[torch.Tensor]) -> list[torch.Tensor]:
-        return repair([(a if rng.random() < 0.5 else b).clone() for a, b in zip(x, y)])
+        return grow(repair([(a if rng.random() < 0.5 else b).clone() for a, b in zip(x, y)]))
 
     masks = ChannelMasks(targets)
     was_training = student.training

@@ -10,27 +10,64 @@ plain module of standard layers whose output equals the gated network's.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Callable
+import math
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from ._utils import as_float64, first_output, in_float64, relative_difference
 from .targeting import NORM_TYPES, ChannelGroup, Targets, as_input_tuple, inplace_disabled
 
 
 class GateSet(nn.Module):
     """Gate vectors for a list of channel groups: ``gates[i]`` has shape ``(groups[i].size,)``."""
 
-    def __init__(self, targets: Targets, init: float = 1.0):
+    def __init__(self, targets: Targets, init: float = 1.0, priority: Optional[Sequence[torch.Tensor]] = None):
         super().__init__()
         self.groups: list[ChannelGroup] = list(targets.groups)
         self.gates = nn.ParameterList([nn.Parameter(torch.full((g.size,), float(init))) for g in self.groups])
         # masks fix channels that were decided off (threshold / target); 1 = alive
         for i, g in enumerate(self.groups):
             self.register_buffer(f"mask_{i}", torch.ones(g.size))
+        # Why a priority: a gate is a learned *relative* multiplier that starts at 1, so on its own it
+        # ranks channels by noise until training has separated them. It stays exactly at 1 while the
+        # student still equals its teacher (zero loss: always so with instance norm, which behaves alike
+        # in train and eval), and after a few steps differs by ~1e-3. A global threshold inside that
+        # narrow band dropped whole groups to one channel (CycleGAN, CartoonGAN). Channels are ranked by
+        # the scale they leave the gate with, gate x priority, the priority being the teacher's channel
+        # importance (norm scale; for non-affine norms the consumers' weights), mean 1 per group: the
+        # same ranking CAT's one-step pruning uses while the gates are still 1, GAN Slimming's once
+        # training has spread them (with batch norm it then equals ranking by gate x gamma).
+        self._priority_fn: Optional[Callable[[], Sequence[torch.Tensor]]] = None
+        for i, g in enumerate(self.groups):
+            self.register_buffer(f"priority_{i}", torch.ones(g.size), persistent=False)
+        if priority is not None:
+            self.set_priority(priority)
         self._handles: list = []
         self._final = False
+
+    @torch.no_grad()
+    def set_priority(self, priority: Sequence[torch.Tensor]) -> None:
+        """Per group, a non-negative score per channel (any scale: divided by its mean here)."""
+        if len(priority) != len(self.groups) or any(torch.as_tensor(p).numel() != g.size
+                                                    for p, g in zip(priority, self.groups)):
+            raise ValueError("priority needs one score per channel of every group")
+        for i, p in enumerate(priority):
+            p = torch.as_tensor(p).detach().float().flatten().abs().cpu()
+            getattr(self, f"priority_{i}").copy_(p / p.mean().clamp_min(1e-12))
+
+    @classmethod
+    def for_model(cls, model: nn.Module, targets: Targets) -> "GateSet":
+        """Gates at 1 whose channels rank by gate x ``model``'s current channel importance (norm scales,
+        or for non-affine norms the consumers' weights; :func:`ganslim.onestep.importance_scores`)."""
+        from .onestep import importance_scores
+
+        gates = cls(targets, priority=importance_scores(model, targets))
+        gates._priority_fn = lambda: importance_scores(model, targets)  # refreshed as the student trains
+        return gates
 
     # ----------------------------------------------------------------- hooks
     def effective(self, i: int) -> torch.Tensor:
@@ -133,6 +170,30 @@ class GateSet(nn.Module):
         self._final = final
         self.apply_masks()
 
+    def priorities(self) -> list[torch.Tensor]:
+        return [getattr(self, f"priority_{i}") for i in range(len(self.groups))]
+
+    @torch.no_grad()
+    def ranking(self) -> list[torch.Tensor]:
+        """Per group, a float64 score per channel for the global threshold: ``|gate| * mask * priority``
+        (the priority refreshed from the student first, when the gates were made by :meth:`for_model`).
+        Masked-off channels score 0."""
+        if self._priority_fn is not None:
+            self.set_priority(self._priority_fn())
+        out = []
+        for g, m, p in zip(self.gates, self.masks(), self.priorities()):
+            out.append(g.detach().abs().double().cpu() * m.double().cpu() * p.double().clamp_min(1e-6))
+        return out
+
+    @contextlib.contextmanager
+    def attached(self, model: nn.Module):
+        """``with gates.attached(model): ...``: hooks on ``model`` for the block, removed on every exit path."""
+        self.attach(model)
+        try:
+            yield self
+        finally:
+            self.detach()
+
     def l1(self) -> torch.Tensor:
         return sum(g.abs().sum() for g in self.gates)
 
@@ -215,20 +276,37 @@ def macs_schedule(step: int, start: int, reach: int, total_macs: float, target_m
     return target_macs + (total_macs - target_macs) * (1.0 - t) ** 3
 
 
+def width_floors(sizes: Sequence[int], macs_model: MacsModel, target_macs: float, min_fraction: float = 0.125,
+                 min_channels: int = 2) -> list[int]:
+    """The fewest channels each group may keep: ``max(min_channels, ceil(min_fraction * size))`` (at
+    most its size), or 1 everywhere when those floors alone exceed ``target_macs`` (the target wins).
+    Why: a layer cut to one channel is a bottleneck no fine-tune repairs, and a global threshold (or a
+    random mask) can otherwise pass above a whole group whose scores lie close together."""
+    floors = [min(n, max(1, min_channels, math.ceil(min_fraction * n))) for n in sizes]
+    at_floor = [torch.arange(n) < f for n, f in zip(sizes, floors)]
+    if any(f > 1 for f in floors) and macs_model.macs(at_floor) > target_macs:
+        return [1] * len(sizes)
+    return floors
+
+
 def threshold_for_target(gates: GateSet, macs_model: MacsModel, target_macs: float, iters: int = 60,
-                         multiple: int = 1) -> tuple[float, list[torch.Tensor]]:
-    """Global threshold ``tau`` on ``|gate|`` (bisection) so that the channels with ``|g| > tau`` give
-    at most ``target_macs`` MACs. Returns ``(tau, alive masks)``. Each group keeps >= 1 channel;
-    with ``multiple`` > 1 each group's kept count is rounded up to a multiple of it (hardware-friendly
-    widths: vector units and oneDNN/cuDNN kernels prefer channel counts divisible by 8)."""
-    mags = [(g.detach().abs().cpu() * m.cpu()) for g, m in zip(gates.gates, gates.masks())]
-    order = [torch.argsort(v, descending=True) for v in mags]
+                         multiple: int = 1, min_fraction: float = 0.125, min_channels: int = 2
+                         ) -> tuple[float, list[torch.Tensor]]:
+    """Global threshold ``tau`` on the channels' ranking scores (:meth:`GateSet.ranking`; bisection)
+    so that the channels above it give at most ``target_macs`` MACs. Returns ``(tau, alive masks)``.
+
+    Each group keeps at least its :func:`width_floors` channels. With ``multiple``
+    > 1 each group's kept count is rounded up to a multiple of it (hardware-friendly widths: vector
+    units and oneDNN/cuDNN kernels prefer channel counts divisible by 8)."""
+    mags = gates.ranking()
+    order = [torch.argsort(v, descending=True, stable=True) for v in mags]
     lo, hi = 0.0, float(torch.cat(mags).max()) + 1e-12
+    floors = width_floors([v.numel() for v in mags], macs_model, target_macs, min_fraction, min_channels)
 
     def alive_at(tau: float) -> list[torch.Tensor]:
         out = []
-        for v, idx in zip(mags, order):
-            k = max(1, int((v > tau).sum()))
+        for v, idx, f in zip(mags, order, floors):
+            k = max(f, int((v > tau).sum()))
             if multiple > 1:
                 k = min(v.numel(), -(-k // multiple) * multiple)
             a = torch.zeros(v.numel(), dtype=torch.bool)
@@ -340,12 +418,15 @@ def prune_channels(model: nn.Module, groups: list[ChannelGroup], alive: list[tor
     return kept
 
 
-def export_pruned(model: nn.Module, gates: GateSet, example_inputs, atol: float = 1e-4) -> tuple[nn.Module, dict]:
+def export_pruned(model: nn.Module, gates: GateSet, example_inputs, tol: float = 1e-4) -> tuple[nn.Module, dict]:
     """Gated ``model`` -> plain, physically smaller copy with the same output.
 
     Works on a deep copy: folds gates, removes dead channels, and checks that the result's output
-    equals the gated network's on ``example_inputs`` (max abs difference <= ``atol``, output scale
-    ~1). Returns ``(plain model, info)`` where info holds ``max_abs_diff`` and ``kept`` widths.
+    equals the gated network's on ``example_inputs``: both run in float64 (the exported weights stay
+    float32), and ``max |pruned - gated| / max |gated|`` must be <= ``tol``. A correct export differs
+    by the float32 rounding of the folded weights (about 1e-7 of the output's scale, the same on every
+    CPU); a channel that leaks past a gate differs by orders of magnitude more. Returns ``(plain
+    model, info)``; info holds ``rel_diff`` and the ``kept`` widths.
     """
     inputs = as_input_tuple(example_inputs)
     gates.apply_masks()
@@ -354,23 +435,26 @@ def export_pruned(model: nn.Module, gates: GateSet, example_inputs, atol: float 
     with torch.no_grad():
         for gvec, a in zip(gates.gates, alive):
             gvec.mul_(a.to(gvec.dtype))
-    gates.attach(model)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        ref = model(*inputs)
-    gates.detach()
+    try:
+        with torch.no_grad(), in_float64(model, gates), gates.attached(model):
+            ref = first_output(model(*as_float64(inputs)))
+    finally:
+        model.train(was_training)
+    if not torch.isfinite(ref).all():
+        raise FloatingPointError("the gated student's output is not finite (NaN/inf): its training diverged; "
+                                 "lower the learning rates or check the losses before exporting")
     plain = copy.deepcopy(model)
-    model.train(was_training)
     fold_gates(plain, gates)
     kept = prune_dead_channels(plain, gates, inputs)
     plain.eval()
-    with torch.no_grad():
-        out = plain(*inputs)
-    diff = float((out - ref).abs().max()) if isinstance(out, torch.Tensor) else float("nan")
-    if not diff <= atol:
-        raise RuntimeError(f"pruned network differs from the gated one by {diff:.3g} (> {atol}); a layer between "
-                           "a gate and its consumer does not keep zero channels at zero")
+    with torch.no_grad(), in_float64(plain):
+        out = plain(*as_float64(inputs))
+    diff = relative_difference(out, ref)
+    if not diff <= tol:
+        raise RuntimeError(f"pruned network differs from the gated one by {diff:.3g} of the output's scale (> {tol}, "
+                           "float64); a layer between a gate and its consumer does not keep zero channels at zero")
     for p in plain.parameters():
         p.requires_grad_(True)
-    return plain, {"max_abs_diff": diff, "kept": kept}
+    return plain, {"rel_diff": diff, "kept": kept}

@@ -80,7 +80,7 @@ class CompressReport:
     finetune_steps: int = 0
     seconds: float = 0.0
     final_rho: Optional[float] = None
-    export_max_abs_diff: Optional[float] = None
+    export_rel_diff: Optional[float] = None
     notes: list = field(default_factory=list)
     quant: Optional[str] = None  # "int8" when a QAT stage ran
     quant_steps: int = 0
@@ -138,8 +138,8 @@ class CompressReport:
         lines += [f"{a:<{w0}}  {b:>{w[1]}}  {c:>{w[2]}}  {d:>{w[3]}}" for a, b, c, d in rows]
         first_stage = {"ofa": "supernet steps", "slim": "gated steps"}.get(self.strategy, "training steps")
         lines.append(f"input {tuple(self.input_shape)}; strategy {self.strategy}: {self.steps} {first_stage} + "
-                     f"{self.finetune_steps} fine-tune steps in {self.seconds / 60:.1f} min; export max |diff| "
-                     f"{fmt(self.export_max_abs_diff, '', 7)}")
+                     f"{self.finetune_steps} fine-tune steps in {self.seconds / 60:.1f} min; export |diff| / output scale (float64) "
+                     f"{fmt(self.export_rel_diff, '', 7)}")
         if self.widths:
             lines.append("widths kept: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in list(self.widths.items())))
         if self.skipped:

@@ -231,8 +231,8 @@ def resolve_budget(supernet: Supernet, target_macs: Optional[float], reference_m
 
 
 class _Sampler:
-    def __init__(self, supernet: Supernet, rng: random.Random, fits: Callable[[dict], bool]):
-        self.sn, self.rng, self.fits = supernet, rng, fits
+    def __init__(self, supernet: Supernet, rng: random.Random, fits: Callable[[dict], bool], grow: bool = False):
+        self.sn, self.rng, self.fits, self.grow = supernet, rng, fits, grow
 
     def shrink_to_fit(self, widths: dict, tries: int = 400) -> Optional[dict]:
         """Step random groups one width down until ``widths`` fits the budget (None if it cannot)."""
@@ -248,15 +248,34 @@ class _Sampler:
             w[r] = c[c.index(w[r]) - 1]
         return None
 
+    def fit(self, widths: dict) -> Optional[dict]:
+        """Shrink ``widths`` into the budget, then (with ``grow``) step random groups one width up while
+        it still fits, so every candidate sits at the budget's edge: without that, an undertrained
+        supernet whose fitness hardly rewards width chose networks far below the budget asked for."""
+        w = self.shrink_to_fit(widths)
+        if w is None or not self.grow:
+            return w
+        roots = [r for r, c in self.sn.choices.items() if c.index(w[r]) < len(c) - 1]
+        self.rng.shuffle(roots)
+        while roots:
+            r = roots.pop()
+            c = self.sn.choices[r]
+            up = dict(w, **{r: c[c.index(w[r]) + 1]})
+            if self.fits(up):
+                w = up
+                if c.index(w[r]) < len(c) - 1:
+                    roots.insert(self.rng.randrange(len(roots) + 1), r)
+        return w
+
     def random(self) -> Optional[dict]:
-        return self.shrink_to_fit(self.sn.sample(self.rng))
+        return self.fit(self.sn.sample(self.rng))
 
     def mutate(self, widths: dict, prob: float) -> Optional[dict]:
         w = {r: (self.rng.choice(c) if self.rng.random() < prob else widths[r]) for r, c in self.sn.choices.items()}
-        return self.shrink_to_fit(w)
+        return self.fit(w)
 
     def crossover(self, a: dict, b: dict) -> Optional[dict]:
-        return self.shrink_to_fit({r: (a[r] if self.rng.random() < 0.5 else b[r]) for r in a})
+        return self.fit({r: (a[r] if self.rng.random() < 0.5 else b[r]) for r in a})
 
 
 def evolve(supernet: Supernet, evaluator: Evaluator, budget_macs: Optional[float] = None,
@@ -287,7 +306,7 @@ def evolve(supernet: Supernet, evaluator: Evaluator, budget_macs: Optional[float
                 return evaluator.latency(w) <= budget_latency_ms
         return True
 
-    sampler = _Sampler(supernet, rng, fits)
+    sampler = _Sampler(supernet, rng, fits, grow=budget_macs is not None and budget_latency_ms is None)
     pop: list[dict] = []
     if fits(supernet.largest()):
         pop.append(supernet.largest())

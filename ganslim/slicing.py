@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._utils import as_input_tuple, first_output
+from ._utils import as_float64, as_input_tuple, first_output, in_float64, relative_difference
 from .gating import MacsModel, prune_channels
 from .targeting import NORM_TYPES, ChannelGroup, Targets, find_channel_groups
 
@@ -50,7 +50,7 @@ class SliceConfig:
 
     ratios: Sequence[float] = (0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5, 0.625, 0.75, 1.0)
     multiple: int = 8
-    min_channels: int = 1
+    min_channels: int = 2  # a layer cut to one channel is a bottleneck no fine-tune repairs
     importance: str = "magnitude"
 
     def validate(self) -> "SliceConfig":
@@ -84,11 +84,17 @@ def group_importance(model: nn.Module, group: ChannelGroup, source: str = "auto"
     norms = [m for m in group.members if m.role == "norm"
              and getattr(model.get_submodule(m.name), "weight", None) is not None] if source != "filters" else []
     members = norms or [m for m in group.members if m.role == "producer"]
+    if not norms and source != "filters" and any(m.role == "norm" for m in group.members):
+        # only non-affine norms (CycleGAN's InstanceNorm): they divide each channel by its own spread, so
+        # the producing filters' norms say nothing; what the consumers do with a channel does
+        members = [m for m in group.members if m.role == "consumer"] or members
     for mem in members:
         mod = model.get_submodule(mem.name)
         w = mod.weight.detach().float().cpu()
         if isinstance(mod, NORM_TYPES):
             s = w.abs()
+        elif mem.role == "consumer":
+            s = _input_channel_norms(mod, w)
         elif isinstance(mod, nn.modules.conv._ConvTransposeNd):
             s = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)
             s = s.repeat(mod.groups)
@@ -97,6 +103,15 @@ def group_importance(model: nn.Module, group: ChannelGroup, source: str = "auto"
         vals = s[mem.channels]
         score[mem.positions] += vals / vals.mean().clamp_min(1e-12)
     return score
+
+
+def _input_channel_norms(mod: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """L2 norm of the weights that read each input channel of a conv / transposed conv / linear."""
+    if isinstance(mod, nn.modules.conv._ConvTransposeNd):  # (in, out/groups, k...)
+        return w.reshape(w.shape[0], -1).norm(dim=1)
+    if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1:  # depthwise: (C, 1, k...)
+        return w.reshape(w.shape[0], -1).norm(dim=1).repeat_interleave(max(1, mod.in_channels // w.shape[0]))
+    return w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)  # (out, in, k...) / linear (out, in)
 
 
 def _member_index(dim: int, mem, order: torch.Tensor) -> torch.Tensor:
@@ -364,9 +379,10 @@ class Supernet(nn.Module):
         return self.model(*inputs)
 
     # ------------------------------------------------------------------ export
-    def export(self, widths: Optional[Mapping[str, int]] = None, atol: float = 1e-4) -> nn.Module:
+    def export(self, widths: Optional[Mapping[str, int]] = None, tol: float = 1e-4) -> nn.Module:
         """The sub-network ``widths`` as a plain module of standard layers (real smaller weights),
-        its output checked equal to the sliced supernet's on the example input (max |diff| <= atol).
+        its output checked equal to the sliced supernet's on the example input: both run in float64,
+        ``max |diff| / max |output|`` <= ``tol`` (kept in ``last_export_diff``).
         Run :func:`recalibrate_bn` for these widths first when the network has BatchNorm."""
         widths = self.check(self._widths if widths is None else widths)
         prev = self._widths
@@ -374,20 +390,21 @@ class Supernet(nn.Module):
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
-                ref = first_output(self.model(*self.example_inputs))
+            with torch.no_grad(), in_float64(self.model):
+                ref = first_output(self.model(*as_float64(self.example_inputs)))
             plain = self.plain_copy()
         finally:
             self.set_widths(prev)
             self.model.train(was_training)
         prune_channels(plain, self.groups, self.alive(widths), self.example_inputs)
         plain.eval()
-        with torch.no_grad():
-            out = first_output(plain(*self.example_inputs))
-        diff = float((out - ref).abs().max())
+        with torch.no_grad(), in_float64(plain):
+            out = first_output(plain(*as_float64(self.example_inputs)))
+        diff = relative_difference(out, ref)
         self.last_export_diff = diff
-        if not diff <= atol:
-            raise SliceError(f"exported sub-network differs from the sliced supernet by {diff:.3g} (> {atol})")
+        if not diff <= tol:
+            raise SliceError(f"exported sub-network differs from the sliced supernet by {diff:.3g} of the output's "
+                             f"scale (> {tol}, float64)")
         for p in plain.parameters():
             p.requires_grad_(True)
         return plain

@@ -93,16 +93,24 @@ def set_inplace_false(model: nn.Module) -> int:
 
 @contextlib.contextmanager
 def inplace_disabled(model: nn.Module):
-    """Switch in-place activations off for the duration (torch-pruning's tracer loses the norm before an
-    in-place ReLU); the flags are restored afterwards. Channel coupling does not depend on them."""
+    """Make ``model`` traceable by torch-pruning for the duration, and restore it afterwards:
+    in-place activations off (the tracer loses the norm before an in-place ReLU), every parameter
+    requiring grad and autograd on (the tracer follows ``grad_fn``: a frozen teacher, or a call under
+    ``torch.no_grad()``, would leave every layer "not reached"). Channel coupling depends on neither."""
     flagged = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     for m in flagged:
         m.inplace = False
+    for p in frozen:
+        p.requires_grad_(True)
     try:
-        yield model
+        with torch.enable_grad():
+            yield model
     finally:
         for m in flagged:
             m.inplace = True
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _matches(name: str, module: nn.Module, patterns: Iterable) -> bool:

@@ -13,6 +13,8 @@ from ganslim.adapters import (AdapterError, SlimSession, guess_pix2pix_flags, is
                               read_state_dict, strip_spectral_norm, student_from_teacher)
 from ganslim.zoo import create_model
 
+from equivalence import assert_same_function
+
 
 def _host_loop(session, student, steps, x, disc=None):
     """What a host repository does: its optimizer, its GAN loss, plus the session's two calls."""
@@ -44,9 +46,7 @@ def test_session_compresses_in_a_host_loop_and_reloads_without_class(tmp_path):
     assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in teacher.parameters()) / 2
     # the exported network computes the gated student's function
     student.eval()
-    with torch.no_grad():
-        ref = student(x[:1])
-        assert float((plain(x[:1]) - ref).abs().max()) < 1e-4
+    assert_same_function(plain, student, x[:1], tol=1e-4, b_with=(s.gates,))
     loaded = ganslim.load(path)  # no class needed
     assert not isinstance(loaded, type(teacher))
     with torch.no_grad():
@@ -118,8 +118,8 @@ def test_strip_spectral_norm_keeps_function():
         ref = net(seg)
     n = strip_spectral_norm(net)
     assert n > 0 and not any(k.endswith("weight_orig") for k in net.state_dict())
-    with torch.no_grad():
-        assert float((net(seg) - ref).abs().max()) < 1e-5
+    with torch.no_grad():  # the same float32 weights, computed the same way: equal up to rounding at the scale
+        assert float((net(seg) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 
 def _fake_repo(root, tag):

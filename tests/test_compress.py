@@ -32,7 +32,7 @@ def test_compress_meets_the_macs_target_and_returns_a_plain_smaller_model(small_
     assert rep.student.macs == pytest.approx(0.3 * rep.teacher.macs, rel=0.05)
     assert rep.macs_reduction > 3.0
     assert rep.student.params < rep.teacher.params
-    assert rep.export_max_abs_diff <= 1e-4
+    assert rep.export_rel_diff <= 1e-4
     assert rep.target_macs == 0.3 and not rep.notes  # no "far from the target" warning
     # plain: standard layers, no hooks left anywhere
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in res.model.modules())
@@ -75,7 +75,7 @@ def test_compress_unet_with_concatenation_skips(loader):
     big = data.default_loader(batch_size=2, crop=128, length=8)
     res = ganslim.compress(t, t, big, target_macs=0.4, steps=4, finetune_steps=2, progress=False, measure_latency=False)
     assert res.report.student.macs <= 0.42 * res.report.teacher.macs
-    assert res.report.export_max_abs_diff <= 1e-4
+    assert res.report.export_rel_diff <= 1e-4
 
 
 def test_compress_with_discriminator_trains_it(small_teacher, loader):

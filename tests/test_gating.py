@@ -12,6 +12,8 @@ from ganslim.gating import GateSet, MacsModel, export_pruned, threshold_for_targ
 from ganslim.targeting import find_channel_groups
 from ganslim.zoo import create_model
 
+from equivalence import assert_same_function
+
 
 def random_gates(gates: GateSet, p_zero: float, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -94,7 +96,7 @@ def test_zero_gate_channels_are_physically_gone_and_output_unchanged():
     random_gates(gates, 0.5, seed=3)
     alive = [int(a.sum()) for a in gates.alive()]
     plain, info = export_pruned(m, gates, x[:1])
-    assert info["max_abs_diff"] <= 1e-4
+    assert info["rel_diff"] <= 1e-4
     assert plain.model[1].out_channels == alive[0]
     assert plain.model[7].out_channels == alive[2]  # the trunk
     assert plain.model[10].conv_block[1].in_channels == alive[2]
@@ -103,12 +105,8 @@ def test_zero_gate_channels_are_physically_gone_and_output_unchanged():
     assert m.model[1].out_channels == 8
     assert all(len(mod._forward_hooks) == 0 for mod in m.modules())
     # gated vs plain on another batch too
-    gates.attach(m)
-    with torch.no_grad():
-        ref = m.eval()(x)
-    gates.detach()
-    with torch.no_grad():
-        assert torch.allclose(plain(x), ref, atol=1e-4)
+    with gates.attached(m.eval()):
+        assert_same_function(plain, m, x, tol=1e-4, b_with=(gates,))
 
 
 def test_macs_model_predicts_the_measured_macs_of_the_pruned_network():
@@ -142,7 +140,7 @@ def test_several_inputs_model():
     gates = GateSet(t)
     random_gates(gates, 0.4, seed=2)
     plain, info = export_pruned(m, gates, inputs)
-    assert info["max_abs_diff"] <= 1e-4
+    assert info["rel_diff"] <= 1e-4
     assert plain.body[0].in_channels < 16
 
 
@@ -170,7 +168,7 @@ def test_fuzz_gate_prune_export_keeps_output(spec, widths, norm, p_zero, seed):
     random_gates(gates, p_zero, seed)
     before = measure.count_macs(m, x)
     plain, info = export_pruned(m, gates, x)  # raises if the output differs by > 1e-4
-    assert info["max_abs_diff"] <= 1e-4
+    assert info["rel_diff"] <= 1e-4
     if any(not bool(a.all()) for a in gates.alive()):
         # conv/linear weights shrink; a gate folded into a non-affine norm makes it affine (2 values per
         # kept channel), which can outweigh a few removed channels, so norms are not counted here

@@ -105,7 +105,7 @@ class SlimSession:
         self.mapping = dict(distill_layers or {})
         self.distiller = FeatureDistiller(student, teacher, self.mapping, example).to(self.device) \
             if self.mapping and distill_weight else None
-        self.gates = GateSet(self.targets).to(self.device).attach(student)
+        self.gates = GateSet.for_model(student, self.targets).to(self.device).attach(student)
         groups = [{"params": list(self.gates.parameters()), "lr": gate_lr}]
         if self.distiller is not None:
             groups.append({"params": list(self.distiller.parameters()), "lr": lr})
