@@ -27,13 +27,13 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ._extras import require
 from ._utils import as_input_tuple
 from .train import first_output, input_batches, split_batch
 
 __all__ = ["export", "OnnxModule", "FORMATS", "ExportError"]
 
 FORMATS = ("onnx", "onnx-int8")
-_ORT_HINT = "pip install onnx onnxruntime  (both are ganslim dependencies; reinstall with `pip install -e .`)"
 
 
 class ExportError(RuntimeError):
@@ -41,12 +41,8 @@ class ExportError(RuntimeError):
 
 
 def _onnx_libs():
-    try:
-        import onnx  # noqa: F401 - presence check only
-        import onnxruntime
-    except ImportError as e:
-        raise ImportError(f"ONNX export needs onnx and onnxruntime ({e}); install them: {_ORT_HINT}") from None
-    return onnxruntime
+    require("onnx", "deploy")  # presence check; ModuleNotFoundError naming pip install 'ganslim[deploy]'
+    return require("onnxruntime", "deploy")
 
 
 class OnnxModule(nn.Module):

@@ -1,8 +1,8 @@
 """adapters/cartoongan: norm conversion, compression from a folder of photos, stylize preprocessing.
 ``GANSLIM_CARTOONGAN_REPO=/path/to/CartoonGAN-Test-Pytorch-Torch`` adds a check with the official class."""
 import copy
-import os
 import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -16,6 +16,7 @@ from ganslim.adapters import AdapterError, isolated_imports
 from ganslim.adapters.cartoongan import compress_folder, convert_instance_norms, load_transformer
 from ganslim.zoo import create_model
 
+import official_helpers
 from equivalence import assert_same_function
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "adapters" / "cartoongan"))
@@ -74,10 +75,13 @@ def test_bad_input(tmp_path):
         compress_folder(str(ckpt), str(tmp_path / "nope"), str(tmp_path / "o.safetensors"))
 
 
-@pytest.mark.skipif(not os.environ.get("GANSLIM_CARTOONGAN_REPO"),
-                    reason="set GANSLIM_CARTOONGAN_REPO to a checkout of Yijunmaverick/CartoonGAN-Test-Pytorch-Torch")
+@pytest.mark.skipif(official_helpers.missing_checkout("cartoongan") is not None,
+                    reason=f"official-code test skipped: {official_helpers.missing_checkout('cartoongan')}")
 def test_official_transformer(tmp_path):
-    with isolated_imports(os.environ["GANSLIM_CARTOONGAN_REPO"], marker="network/Transformer.py"):
+    # the official Transformer needs plain torch only: it runs in this environment, from a copy of the checkout
+    repo = tmp_path / "repo"
+    shutil.copytree(official_helpers.repo_source("cartoongan"), repo)
+    with isolated_imports(str(repo), marker="network/Transformer.py"):
         from network.Transformer import Transformer  # noqa: PLC0415
     assert "network" not in sys.modules
     official = Transformer()

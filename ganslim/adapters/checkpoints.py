@@ -145,6 +145,8 @@ def strip_spectral_norm(model: nn.Module) -> int:
         for h in hooks:
             torch.nn.utils.remove_spectral_norm(m, name=h.name)
             n += 1
+        if hooks:
+            _drop_spectral_norm_load_hooks(m)
         if parametrize.is_parametrized(m):
             for name in list(m.parametrizations.keys()):
                 if any(type(p).__name__ == "_SpectralNorm" for p in m.parametrizations[name]):
@@ -152,6 +154,17 @@ def strip_spectral_norm(model: nn.Module) -> int:
                     n += 1
     model.train(was)
     return n
+
+
+def _drop_spectral_norm_load_hooks(m: nn.Module) -> None:
+    """``remove_spectral_norm`` leaves its load-state-dict pre-hook behind (torch wraps it in a
+    ``_WrappedHook`` that its ``isinstance`` check misses, seen in torch 2.13 and 2.14), so loading the
+    plain layer's own state dict later fails with "Missing key(s): weight_orig, weight_u"."""
+    for k, h in list(m._load_state_dict_pre_hooks.items()):
+        fn = getattr(h, "hook", h)
+        if type(fn).__name__ == "SpectralNormLoadStateDictPreHook" or \
+                type(getattr(fn, "__self__", None)).__name__ == "SpectralNormLoadStateDictPreHook":
+            del m._load_state_dict_pre_hooks[k]
 
 
 def has_spectral_norm_keys(sd: Mapping[str, torch.Tensor]) -> bool:

@@ -78,7 +78,20 @@ def make_trainer_class(Pix2PixTrainer: type, slim_opt: Any) -> type:
                                    "generator input random); compress a generator trained without --use_vae")
             if len(getattr(opt, "gpu_ids", []) or []) > 1:
                 raise AdapterError("the ganslim SPADE adapter trains on one GPU: pass --gpu_ids 0")
-            super().__init__(opt)
+            resume = bool(getattr(opt, "continue_train", False))
+            run_dir = os.path.join(opt.checkpoints_dir, opt.name)
+            if resume:
+                state_path = os.path.join(run_dir, f"{opt.which_epoch}_net_G_ganslim.pth")
+                if not os.path.isfile(state_path):
+                    raise AdapterError(f"--continue_train: {state_path} does not exist; pass the --which_epoch that was saved")
+                # The repository would load <epoch>_net_G.pth (the student: spectral norm removed) into a
+                # generator built with spectral norm and fail; build fresh networks instead and restore
+                # student, gates and discriminator below.
+                opt.continue_train = False
+            try:
+                super().__init__(opt)
+            finally:
+                opt.continue_train = resume
             model = self.pix2pix_model_on_one_gpu
             teacher = load_teacher(copy.deepcopy(model.netG), slim_opt.teacher_checkpoint, opt)
             student = copy.deepcopy(teacher)
@@ -86,17 +99,17 @@ def make_trainer_class(Pix2PixTrainer: type, slim_opt: Any) -> type:
                 p.requires_grad_(True)
             model.netG = student.train()
             self.teacher = teacher
-            if opt.isTrain:
-                self.optimizer_G, self.optimizer_D = model.create_optimizers(opt)
             self.session = None
             self._pending = None
-            if getattr(opt, "continue_train", False):
-                p = os.path.join(opt.checkpoints_dir, opt.name, f"{opt.which_epoch}_net_G_ganslim.pth")
-                if not os.path.isfile(p):
-                    raise AdapterError(f"--continue_train: {p} does not exist; pass the --which_epoch that was saved")
-                state = torch.load(p, map_location="cpu", weights_only=False)
+            if resume:
+                state = torch.load(state_path, map_location="cpu", weights_only=False)
                 student.load_state_dict(state["student"])
                 self._pending = state["session"]
+                d_path = os.path.join(run_dir, f"{opt.which_epoch}_net_D.pth")
+                if getattr(model, "netD", None) is not None and os.path.isfile(d_path):
+                    model.netD.load_state_dict(torch.load(d_path, map_location="cpu", weights_only=True))
+            if opt.isTrain:
+                self.optimizer_G, self.optimizer_D = model.create_optimizers(opt)
 
         def _ensure_session(self, semantics):
             if self.session is None:
