@@ -2,6 +2,10 @@
 
     python benchmarks/bench_ofa.py          # first: trains and saves the supernet the 'ofa' rows search
     python benchmarks/bench_strategies.py   # targets 1/10 and 1/20, 3000 fine-tune steps each
+    # CycleGAN's default norm: an instance-norm teacher (no supernet for it: without ofa rows)
+    python benchmarks/train_teacher.py --norm instance --steps 2400 --out runs/teacher_instance.safetensors
+    python benchmarks/bench_strategies.py --teacher runs/teacher_instance.safetensors \
+        --strategies slim,onestep,onestep+gka,evolve --out benchmarks/results/strategies_instance.json
 
 Rows per target (same loader, same fine-tune: steps, lr, losses; widths in multiples of 8):
 ``slim`` (GAN Slimming: 800 gated steps with L1 proximal step), ``onestep`` (CAT: one global
@@ -49,6 +53,9 @@ def main() -> None:
     ap.add_argument("--strategies", default="slim,onestep,onestep+gka,ofa,evolve")
     ap.add_argument("--out", default="benchmarks/results/strategies.json")
     ap.add_argument("--winners", default="ganslim/assets/strategy_results.json")
+    ap.add_argument("--teacher", default=None,
+                    help="a ganslim checkpoint to compress instead of the default teacher, e.g. the instance-norm "
+                         "ResNet of `train_teacher.py --norm instance`; its rows do not touch --winners")
     ap.add_argument("--rewrite-winners", action="store_true",
                     help="only recompute the winners file from the rows already in --out (no measurement)")
     args = ap.parse_args()
@@ -61,7 +68,12 @@ def main() -> None:
         print(json.dumps(table, indent=2))
         return
     torch.manual_seed(0)
-    teacher = data.default_teacher()
+    if args.teacher:
+        from ganslim.checkpoint import load
+
+        teacher = load(args.teacher).eval()
+    else:
+        teacher = data.default_teacher()
     pairs = data.test_pairs()
     x_eval = pairs[0][0]
     targets = [float(t) for t in args.targets.split(",")]
@@ -120,15 +132,20 @@ def main() -> None:
         print(f"winner at {target}: {w['variant']} ({w['psnr_gt']:.2f} dB in {w['minutes']:.1f} min)")
     print(f"best mean fidelity over the targets: {overall}")
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+           "teacher": args.teacher or "default (ResNet-9, batch norm)",
            "teacher_psnr_gt": t_psnr, "teacher_latency_ms": t_lat, "finetune_steps": args.finetune_steps,
            "rows": rows, "winners": winners}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
+    png = os.path.splitext(args.out)[0] + ".png"
+    plot(rows, t_psnr, png)
+    if args.teacher:  # strategy="auto" is tuned on the default teacher only
+        print(f"wrote {args.out}, {png}")
+        return
     with open(args.winners, "w") as f:
         json.dump({"winners": winners, "overall": overall,
                    "source": f"benchmarks/bench_strategies.py, {args.finetune_steps} fine-tune steps"}, f, indent=2)
-    plot(rows, t_psnr, "benchmarks/results/strategies.png")
-    print(f"wrote {args.out}, {args.winners}, benchmarks/results/strategies.png")
+    print(f"wrote {args.out}, {args.winners}, {png}")
 
 
 def plot(rows: list, t_psnr: float, path: str) -> None:

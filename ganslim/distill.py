@@ -2,7 +2,8 @@
 1x1 conv mappings from student width to teacher width.
 
 ``L_distill = sum_t mean((map_t(S_t(x)) - T_t(x))^2) / var(T_t(x))`` over chosen layer pairs ``t``. Hooks come off
-with :meth:`FeatureDistiller.remove`; the user's classes are never modified.
+with :meth:`FeatureDistiller.remove`, or at the end of a ``with`` block (both classes here are context
+managers); the user's classes are never modified.
 
 ``kind="gka"``: CAT's global kernel alignment instead, ``L = sum_t 1 - KA(S_t, T_t)`` with
 :func:`kernel_alignment` over every pixel of the batch: no mapping layers, any widths, invariant to
@@ -25,8 +26,8 @@ class FeatureRecorder:
     def __init__(self, model: nn.Module, names: list[str], detach: bool = False):
         self.features: dict[str, torch.Tensor] = {}
         self._handles = []
-        for name in names:
-            mod = model.get_submodule(name)
+        mods = [(name, model.get_submodule(name)) for name in names]  # a wrong name fails before any hook is on
+        for name, mod in mods:
 
             def hook(m, inp, out, name=name):
                 t = out[0] if isinstance(out, (tuple, list)) else out
@@ -38,9 +39,16 @@ class FeatureRecorder:
         self.features = {}
 
     def remove(self) -> None:
+        """Take the hooks off (idempotent)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def __enter__(self) -> "FeatureRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def _candidate_points(model: nn.Module, inputs: tuple) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -136,15 +144,26 @@ class FeatureDistiller(nn.Module):
         self.mapping = dict(mapping)
         inputs = as_input_tuple(example_inputs)
         self.student_rec = FeatureRecorder(student, list(self.mapping))
-        self.teacher_rec = FeatureRecorder(teacher, list(self.mapping.values()), detach=True)
+        self.teacher_rec = FeatureRecorder(teacher, [])  # replaced below; remove() works whatever happens next
+        try:
+            self.teacher_rec = FeatureRecorder(teacher, list(self.mapping.values()), detach=True)
+            self._init_maps(student, teacher, inputs, kind)
+        except BaseException:  # a failed construction leaves no hook behind
+            self.remove()
+            raise
+
+    def _init_maps(self, student: nn.Module, teacher: nn.Module, inputs: tuple, kind: str) -> None:
+        """One forward of both networks (eval mode, restored after) and the identity-started 1x1 maps."""
         was_s, was_t = student.training, teacher.training
         student.eval()
         teacher.eval()
-        with torch.no_grad():
-            student(*inputs)
-            teacher(*inputs)
-        student.train(was_s)
-        teacher.train(was_t)
+        try:
+            with torch.no_grad():
+                student(*inputs)
+                teacher(*inputs)
+        finally:
+            student.train(was_s)
+            teacher.train(was_t)
         self.maps = nn.ModuleDict()
         for s_name, t_name in self.mapping.items():
             fs = self.student_rec.features.get(s_name)
@@ -201,9 +220,17 @@ class FeatureDistiller(nn.Module):
         return total
 
     def remove(self) -> None:
-        """Take the hooks off both networks."""
+        """Take the hooks off both networks (idempotent)."""
         self.student_rec.remove()
         self.teacher_rec.remove()
+
+    def __enter__(self) -> "FeatureDistiller":
+        """``with FeatureDistiller(...) as d:`` (or ``ExitStack.enter_context``): the hooks come off
+        however the block ends."""
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 @torch.no_grad()
@@ -215,7 +242,8 @@ def _variance(t: torch.Tensor) -> torch.Tensor:
     if not dist.is_distributed():
         return t.var()
     t = t.detach().double()
-    stats = torch.stack([t.sum(), (t * t).sum(), torch.tensor(float(t.numel()), dtype=torch.float64)])
+    stats = torch.stack([t.sum(), (t * t).sum(), torch.tensor(float(t.numel()), dtype=torch.float64, device=t.device)])
+    stats = stats.to(dist.collective_device(stats.device))  # nccl rejects CPU tensors
     torch.distributed.all_reduce(stats)
     s, ss, n = stats.tolist()
     return torch.tensor((ss - s * s / n) / max(n - 1.0, 1.0), dtype=t.dtype if t.is_floating_point() else torch.float32,

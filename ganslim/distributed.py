@@ -24,7 +24,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main", "init_from_env", "shard", "average_gradients",
-           "barrier", "broadcast_object", "presharded"]
+           "barrier", "broadcast_object", "presharded", "collective_device"]
 
 
 def is_distributed() -> bool:
@@ -49,18 +49,29 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_from_env(backend: Optional[str] = None) -> bool:
+def init_from_env(backend: Optional[str] = None, device: "str | torch.device" = "cpu") -> bool:
     """Initialise the default process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``...) when present; ``backend`` defaults to nccl with CUDA, else gloo. Returns whether
-    a multi-process group is active."""
+    ``MASTER_ADDR``...) when present. ``backend`` defaults to what ``device`` (the device the run trains
+    on, ``CompressConfig.device``) needs: nccl for a CUDA device (each process on GPU ``LOCAL_RANK``),
+    gloo otherwise, whether or not the machine has CUDA. Returns whether a multi-process group is active."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
         return False
     if not torch.distributed.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        backend = backend or ("nccl" if torch.device(device).type == "cuda" else "gloo")
         torch.distributed.init_process_group(backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return is_distributed()
+
+
+def collective_device(device: "str | torch.device") -> torch.device:
+    """Where a collective's tensor must live for data now on ``device``: the current CUDA device under
+    nccl (which rejects CPU tensors), ``device`` itself under gloo (CPU, and CUDA tensors too)."""
+    device = torch.device(device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_backend() == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def presharded(loader: Any) -> bool:
@@ -84,22 +95,26 @@ def shard(t: Optional[torch.Tensor], presharded: bool = False) -> Optional[torch
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """All-reduce (mean) the gradients of ``params`` over the ranks, one flat buffer per dtype/device.
+    """All-reduce (mean) the gradients of ``params`` over the ranks, one flat buffer per (device, dtype)
+    (in the order each first appears, the same on every rank), each reduced on the backend's device.
     A parameter without a gradient on this rank counts as zero (every rank must pass the same list)."""
     if not is_distributed():
         return
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world_size()
-    i = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[i:i + n].view_as(p).clone()
-        i += n
+    buckets: dict[tuple, list] = {}
+    for p in params:
+        if p.requires_grad:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            buckets.setdefault((g.device, g.dtype), []).append((p, g))
+    for (device, _), items in buckets.items():
+        flat = torch.cat([g.reshape(-1) for _, g in items]).to(collective_device(device))
+        torch.distributed.all_reduce(flat)
+        flat /= world_size()
+        flat = flat.to(device)
+        i = 0
+        for p, g in items:
+            n = g.numel()
+            p.grad = flat[i:i + n].view_as(g).clone()
+            i += n
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

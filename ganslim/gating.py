@@ -266,6 +266,29 @@ class MacsModel:
         return total
 
 
+def gated_macs_by_module(model: nn.Module, targets: Targets, example_inputs, convention: str = "papers") -> dict[str, int]:
+    """Per-module MACs of ``model`` at full width as :func:`export_pruned` will leave it, the base for a
+    :class:`MacsModel` of a gated run. Folding a gate into a norm without an affine weight (CycleGAN's
+    ``InstanceNorm2d(affine=False)``) makes that norm affine, which the papers' convention counts at one
+    MAC per output element (0 without): counted here so that the exported student meets its target."""
+    from . import measure
+
+    plain = []
+    for name in sorted({p for g in targets.groups for p in g.gate_points}):
+        mod = model.get_submodule(name)
+        if isinstance(mod, NORM_TYPES) and not (getattr(mod, "affine", True) and getattr(mod, "weight", None) is not None):
+            plain.append(name)
+    if not plain:
+        return measure.macs_by_module(model, example_inputs, convention)
+    shadow = copy.deepcopy(model)  # the user's network keeps its norms as they are
+    for name in plain:
+        mod = shadow.get_submodule(name)
+        mod.affine = True
+        mod.weight = nn.Parameter(torch.ones(mod.num_features))
+        mod.bias = nn.Parameter(torch.zeros(mod.num_features))
+    return measure.macs_by_module(shadow, example_inputs, convention)
+
+
 def macs_schedule(step: int, start: int, reach: int, total_macs: float, target_macs: float) -> float:
     """MACs allowed at ``step`` by the cubic gradual-pruning schedule: the full network until
     ``start``, then ``target + (total - target) * (1 - (step - start) / (reach - start))^3``, the target

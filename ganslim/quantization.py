@@ -27,13 +27,13 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ._extras import require
 from .train import input_batches, split_batch
 
 __all__ = ["QuantConfig", "fold_batchnorm", "quantize", "train_qat", "is_quantized", "is_calibrated", "to_float",
            "quant_state", "restore", "QuantizationError"]
 
 _STATE_ATTR = "_ganslim_quant"  # plain attribute on the quantized root module (deep-copies with it)
-_MODELOPT_HINT = "install NVIDIA ModelOpt: pip install nvidia-modelopt (it also needs requests and huggingface_hub)"
 
 
 class QuantizationError(RuntimeError):
@@ -68,6 +68,7 @@ class QuantConfig:
     lr: float = 1e-4  # 300 steps at 1e-4 recovered the demo student fully (2e-5 too little)
     recon_weight: float = 10.0
     gt_weight: float = 10.0
+    mse_weight: float = 0.0  # MSE to ground truth (teacher without one); compress passes its own (50)
 
     def validate(self) -> "QuantConfig":
         if self.backend != "modelopt":
@@ -99,11 +100,7 @@ class _QuantState:
 
 
 def _mtq():
-    try:
-        import modelopt.torch.quantization as mtq
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"quantization needs NVIDIA ModelOpt ({e}); {_MODELOPT_HINT}") from None
-    return mtq
+    return require("modelopt.torch.quantization", "quant")  # ModuleNotFoundError naming pip install 'ganslim[quant]'
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,7 +327,7 @@ def _activation_ranges(model: nn.Module, loader: Iterable, cfg: QuantConfig, bat
 
 
 def _quantizers(model: nn.Module):
-    from modelopt.torch.quantization.nn import TensorQuantizer
+    TensorQuantizer = require("modelopt.torch.quantization.nn", "quant").TensorQuantizer
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TensorQuantizer)]
 
@@ -381,7 +378,7 @@ def train_qat(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     cfg = config or getattr(model, _STATE_ATTR).config
     if cfg.steps <= 0:
         return model
-    weights = LossWeights(cfg.recon_weight, cfg.gt_weight, 0.0, 0.0)
+    weights = LossWeights(cfg.recon_weight, cfg.gt_weight, 0.0, 0.0, cfg.mse_weight)
     trainer = DistillTrainer(model, teacher, [{"params": list(model.parameters()), "lr": cfg.lr}], weights,
                              device=device, batch_fn=batch_fn)
     sched = torch.optim.lr_scheduler.LambdaLR(trainer.opt, lambda s: lr_cosine(s, cfg.steps))

@@ -9,7 +9,6 @@ error and the last good weights restored.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 from dataclasses import dataclass, field
@@ -134,8 +133,9 @@ def _run_on_batch(model: nn.Module, inputs: tuple, who: str, step: int):
 
 def _finite_everywhere(loss: torch.Tensor) -> bool:
     """Whether ``loss`` is finite on every rank (all ranks agree, so none waits alone in an all-reduce)."""
-    bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0)
+    bad = (~torch.isfinite(loss.detach()).all()).float()  # on the loss's device: no sync before the all-reduce
     if dist.is_distributed():
+        bad = bad.to(dist.collective_device(bad.device))  # nccl rejects CPU tensors
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return not bool(bad)
 
@@ -189,10 +189,26 @@ class DistillTrainer:
         self.modules: dict[str, nn.Module] = {}  # further trained state saved with checkpoints (gates, mappings)
 
     def _snapshot(self) -> None:
-        self._good = copy.deepcopy(self.student.state_dict())
+        """Keep the student's state (weights and buffers, e.g. BatchNorm statistics) as the last good one,
+        unless an update made it non-finite (then the previous one stays). Called before each step's
+        forward, so a NaN loss restores the state after the last step whose loss was finite, undoing
+        what the failed forward did to the buffers; copied into the same buffers each step."""
+        sd = self.student.state_dict()
+        floats = [v for v in sd.values() if v.is_floating_point()]
+        if floats and not bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()):
+            return
+        good = self._good
+        if good is None or good.keys() != sd.keys() or any(good[k].shape != v.shape or good[k].dtype != v.dtype
+                                                            for k, v in sd.items()):
+            self._good = {k: v.detach().clone() for k, v in sd.items()}
+        else:
+            with torch.no_grad():
+                for k, v in sd.items():
+                    good[k].copy_(v)
 
     def step(self, batch: Any) -> dict:
         """One optimisation step on ``batch``; returns the float losses."""
+        self._snapshot()  # the state this step starts from: restored if its loss is not finite
         inputs, target = split_batch(batch, self.batch_fn)
         pre = self._presharded
         inputs = tuple(dist.shard(t, pre).to(self.device) for t in inputs)  # this rank's rows (torchrun)
@@ -240,8 +256,6 @@ class DistillTrainer:
         out = {k: float(v.detach()) for k, v in losses.items()}
         out["total"] = float(total.detach())
         self.state.losses = out
-        if self.state.step % 50 == 1:
-            self._snapshot()
         return out
 
     # ----------------------------------------------------------------- resumable state
@@ -296,7 +310,6 @@ class DistillTrainer:
             start = self.state.step
         self.student.train()
         self.teacher.eval()
-        self._snapshot()
         self._presharded = dist.presharded(loader)
         it = cycle(loader)
         for _ in range(start):  # the batches the interrupted run had used
@@ -346,15 +359,16 @@ def lr_cosine(step: int, total: int, floor: float = 0.05) -> float:
 def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int, lr: float, weights: LossWeights,
              distiller=None, discriminator: Optional[nn.Module] = None, gan_mode: str = "lsgan", device: str = "cpu",
              batch_fn: Optional[BatchFn] = None, progress: bool = True, callbacks: Iterable[Callable] = (),
-             desc: str = "ganslim fine-tune", checkpoint: Optional[str] = None, checkpoint_every: int = 200) -> nn.Module:
+             desc: str = "ganslim fine-tune", checkpoint: Optional[str] = None, checkpoint_every: int = 200,
+             d_lr: float = 2e-4) -> nn.Module:
     """Distillation fine-tune of a plain (already compressed) ``model`` in place: ``steps`` Adam steps
-    at ``lr`` with cosine decay (to 5%); ``distiller``'s mapping layers train alongside. Returns
-    ``model`` in eval mode."""
+    at ``lr`` with cosine decay (to 5%); ``distiller``'s mapping layers train alongside; a
+    ``discriminator`` trains at its own constant ``d_lr``. Returns ``model`` in eval mode."""
     if steps > 0:
         groups = [{"params": list(model.parameters()), "lr": lr}]
         if distiller is not None:
             groups.append({"params": list(distiller.parameters()), "lr": lr})
-        tr = DistillTrainer(model, teacher, groups, weights, distiller, discriminator, lr, gan_mode, device, batch_fn)
+        tr = DistillTrainer(model, teacher, groups, weights, distiller, discriminator, d_lr, gan_mode, device, batch_fn)
         sched = torch.optim.lr_scheduler.LambdaLR(tr.opt, lambda s: lr_cosine(s, steps))
         tr.after_step.append(lambda _: sched.step())
         tr.schedulers.append(sched)

@@ -147,14 +147,94 @@ def test_nan_in_first_batch(small_teacher):
         ganslim.compress(small_teacher, small_teacher, [x], **FAST)
 
 
-def test_nan_loss_mid_run_stops_with_last_good_weights(small_teacher):
+def test_nan_loss_mid_run_stops_with_last_good_weights():
+    torch.manual_seed(0)
+    teacher = create_model("resnet_6blocks", ngf=8, norm="batch")  # running statistics: a NaN forward spoils them
     good = [torch.randn(2, 3, 32, 32) for _ in range(3)]
     bad = torch.full((2, 3, 32, 32), float("nan"))
-    small_teacher.train()
-    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
-        ganslim.compress(small_teacher, small_teacher, good + [bad], **FAST)
-    assert small_teacher.training  # the teacher's mode is restored even on failure
-    small_teacher.eval()
+    seen = {}
+
+    def snapshot(tr, losses):  # after every (good) step: the student's weights and BatchNorm statistics then
+        seen.update(student=tr.student, step=tr.state.step, state=copy.deepcopy(tr.student.state_dict()))
+
+    teacher.train()
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3"):
+        ganslim.compress(teacher, teacher, good + [bad], callbacks=[snapshot], **FAST)
+    assert teacher.training  # the teacher's mode is restored even on failure
+    assert seen["step"] == 3  # three good steps, then the NaN batch
+    after = seen["student"].state_dict()
+    assert after.keys() == seen["state"].keys() and any("running_mean" in k for k in after)
+    # bit-equal to the weights of the last good step (the NaN forward's BatchNorm statistics undone too)
+    assert all(torch.equal(after[k], seen["state"][k]) for k in after)
+
+
+def test_finetune_rolls_back_weights_that_became_non_finite_to_the_last_finite_ones(small_teacher, loader):
+    from ganslim.train import LossWeights, finetune
+
+    model = copy.deepcopy(small_teacher)  # fine-tuned in place: the user's own model
+    seen = {}
+
+    def blow_up(tr, losses):  # after step 5 an update "explodes": the next loss is NaN
+        if tr.state.step == 4:
+            seen["state"] = copy.deepcopy(tr.student.state_dict())
+        if tr.state.step == 5:
+            with torch.no_grad():
+                tr.student.model[1].weight.fill_(float("inf"))
+
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 5"):
+        finetune(model, small_teacher, loader, 8, 1e-4, LossWeights(), progress=False, callbacks=[blow_up])
+    after = model.state_dict()
+    # the weights after step 5 were never good (they made the NaN): back to those after step 4
+    assert all(torch.equal(after[k], seen["state"][k]) for k in after)
+
+
+def _no_hooks(net: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+@pytest.mark.parametrize("stage", ["gating", "fine-tune"])
+def test_no_hook_stays_on_the_users_networks_when_compress_fails_or_returns(small_teacher, loader, stage):
+    model = copy.deepcopy(small_teacher)  # the user's student, another object than the teacher
+    before = {id(n): copy.deepcopy(n.state_dict()) for n in (small_teacher, model)}
+
+    def poison(tr, losses):  # NaN weights at step 3 of one stage: the next loss is NaN and compress raises
+        if ("gates" in tr.modules) == (stage == "gating") and tr.state.step == 3:
+            with torch.no_grad():
+                next(tr.student.parameters()).fill_(float("nan"))
+
+    for student in (model, small_teacher):  # a separate student, and the teacher as its own student
+        with pytest.raises(NonFiniteLossError):
+            ganslim.compress(student, small_teacher, loader, callbacks=[poison], finetune_distill=True,
+                             target_macs=0.5, **FAST)
+        assert _no_hooks(small_teacher) and _no_hooks(model)
+        res = ganslim.compress(student, small_teacher, loader, finetune_distill=True, target_macs=0.5, **FAST)
+        assert _no_hooks(small_teacher) and _no_hooks(model) and _no_hooks(res.model)
+        assert res.report.distill_layers  # feature distillation did run (its hooks were on the teacher)
+    for n in (small_teacher, model):  # the user's networks are untouched
+        after = n.state_dict()
+        assert all(torch.equal(before[id(n)][k], after[k]) for k in after)
+
+
+def test_the_discriminator_trains_at_its_own_learning_rate(small_teacher, loader):
+    from ganslim.config import CompressConfig
+
+    assert CompressConfig().d_lr == 2e-4  # GAN practice: Adam at 2e-4, betas (0.5, 0.999)
+    seen = []
+
+    def record(tr, losses):
+        g = tr.opt_d.param_groups[0]
+        seen.append(("gating" if "gates" in tr.modules else "fine-tune", g["lr"], g["betas"]))
+
+    d = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 4, 1, 1))
+    kw = dict(discriminator=d, target_macs=0.5, steps=3, finetune_steps=2, progress=False, measure_latency=False,
+              callbacks=[record], lr=1e-4, finetune_lr=2e-3)  # the student's rates differ from the discriminator's
+    ganslim.compress(small_teacher, small_teacher, loader, **kw)
+    assert seen == [("gating", 2e-4, (0.5, 0.999))] * 3 + [("fine-tune", 2e-4, (0.5, 0.999))] * 2
+    seen.clear()
+    ganslim.compress(small_teacher, small_teacher, loader, d_lr=5e-5, **kw)
+    assert [lr for _, lr, _ in seen] == [5e-5] * 5
+    with pytest.raises(ValueError, match="d_lr"):
+        ganslim.compress(small_teacher, small_teacher, loader, d_lr=0.0, **kw)
 
 
 def test_batches_with_teacher_outputs_skip_the_teacher_forward(small_teacher):

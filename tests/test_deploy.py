@@ -98,14 +98,22 @@ def test_model_that_leaves_torch_gives_a_clear_error_and_no_file(tmp_path):
 
 def test_missing_onnxruntime_gives_an_install_hint(net, x, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(ImportError, match="pip install onnx onnxruntime"):
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'ganslim\[deploy\]'"):
         export(net, tmp_path / "m.onnx", example_inputs=x)
 
 
 def test_compress_with_quant_int8_reports_the_deployment(net, loader, tmp_path):
     (xt, yt), = data.test_pairs()
+    qat_weights = []
+
+    def record(tr, losses):  # the QAT stage's loss weights: compress's own, MSE to ground truth included
+        if Q.is_quantized(tr.student):
+            qat_weights.append((tr.weights.recon, tr.weights.gt, tr.weights.mse))
+
     res = ganslim.compress(net, net, loader, target_macs=0.4, steps=20, finetune_steps=10, quant="int8", quant_steps=10, quant_lr=1e-6,
-                           progress=False, eval_inputs=[(xt[:, :, :64, :64], yt[:, :, :64, :64])])
+                           progress=False, eval_inputs=[(xt[:, :, :64, :64], yt[:, :, :64, :64])], mse_weight=7.0,
+                           callbacks=[record])
+    assert qat_weights == [(2.0, 10.0, 7.0)] * 10
     assert Q.is_quantized(res.model) and not Q.is_quantized(res.float_model)
     rep = res.report
     assert rep.quant == "int8" and [r.format for r in rep.deployment] == ["onnx", "onnx-int8"]

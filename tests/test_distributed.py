@@ -42,3 +42,116 @@ def test_a_global_batch_that_does_not_split_evenly_is_a_clear_error():
     r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
               sys.executable, "-c", code])
     assert r.returncode != 0 and "cannot be split evenly over 2 processes" in r.stderr
+
+
+# ------------------------------------------------------------------ collectives on the configured device
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _collectives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One of two spawned processes: joins through init_from_env(device="cpu") on a machine that claims
+    CUDA, then runs the gradient averaging, the NaN agreement and the distillation normaliser."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.cuda.is_available = lambda: True  # a CUDA machine: a CPU run must still get gloo, not nccl
+    from ganslim import distributed as dist
+    from ganslim.distill import _variance
+    from ganslim.train import _finite_everywhere
+
+    assert dist.init_from_env(device="cpu")
+    out = {"backend": torch.distributed.get_backend()}
+    calls = []
+    real = torch.distributed.all_reduce
+
+    def spy(t, *a, **k):
+        calls.append((str(t.device), t.dtype, t.numel()))
+        return real(t, *a, **k)
+
+    torch.distributed.all_reduce = spy
+    p32 = torch.nn.Parameter(torch.zeros(3, 2))
+    p64 = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    p16 = torch.nn.Parameter(torch.zeros(5, dtype=torch.float16))
+    q32 = torch.nn.Parameter(torch.zeros(2))  # no gradient on rank 1: counts as zero there
+    frozen = torch.nn.Parameter(torch.zeros(7), requires_grad=False)
+    base = {"p32": torch.arange(6.0).view(3, 2) - 2.5, "p64": torch.tensor([1e-12, 1.0, -3.0, 1e12], dtype=torch.float64),
+            "p16": torch.tensor([0.5, 1.0, -2.0, 4.0, 8.0], dtype=torch.float16), "q32": torch.tensor([4.0, -6.0])}
+    params = {"p32": p32, "p64": p64, "p16": p16, "q32": q32}
+    for name, p in params.items():
+        if not (name == "q32" and rank == 1):
+            p.grad = base[name] * (rank + 1)  # rank 0: base, rank 1: 2 * base; mean 1.5 * base
+    dist.average_gradients([p32, p64, frozen, p16, q32])
+    out["grads"] = {k: p.grad.clone() for k, p in params.items()}
+    out["frozen_grad"] = frozen.grad
+    out["grad_calls"] = list(calls)
+    calls.clear()
+    out["finite_both"] = _finite_everywhere(torch.tensor(2.0))
+    out["finite_one_nan"] = _finite_everywhere(torch.tensor(float("nan") if rank == 1 else 1.0))
+    out["finite_one_inf"] = _finite_everywhere(torch.tensor(float("inf") if rank == 0 else 1.0, dtype=torch.float64))
+    out["flag_calls"] = list(calls)
+    calls.clear()
+    feats = torch.arange(8.0).view(1, 2, 2, 2) + 8 * rank  # the global batch is 0..15 over both ranks
+    out["variance"] = float(_variance(feats))
+    torch.distributed.all_reduce = real
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_collectives_run_on_the_configured_device_with_one_bucket_per_dtype(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_collectives_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for out in outs:
+        assert out["backend"] == "gloo"  # device="cpu" on a machine with CUDA: gloo
+        g = out["grads"]
+        assert torch.equal(g["p32"], 1.5 * (torch.arange(6.0).view(3, 2) - 2.5)) and g["p32"].dtype == torch.float32
+        assert g["p64"].dtype == torch.float64
+        assert torch.equal(g["p64"], torch.tensor([1.5e-12, 1.5, -4.5, 1.5e12], dtype=torch.float64))  # float64 kept
+        assert g["p16"].dtype == torch.float16
+        assert torch.equal(g["p16"], torch.tensor([0.75, 1.5, -3.0, 6.0, 12.0], dtype=torch.float16))
+        assert torch.equal(g["q32"], torch.tensor([2.0, -3.0]))  # rank 1 had no gradient: averaged with zero
+        assert out["frozen_grad"] is None
+        # one all-reduce per dtype (in first-appearance order), each over every tensor of that dtype, on the CPU
+        assert out["grad_calls"] == [("cpu", torch.float32, 8), ("cpu", torch.float64, 4), ("cpu", torch.float16, 5)]
+        assert out["finite_both"] is True
+        assert out["finite_one_nan"] is False and out["finite_one_inf"] is False  # every rank agrees
+        assert [c[0] for c in out["flag_calls"]] == ["cpu"] * 3  # the flag lives where the loss lives
+        assert out["variance"] == pytest.approx(float(torch.arange(16.0).var()), rel=1e-6)  # global variance
+
+
+def test_init_from_env_takes_the_backend_from_the_configured_device(monkeypatch):
+    from ganslim import distributed as dist
+
+    chosen, devices = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, *a, **k: chosen.append(backend))
+    dist.init_from_env(device="cpu")
+    dist.init_from_env(device=torch.device("cpu"))
+    assert chosen == ["gloo", "gloo"] and devices == []  # CUDA present, but the run is on the CPU
+    dist.init_from_env(device="cuda")
+    assert chosen[-1] == "nccl" and devices == [1]  # NCCL: each process on its local GPU
+    dist.init_from_env()  # no device named: ganslim's default device, the CPU
+    assert chosen[-1] == "gloo"
+    dist.init_from_env(backend="gloo", device="cuda")  # an explicit backend wins
+    assert chosen[-1] == "gloo"
+
+
+def test_collective_tensors_go_to_the_backends_device(monkeypatch):
+    from ganslim import distributed as dist
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert dist.collective_device(torch.device("cpu")) == torch.device("cuda", 1)  # NCCL takes CUDA tensors only
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
+    assert dist.collective_device(torch.device("cpu")) == torch.device("cpu")
+    assert dist.collective_device(torch.device("cuda", 0)) == torch.device("cuda", 0)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from archs import OPS, RandomGenerator, TwoInputGenerator
 from ganslim import measure
-from ganslim.gating import GateSet, MacsModel, export_pruned, threshold_for_target
+from ganslim.gating import GateSet, MacsModel, export_pruned, gated_macs_by_module, threshold_for_target
 from ganslim.targeting import find_channel_groups
 from ganslim.zoo import create_model
 
@@ -109,16 +109,26 @@ def test_zero_gate_channels_are_physically_gone_and_output_unchanged():
         assert_same_function(plain, m, x, tol=1e-4, b_with=(gates,))
 
 
-def test_macs_model_predicts_the_measured_macs_of_the_pruned_network():
-    m, x, t, mm = resnet_with_macs_model(8)
-    assert mm.total == pytest.approx(measure.count_macs(m, x))
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_macs_model_predicts_the_measured_macs_of_the_pruned_network(norm):
+    m = create_model("resnet_6blocks", ngf=8, norm=norm)  # instance: InstanceNorm2d(affine=False), CycleGAN's
+    x = torch.randn(1, 3, 32, 32)
+    t = find_channel_groups(m, x)
+    plain_base = MacsModel(m, t, measure.macs_by_module(m, x))
+    mm = MacsModel(m, t, gated_macs_by_module(m, t, x))
+    assert plain_base.total == pytest.approx(measure.count_macs(m, x))
     gates = GateSet(t)
     random_gates(gates, 0.6, seed=0)
     predicted = mm.macs(gates.alive())
     plain, _ = export_pruned(m, gates, x)
     measured = measure.count_macs(plain, x)
-    # folded gates make the norms affine, which the papers' convention counts (tiny): within 2 %
-    assert measured == pytest.approx(predicted, rel=0.02)
+    # exact: folding a gate into a non-affine norm makes it affine (1 MAC per element in the papers'
+    # convention), and gated_macs_by_module counts that cost up front
+    assert measured == pytest.approx(predicted, rel=1e-9)
+    if norm == "instance":
+        assert mm.total > plain_base.total and plain_base.macs(gates.alive()) < measured  # the cost is real
+    else:
+        assert mm.total == plain_base.total
     assert measured < 0.7 * mm.total
 
 
