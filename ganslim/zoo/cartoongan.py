@@ -34,26 +34,26 @@ import torch.nn.functional as F
 from . import register_model
 
 _RES_BLOCKS = tuple(f"{k:02d}" for k in range(4, 12))  # "04" .. "11"
+# Resolution changes of the Transformer: (stride-2 layer, 3x3 conv, norm, in width, out width).
+_DOWN_STEPS = (("conv02_1", "conv02_2", "in02_1", 64, 128), ("conv03_1", "conv03_2", "in03_1", 128, 256))
+_UP_STEPS = (("deconv01_1", "deconv01_2", "in12_1", 256, 128), ("deconv02_1", "deconv02_2", "in13_1", 128, 64))
+_STEM = ("refpad01_1", "conv01_1", "in01_1")
+_HEAD = ("refpad12_1", "deconv03_1")
 
 
 class InstanceNormalization(nn.Module):
     """Per-sample, per-channel normalisation over H x W with a learnt ``scale`` and ``shift``.
 
     ``(N, C, H, W) -> (N, C, H, W)``: ``(x - mean) / sqrt(var + eps) * scale + shift`` with the
-    biased variance.  Fresh modules draw ``scale`` from U(0, 1) and set ``shift`` to 0, as upstream.
+    biased variance.  A fresh module starts from ``scale`` ~ U(0, 1) and ``shift`` = 0 (the
+    released code's starting point; it only matters before a checkpoint is loaded).
     """
 
     def __init__(self, dim: int, eps: float = 1e-9):
         super().__init__()
-        self.scale = nn.Parameter(torch.empty(dim))
-        self.shift = nn.Parameter(torch.empty(dim))
         self.eps = eps
-        self._reset_parameters()
-
-    def _reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.scale.uniform_()
-            self.shift.zero_()
+        self.scale = nn.Parameter(torch.empty(dim).uniform_(0.0, 1.0))
+        self.shift = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(2)
@@ -72,44 +72,43 @@ class Transformer(nn.Module):
     def __init__(self):
         super().__init__()
         self._ganslim_init: dict = {}
-        self.refpad01_1 = nn.ReflectionPad2d(3)
-        self.conv01_1 = nn.Conv2d(3, 64, 7)
-        self.in01_1 = InstanceNormalization(64)
-        self.conv02_1 = nn.Conv2d(64, 128, 3, 2, 1)
-        self.conv02_2 = nn.Conv2d(128, 128, 3, 1, 1)
-        self.in02_1 = InstanceNormalization(128)
-        self.conv03_1 = nn.Conv2d(128, 256, 3, 2, 1)
-        self.conv03_2 = nn.Conv2d(256, 256, 3, 1, 1)
-        self.in03_1 = InstanceNormalization(256)
-        # Eight residual blocks registered in upstream order (pad, conv, norm) x 2.
-        for k in _RES_BLOCKS:
-            for j in ("1", "2"):
-                self.add_module(f"refpad{k}_{j}", nn.ReflectionPad2d(1))
-                self.add_module(f"conv{k}_{j}", nn.Conv2d(256, 256, 3))
-                self.add_module(f"in{k}_{j}", InstanceNormalization(256))
-        self.deconv01_1 = nn.ConvTranspose2d(256, 128, 3, 2, 1, 1)
-        self.deconv01_2 = nn.Conv2d(128, 128, 3, 1, 1)
-        self.in12_1 = InstanceNormalization(128)
-        self.deconv02_1 = nn.ConvTranspose2d(128, 64, 3, 2, 1, 1)
-        self.deconv02_2 = nn.Conv2d(64, 64, 3, 1, 1)
-        self.in13_1 = InstanceNormalization(64)
-        self.refpad12_1 = nn.ReflectionPad2d(3)
-        self.deconv03_1 = nn.Conv2d(64, 3, 7)
+        # Registration order = state_dict order of the released checkpoints.
+        put = self.add_module
+        put(_STEM[0], nn.ReflectionPad2d(3))
+        put(_STEM[1], nn.Conv2d(3, 64, 7))
+        put(_STEM[2], InstanceNormalization(64))
+        for strided, conv, norm, cin, cout in _DOWN_STEPS:
+            put(strided, nn.Conv2d(cin, cout, 3, stride=2, padding=1))
+            put(conv, nn.Conv2d(cout, cout, 3, padding=1))
+            put(norm, InstanceNormalization(cout))
+        for k in _RES_BLOCKS:  # each residual block: (pad, conv, norm) twice, 256 channels
+            for half in ("1", "2"):
+                put(f"refpad{k}_{half}", nn.ReflectionPad2d(1))
+                put(f"conv{k}_{half}", nn.Conv2d(256, 256, 3))
+                put(f"in{k}_{half}", InstanceNormalization(256))
+        for strided, conv, norm, cin, cout in _UP_STEPS:
+            put(strided, nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1))
+            put(conv, nn.Conv2d(cout, cout, 3, padding=1))
+            put(norm, InstanceNormalization(cout))
+        put(_HEAD[0], nn.ReflectionPad2d(3))
+        put(_HEAD[1], nn.Conv2d(64, 3, 7))
 
-    def _res_block(self, k: str, x: torch.Tensor) -> torch.Tensor:
-        m = self._modules
-        y = F.relu(m[f"in{k}_1"](m[f"conv{k}_1"](m[f"refpad{k}_1"](x))))
-        return m[f"in{k}_2"](m[f"conv{k}_2"](m[f"refpad{k}_2"](y))) + x
+    def _through(self, names, x: torch.Tensor) -> torch.Tensor:
+        """Apply the named submodules in turn."""
+        for name in names:
+            x = self._modules[name](x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.in01_1(self.conv01_1(self.refpad01_1(x))))
-        y = F.relu(self.in02_1(self.conv02_2(self.conv02_1(y))))
-        y = F.relu(self.in03_1(self.conv03_2(self.conv03_1(y))))
+        y = F.relu(self._through(_STEM, x))
+        for step in _DOWN_STEPS:
+            y = F.relu(self._through(step[:3], y))
         for k in _RES_BLOCKS:
-            y = self._res_block(k, y)
-        y = F.relu(self.in12_1(self.deconv01_2(self.deconv01_1(y))))
-        y = F.relu(self.in13_1(self.deconv02_2(self.deconv02_1(y))))
-        return torch.tanh(self.deconv03_1(self.refpad12_1(y)))
+            h = F.relu(self._through((f"refpad{k}_1", f"conv{k}_1", f"in{k}_1"), y))
+            y = y + self._through((f"refpad{k}_2", f"conv{k}_2", f"in{k}_2"), h)
+        for step in _UP_STEPS:
+            y = F.relu(self._through(step[:3], y))
+        return torch.tanh(self._through(_HEAD, y))
 
 
 class CartoonGANResBlock(nn.Module):
@@ -123,8 +122,8 @@ class CartoonGANResBlock(nn.Module):
         self.conv2_norm = nn.InstanceNorm2d(channel)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - upstream name
-        x = F.relu(self.conv1_norm(self.conv1(input)), True)
-        return input + self.conv2_norm(self.conv2(x))
+        hidden = torch.relu(self.conv1_norm(self.conv1(input)))
+        return input + self.conv2_norm(self.conv2(hidden))
 
 
 class CartoonGANGenerator(nn.Module):
@@ -140,20 +139,22 @@ class CartoonGANGenerator(nn.Module):
         super().__init__()
         self._ganslim_init = dict(in_nc=in_nc, out_nc=out_nc, nf=nf, nb=nb)
         self.input_nc, self.output_nc, self.nf, self.nb = in_nc, out_nc, nf, nb
+        w1, w2, w4 = nf, 2 * nf, 4 * nf
+
+        def resample(first: nn.Module, width: int) -> list[nn.Module]:
+            # a stride-2 (transposed) conv, a 3x3 conv at the new width, instance norm, ReLU
+            return [first, nn.Conv2d(width, width, 3, 1, 1), nn.InstanceNorm2d(width), nn.ReLU(True)]
+
         self.down_convs = nn.Sequential(
-            nn.Conv2d(in_nc, nf, 7, 1, 3), nn.InstanceNorm2d(nf), nn.ReLU(True),
-            nn.Conv2d(nf, nf * 2, 3, 2, 1), nn.Conv2d(nf * 2, nf * 2, 3, 1, 1),
-            nn.InstanceNorm2d(nf * 2), nn.ReLU(True),
-            nn.Conv2d(nf * 2, nf * 4, 3, 2, 1), nn.Conv2d(nf * 4, nf * 4, 3, 1, 1),
-            nn.InstanceNorm2d(nf * 4), nn.ReLU(True),
+            nn.Conv2d(in_nc, w1, 7, 1, 3), nn.InstanceNorm2d(w1), nn.ReLU(True),
+            *resample(nn.Conv2d(w1, w2, 3, 2, 1), w2),
+            *resample(nn.Conv2d(w2, w4, 3, 2, 1), w4),
         )
-        self.resnet_blocks = nn.Sequential(*[CartoonGANResBlock(nf * 4, 3, 1, 1) for _ in range(nb)])
+        self.resnet_blocks = nn.Sequential(*(CartoonGANResBlock(w4) for _ in range(nb)))
         self.up_convs = nn.Sequential(
-            nn.ConvTranspose2d(nf * 4, nf * 2, 3, 2, 1, 1), nn.Conv2d(nf * 2, nf * 2, 3, 1, 1),
-            nn.InstanceNorm2d(nf * 2), nn.ReLU(True),
-            nn.ConvTranspose2d(nf * 2, nf, 3, 2, 1, 1), nn.Conv2d(nf, nf, 3, 1, 1),
-            nn.InstanceNorm2d(nf), nn.ReLU(True),
-            nn.Conv2d(nf, out_nc, 7, 1, 3), nn.Tanh(),
+            *resample(nn.ConvTranspose2d(w4, w2, 3, 2, 1, 1), w2),
+            *resample(nn.ConvTranspose2d(w2, w1, 3, 2, 1, 1), w1),
+            nn.Conv2d(w1, out_nc, 7, 1, 3), nn.Tanh(),
         )
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):

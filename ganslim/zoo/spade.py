@@ -40,9 +40,8 @@ Cityscapes labels, use_vae, crop 256        109.558 M
 """
 from __future__ import annotations
 
-import re
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -54,90 +53,129 @@ from . import register_model
 
 _UPSAMPLING_LAYERS = {"normal": 5, "more": 6, "most": 7}
 
+_SPADE_PREFIX = "spade"
+_PARAM_FREE_NORMS = ("instance", "batch", "syncbatch")
+
+
+def _spade_config_error(text: str) -> ValueError:
+    forms = ", ".join(f"'{_SPADE_PREFIX}{n}KxK'" for n in _PARAM_FREE_NORMS)
+    return ValueError(f"SPADE norm config {text!r} not understood; expected one of {forms} with K the kernel "
+                      f"size of the modulation convs (e.g. 'spadesyncbatch3x3', 'spadeinstance5x5')")
+
+
+def _read_norm_and_kernel(text: str, at: int) -> tuple[str, int] | None:
+    """Read ``<name><k>x<d>`` right after the ``spade`` that starts at ``text[at]``.
+
+    ``<name>`` is the whole (non-empty) stretch of non-digit characters that follows, ``<k>`` and
+    ``<d>`` are single decimal digits; only ``<k>`` is used and whatever follows ``<d>`` is ignored.
+    ``None`` when the text there does not have that shape.
+    """
+    begin = at + len(_SPADE_PREFIX)
+    end = begin
+    while end < len(text) and not text[end].isdecimal():
+        end += 1
+    tail = text[end:end + 3]
+    if end == begin or len(tail) < 3 or not (tail[0].isdecimal() and tail[1] == "x" and tail[2].isdecimal()):
+        return None
+    return text[begin:end], int(tail[0])
+
+
+def parse_spade_config(text: str) -> tuple[str, int]:
+    """``"spadesyncbatch3x3"`` -> ``("syncbatch", 3)``: the parameter-free norm and the kernel size.
+
+    The text must begin with ``spade``.  Should the part after that first ``spade`` not read as
+    ``<name><k>x<d>``, any later ``spade`` in the text is tried in turn, so that every string the
+    official option parser accepts is accepted here too, with the same result.  The name is not
+    checked here (see :class:`SPADE`).
+    """
+    if not text.startswith(_SPADE_PREFIX):
+        raise _spade_config_error(text)
+    at = 0
+    while at >= 0:
+        found = _read_norm_and_kernel(text, at)
+        if found is not None:
+            return found
+        at = text.find(_SPADE_PREFIX, at + 1)
+    raise _spade_config_error(text)
+
+
+def _param_free_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=False)
+    # "syncbatch" needs no separate module here: in one process it is plain batch norm, and the
+    # cross-GPU version keeps the same buffers, so its checkpoints load into nn.BatchNorm2d.
+    return nn.BatchNorm2d(channels, affine=False)
+
 
 class SPADE(nn.Module):
-    """Spatially-adaptive normalisation ``norm(x) * (1 + gamma(seg)) + beta(seg)``.
+    """Spatially-adaptive normalisation: ``norm(x) * (1 + gamma(seg)) + beta(seg)``.
 
-    ``config_text`` reads ``spade<norm><k>x<k>``, e.g. ``spadesyncbatch3x3`` or
-    ``spadeinstance5x5``; ``<norm>`` is the parameter-free norm (``instance``, ``batch`` or
-    ``syncbatch``) and ``k`` the kernel of the three MLP convs.  ``x``: ``(N, norm_nc, H, W)``;
-    ``segmap``: ``(N, label_nc, h, w)``, resized to ``H x W`` (nearest) before the MLP.
+    ``config_text`` names the parameter-free norm and the kernel of the modulation convs as
+    ``spade<norm><k>x<k>`` (see :func:`parse_spade_config`), e.g. ``spadesyncbatch3x3`` or
+    ``spadeinstance5x5``; ``<norm>`` is ``instance``, ``batch`` or ``syncbatch``.  ``x``:
+    ``(N, norm_nc, H, W)``; ``segmap``: ``(N, label_nc, h, w)``, brought to ``H x W`` by
+    nearest-neighbour resizing before the modulation convs.
     """
 
-    nhidden = 128  # width of the shared embedding; fixed upstream
+    nhidden = 128  # channels between the shared conv and the gamma/beta convs (a constant of the design)
 
     def __init__(self, config_text: str, norm_nc: int, label_nc: int):
         super().__init__()
-        if not config_text.startswith("spade"):
-            raise ValueError(f"SPADE config must start with 'spade', got {config_text!r}")
-        found = re.search(r"spade(\D+)(\d)x\d", config_text)
-        if found is None:
-            raise ValueError(f"cannot parse SPADE config {config_text!r}")
-        norm_type, ks = found.group(1), int(found.group(2))
-        if norm_type == "instance":
-            self.param_free_norm = nn.InstanceNorm2d(norm_nc, affine=False)
-        elif norm_type in ("syncbatch", "batch"):
-            self.param_free_norm = nn.BatchNorm2d(norm_nc, affine=False)
-        else:
-            raise ValueError(f"{norm_type} is not a recognized param-free norm type in SPADE")
-        pw = ks // 2
-        self.mlp_shared = nn.Sequential(
-            nn.Conv2d(label_nc, self.nhidden, kernel_size=ks, padding=pw),
-            nn.ReLU(),
-        )
-        self.mlp_gamma = nn.Conv2d(self.nhidden, norm_nc, kernel_size=ks, padding=pw)
-        self.mlp_beta = nn.Conv2d(self.nhidden, norm_nc, kernel_size=ks, padding=pw)
+        kind, k = parse_spade_config(config_text)
+        if kind not in _PARAM_FREE_NORMS:
+            raise _spade_config_error(config_text)
+        same = k // 2  # "same" padding for odd k
+        self.param_free_norm = _param_free_norm(kind, norm_nc)
+        self.mlp_shared = nn.Sequential(nn.Conv2d(label_nc, self.nhidden, kernel_size=k, padding=same), nn.ReLU())
+        self.mlp_gamma = nn.Conv2d(self.nhidden, norm_nc, kernel_size=k, padding=same)
+        self.mlp_beta = nn.Conv2d(self.nhidden, norm_nc, kernel_size=k, padding=same)
 
     def forward(self, x: torch.Tensor, segmap: torch.Tensor) -> torch.Tensor:
-        normalized = self.param_free_norm(x)
-        segmap = F.interpolate(segmap, size=x.shape[2:], mode="nearest")
-        actv = self.mlp_shared(segmap)
-        return normalized * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
+        seg = F.interpolate(segmap, size=x.shape[2:], mode="nearest")
+        features = self.mlp_shared(seg)
+        scale = 1 + self.mlp_gamma(features)
+        return self.param_free_norm(x) * scale + self.mlp_beta(features)
+
+
+def _lrelu(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, 0.2)
 
 
 class SPADEResnetBlock(nn.Module):
     """Pre-activation residual block with SPADE norms: ``(N, fin, H, W) -> (N, fout, H, W)``.
 
-    ``out = shortcut(x) + conv_1(act(norm_1(conv_0(act(norm_0(x, seg))), seg)))`` with
-    ``act = leaky_relu(0.2)``; the shortcut is ``conv_s(norm_s(x, seg))`` when ``fin != fout``
-    and the identity otherwise.  ``seg``: ``(N, semantic_nc, h, w)``, any size.
+    ``out = skip + conv_1(act(norm_1(conv_0(act(norm_0(x, seg))), seg)))`` with
+    ``act = leaky_relu(0.2)``; ``skip`` is ``conv_s(norm_s(x, seg))`` (a learned 1x1 projection,
+    ``learned_shortcut``) when ``fin != fout`` and ``x`` itself otherwise.  The inner width is
+    ``min(fin, fout)``.  ``seg``: ``(N, semantic_nc, h, w)``, any size.
     """
 
     def __init__(self, fin: int, fout: int, norm_G: str = "spectralspadesyncbatch3x3", semantic_nc: int = 36):
         super().__init__()
+        inner = min(fin, fout)
         self.learned_shortcut = fin != fout
-        fmiddle = min(fin, fout)
-        self.conv_0 = nn.Conv2d(fin, fmiddle, kernel_size=3, padding=1)
-        self.conv_1 = nn.Conv2d(fmiddle, fout, kernel_size=3, padding=1)
+        self.conv_0 = nn.Conv2d(fin, inner, kernel_size=3, padding=1)
+        self.conv_1 = nn.Conv2d(inner, fout, kernel_size=3, padding=1)
+        convs = [self.conv_0, self.conv_1]
         if self.learned_shortcut:
             self.conv_s = nn.Conv2d(fin, fout, kernel_size=1, bias=False)
+            convs.append(self.conv_s)
         if "spectral" in norm_G:
-            # Wrapped after all three exist, like upstream, so a seeded build draws the same
-            # random numbers (weights, then the power-iteration vectors u, v) in the same order.
-            self.conv_0 = spectral_norm(self.conv_0)
-            self.conv_1 = spectral_norm(self.conv_1)
-            if self.learned_shortcut:
-                self.conv_s = spectral_norm(self.conv_s)
-        spade_config = norm_G.replace("spectral", "")
-        self.norm_0 = SPADE(spade_config, fin, semantic_nc)
-        self.norm_1 = SPADE(spade_config, fmiddle, semantic_nc)
+            # spectral_norm edits each conv in place (weight -> weight_orig + u/v buffers).  It runs
+            # only once all convs exist, so a seeded build draws its random numbers (all weights
+            # first, then the u/v vectors) in the same order as the official one.
+            for conv in convs:
+                spectral_norm(conv)
+        spade_text = norm_G.replace("spectral", "")
+        self.norm_0 = SPADE(spade_text, fin, semantic_nc)
+        self.norm_1 = SPADE(spade_text, inner, semantic_nc)
         if self.learned_shortcut:
-            self.norm_s = SPADE(spade_config, fin, semantic_nc)
+            self.norm_s = SPADE(spade_text, fin, semantic_nc)
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        x_s = self.shortcut(x, seg)
-        dx = self.conv_0(self.actvn(self.norm_0(x, seg)))
-        dx = self.conv_1(self.actvn(self.norm_1(dx, seg)))
-        return x_s + dx
-
-    def shortcut(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        if self.learned_shortcut:
-            return self.conv_s(self.norm_s(x, seg))
-        return x
-
-    @staticmethod
-    def actvn(x: torch.Tensor) -> torch.Tensor:
-        return F.leaky_relu(x, 2e-1)
+        skip = self.conv_s(self.norm_s(x, seg)) if self.learned_shortcut else x
+        h = self.conv_0(_lrelu(self.norm_0(x, seg)))
+        return skip + self.conv_1(_lrelu(self.norm_1(h, seg)))
 
 
 def semantic_channels(label_nc: int, no_instance: bool = False, contain_dontcare_label: bool = False) -> int:
@@ -179,7 +217,8 @@ class SPADEGenerator(nn.Module):
     ):
         super().__init__()
         if num_upsampling_layers not in _UPSAMPLING_LAYERS:
-            raise ValueError(f"num_upsampling_layers [{num_upsampling_layers}] not recognized")
+            raise ValueError(f"num_upsampling_layers must be one of {', '.join(_UPSAMPLING_LAYERS)}; "
+                             f"got {num_upsampling_layers!r}")
         if semantic_nc is None:
             semantic_nc = semantic_channels(label_nc, no_instance, contain_dontcare_label)
         self._ganslim_init = dict(
@@ -195,26 +234,21 @@ class SPADEGenerator(nn.Module):
         self.z_dim = z_dim
         self.sw, self.sh = self.compute_latent_vector_size(crop_size, aspect_ratio, num_upsampling_layers)
 
-        if use_vae:
-            self.fc = nn.Linear(z_dim, 16 * nf * self.sw * self.sh)
-        else:
-            self.fc = nn.Conv2d(semantic_nc, 16 * nf, 3, padding=1)
+        # First feature map (16 nf channels at sh x sw): projected from the style code, or a 3x3 conv
+        # on the label map shrunk to that size.
+        head_c = 16 * nf
+        self.fc = nn.Linear(z_dim, head_c * self.sh * self.sw) if use_vae else nn.Conv2d(semantic_nc, head_c, 3, padding=1)
 
-        def block(fin: int, fout: int) -> SPADEResnetBlock:
-            return SPADEResnetBlock(fin, fout, norm_G=norm_G, semantic_nc=semantic_nc)
-
-        self.head_0 = block(16 * nf, 16 * nf)
-        self.G_middle_0 = block(16 * nf, 16 * nf)
-        self.G_middle_1 = block(16 * nf, 16 * nf)
-        self.up_0 = block(16 * nf, 8 * nf)
-        self.up_1 = block(8 * nf, 4 * nf)
-        self.up_2 = block(4 * nf, 2 * nf)
-        self.up_3 = block(2 * nf, nf)
-        final_nc = nf
+        # Block name -> (input, output) width in units of nf, in registration (= key) order.
+        widths = {"head_0": (16, 16), "G_middle_0": (16, 16), "G_middle_1": (16, 16),
+                  "up_0": (16, 8), "up_1": (8, 4), "up_2": (4, 2), "up_3": (2, 1)}
+        for name, (cin, cout) in widths.items():
+            self.add_module(name, SPADEResnetBlock(cin * nf, cout * nf, norm_G=norm_G, semantic_nc=semantic_nc))
+        last_width = nf
         if num_upsampling_layers == "most":
-            self.up_4 = block(nf, nf // 2)
-            final_nc = nf // 2
-        self.conv_img = nn.Conv2d(final_nc, 3, 3, padding=1)
+            last_width = nf // 2
+            self.up_4 = SPADEResnetBlock(nf, last_width, norm_G=norm_G, semantic_nc=semantic_nc)
+        self.conv_img = nn.Conv2d(last_width, 3, 3, padding=1)
         self.up = nn.Upsample(scale_factor=2)
 
         if init_type is not None:
@@ -230,64 +264,71 @@ class SPADEGenerator(nn.Module):
         return sw, sh
 
     def init_weights(self, init_type: str = "xavier", gain: float = 0.02) -> None:
-        """Upstream ``BaseNetwork.init_weights``: BatchNorm weights ~ N(1, gain), conv/linear
-        weights by ``init_type``, biases zero (spectral-normed convs get ``weight_orig`` set)."""
+        """Re-initialise as the official ``BaseNetwork.init_weights`` does, so a seeded build
+        matches: weights of conv and linear layers by ``init_type`` (``none``: PyTorch's own
+        ``reset_parameters``), affine batch-norm scales ~ N(1, gain), every bias zero.  Only
+        ``normal``, ``xavier`` and ``orthogonal`` use ``gain``.  A spectral-normed conv gets its
+        ``weight_orig`` set."""
+        if init_type not in _WEIGHT_INITS and init_type != "none":
+            known = ", ".join([*_WEIGHT_INITS, "none"])
+            raise NotImplementedError(f"init_type {init_type!r} is not supported (choose from {known})")
+        self.apply(lambda m: _init_module(m, init_type, gain))
 
-        def init_one(m: nn.Module) -> None:
-            name = type(m).__name__
-            if "BatchNorm2d" in name:
-                if getattr(m, "weight", None) is not None:
-                    init.normal_(m.weight.data, 1.0, gain)
-                if getattr(m, "bias", None) is not None:
-                    init.constant_(m.bias.data, 0.0)
-                return
-            if not (("Conv" in name or "Linear" in name) and hasattr(m, "weight")):
-                return
-            w = m.weight_orig if hasattr(m, "weight_orig") else m.weight
-            if init_type == "normal":
-                init.normal_(w.data, 0.0, gain)
-            elif init_type == "xavier":
-                init.xavier_normal_(w.data, gain=gain)
-            elif init_type == "xavier_uniform":
-                init.xavier_uniform_(w.data, gain=1.0)
-            elif init_type == "kaiming":
-                init.kaiming_normal_(w.data, a=0, mode="fan_in")
-            elif init_type == "orthogonal":
-                init.orthogonal_(w.data, gain=gain)
-            elif init_type == "none":
-                m.reset_parameters()
-            else:
-                raise NotImplementedError(f"initialization method [{init_type}] is not implemented")
-            if getattr(m, "bias", None) is not None:
-                init.constant_(m.bias.data, 0.0)
-
-        self.apply(init_one)
+    def _stages(self) -> Iterator[tuple[bool, SPADEResnetBlock]]:
+        """``(upsample x2 first?, block)`` in forward order."""
+        extra = self.num_upsampling_layers in ("more", "most")
+        yield False, self.head_0
+        yield True, self.G_middle_0
+        yield extra, self.G_middle_1
+        for blk in (self.up_0, self.up_1, self.up_2, self.up_3):
+            yield True, blk
+        if self.num_upsampling_layers == "most":
+            yield True, self.up_4
 
     def forward(self, input: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:  # noqa: A002
         seg = input
-        if self.use_vae:
-            if z is None:
-                z = torch.randn(input.size(0), self.z_dim, dtype=torch.float32, device=input.device)
-            x = self.fc(z).view(-1, 16 * self.ngf, self.sh, self.sw)
-        else:
+        if not self.use_vae:
             x = self.fc(F.interpolate(seg, size=(self.sh, self.sw)))
-
-        x = self.head_0(x, seg)
-        x = self.up(x)
-        x = self.G_middle_0(x, seg)
-        if self.num_upsampling_layers in ("more", "most"):
-            x = self.up(x)
-        x = self.G_middle_1(x, seg)
-
-        for blk in (self.up_0, self.up_1, self.up_2, self.up_3):
-            x = self.up(x)
+        else:
+            if z is None:  # no style code given: a random one
+                z = torch.randn(seg.shape[0], self.z_dim, dtype=torch.float32, device=seg.device)
+            head_c = 16 * self.ngf
+            x = self.fc(z).view(-1, head_c, self.sh, self.sw)
+        for upsample, blk in self._stages():
+            if upsample:
+                x = self.up(x)
             x = blk(x, seg)
-        if self.num_upsampling_layers == "most":
-            x = self.up(x)
-            x = self.up_4(x, seg)
+        return torch.tanh(self.conv_img(_lrelu(x)))
 
-        x = self.conv_img(F.leaky_relu(x, 2e-1))
-        return torch.tanh(x)
+
+_WEIGHT_INITS: dict[str, Callable[[torch.Tensor, float], Any]] = {
+    "normal": lambda w, gain: init.normal_(w, 0.0, gain),
+    "xavier": lambda w, gain: init.xavier_normal_(w, gain=gain),
+    "xavier_uniform": lambda w, gain: init.xavier_uniform_(w, gain=1.0),
+    "kaiming": lambda w, gain: init.kaiming_normal_(w, a=0, mode="fan_in"),
+    "orthogonal": lambda w, gain: init.orthogonal_(w, gain=gain),
+}
+
+
+def _init_module(m: nn.Module, init_type: str, gain: float) -> None:
+    """One step of :meth:`SPADEGenerator.init_weights` (modules are recognised by class name, as
+    upstream, so wrappers such as a sync-batch-norm class are covered too)."""
+    kind = type(m).__name__
+    bias = getattr(m, "bias", None)
+    if "BatchNorm2d" in kind:
+        weight = getattr(m, "weight", None)
+        if weight is not None:
+            init.normal_(weight, 1.0, gain)
+    elif ("Conv" in kind or "Linear" in kind) and hasattr(m, "weight"):
+        if init_type == "none":
+            m.reset_parameters()
+        else:
+            _WEIGHT_INITS[init_type](getattr(m, "weight_orig", m.weight), gain)
+    else:
+        return
+    if bias is not None:
+        with torch.no_grad():
+            bias.zero_()
 
 
 _OPT_DEFAULTS: dict[str, Any] = dict(

@@ -30,29 +30,17 @@ The input side must be divisible by ``2 ** num_downs`` (256 for ``unet_256``, 12
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 
 from . import register_model
-from .resnet import get_norm_layer
-
-
-def _conv_bias(norm_layer) -> bool:
-    """Upstream rule: convs carry a bias only when the norm is InstanceNorm (no affine shift)."""
-    if isinstance(norm_layer, functools.partial):
-        return norm_layer.func is nn.InstanceNorm2d
-    return norm_layer is nn.InstanceNorm2d
+from .resnet import _norm_class, _uses_bias, get_norm_layer
 
 
 def _norm_name(norm_layer) -> str:
-    base = norm_layer.func if isinstance(norm_layer, functools.partial) else norm_layer
-    if base is nn.BatchNorm2d:
-        return "batch"
-    if base is nn.InstanceNorm2d:
-        return "instance"
-    return "none"
+    """``--norm`` name of a norm factory, for ``_ganslim_init``."""
+    base = _norm_class(norm_layer)
+    return "batch" if base is nn.BatchNorm2d else "instance" if base is nn.InstanceNorm2d else "none"
 
 
 class UnetSkipConnectionBlock(nn.Module):
@@ -67,7 +55,7 @@ class UnetSkipConnectionBlock(nn.Module):
                  norm_layer=nn.BatchNorm2d, use_dropout: bool = False):
         super().__init__()
         self.outermost = outermost
-        bias = _conv_bias(norm_layer)
+        bias = _uses_bias(norm_layer)  # same rule as the ResNet generator
         in_ch = outer_nc if input_nc is None else input_nc
 
         def down_conv():
@@ -115,13 +103,15 @@ class UnetGenerator(nn.Module):
             norm_layer = get_norm_layer(norm or "batch")
         self._ganslim_init = dict(input_nc=input_nc, output_nc=output_nc, num_downs=num_downs, ngf=ngf,
                                   use_dropout=use_dropout, norm=norm or _norm_name(norm_layer))
-        block = UnetSkipConnectionBlock(ngf * 8, ngf * 8, submodule=None, norm_layer=norm_layer, innermost=True)
-        for _ in range(num_downs - 5):
-            block = UnetSkipConnectionBlock(ngf * 8, ngf * 8, submodule=block, norm_layer=norm_layer,
-                                            use_dropout=use_dropout)
-        for mult in (4, 2, 1):  # ngf*8 -> ngf*4 -> ngf*2 -> ngf
-            block = UnetSkipConnectionBlock(ngf * mult, ngf * mult * 2, submodule=block, norm_layer=norm_layer)
-        self.model = UnetSkipConnectionBlock(output_nc, ngf, input_nc=input_nc, submodule=block,
+        # Built inside out.  After the innermost level come num_downs - 5 more levels at 8 ngf (the
+        # only ones that may use dropout), then three that halve the width (8 -> 4 -> 2 -> 1 ngf)
+        # and finally the outermost level, which maps to output_nc.
+        levels = [(8, 8, use_dropout)] * (num_downs - 5) + [(4, 8, False), (2, 4, False), (1, 2, False)]
+        inner = UnetSkipConnectionBlock(8 * ngf, 8 * ngf, norm_layer=norm_layer, innermost=True)
+        for outer_mult, inner_mult, dropout in levels:
+            inner = UnetSkipConnectionBlock(outer_mult * ngf, inner_mult * ngf, submodule=inner,
+                                            norm_layer=norm_layer, use_dropout=dropout)
+        self.model = UnetSkipConnectionBlock(output_nc, ngf, input_nc=input_nc, submodule=inner,
                                              outermost=True, norm_layer=norm_layer)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - official argument name
