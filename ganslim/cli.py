@@ -50,30 +50,23 @@ def _cmd_compress(args) -> int:
     from .compression import compress
     from .config import CompressConfig
 
+    given = {name: getattr(args, dest) for name, dest in _CONFIG_FLAGS.items() if hasattr(args, dest)}
+    # the file's options, then the flags given on the command line; every other field: CompressConfig's default
+    cfg = (CompressConfig.from_file(args.config) if args.config else CompressConfig()).replace(**given)
+    cfg = cfg.validate()
     teacher = _load_model(args.teacher, args.factory, args.weights)
-    steps = args.steps + args.finetune_steps
+    steps = cfg.steps + cfg.finetune_steps
     if args.images:
-        ds = data.ImageFolder(args.images, crop=args.crop, length=max(1, steps) * args.batch_size, seed=args.seed)
+        ds = data.ImageFolder(args.images, crop=args.crop, length=max(1, steps) * args.batch_size, seed=cfg.seed)
         loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, drop_last=True)
         eval_inputs = None
     else:
         loader = data.default_loader(batch_size=args.batch_size, crop=args.crop, length=max(1, steps) * args.batch_size,
-                                     seed=args.seed)
+                                     seed=cfg.seed)
         eval_inputs = [tuple(p) for p in data.test_pairs()]
-    flags = dict(target_macs=args.target_macs, steps=args.steps, finetune_steps=args.finetune_steps,
-                 lr=args.lr, gate_lr=args.gate_lr, device=args.device, seed=args.seed, quant=args.quant,
-                 quant_steps=args.quant_steps, target_latency_ms=args.target_latency_ms,
-                 strategy=args.strategy, search_population=args.population,
-                 search_generations=args.generations, channel_multiple=args.channel_multiple)
-    if args.config:  # the file's options, then the flags given explicitly on the command line
-        defaults = build_parser().parse_args(["compress"])
-        given = {k: v for k, v in flags.items() if v != getattr(defaults, _FLAG_DEST.get(k, k))}
-        cfg = CompressConfig.from_file(args.config).replace(**given)
-    else:
-        cfg = CompressConfig(**flags)
     cfg = cfg.replace(progress=not args.no_progress, eval_inputs=eval_inputs).validate()
     os.makedirs(args.out, exist_ok=True)
-    if args.strategy == "ofa":  # resumable: a rerun with the same --out continues the supernet training
+    if cfg.strategy == "ofa" and cfg.supernet_checkpoint is None:  # resumable: a rerun with the same --out continues
         cfg.supernet_checkpoint = os.path.join(args.out, "supernet.state.pt")
     result = compress(teacher, teacher, loader, config=cfg)
     from . import distributed
@@ -92,8 +85,51 @@ def _cmd_compress(args) -> int:
     return 0
 
 
-# CompressConfig field -> argparse dest, where they differ
-_FLAG_DEST = {"search_population": "population", "search_generations": "generations"}
+# CompressConfig fields that take a value on the command line: ``--field-name`` (short aliases kept from
+# earlier releases). Generated from the dataclass, with its defaults, so the CLI and the API cannot disagree.
+_FLAG_ALIASES = {"search_population": ("--population",), "search_generations": ("--generations",)}
+_SCALAR_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_CONFIG_FLAGS: dict[str, str] = {}  # field name -> argparse dest (filled by _add_config_flags)
+
+
+def _field_type(annotation: str):
+    """``int`` / ``Optional[float]`` ... -> the Python type; None for anything else (sequences, callables)."""
+    a = annotation.replace(" ", "")
+    if a.startswith("Optional[") and a.endswith("]"):
+        a = a[len("Optional["):-1]
+    return _SCALAR_TYPES.get(a)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per scalar CompressConfig field; absent flags leave the field to the file or the default."""
+    import dataclasses
+
+    from .config import CompressConfig
+    from .strategies import strategy_names, strategy_table
+
+    group = parser.add_argument_group("compression options (CompressConfig fields; defaults are the API's)")
+    for f in dataclasses.fields(CompressConfig):
+        kind = _field_type(str(f.type))
+        if kind is None or f.name in ("progress",):  # progress: --no-progress below
+            continue
+        default = f.default
+        names = ("--" + f.name.replace("_", "-"),) + _FLAG_ALIASES.get(f.name, ())
+        kw: dict = dict(dest=f.name, default=argparse.SUPPRESS, help=f"default: {default!r}")
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+            kw["metavar"] = kind.__name__.upper()
+        if f.name == "strategy":
+            kw["choices"] = list(strategy_names())
+            kw["help"] = f"{strategy_table()} (default: {default!r})"
+            kw.pop("metavar")
+        elif f.name == "quant":
+            kw["choices"] = ["int8"]
+            kw["help"] = f"add a QAT stage (8-bit weights and activations); default: {default!r} (none)"
+            kw.pop("metavar")
+        group.add_argument(*names, **kw)
+        _CONFIG_FLAGS[f.name] = f.name
 
 
 def _cmd_search(args) -> int:
@@ -210,26 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", help="state dict (.pth or .safetensors) for --factory")
     c.add_argument("--images", help="folder of input images (unpaired: targets come from the teacher)")
     c.add_argument("--config", help="JSON file of CompressConfig options (flags given explicitly override it)")
-    c.add_argument("--target-macs", type=float, default=0.1, help="fraction of the teacher's MACs (or absolute if > 1)")
-    c.add_argument("--target-latency-ms", type=float,
-                   help="device-aware budget: latency (ms) of the evaluation input on --device, measured; replaces --target-macs")
-    c.add_argument("--steps", type=int, default=600)
-    c.add_argument("--finetune-steps", type=int, default=600)
-    c.add_argument("--lr", type=float, default=2e-4)
-    c.add_argument("--gate-lr", type=float, default=1e-2)
     c.add_argument("--batch-size", type=int, default=4)
     c.add_argument("--crop", type=int, default=64)
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="runs/compress")
     c.add_argument("--no-progress", action="store_true")
-    c.add_argument("--quant", choices=["int8"], help="add a QAT stage (8-bit weights and activations)")
-    c.add_argument("--quant-steps", type=int, default=300)
-    c.add_argument("--strategy", choices=["slim", "ofa"], default="slim",
-                   help="slim: gates + L1 (GAN Slimming); ofa: supernet + evolutionary search (GAN Compression)")
-    c.add_argument("--channel-multiple", type=int, default=1, help="round kept widths up to a multiple (8 suits kernels)")
-    c.add_argument("--population", type=int, default=24, help="ofa: search population")
-    c.add_argument("--generations", type=int, default=8, help="ofa: search generations")
+    _add_config_flags(c)
     c.set_defaults(fn=_cmd_compress)
 
     s = sub.add_parser("search", help="find sub-networks of a saved supernet for one or more budgets (no retraining)")

@@ -5,7 +5,17 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 
-STRATEGIES = ("slim", "onestep", "ofa", "evolve", "auto")
+def strategy_names() -> tuple[str, ...]:
+    """The registered strategies and "auto" (:mod:`ganslim.strategies`)."""
+    from .strategies import strategy_names as names
+
+    return names()
+
+
+def __getattr__(name: str):  # ``STRATEGIES``: read from the registry, so a plug-in strategy is included
+    if name == "STRATEGIES":
+        return strategy_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -45,6 +55,7 @@ class CompressConfig:
     random_subnets: int = 2
     search_population: int = 24
     search_generations: int = 8
+    search_bn_batches: int = 4  # batches that re-estimate BatchNorm statistics of each sliced candidate
     search_metric: Any = "psnr_gt"  # "psnr_gt" | "psnr_teacher" | "ssim_gt" | callable(model) -> float
     supernet_checkpoint: Optional[str] = None  # resumable supernet training state (written every 200 steps)
     # --- evolve (strategy="evolve"): fitness on ``evolve_batches`` held batches; with ``discriminator=``
@@ -70,6 +81,7 @@ class CompressConfig:
     finetune_distill: bool = False
     adv_weight: float = 0.0  # used only when a discriminator is given (default 1.0 then)
     gan_mode: str = "lsgan"
+    d_lr: float = 2e-4  # the discriminator's Adam rate (betas 0.5, 0.999), in every stage: GAN practice
     # --- quantization (QAT stage after fine-tune; ganslim.quantization / ganslim.export)
     quant: Optional[str] = None  # "int8": QAT with 8-bit weights (per channel) and activations
     quant_steps: int = 300
@@ -113,14 +125,18 @@ class CompressConfig:
             raise ValueError("steps and finetune_steps must be >= 0")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; available: {', '.join(map(repr, STRATEGIES))}")
+        if self.strategy not in strategy_names():
+            raise ValueError(f"unknown strategy {self.strategy!r}; available: {', '.join(map(repr, strategy_names()))}")
         if self.target_latency_ms is not None and not self.target_latency_ms > 0:
             raise ValueError(f"target_latency_ms must be > 0 ms, got {self.target_latency_ms}")
         if self.distill_loss not in ("mse", "gka"):
             raise ValueError(f"distill_loss must be 'mse' or 'gka', got {self.distill_loss!r}")
         if self.quant not in (None, "int8"):
             raise ValueError(f"quant must be None or 'int8', got {self.quant!r}")
+        if not self.d_lr > 0:
+            raise ValueError(f"d_lr (the discriminator's learning rate) must be > 0, got {self.d_lr}")
+        if self.search_bn_batches < 1:
+            raise ValueError(f"search_bn_batches must be >= 1, got {self.search_bn_batches}")
         if self.gan_mode not in ("lsgan", "vanilla", "hinge"):
             raise ValueError(f"gan_mode must be lsgan, vanilla or hinge, got {self.gan_mode!r}")
         return self

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ._utils import first_output
 from .gating import GateSet, MacsModel, width_floors
+from .genetic import evolve_population
 from .targeting import Targets
 
 __all__ = ["EvolveConfig", "ChannelMasks", "evolve_masks", "EvolveResult"]
@@ -191,6 +192,14 @@ def evolve_masks(student: nn.Module, teacher: nn.Module, targets: Targets, macs_
     def cross(x: list[torch.Tensor], y: list[torch.Tensor]) -> list[torch.Tensor]:
         return grow(repair([(a if rng.random() < 0.5 else b).clone() for a, b in zip(x, y)]))
 
+    state = rng.getstate()  # the check must not shift the search's random stream
+    smallest = repair([top(gi, round_k(gi, 1)) for gi in range(len(sizes))])
+    rng.setstate(state)
+    if macs_model.macs(smallest) > target_macs:  # repair cannot get under the budget: say so before searching
+        raise ValueError(
+            f"evolve: MACs budget {target_macs / 1e9:.4g} G is below the smallest masks it may build "
+            f"({macs_model.macs(smallest) / 1e9:.4g} G with at least max(floor, multiple={multiple}) channels per "
+            f"group); raise the target or lower channel_multiple")
     masks = ChannelMasks(targets)
     was_training = student.training
     student.eval()
@@ -198,23 +207,16 @@ def evolve_masks(student: nn.Module, teacher: nn.Module, targets: Targets, macs_
     fit = _Fitness(student, teacher, masks, batches, discriminator, reverse, cfg)
     history = []
     try:
-        pop = [random_individual() for _ in range(cfg.population)]
-        from tqdm.auto import tqdm
-
-        for _ in tqdm(range(cfg.generations), desc="ganslim evolve", disable=not progress, dynamic_ncols=True):
-            scored = sorted(((fit(a), a) for a in pop), key=lambda t: -t[0])
-            history.append(scored[0][0])
-            parents = [a for _, a in scored[:max(2, int(round(cfg.parents * cfg.population)))]]
-            children = []
-            while len(parents) + len(children) < cfg.population:
-                if rng.random() < cfg.crossover:
-                    x, y = rng.sample(parents, 2)
-                    children.append(cross(x, y))
-                else:
-                    children.append(mutate(rng.choice(parents)))
-            pop = parents + children
+        pop, history = evolve_population(
+            [random_individual() for _ in range(cfg.population)], fit, mutate, cross, size=cfg.population,
+            generations=cfg.generations, n_parents=max(2, int(round(cfg.parents * cfg.population))),
+            crossover=cfg.crossover, rng=rng, progress=progress, desc="ganslim evolve")
         best_f, best = max(((fit(a), a) for a in pop), key=lambda t: t[0])
     finally:
         masks.detach()
         student.train(was_training)
-    return EvolveResult(best, best_f, macs_model.macs(best), fit.evaluations, time.time() - t0, history)
+    best_macs = macs_model.macs(best)
+    if best_macs > target_macs * (1 + 1e-9):  # repair's guarantee, checked: never hand back an over-budget answer
+        raise RuntimeError(f"evolve: the best masks cost {best_macs / 1e9:.4g} G MACs, over the budget of "
+                           f"{target_macs / 1e9:.4g} G")
+    return EvolveResult(best, best_f, best_macs, fit.evaluations, time.time() - t0, history)

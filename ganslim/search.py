@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from . import measure
 from ._utils import as_input_tuple, first_output
+from .genetic import evolve_population
 from .slicing import Supernet, recalibrate_bn
 
 __all__ = ["SearchConfig", "Candidate", "SearchResult", "Evaluator", "evolve", "search", "BudgetError", "pareto_front",
@@ -318,36 +319,18 @@ def evolve(supernet: Supernet, evaluator: Evaluator, budget_macs: Optional[float
             pop.append(w)
     if not pop:
         pop = [supernet.smallest()]
-    from tqdm.auto import tqdm
-
-    history = []
     seen: dict[tuple, Candidate] = {}
-    bar = tqdm(range(cfg.generations), desc="ganslim search", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
-        scored = [evaluator(w) for w in pop]
-        for c in scored:
-            seen[c.key] = c
-        scored.sort(key=lambda c: -c.fitness)
-        history.append(scored[0].fitness)
-        if progress:
-            bar.set_postfix({"best": f"{scored[0].fitness:.3f}", "MACs": f"{scored[0].macs / 1e9:.3f}G"}, refresh=False)
-        n_par = max(1, int(round(cfg.parents * cfg.population)))
-        parents = [c.widths for c in scored[:n_par]]
-        children: list[dict] = []
-        keys = {_key(p) for p in parents}
-        attempts = 0
-        while len(parents) + len(children) < cfg.population and attempts < cfg.population * 20:
-            attempts += 1
-            if len(parents) > 1 and rng.random() < cfg.crossover:
-                a, b = rng.sample(parents, 2)
-                w = sampler.crossover(a, b)
-            else:
-                w = sampler.mutate(rng.choice(parents), cfg.mutation_prob)
-            if w is not None and _key(w) not in keys:
-                keys.add(_key(w))
-                children.append(w)
-        pop = parents + children
-    bar.close()
+
+    def fitness(w: dict) -> float:
+        c = evaluator(w)  # cached: a width seen before is not evaluated again
+        seen[c.key] = c
+        return c.fitness
+
+    pop, history = evolve_population(
+        pop, fitness, lambda w: sampler.mutate(w, cfg.mutation_prob), sampler.crossover, size=cfg.population,
+        generations=cfg.generations, n_parents=max(1, int(round(cfg.parents * cfg.population))),
+        crossover=cfg.crossover, rng=rng, key=_key, max_attempts=cfg.population * 20, progress=progress,
+        desc="ganslim search", postfix=lambda w, f: {"best": f"{f:.3f}", "MACs": f"{supernet.macs(w) / 1e9:.3f}G"})
     for w in pop:
         c = evaluator(w)
         seen[c.key] = c

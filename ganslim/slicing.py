@@ -20,6 +20,7 @@ group*, never per layer, which makes inconsistent widths impossible by construct
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 from dataclasses import dataclass
@@ -337,6 +338,18 @@ class Supernet(nn.Module):
             mod.forward = fwd
         self.set_widths(self._widths)
         return self
+
+    @contextlib.contextmanager
+    def attached(self):
+        """``with supernet.attached(): ...``: the layers run sliced inside the block and get their own
+        forward back on every exit path (the one undo path of the patching)."""
+        was = bool(self._states)
+        self.attach()
+        try:
+            yield self
+        finally:
+            if not was:
+                self.detach()
 
     def detach(self) -> None:
         """Give every layer its own forward back (the model computes the full-width function)."""

@@ -87,6 +87,11 @@ def test_sliced_layers_really_compute_on_fewer_channels():
     assert shapes["model.1"] == 2 and shapes["model.4"] == 4  # 8 -> 2, 16 -> 4 channels: real smaller tensors
     sn.detach()
     assert "forward" not in sn.model.get_submodule("model.1").__dict__  # the user's layers are restored
+    with pytest.raises(RuntimeError, match="inside"):  # the context manager undoes the patch on an error too
+        with sn.attached():
+            assert "forward" in sn.model.get_submodule("model.1").__dict__
+            raise RuntimeError("inside")
+    assert not any("forward" in mod.__dict__ for mod in sn.model.modules())
 
 
 def test_importance_order_puts_the_largest_norm_scales_first():

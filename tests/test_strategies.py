@@ -135,7 +135,32 @@ def test_every_strategy_runs_through_one_compress_call():
         assert not any(h for mod in res.model.modules() for h in mod._forward_hooks.values()), strategy
     with pytest.raises(ValueError, match="'slim', 'onestep', 'ofa', 'evolve', 'auto'"):
         CompressConfig(strategy="magic").validate()
-    assert STRATEGIES == ("slim", "onestep", "ofa", "evolve", "auto")
+    for name in STRATEGIES:  # every advertised name is accepted
+        assert CompressConfig(strategy=name).validate().strategy == name
+
+
+@pytest.mark.parametrize("strategy", ["evolve", "onestep"])
+def test_a_latency_target_with_a_pruning_search_reports_instead_of_failing(strategy):
+    # a budget every variant meets (1000 s): the calibration turns it into the full MACs budget, deterministically
+    teacher = _trained_bn()
+    loader = [(torch.rand(2, 3, 24, 24) * 2 - 1,) for _ in range(2)]
+    res = ganslim.compress(teacher, teacher, loader, strategy=strategy, target_latency_ms=1e6, steps=2, finetune_steps=1,
+                           progress=False, evolve_population=4, evolve_generations=1)
+    rep = res.report
+    assert rep.latency_target_ms == 1e6 and any("latency target" in n for n in rep.notes)
+    assert rep.student.macs <= rep.teacher.macs * 1.0001
+
+
+def test_evolve_refuses_a_budget_its_repair_cannot_reach():
+    m = _trained_bn()
+    x = torch.randn(2, 3, 32, 32)
+    targets = find_channel_groups(m, x[:1])
+    mm = MacsModel(m, targets, measure.macs_by_module(m, x[:1]))
+    # at least 8 channels per group (multiple=8) cannot fit 1% of the MACs: a clear error, before any evaluation
+    with pytest.raises(ValueError, match="below the smallest masks"):
+        evolve_masks(m, m, targets, mm, 0.01 * mm.total, importance_scores(m, targets), [(x,)],
+                     config=EvolveConfig(population=4, generations=1), multiple=8, progress=False)
+    assert not m._forward_hooks and all(not mod._forward_hooks for mod in m.modules())
 
 
 def test_auto_picks_the_measured_winner_nearest_the_target(tmp_path):

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from .. import measure
 from .._utils import as_input_tuple, first_output
 from ..distill import FeatureDistiller, FeatureRecorder, auto_distill_points
-from ..gating import GateSet, MacsModel, export_pruned, macs_schedule, threshold_for_target
+from ..gating import MacsModel, gated_macs_by_module
+from ..slimming import SlimController, SlimSchedule
 from ..targeting import find_channel_groups
 from .errors import AdapterError
 
@@ -68,9 +69,8 @@ class SlimSession:
         if steps < 1:
             raise AdapterError(f"steps (iterations of the gating phase) must be >= 1, got {steps}")
         self.student, self.teacher = student, teacher
-        self.steps, self.rho, self.gate_lr = int(steps), float(rho), float(gate_lr)
+        self.steps = int(steps)
         self.recon_weight, self.distill_weight = float(recon_weight), float(distill_weight)
-        self.prune_every, self.channel_multiple = int(prune_every), int(channel_multiple)
         self.device = next(iter(student.parameters())).device
         teacher.eval()
         for p in teacher.parameters():
@@ -87,15 +87,13 @@ class SlimSession:
                                "build the student with the teacher's generator flags")
 
         self.targets = find_channel_groups(student, example, include=include, exclude=exclude)
-        self.macs_model = MacsModel(student, self.targets, measure.macs_by_module(student, example, "papers"))
+        self.macs_model = MacsModel(student, self.targets, gated_macs_by_module(student, self.targets, example))
         self.teacher_macs = float(measure.count_macs(teacher, example, "papers"))
         self.target_abs = target_macs * self.teacher_macs if target_macs <= 1 else float(target_macs)
         floor = self.macs_model.macs([F.one_hot(torch.tensor(0), g.size).bool() for g in self.targets.groups])
         if self.target_abs < floor:
             raise AdapterError(f"impossible target_macs {target_macs}: keeping one channel per prunable group already "
                                f"costs {floor / self.teacher_macs:.3%} of the teacher; raise target_macs")
-        self.reach = max(1, int(target_reach * self.steps))
-        self.start = min(int(prune_start * self.steps), self.reach - 1)
 
         if distill_weight and distill_layers is None:
             pts = auto_distill_points(student, example, n_distill_layers)
@@ -105,13 +103,16 @@ class SlimSession:
         self.mapping = dict(distill_layers or {})
         self.distiller = FeatureDistiller(student, teacher, self.mapping, example).to(self.device) \
             if self.mapping and distill_weight else None
-        self.gates = GateSet.for_model(student, self.targets).to(self.device).attach(student)
+        # the same controller as compress(strategy="slim"): gates, L1 proximal step, MACs schedule
+        self.controller = SlimController(student, self.targets, self.macs_model, self.target_abs,
+                                         SlimSchedule(self.steps, float(gate_lr), float(rho), prune_start, target_reach,
+                                                      int(prune_every), int(channel_multiple)))
+        self.gates = self.controller.to(self.device).attach().gates
         groups = [{"params": list(self.gates.parameters()), "lr": gate_lr}]
         if self.distiller is not None:
             groups.append({"params": list(self.distiller.parameters()), "lr": lr})
         self.opt = torch.optim.Adam(groups, betas=(0.5, 0.999))
         self.iteration = 0
-        self.final = False
         self.last_teacher_output: Optional[torch.Tensor] = None
 
     # ----------------------------------------------------------------- per iteration
@@ -154,21 +155,21 @@ class SlimSession:
         if self.final:
             self.gates.apply_masks()
             return
-        self.gates.prox_step(self.gate_lr, self.rho)
-        if self.start < k <= self.reach and (k % self.prune_every == 0 or k == self.reach):
-            goal = macs_schedule(k, self.start, self.reach, self.macs_model.total, self.target_abs)
-            _, alive = threshold_for_target(self.gates, self.macs_model, goal)
-            self.gates.set_masks(alive, final=False)
+        self.controller.regularize()
+        self.controller.step(k)
         if k >= self.steps:
             self.finalize()
 
     def finalize(self) -> None:
         """Fix the masks at the target now (a global threshold on the gates); training may continue."""
-        _, alive = threshold_for_target(self.gates, self.macs_model, self.target_abs, multiple=self.channel_multiple)
-        self.gates.set_masks(alive)
-        self.final = True
+        self.controller.finalize()
 
     # ----------------------------------------------------------------- status
+    @property
+    def final(self) -> bool:
+        """Whether the masks are final (the gating phase ended or :meth:`finalize` was called)."""
+        return self.controller.final
+
     @property
     def macs_fraction(self) -> float:
         """MACs of the network the current masks would leave, as a fraction of the teacher's."""
@@ -188,9 +189,9 @@ class SlimSession:
         if self.distiller is not None:
             self.distiller.student_rec.remove()  # no hook may travel into the copy
         try:
-            plain, info = export_pruned(self.student, self.gates, self.example)
+            plain, info = self.controller.export(self.example)
         finally:
-            self.gates.attach(self.student)
+            self.controller.attach()
             if self.distiller is not None:
                 self.distiller.student_rec = FeatureRecorder(self.student, list(self.mapping))
         plain.eval()
@@ -219,12 +220,12 @@ class SlimSession:
         if self.distiller is not None and state.get("maps"):
             self.distiller.load_state_dict(state["maps"])
         self.opt.load_state_dict(state["opt"])
-        self.iteration, self.final = int(state["iteration"]), bool(state["final"])
+        self.iteration, self.controller.final = int(state["iteration"]), bool(state["final"])
         self.gates._final = self.final
 
     def close(self) -> None:
         """Take every hook off the student and the teacher."""
-        self.gates.detach()
+        self.controller.detach()
         if self.distiller is not None:
             self.distiller.remove()
 

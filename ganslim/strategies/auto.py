@@ -13,7 +13,7 @@ import math
 import pathlib
 from typing import Optional
 
-RESULTS = pathlib.Path(__file__).parent / "assets" / "strategy_results.json"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "assets" / "strategy_results.json"
 FALLBACK = "slim"
 
 # The variants the head-to-head measures: name -> CompressConfig settings.

@@ -1,0 +1,18 @@
+"""Compression strategies, one file each, in a registry (:mod:`ganslim.strategies.base`):
+
+* ``slim`` (:mod:`.slim`): GAN Slimming, gates + L1 proximal step + progressive pruning;
+* ``onestep`` (:mod:`.onestep`): CAT's one global threshold on the channel importance;
+* ``ofa`` (:mod:`.ofa`): once-for-all supernet + evolutionary search (GAN Compression);
+* ``evolve`` (:mod:`.evolve`): genetic search over channel masks (Co-Evolutionary Compression);
+* ``auto`` (:mod:`.auto`): the measured winner of the head-to-head nearest the target.
+
+A new strategy: a file with a :class:`Strategy` subclass decorated with :func:`register_strategy`.
+"""
+from .base import (AUTO, SearchSummary, StageResult, Strategy, StrategyContext, get_strategy, register_strategy,
+                   strategy_names, strategy_table, unregister_strategy)
+from . import slim, onestep, ofa, evolve  # noqa: E402,F401  (registration, in this order)
+from .auto import FALLBACK, RESULTS, VARIANTS, choose_strategy, winners_from_rows  # noqa: E402
+
+__all__ = ["AUTO", "SearchSummary", "StageResult", "Strategy", "StrategyContext", "get_strategy", "register_strategy",
+           "strategy_names", "strategy_table", "unregister_strategy", "choose_strategy", "winners_from_rows",
+           "VARIANTS", "RESULTS", "FALLBACK"]

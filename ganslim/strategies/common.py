@@ -1,0 +1,77 @@
+"""Steps several strategies share: the MACs budget (from a MACs or latency target), the feature
+distillation pairs, the fine-tune's loss weights."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .. import distributed as dist
+from .. import measure
+from ..distill import auto_distill_points
+from ..gating import MacsModel
+from ..targeting import find_channel_groups
+from ..train import LossWeights
+from .base import StrategyContext
+
+
+def resolve_mapping(ctx: StrategyContext, student: Optional[nn.Module] = None) -> dict:
+    """``{student layer: teacher layer}`` for feature distillation: ``config.distill_layers`` or the
+    automatic points (same names when the student started as a copy of the teacher)."""
+    cfg, student = ctx.config, student if student is not None else ctx.student
+    layers = cfg.distill_layers
+    if layers is None:
+        s_pts = auto_distill_points(student, ctx.example, cfg.n_distill_layers)
+        if ctx.same_arch:
+            return {n: n for n in s_pts}
+        t_pts = auto_distill_points(ctx.teacher, ctx.example, cfg.n_distill_layers)
+        if len(s_pts) != len(t_pts):
+            raise ValueError("could not pair distillation layers automatically between different student and teacher "
+                             "architectures; pass distill_layers={student_layer: teacher_layer}")
+        return dict(zip(s_pts, t_pts))
+    if isinstance(layers, dict):
+        return dict(layers)
+    return {n: n for n in layers}
+
+
+def loss_weights(ctx: StrategyContext) -> LossWeights:
+    """The training losses' weights from the configuration (adversarial only with a discriminator)."""
+    cfg = ctx.config
+    return LossWeights(cfg.recon_weight, cfg.gt_weight, cfg.distill_weight,
+                       (cfg.adv_weight or 1.0) if ctx.discriminator is not None else 0.0, cfg.mse_weight)
+
+
+def budget(ctx: StrategyContext, targets, macs_model: MacsModel):
+    """``(absolute MACs budget at the example input, latency calibration or None)`` from the MACs or
+    the latency target, checked reachable (one channel per group must fit)."""
+    cfg, student = ctx.config, ctx.student
+    calibration = None
+    if cfg.target_latency_ms is not None:
+        from ..device_aware import calibrate_latency
+
+        calibration = calibrate_latency(student, targets, ctx.example, ctx.stat_input, cfg.target_latency_ms,
+                                        device=cfg.device)
+        calibration = dist.broadcast_object(calibration)  # timings differ per process: rank 0 decides
+        if calibration.macs_fraction is None:
+            raise ValueError(f"impossible latency target: {calibration.note}\n{calibration.table()}")
+        target_abs = calibration.macs_fraction * macs_model.total
+    else:
+        target_abs = cfg.target_macs * ctx.teacher_macs if cfg.target_macs <= 1 else float(cfg.target_macs)
+    floor = macs_model.macs([torch.nn.functional.one_hot(torch.tensor(0), g.size).bool() for g in targets.groups])
+    if target_abs < floor:
+        raise ValueError(f"impossible MACs target {target_abs / 1e9:.4g} G: keeping one channel per prunable group "
+                         f"already costs {floor / 1e9:.4g} G ({floor / ctx.teacher_macs:.3%} of the teacher)")
+    return target_abs, calibration
+
+
+def targets_and_budget(ctx: StrategyContext):
+    """Channel groups, MACs model and absolute budget for the strategies that prune once (onestep,
+    evolve): ``(targets, macs_model, target_abs, calibration)``."""
+    cfg = ctx.config
+    if cfg.target_macs is None and cfg.target_latency_ms is None:
+        raise ValueError(f"strategy={cfg.strategy!r} needs target_macs or target_latency_ms")
+    targets = find_channel_groups(ctx.student, ctx.example, include=cfg.include, exclude=cfg.exclude)
+    macs_model = MacsModel(ctx.student, targets, measure.macs_by_module(ctx.student, ctx.example, "papers"))
+    target_abs, calibration = budget(ctx, targets, macs_model)
+    return targets, macs_model, target_abs, calibration

@@ -1,0 +1,58 @@
+"""``strategy="ofa"``: once-for-all (GAN Compression, generalised). A width-sliced supernet trained
+with the sandwich rule, then an evolutionary search at the MACs or measured-latency budget; the chosen
+sub-network is exported as plain modules. ``steps`` are supernet steps."""
+from __future__ import annotations
+
+from .. import distributed as dist
+from ..search import Evaluator, SearchConfig, evolve, resolve_budget
+from ..slicing import SliceConfig, make_supernet, recalibrate_bn
+from ..supernet import SupernetConfig, train_supernet
+from ..train import LossWeights, input_batches
+from .base import SearchSummary, StageResult, Strategy, StrategyContext, register_strategy
+
+
+@register_strategy
+class OfaStrategy(Strategy):
+    name = "ofa"
+    paper = "GAN Compression"
+    summary = "once-for-all supernet (sandwich rule) + evolutionary search at the budget"
+    config_fields = ("steps", "width_ratios", "supernet_lr", "random_subnets", "search_population",
+                     "search_generations", "search_bn_batches", "search_metric", "supernet_checkpoint",
+                     "channel_multiple")
+    accepts_discriminator = False
+
+    def run(self, ctx: StrategyContext) -> StageResult:
+        cfg = ctx.config
+        if ctx.discriminator is not None:
+            raise ValueError("strategy='ofa' trains with distillation losses only; drop discriminator= or use strategy='slim'")
+        supernet = make_supernet(ctx.student, ctx.example,
+                                 SliceConfig(ratios=tuple(cfg.width_ratios), multiple=cfg.channel_multiple),
+                                 include=cfg.include, exclude=cfg.exclude, copy_model=False)
+        budget = resolve_budget(supernet, cfg.target_macs if cfg.target_latency_ms is None else None, ctx.teacher_macs)
+        scfg = SupernetConfig(steps=cfg.steps, lr=cfg.supernet_lr, random_subnets=cfg.random_subnets, seed=cfg.seed,
+                              recon_weight=cfg.recon_weight, gt_weight=cfg.gt_weight, mse_weight=cfg.mse_weight)
+        callbacks = list(ctx.callbacks)
+        sinfo = train_supernet(supernet, ctx.teacher, ctx.loader, scfg, batch_fn=cfg.batch_fn, device=cfg.device,
+                               progress=cfg.progress, checkpoint=cfg.supernet_checkpoint or ctx.checkpoint("supernet.pt"),
+                               callbacks=[lambda step, losses: [cb(None, losses) for cb in callbacks]] if callbacks else ())
+        bn_inputs = [tuple(t.to(cfg.device) for t in b) for b in input_batches(ctx.loader, cfg.search_bn_batches, cfg.batch_fn)]
+        pairs = [(tuple(t.to(cfg.device) for t in i), None if g is None else g.to(cfg.device)) for i, g in ctx.eval_pairs]
+        qcfg = SearchConfig(population=cfg.search_population, generations=cfg.search_generations,
+                            metric=cfg.search_metric, seed=cfg.seed, bn_batches=cfg.search_bn_batches)
+        evaluator = Evaluator(supernet, ctx.teacher, pairs, bn_inputs, qcfg.metric, latency_input=ctx.stat_input,
+                              latency_repeats=qcfg.latency_repeats)
+        result = evolve(supernet, evaluator, budget, cfg.target_latency_ms, qcfg, ctx.teacher_macs, progress=cfg.progress)
+        result = dist.broadcast_object(result)  # with a latency budget the timings differ per process: rank 0 decides
+        recalibrate_bn(supernet, bn_inputs, result.best.widths)
+        plain = supernet.export(result.best.widths, tol=cfg.export_tol)
+        supernet.set_widths(supernet.largest())
+        search = SearchSummary(
+            evaluations=result.evaluations, seconds=result.seconds, best_fitness=result.best.fitness,
+            metric=qcfg.metric if isinstance(qcfg.metric, str) else getattr(qcfg.metric, "__name__", "metric"),
+            generations=list(result.generations), best_macs_fraction=result.best.macs / ctx.teacher_macs,
+            best_latency_ms=result.best.latency_ms, supernet_steps=sinfo["steps"],
+            supernet_seconds=sinfo["seconds"], resumed_from=sinfo["resumed_from"],
+            pareto=[[c.macs / ctx.teacher_macs, c.fitness] for c in result.pareto()])
+        weights = LossWeights(cfg.recon_weight, cfg.gt_weight, 0.0, 0.0, cfg.mse_weight)
+        return StageResult(plain, dict(result.best.widths), supernet.targets, weights,
+                           rel_diff=supernet.last_export_diff, target_abs=budget, search=search, supernet=supernet)

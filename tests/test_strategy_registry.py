@@ -1,0 +1,129 @@
+"""The strategy registry, the CLI generated from the configuration, and who owns the hooks."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ganslim
+from ganslim import measure
+from ganslim.cli import build_parser, main
+from ganslim.config import CompressConfig
+from ganslim.strategies import get_strategy, strategy_names, unregister_strategy
+from ganslim.train import NonFiniteLossError
+from ganslim.zoo import create_model
+
+
+@pytest.fixture
+def toy():
+    import toy_strategy  # noqa: F401  (registers "uniform" on import)
+
+    from ganslim.strategies.base import _REGISTRY
+
+    _REGISTRY.setdefault("uniform", toy_strategy.UniformStrategy)
+    yield "uniform"
+    unregister_strategy("uniform")
+
+
+def _teacher(norm="batch"):
+    torch.manual_seed(0)
+    return create_model("resnet_6blocks", ngf=8, norm=norm).eval()
+
+
+def _loader(n=3, size=24):
+    g = torch.Generator().manual_seed(0)
+    return [(x, torch.tanh(x.flip(1))) for x in (torch.rand(2, 3, size, size, generator=g) * 2 - 1 for _ in range(n))]
+
+
+def test_a_strategy_in_one_file_is_usable_from_compress_the_config_and_the_cli(toy, tmp_path):
+    assert toy in strategy_names() and strategy_names()[-1] == "auto"
+    assert CompressConfig(strategy=toy).validate().strategy == toy
+    teacher = _teacher()
+    res = ganslim.compress(teacher, teacher, _loader(), strategy=toy, target_macs=0.3, finetune_steps=2,
+                           progress=False, measure_latency=False)
+    assert res.report.strategy == toy
+    x = torch.rand(1, 3, 24, 24)
+    ratio = measure.count_macs(res.model, x) / measure.count_macs(teacher, x)
+    assert 0.2 < ratio <= 0.3  # the toy's own bisection, at the budget
+    kept = [a for a, _ in res.report.widths.values()]
+    fractions = [a / b for a, b in res.report.widths.values()]
+    assert max(fractions) - min(fractions) < 0.2 and min(kept) >= 1  # uniform widths
+    ckpt = tmp_path / "t.safetensors"
+    ganslim.save(teacher, ckpt)
+    out = tmp_path / "cli"
+    assert main(["compress", "--teacher", str(ckpt), "--strategy", toy, "--target-macs", "0.3", "--finetune-steps", "1",
+                 "--crop", "24", "--batch-size", "2", "--out", str(out), "--no-progress", "--no-measure-latency"]) == 0
+    assert json.loads((out / "report.json").read_text())["strategy"] == toy
+    with pytest.raises(ValueError, match="already registered"):
+        from ganslim.strategies import Strategy, register_strategy
+
+        register_strategy(type("Other", (Strategy,), {"name": toy}))
+
+
+def test_unknown_strategy_names_the_registered_ones():
+    with pytest.raises(ValueError, match="'slim', 'onestep', 'ofa', 'evolve', 'auto'"):
+        get_strategy("magic")
+
+
+def test_the_cli_and_the_api_share_their_defaults():
+    args = build_parser().parse_args(["compress"])
+    given = {f.name for f in dataclasses.fields(CompressConfig) if hasattr(args, f.name)}
+    assert not given  # no flag given: no field set by the CLI, every value is CompressConfig's own
+    parser = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "compress")[1]
+    flags = {a.dest: a for a in parser._actions if a.dest in {f.name for f in dataclasses.fields(CompressConfig)}}
+    for f in dataclasses.fields(CompressConfig):
+        if f.name in flags:  # the help states the API's default
+            assert repr(f.default) in flags[f.name].help, f.name
+    for must in ("target_macs", "strategy", "steps", "finetune_steps", "lr", "finetune_lr", "gate_lr", "d_lr",
+                 "recon_weight", "mse_weight", "quant", "channel_multiple", "device", "seed"):
+        assert must in flags, must
+    assert flags["strategy"].choices == list(strategy_names())
+    ns = build_parser().parse_args(["compress", "--lr", "3e-4", "--population", "5", "--no-finetune-distill"])
+    assert (ns.lr, ns.search_population, ns.finetune_distill) == (3e-4, 5, False)
+
+
+def test_slim_session_schedules_like_compress():
+    import inspect
+
+    from ganslim.adapters import SlimSession
+
+    sig = inspect.signature(SlimSession.__init__).parameters
+    cfg = CompressConfig()
+    for name in ("gate_lr", "rho", "prune_start", "target_reach", "prune_every", "channel_multiple"):
+        assert sig[name].default == getattr(cfg, name), name
+
+
+# --------------------------------------------------------------------------- hooks have one owner
+def _attachments(net: nn.Module) -> list:
+    """Every forward hook, per-instance forward patch and class of ``net``'s modules."""
+    out = []
+    for name, m in net.named_modules():
+        out.append((name, type(m), len(m._forward_hooks), len(m._forward_pre_hooks), "forward" in m.__dict__,
+                    len(m._state_dict_hooks), len(m._load_state_dict_pre_hooks)))
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["slim", "onestep", "ofa", "evolve", "slim+int8"])
+def test_nothing_stays_attached_to_the_users_networks_when_compress_returns_or_raises(strategy):
+    # gates and distillation recorders (hooks), sliced layers (patched forwards), ModelOpt's quantized
+    # layers (swapped classes): all on compress's own copies, or taken off however compress ends
+    teacher = _teacher("instance")
+    model = copy.deepcopy(teacher)  # the user's student: another object than the teacher
+    before = {id(n): (_attachments(n), copy.deepcopy(n.state_dict())) for n in (teacher, model)}
+    strategy, _, quant = strategy.partition("+")
+    kw = dict(strategy=strategy, target_macs=0.3, steps=3, finetune_steps=2, progress=False, measure_latency=False,
+              finetune_distill=True, evolve_population=4, evolve_generations=1, search_population=4,
+              search_generations=1, quant=quant or None, quant_steps=2, quant_calib_batches=2, deploy_check=False)
+    ganslim.compress(model, teacher, _loader(), **kw)
+    bad = _loader(6)
+    bad[1] = (torch.full_like(bad[1][0], float("nan")), bad[1][1])  # the second batch: NaN in the first training stage
+    with pytest.raises((NonFiniteLossError, ValueError)):
+        ganslim.compress(model, teacher, bad, **kw)
+    for n in (teacher, model):
+        att, sd = before[id(n)]
+        assert _attachments(n) == att
+        assert all(torch.equal(v, n.state_dict()[k]) for k, v in sd.items())
