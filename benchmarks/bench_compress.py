@@ -28,10 +28,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ganslim import data  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
 from ganslim.demo import DEMO_CONFIG, demo_loader  # noqa: E402
-from ganslim.deploy import measure_deployment  # noqa: E402
-from ganslim.distill import FeatureDistiller, auto_distill_points  # noqa: E402
-from ganslim.gating import GateSet  # noqa: E402
-from ganslim.targeting import find_channel_groups  # noqa: E402
+from ganslim.deployment.deploy import measure_deployment  # noqa: E402
+from ganslim.core.distill import FeatureDistiller, auto_distill_points  # noqa: E402
+from ganslim.core.gating import GateSet  # noqa: E402
+from ganslim.core.targeting import find_channel_groups  # noqa: E402
 
 
 def step_overhead(teacher, batch, repeats: int = 12) -> dict:

@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ganslim import data, load, measure  # noqa: E402
-from ganslim.deploy import OnnxModule, export  # noqa: E402
-from ganslim.device_aware import _uniform_alive  # noqa: E402
-from ganslim.gating import GateSet, export_pruned  # noqa: E402
-from ganslim.targeting import find_channel_groups  # noqa: E402
+from ganslim.deployment.deploy import OnnxModule, export  # noqa: E402
+from ganslim.pruning.device_aware import _uniform_alive  # noqa: E402
+from ganslim.core.gating import GateSet, export_pruned  # noqa: E402
+from ganslim.core.targeting import find_channel_groups  # noqa: E402
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ganslim.benchmarking import bench, format_table, image_grid, write_outputs  # noqa: E402
+from ganslim.measure.benchmarking import bench, format_table, image_grid, write_outputs  # noqa: E402
 
 
 def main() -> None:

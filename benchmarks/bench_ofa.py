@@ -7,7 +7,7 @@
    8), trained by distillation with the sandwich rule (largest + smallest + 2 random sub-networks per
    step); resumable state in ``runs/ofa/supernet.state.pt``, the supernet in ``runs/ofa/supernet.safetensors``
    (``ganslim search runs/ofa/supernet.safetensors --target-macs ...`` answers other budgets).
-2. Search + export + fine-tune for each budget (``ganslim.search.search_budgets``, the function behind
+2. Search + export + fine-tune for each budget (``ganslim.pruning.search.search_budgets``, the function behind
    ``ganslim search``): PSNR to ground truth on the held-out photo at selection time and after the
    fine-tune, measured CPU latency of the exported plain model, search throughput.
 3. The gating path (``compress(strategy="slim")``) at 1/10 with the same fine-tune steps and width
@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ganslim import data, measure  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
-from ganslim.search import search_budgets  # noqa: E402
-from ganslim.slicing import SliceConfig, make_supernet  # noqa: E402
-from ganslim.supernet import SupernetConfig, save_supernet, train_supernet  # noqa: E402
+from ganslim.pruning.search import search_budgets  # noqa: E402
+from ganslim.pruning.slicing import SliceConfig, make_supernet  # noqa: E402
+from ganslim.pruning.supernet import SupernetConfig, save_supernet, train_supernet  # noqa: E402
 
 
 def rss_mb() -> float:

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ganslim import data, measure  # noqa: E402
-from ganslim.checkpoint import load  # noqa: E402
-from ganslim.deploy import measure_deployment  # noqa: E402
-from ganslim.quantization import QuantConfig, quantize, train_qat  # noqa: E402
-from ganslim.report import format_deploy_table  # noqa: E402
+from ganslim.deployment.checkpoint import load  # noqa: E402
+from ganslim.deployment.deploy import measure_deployment  # noqa: E402
+from ganslim.deployment.quantization import QuantConfig, quantize, train_qat  # noqa: E402
+from ganslim.measure.report import format_deploy_table  # noqa: E402
 
 
 def main() -> None:
@@ -91,7 +91,7 @@ def main() -> None:
     # keep the QAT student (checkpoint + int8 ONNX) for benchmarks/bench_models.py
     os.makedirs(args.keep_dir, exist_ok=True)
     from ganslim import save
-    from ganslim.deploy import export
+    from ganslim.deployment.deploy import export
 
     qat_ckpt = save(qat, os.path.join(args.keep_dir, "student_qat.safetensors"))
     qat_onnx = export(qat, os.path.join(args.keep_dir, "student_qat.int8.onnx"), "onnx-int8", example_inputs=x,

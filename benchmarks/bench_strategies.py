@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ganslim import data, measure  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
-from ganslim.search import search_budgets  # noqa: E402
+from ganslim.pruning.search import search_budgets  # noqa: E402
 from ganslim.strategies import VARIANTS, winners_from_rows  # noqa: E402
-from ganslim.supernet import load_supernet  # noqa: E402
+from ganslim.pruning.supernet import load_supernet  # noqa: E402
 
 # the variants of ganslim.strategies.VARIANTS, with this benchmark's schedules
 STRATEGIES = {name: dict(VARIANTS[name], **extra) for name, extra in (
@@ -69,7 +69,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
     if args.teacher:
-        from ganslim.checkpoint import load
+        from ganslim.deployment.checkpoint import load
 
         teacher = load(args.teacher).eval()
     else:

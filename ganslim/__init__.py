@@ -1,29 +1,43 @@
 """ganslim: compress existing GAN generators.
 
 Public API (kept stable): ``compress``, ``save``, ``load``, ``bench``, ``export``, ``make_supernet``.
-Submodules (imported on first use, e.g. ``ganslim.adapters.SlimSession``): ``zoo`` (reference
-generators), ``data`` (embedded default data), ``measure`` (MACs, params, latency, fidelity),
-``checkpoint`` (safetensors save/load), ``quantization`` (QAT with ModelOpt), ``deploy`` (ONNX / int8
-ONNX export, onnxruntime runner), ``slicing`` / ``supernet`` / ``search`` (once-for-all), ``onestep``,
-``evolve``, ``distributed`` (torchrun), ``adapters`` (official repositories).
+
+Layout (subpackages imported on first use, e.g. ``ganslim.adapters.SlimSession``):
+
+* ``compression`` (``compress``), ``config`` (``CompressConfig``), ``cli``, ``demo``, ``data``;
+* ``strategies``: one file per compression strategy, in a registry;
+* ``core``: channel groups, gates, the slim controller, distillation, the training loop, torchrun;
+* ``pruning``: one-step threshold, genetic masks, width slicing, supernet training and search,
+  device-aware budgets;
+* ``deployment``: checkpoints, ONNX / int8 ONNX, quantization-aware training (not named ``export``:
+  that is the function ``ganslim.export``);
+* ``measure``: MACs, params, latency, fidelity, side-by-side benchmarks, the report;
+* ``zoo`` (reference generators), ``adapters`` (official repositories).
+
+The flat paths of earlier releases (``ganslim.gating``, ``ganslim.checkpoint`` ...) still import, for
+one release (:mod:`ganslim._compat`).
 """
 from __future__ import annotations
 
 import importlib
 
+from . import _compat
+
 __version__ = "0.1.0"
+
+_compat.install()
 
 # Public names resolved lazily so `import ganslim` stays cheap and each submodule stands alone.
 _LAZY = {
-    "save": "ganslim.checkpoint",
-    "load": "ganslim.checkpoint",
+    "save": "ganslim.deployment.checkpoint",
+    "load": "ganslim.deployment.checkpoint",
     "compress": "ganslim.compression",
     "CompressConfig": "ganslim.config",
     "CompressResult": "ganslim.compression",
-    "bench": "ganslim.benchmarking",
-    "export": "ganslim.deploy",
-    "quantize": "ganslim.quantization",
-    "make_supernet": "ganslim.slicing",
+    "bench": "ganslim.measure.benchmarking",
+    "export": "ganslim.deployment.deploy",
+    "quantize": "ganslim.deployment.quantization",
+    "make_supernet": "ganslim.pruning.slicing",
 }
 
 

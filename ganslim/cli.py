@@ -17,12 +17,12 @@ import sys
 
 import torch
 
-from .report import write_json
+from .measure.report import write_json
 
 
 def _load_model(path: str | None, factory: str | None = None, weights: str | None = None):
-    from .benchmarking import _factory, load_state_file, resolve_model
-    from .checkpoint import load
+    from .measure.benchmarking import _factory, load_state_file, resolve_model
+    from .deployment.checkpoint import load
 
     if factory:
         model = _factory(factory)()
@@ -46,7 +46,7 @@ def _cmd_demo(args) -> int:
 
 def _cmd_compress(args) -> int:
     from . import data
-    from .checkpoint import save
+    from .deployment.checkpoint import save
     from .compression import compress
     from .config import CompressConfig
 
@@ -69,7 +69,7 @@ def _cmd_compress(args) -> int:
     if cfg.strategy == "ofa" and cfg.supernet_checkpoint is None:  # resumable: a rerun with the same --out continues
         cfg.supernet_checkpoint = os.path.join(args.out, "supernet.state.pt")
     result = compress(teacher, teacher, loader, config=cfg)
-    from . import distributed
+    from .core import distributed
 
     if not distributed.is_main():  # under torchrun only rank 0 prints and writes
         return 0
@@ -78,7 +78,7 @@ def _cmd_compress(args) -> int:
     write_json(result.report.to_dict(), os.path.join(args.out, "report.json"))
     print(f"saved {path}")
     if result.supernet is not None:
-        from .supernet import save_supernet
+        from .pruning.supernet import save_supernet
 
         print(f"saved {save_supernet(result.supernet, os.path.join(args.out, 'supernet.safetensors'))} "
               f"(search it for other budgets: ganslim search {os.path.join(args.out, 'supernet.safetensors')} --target-macs ...)")
@@ -134,8 +134,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_search(args) -> int:
     from . import data
-    from .search import search_budgets
-    from .supernet import load_supernet
+    from .pruning.search import search_budgets
+    from .pruning.supernet import load_supernet
 
     supernet = load_supernet(args.supernet)
     teacher = _load_model(args.teacher, args.factory, args.weights)
@@ -163,7 +163,7 @@ def _cmd_search(args) -> int:
 
 def _cmd_bench(args) -> int:
     from . import data
-    from .benchmarking import bench, format_table, image_grid, write_outputs
+    from .measure.benchmarking import bench, format_table, image_grid, write_outputs
 
     shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
     if args.images:
@@ -195,7 +195,7 @@ def _cmd_bench(args) -> int:
 
 def _cmd_export(args) -> int:
     from . import data
-    from .deploy import OnnxModule, export
+    from .deployment.deploy import OnnxModule, export
 
     model = _load_model(args.checkpoint, args.factory, args.weights)
     if args.input_shape:
@@ -220,7 +220,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .checkpoint import read_metadata
+    from .deployment.checkpoint import read_metadata
 
     print(json.dumps(read_metadata(args.checkpoint), indent=2, default=str))
     return 0

@@ -5,9 +5,9 @@ physically smaller one.
    student into a plain smaller network at the budget: ``slim`` (gates + L1, GAN Slimming),
    ``onestep`` (CAT), ``ofa`` (supernet + search, GAN Compression), ``evolve`` (Co-Evolutionary
    Compression), ``auto`` (the measured winner);
-2. fine-tune of the plain smaller student with the distillation losses (:mod:`ganslim.train`);
-3. optional QAT (``quant="int8"``, :mod:`ganslim.quantization`): fake-quantize, calibrate, fine-tune,
-   and measure the real int8 deployment in onnxruntime (:mod:`ganslim.deploy`);
+2. fine-tune of the plain smaller student with the distillation losses (:mod:`ganslim.core.train`);
+3. optional QAT (``quant="int8"``, :mod:`ganslim.deployment.quantization`): fake-quantize, calibrate, fine-tune,
+   and measure the real int8 deployment in onnxruntime (:mod:`ganslim.deployment.deploy`);
 4. report: MACs, params, size, CPU latency, fidelity to teacher and ground truth.
 
 Every hook compress puts on a network is entered into one ``ExitStack``, closed on every exit path.
@@ -26,13 +26,13 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from . import distributed as dist
+from .core import distributed as dist
 from . import measure
 from .config import CompressConfig
-from .distill import FeatureDistiller
-from .report import CompressReport, ModelStats
+from .core.distill import FeatureDistiller
+from .measure.report import CompressReport, ModelStats
 from .strategies import StageResult, StrategyContext, get_strategy
-from .train import finetune, first_output, split_batch
+from .core.train import finetune, first_output, split_batch
 
 
 @dataclass
@@ -40,7 +40,7 @@ class CompressResult:
     """``model``: plain ``nn.Module`` (no gates, hooks or mappings), physically smaller; with
     ``quant="int8"`` the fake-quantized QAT model (export it with ``ganslim.export(...,
     format="onnx-int8")``), and ``float_model`` the float student it was made from.
-    ``report``: :class:`~ganslim.report.CompressReport` (``str()`` prints a table)."""
+    ``report``: :class:`~ganslim.measure.report.CompressReport` (``str()`` prints a table)."""
 
     model: nn.Module
     report: CompressReport
@@ -94,7 +94,7 @@ def compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Opt
         model: the student to slim; when it *is* ``teacher`` it is deep-copied. Never modified in place.
         teacher: the trained generator; run in eval mode without gradients.
         loader: iterable of batches (tensor, ``(input, target)`` tuple, or dict; see
-            :func:`ganslim.train.split_batch`; ``batch_fn`` overrides).
+            :func:`ganslim.core.train.split_batch`; ``batch_fn`` overrides).
         config: :class:`CompressConfig`; keyword ``overrides`` replace its fields
             (e.g. ``target_macs=0.1, steps=500``).
         discriminator: optional; trained alongside with ``gan_mode`` loss (GAN Slimming's min-max).
@@ -200,7 +200,7 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
 
     qmodel = None
     if cfg.quant:
-        from .quantization import QuantConfig, quantize, train_qat
+        from .deployment.quantization import QuantConfig, quantize, train_qat
 
         qcfg = QuantConfig(steps=cfg.quant_steps, lr=cfg.quant_lr, calib_batches=cfg.quant_calib_batches,
                            skip_first=cfg.quant_skip_first, skip_last=cfg.quant_skip_last,
@@ -241,7 +241,7 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
         latency_calibration=[list(p) for p in calibration.points] if calibration is not None else [],
         strategy=cfg.strategy, search=st.search.to_dict() if st.search is not None else {})
     if qmodel is not None and cfg.deploy_check and eval_pairs:
-        from .deploy import measure_deployment
+        from .deployment.deploy import measure_deployment
 
         report.deployment = measure_deployment(
             [("student fp32", plain, "onnx"), ("student int8 (QAT)", qmodel, "onnx-int8")], plain,
@@ -257,7 +257,7 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
 def _save_stage(path: str, st: StageResult, cfg: CompressConfig) -> None:
     """The first stage's result (the pruned student as a pickled module, widths, budget; a supernet as
     its plain network) so a resumed run goes straight to the fine-tune."""
-    from .train import atomic_torch_save
+    from .core.train import atomic_torch_save
 
     sn = st.supernet
     state = {"strategy": cfg.strategy, "target_macs": cfg.target_macs, "stage": dataclasses.replace(st, supernet=None),
@@ -272,7 +272,7 @@ def _save_stage(path: str, st: StageResult, cfg: CompressConfig) -> None:
 
 
 def _load_stage(path: str, cfg: CompressConfig) -> Optional[StageResult]:
-    from .train import load_checkpoint
+    from .core.train import load_checkpoint
 
     state = load_checkpoint(path)
     if state.get("strategy") != cfg.strategy or state.get("target_macs") != cfg.target_macs:
@@ -280,7 +280,7 @@ def _load_stage(path: str, cfg: CompressConfig) -> Optional[StageResult]:
                          f"{state.get('target_macs')}; use another checkpoint_dir or delete it")
     st = state["stage"]
     if state.get("supernet"):
-        from .slicing import Supernet
+        from .pruning.slicing import Supernet
 
         s = state["supernet"]
         st.supernet = Supernet(s["model"], st.targets, s["example"], s["config"])

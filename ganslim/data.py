@@ -205,7 +205,7 @@ DEFAULT_TEACHER = os.path.join(os.path.dirname(__file__), "assets", "default_tea
 def default_teacher() -> torch.nn.Module:
     """The shipped default teacher: ResNet-9 (ngf 32, batch norm) trained on the photo -> cartoon
     task by ``benchmarks/train_teacher.py``; stored in fp16, returned in fp32, eval mode."""
-    from .checkpoint import load
+    from .deployment.checkpoint import load
 
     if not os.path.exists(DEFAULT_TEACHER):
         raise FileNotFoundError(f"default teacher not found at {DEFAULT_TEACHER}; train it with "

@@ -10,10 +10,10 @@ import time
 import torch
 
 from . import data, measure
-from .checkpoint import load, save
+from .deployment.checkpoint import load, save
 from .compression import compress
 from .config import CompressConfig
-from .report import write_json
+from .measure.report import write_json
 from .visualize import save_image_grid
 
 # Sized for 2 CPU cores: under 15 minutes for the default ResNet-9 -> 10x fewer MACs

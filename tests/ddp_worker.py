@@ -5,7 +5,7 @@ import sys
 import torch
 
 import ganslim
-from ganslim import distributed as dist
+from ganslim.core import distributed as dist
 from ganslim.zoo import create_model
 
 

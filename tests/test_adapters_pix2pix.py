@@ -91,7 +91,7 @@ class CycleGANModel(BaseModel):
 HOST_NETWORKS = '''
 import torch.nn as nn
 from ganslim.zoo import create_model
-from ganslim.train import gan_loss
+from ganslim.core.train import gan_loss
 
 def define_G(input_nc, output_nc, ngf, netG, norm="batch", use_dropout=False, init_type="normal", init_gain=0.02, gpu_ids=[]):
     if netG not in ("resnet_9blocks", "resnet_6blocks", "unet_256", "unet_128"):

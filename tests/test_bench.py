@@ -7,10 +7,10 @@ import torch.nn as nn
 
 import ganslim
 from ganslim import data
-from ganslim import quantization as Q
-from ganslim.benchmarking import NOT_COMPUTED, _fid, bench, format_markdown, format_table, image_grid, write_outputs
+from ganslim.deployment import quantization as Q
+from ganslim.measure.benchmarking import NOT_COMPUTED, _fid, bench, format_markdown, format_table, image_grid, write_outputs
 from ganslim.cli import main
-from ganslim.deploy import export
+from ganslim.deployment.deploy import export
 from ganslim.zoo import create_model
 from trained import briefly_trained
 
@@ -63,7 +63,7 @@ def test_every_format_side_by_side_with_ratios_and_per_row_errors(models):
     assert by["student.onnx"].runtime == "onnxruntime"
     # the ONNX file is the same network: MACs (conv-only count, BN folded) and outputs agree
     # MACs counted from the ONNX graph: the thin output conv runs as a stride-2 conv with zero taps
-    # (ganslim.onnx_rewrite), a few per cent more multiply-adds than the PyTorch module
+    # (ganslim.deployment.onnx_rewrite), a few per cent more multiply-adds than the PyTorch module
     assert s.macs_g <= by["student.onnx"].macs_g <= 1.15 * s.macs_g
     assert by["student.onnx"].psnr_teacher == pytest.approx(s.psnr_teacher, abs=0.01)
     assert by["qat.safetensors"].error is None and by["qat.safetensors"].macs_g == pytest.approx(s.macs_g, rel=0.02)

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ganslim
-from ganslim import archspec
-from ganslim.checkpoint import CheckpointError, load, load_extra_tensors, read_metadata, save
+from ganslim.deployment import archspec
+from ganslim.deployment.checkpoint import CheckpointError, load, load_extra_tensors, read_metadata, save
 
 
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -177,7 +177,7 @@ def test_pruned_resnet_loads_without_its_class(tmp_path):
         sys.modules["ganslim.zoo"] = None          # the class is unavailable
         sys.modules["ganslim.zoo.resnet"] = None
         import torch, ganslim
-        from ganslim.checkpoint import load_extra_tensors, read_metadata
+        from ganslim.deployment.checkpoint import load_extra_tensors, read_metadata
         p = {str(p)!r}
         m = ganslim.load(p)
         ex = load_extra_tensors(p)
@@ -450,7 +450,7 @@ def _rewrite(src, dst, drop=(), mutate_header=None):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ganslim import checkpoint as ck
+    from ganslim.deployment import checkpoint as ck
 
     with safe_open(str(src), "pt") as f:
         meta = f.metadata()

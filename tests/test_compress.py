@@ -8,7 +8,7 @@ import torch.nn as nn
 import ganslim
 from archs import TwoInputGenerator
 from ganslim import data, measure
-from ganslim.train import NonFiniteLossError
+from ganslim.core.train import NonFiniteLossError
 from ganslim.zoo import create_model
 from trained import briefly_trained
 
@@ -169,7 +169,7 @@ def test_nan_loss_mid_run_stops_with_last_good_weights():
 
 
 def test_finetune_rolls_back_weights_that_became_non_finite_to_the_last_finite_ones(small_teacher, loader):
-    from ganslim.train import LossWeights, finetune
+    from ganslim.core.train import LossWeights, finetune
 
     model = copy.deepcopy(small_teacher)  # fine-tuned in place: the user's own model
     seen = {}
@@ -238,8 +238,8 @@ def test_the_discriminator_trains_at_its_own_learning_rate(small_teacher, loader
 
 
 def test_batches_with_teacher_outputs_skip_the_teacher_forward(small_teacher):
-    from ganslim.distill import FeatureDistiller
-    from ganslim.train import DistillTrainer, LossWeights
+    from ganslim.core.distill import FeatureDistiller
+    from ganslim.core.train import DistillTrainer, LossWeights
 
     loader = data.default_loader(batch_size=2, crop=32, length=6, teacher=small_teacher)
     student = copy.deepcopy(small_teacher)  # before the counting hook, which deepcopy would copy too
@@ -265,8 +265,8 @@ def test_batches_with_teacher_outputs_skip_the_teacher_forward(small_teacher):
 
 
 def test_latency_target_is_measured_on_this_device(small_teacher, loader):
-    from ganslim.device_aware import calibrate_latency
-    from ganslim.targeting import find_channel_groups
+    from ganslim.pruning.device_aware import calibrate_latency
+    from ganslim.core.targeting import find_channel_groups
 
     (x, y), = data.test_pairs()
     x = x[:, :, :128, :128]

@@ -10,8 +10,8 @@ import torch.nn as nn
 
 import ganslim
 from ganslim import data, measure
-from ganslim import quantization as Q
-from ganslim.deploy import ExportError, OnnxModule, export
+from ganslim.deployment import quantization as Q
+from ganslim.deployment.deploy import ExportError, OnnxModule, export
 from ganslim.zoo import create_model
 from trained import briefly_trained
 
@@ -168,8 +168,8 @@ def test_several_inputs_export_and_run(tmp_path):
 def test_subpixel_rewrite_of_conv_transpose_is_exact(k, s, p, op, bias, tmp_path):
     import onnx
 
-    from ganslim.deploy import _export_float
-    from ganslim.onnx_rewrite import subpixel_conv_transpose
+    from ganslim.deployment.deploy import _export_float
+    from ganslim.deployment.onnx_rewrite import subpixel_conv_transpose
 
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(4)

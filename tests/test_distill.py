@@ -4,7 +4,7 @@ import copy
 import torch
 
 from archs import RandomGenerator
-from ganslim.distill import FeatureDistiller, auto_distill_points
+from ganslim.core.distill import FeatureDistiller, auto_distill_points
 from ganslim.zoo import create_model
 
 

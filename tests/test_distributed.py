@@ -59,9 +59,9 @@ def _collectives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.cuda.is_available = lambda: True  # a CUDA machine: a CPU run must still get gloo, not nccl
-    from ganslim import distributed as dist
-    from ganslim.distill import _variance
-    from ganslim.train import _finite_everywhere
+    from ganslim.core import distributed as dist
+    from ganslim.core.distill import _variance
+    from ganslim.core.train import _finite_everywhere
 
     assert dist.init_from_env(device="cpu")
     out = {"backend": torch.distributed.get_backend()}
@@ -125,7 +125,7 @@ def test_collectives_run_on_the_configured_device_with_one_bucket_per_dtype(tmp_
 
 
 def test_init_from_env_takes_the_backend_from_the_configured_device(monkeypatch):
-    from ganslim import distributed as dist
+    from ganslim.core import distributed as dist
 
     chosen, devices = [], []
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -146,7 +146,7 @@ def test_init_from_env_takes_the_backend_from_the_configured_device(monkeypatch)
 
 
 def test_collective_tensors_go_to_the_backends_device(monkeypatch):
-    from ganslim import distributed as dist
+    from ganslim.core import distributed as dist
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "nccl")

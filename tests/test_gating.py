@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from archs import OPS, RandomGenerator, TwoInputGenerator
 from ganslim import measure
-from ganslim.gating import GateSet, MacsModel, export_pruned, gated_macs_by_module, threshold_for_target
-from ganslim.targeting import find_channel_groups
+from ganslim.core.gating import GateSet, MacsModel, export_pruned, gated_macs_by_module, threshold_for_target
+from ganslim.core.targeting import find_channel_groups
 from ganslim.zoo import create_model
 
 from equivalence import assert_same_function

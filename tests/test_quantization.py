@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import ganslim
 from archs import OPS, RandomGenerator
 from ganslim import data, measure
-from ganslim import quantization as Q
+from ganslim.deployment import quantization as Q
 from ganslim.zoo import create_model
 from trained import briefly_trained
 
@@ -144,7 +144,7 @@ def test_uncalibrated_model_cannot_be_trained(net):
 
 def test_qat_checkpoint_reloads_bit_exactly_and_stays_quantized(qnet, tmp_path):
     p = ganslim.save(qnet, tmp_path / "qat.safetensors")
-    meta = ganslim.checkpoint.read_metadata(p)
+    meta = ganslim.deployment.checkpoint.read_metadata(p)
     assert meta["quant"]["backend"] == "modelopt" and meta["quant"]["config"]["weight_bits"] == 8
     back = ganslim.load(p)
     assert Q.is_quantized(back) and Q.is_calibrated(back)

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 import ganslim
 from ganslim import measure
-from ganslim.checkpoint import CheckpointError
+from ganslim.deployment.checkpoint import CheckpointError
 from ganslim.cli import main
-from ganslim.search import BudgetError, Evaluator, SearchConfig, pareto_front, search
-from ganslim.slicing import SliceConfig, SliceError, make_supernet, recalibrate_bn, width_choices
-from ganslim.supernet import SupernetConfig, load_supernet, save_supernet, train_supernet
+from ganslim.pruning.search import BudgetError, Evaluator, SearchConfig, pareto_front, search
+from ganslim.pruning.slicing import SliceConfig, SliceError, make_supernet, recalibrate_bn, width_choices
+from ganslim.pruning.supernet import SupernetConfig, load_supernet, save_supernet, train_supernet
 from ganslim.zoo import create_model
 
 from equivalence import assert_same_function, rel_diff64

@@ -10,12 +10,12 @@ import torch.nn as nn
 import ganslim
 from ganslim import measure
 from ganslim.config import STRATEGIES, CompressConfig
-from ganslim.distill import FeatureDistiller, kernel_alignment
-from ganslim.evolve import ChannelMasks, EvolveConfig, _Fitness, evolve_masks
-from ganslim.gating import MacsModel
-from ganslim.onestep import importance_scores, onestep_masks, onestep_prune
+from ganslim.core.distill import FeatureDistiller, kernel_alignment
+from ganslim.pruning.evolve import ChannelMasks, EvolveConfig, _Fitness, evolve_masks
+from ganslim.core.gating import MacsModel
+from ganslim.pruning.onestep import importance_scores, onestep_masks, onestep_prune
 from ganslim.strategies import choose_strategy, winners_from_rows
-from ganslim.targeting import find_channel_groups
+from ganslim.core.targeting import find_channel_groups
 from ganslim.zoo import create_model
 
 from equivalence import assert_same_function

@@ -14,7 +14,7 @@ from ganslim import measure
 from ganslim.cli import build_parser, main
 from ganslim.config import CompressConfig
 from ganslim.strategies import get_strategy, strategy_names, unregister_strategy
-from ganslim.train import NonFiniteLossError
+from ganslim.core.train import NonFiniteLossError
 from ganslim.zoo import create_model
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ganslim.onestep import onestep_prune
+from ganslim.pruning.onestep import onestep_prune
 from ganslim.strategies import StageResult, Strategy, StrategyContext, register_strategy
 from ganslim.strategies.common import loss_weights, targets_and_budget
 

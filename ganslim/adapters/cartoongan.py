@@ -73,7 +73,7 @@ def compress_folder(checkpoint: str, photos: str, out: str, *, target_macs: floa
     """Compress a CartoonGAN checkpoint on a folder of photos and save the slim network (``ganslim.save``).
     ``overrides``: :class:`ganslim.CompressConfig` fields (``steps``, ``finetune_steps``, ``device`` ...).
     Returns the :class:`ganslim.CompressResult`."""
-    from ..checkpoint import save
+    from ..deployment.checkpoint import save
     from ..compression import compress
     from ..data import ImageFolder
 

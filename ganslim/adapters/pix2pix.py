@@ -269,7 +269,7 @@ def make_model_class(BaseModel: type, networks: Any, find_model_using_name: Opti
                 getattr(self, "net" + n).to(self.device)
 
         def load_networks(self, epoch):
-            from ..checkpoint import load
+            from ..deployment.checkpoint import load
 
             if not self.isTrain:
                 for n in self.gen_names:

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 from .. import measure
 from .._utils import as_input_tuple, first_output
-from ..distill import FeatureDistiller, FeatureRecorder, auto_distill_points
-from ..gating import MacsModel, gated_macs_by_module
-from ..slimming import SlimController, SlimSchedule
-from ..targeting import find_channel_groups
+from ..core.distill import FeatureDistiller, FeatureRecorder, auto_distill_points
+from ..core.gating import MacsModel, gated_macs_by_module
+from ..core.slimming import SlimController, SlimSchedule
+from ..core.targeting import find_channel_groups
 from .errors import AdapterError
 
 
@@ -201,7 +201,7 @@ class SlimSession:
     def save(self, path: str | os.PathLike, metadata: Optional[dict] = None, finalize: bool = True) -> nn.Module:
         """:meth:`export` and write it with :func:`ganslim.save` (safetensors + architecture; reloads with
         :func:`ganslim.load` without any class). Returns the exported network (on the CPU)."""
-        from ..checkpoint import save
+        from ..deployment.checkpoint import save
 
         plain = self.export(finalize=finalize).cpu()
         meta = {"ganslim_adapter": self.status(), "teacher_macs": self.teacher_macs,

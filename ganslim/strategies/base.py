@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch.nn as nn
 
-from ..train import LossWeights
+from ..core.train import LossWeights
 
 AUTO = "auto"  # not a strategy: resolved to a registered one from measurements (ganslim.strategies.auto)
 

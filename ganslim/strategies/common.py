@@ -7,12 +7,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .. import distributed as dist
+from ..core import distributed as dist
 from .. import measure
-from ..distill import auto_distill_points
-from ..gating import MacsModel
-from ..targeting import find_channel_groups
-from ..train import LossWeights
+from ..core.distill import auto_distill_points
+from ..core.gating import MacsModel
+from ..core.targeting import find_channel_groups
+from ..core.train import LossWeights
 from .base import StrategyContext
 
 
@@ -48,7 +48,7 @@ def budget(ctx: StrategyContext, targets, macs_model: MacsModel):
     cfg, student = ctx.config, ctx.student
     calibration = None
     if cfg.target_latency_ms is not None:
-        from ..device_aware import calibrate_latency
+        from ..pruning.device_aware import calibrate_latency
 
         calibration = calibrate_latency(student, targets, ctx.example, ctx.stat_input, cfg.target_latency_ms,
                                         device=cfg.device)

@@ -3,9 +3,9 @@ fitness: fidelity to the teacher, minus the discriminator's disagreement (``disc
 the cycle error through ``reverse_generator`` (the other CycleGAN direction)."""
 from __future__ import annotations
 
-from ..evolve import EvolveConfig, evolve_masks
-from ..onestep import importance_scores, onestep_prune
-from ..train import input_batches
+from ..pruning.evolve import EvolveConfig, evolve_masks
+from ..pruning.onestep import importance_scores, onestep_prune
+from ..core.train import input_batches
 from .base import SearchSummary, StageResult, Strategy, StrategyContext, register_strategy
 from .common import loss_weights, resolve_mapping, targets_and_budget
 

@@ -3,11 +3,11 @@ with the sandwich rule, then an evolutionary search at the MACs or measured-late
 sub-network is exported as plain modules. ``steps`` are supernet steps."""
 from __future__ import annotations
 
-from .. import distributed as dist
-from ..search import Evaluator, SearchConfig, evolve, resolve_budget
-from ..slicing import SliceConfig, make_supernet, recalibrate_bn
-from ..supernet import SupernetConfig, train_supernet
-from ..train import LossWeights, input_batches
+from ..core import distributed as dist
+from ..pruning.search import Evaluator, SearchConfig, evolve, resolve_budget
+from ..pruning.slicing import SliceConfig, make_supernet, recalibrate_bn
+from ..pruning.supernet import SupernetConfig, train_supernet
+from ..core.train import LossWeights, input_batches
 from .base import SearchSummary, StageResult, Strategy, StrategyContext, register_strategy
 
 

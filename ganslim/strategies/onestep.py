@@ -2,7 +2,7 @@
 channel importance meets the MACs target; no training before the fine-tune."""
 from __future__ import annotations
 
-from ..onestep import onestep_masks, onestep_prune
+from ..pruning.onestep import onestep_masks, onestep_prune
 from .base import StageResult, Strategy, StrategyContext, register_strategy
 from .common import loss_weights, resolve_mapping, targets_and_budget
 

@@ -1,15 +1,15 @@
 """``strategy="slim"``: GAN Slimming. Gates with an L1 proximal step and a cubic MACs schedule
-(:class:`ganslim.slimming.SlimController`), trained with distillation (and the discriminator when one
+(:class:`ganslim.core.slimming.SlimController`), trained with distillation (and the discriminator when one
 is given), then a global threshold meets the target and the dead channels are removed physically."""
 from __future__ import annotations
 
 import torch
 
-from ..distill import FeatureDistiller
-from ..gating import MacsModel, gated_macs_by_module
-from ..slimming import SlimController, SlimSchedule
-from ..targeting import find_channel_groups
-from ..train import DistillTrainer
+from ..core.distill import FeatureDistiller
+from ..core.gating import MacsModel, gated_macs_by_module
+from ..core.slimming import SlimController, SlimSchedule
+from ..core.targeting import find_channel_groups
+from ..core.train import DistillTrainer
 from .base import StageResult, Strategy, StrategyContext, register_strategy
 from .common import budget, loss_weights, resolve_mapping
 

@@ -3,10 +3,10 @@ importance, found by bisection so the pruned network meets a MACs target, with n
 
 Importance of a channel is its normalization scale ``|gamma|`` where its group has an affine norm
 (the scale a BatchNorm/InstanceNorm multiplies the channel by), else the L2 norm of the producing
-filters (:func:`ganslim.slicing.group_importance`), or scores the caller gives (e.g. the gates of a
+filters (:func:`ganslim.pruning.slicing.group_importance`), or scores the caller gives (e.g. the gates of a
 GAN Slimming run). Each group's scores are divided by their mean, so one threshold compares groups
-fairly, as the gates of :mod:`ganslim.gating` are. The bisection is the gating module's
-(:func:`~ganslim.gating.threshold_for_target`), so the result meets the target within one channel
+fairly, as the gates of :mod:`ganslim.core.gating` are. The bisection is the gating module's
+(:func:`~ganslim.core.gating.threshold_for_target`), so the result meets the target within one channel
 (or one ``multiple``) of one group.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .gating import GateSet, MacsModel, prune_channels, threshold_for_target
+from ..core.gating import GateSet, MacsModel, prune_channels, threshold_for_target
 from .slicing import group_importance
-from .targeting import Targets
+from ..core.targeting import Targets
 
 __all__ = ["importance_scores", "onestep_masks", "onestep_prune"]
 

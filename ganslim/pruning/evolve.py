@@ -3,7 +3,7 @@ with a discriminator-aware fitness.
 
 A candidate is one keep-mask per channel group (coupled channels always share one bit, so every
 candidate is a valid network). Masks are applied by zeroing channels after their norms/producers
-(:class:`ChannelMasks`, the gate hooks of :mod:`ganslim.gating` with the mask as scale), which is
+(:class:`ChannelMasks`, the gate hooks of :mod:`ganslim.core.gating` with the mask as scale), which is
 exactly the pruned network's function (the gating tests check this equality), so candidates are
 scored without surgery.
 
@@ -31,10 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._utils import first_output
-from .gating import GateSet, MacsModel, width_floors
-from .genetic import evolve_population
-from .targeting import Targets
+from .._utils import first_output
+from ..core.gating import GateSet, MacsModel, width_floors
+from ..core.genetic import evolve_population
+from ..core.targeting import Targets
 
 __all__ = ["EvolveConfig", "ChannelMasks", "evolve_masks", "EvolveResult"]
 

@@ -1,5 +1,5 @@
-"""The genetic loop both searches share: channel masks (:mod:`ganslim.evolve`, Co-Evolutionary
-Compression) and sub-network widths of a supernet (:mod:`ganslim.search`, once-for-all).
+"""The genetic loop both searches share: channel masks (:mod:`ganslim.pruning.evolve`, Co-Evolutionary
+Compression) and sub-network widths of a supernet (:mod:`ganslim.pruning.search`, once-for-all).
 
 Per generation: score every individual, keep the fittest ``n_parents``, and fill the population with
 children, each from crossover of two parents (probability ``crossover``) or from mutating one. What

@@ -1,10 +1,10 @@
-"""Deployment (module ``ganslim.deploy``): ``ganslim.export(model, path, format="onnx" | "onnx-int8")`` and an onnxruntime runner.
+"""Deployment (module ``ganslim.deployment.deploy``): ``ganslim.export(model, path, format="onnx" | "onnx-int8")`` and an onnxruntime runner.
 
 ``onnx``: the float network as ONNX (opset 17, batch/height/width dynamic).
 
 ``onnx-int8``: a QDQ ONNX model that onnxruntime executes with integer kernels (QLinearConv,
 QLinearAdd, ...): weights int8 per output channel, activations uint8 per tensor. For a QAT model
-(:func:`ganslim.quantization.quantize` + :func:`~ganslim.quantization.train_qat`) the exported
+(:func:`ganslim.deployment.quantization.quantize` + :func:`~ganslim.deployment.quantization.train_qat`) the exported
 weights are the fake-quantized ones it was trained with; activation ranges are calibrated by
 onnxruntime on ``calib_loader``. For a float model the same call is plain post-training
 quantization (PTQ), the baseline QAT has to beat.
@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ._extras import require
-from ._utils import as_input_tuple
-from .train import first_output, input_batches, split_batch
+from .._extras import require
+from .._utils import as_input_tuple
+from ..core.train import first_output, input_batches, split_batch
 
 __all__ = ["export", "OnnxModule", "FORMATS", "ExportError"]
 
@@ -232,7 +232,7 @@ def _float_ends(path: pathlib.Path, keep_first: bool, keep_last: bool) -> list[s
 
 
 def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: bool) -> list[str]:
-    """Write ``fp32`` with the exact rewrites of :mod:`ganslim.onnx_rewrite` applied to ``out``: the
+    """Write ``fp32`` with the exact rewrites of :mod:`ganslim.deployment.onnx_rewrite` applied to ``out``: the
     thin output conv as a space-to-depth conv (fp32 and int8) and, for ``int8``, each ConvTranspose
     in its sub-pixel form. Returns what was rewritten (empty: nothing to do, ``out`` not written).
     The result is run in onnxruntime against the original on ``example``; if it differs (max |diff|
@@ -341,7 +341,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
     """Write ``model`` to ``path`` for deployment; returns the path.
 
     Args:
-        model: a float generator, or a QAT model from :func:`ganslim.quantization.quantize`
+        model: a float generator, or a QAT model from :func:`ganslim.deployment.quantization.quantize`
             (which must have been calibrated).
         format: ``"onnx"`` (float32) or ``"onnx-int8"`` (QDQ, int8 kernels in onnxruntime).
         example_inputs: a tensor ``(N, C, H, W)`` or tuple of tensors fixing the input signature;
@@ -352,7 +352,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
             ``"max"``); a QAT model uses the settings it was calibrated with.
         keep_first_float, keep_last_float: leave the first / last weighted layer in float in the
             int8 file (a QAT model uses its ``skip_first`` / ``skip_last``).
-        rewrites: exact graph rewrites for onnxruntime's CPU kernels (:mod:`ganslim.onnx_rewrite`):
+        rewrites: exact graph rewrites for onnxruntime's CPU kernels (:mod:`ganslim.deployment.onnx_rewrite`):
             a thin output conv (<= 4 channels, e.g. the RGB layer) as a stride-2 conv with 4x the
             channels + depth-to-space (fp32 and int8); for int8 also each ConvTranspose as its
             sub-pixel form (stride-1 Conv + depth-to-space), which runs as an integer QLinearConv
@@ -439,7 +439,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
                     if diff > 1e-3:
                         raise ExportError(f"onnxruntime output differs from PyTorch by {diff:.3g} (> 1e-3)")
                 else:
-                    from .measure import psnr
+                    from ..measure import psnr
 
                     p = psnr(out, reference.clamp(-1, 1)) if reference.abs().max() <= 1.0 + 1e-6 else None
                     if p is not None and p < 20.0:
@@ -460,10 +460,10 @@ def measure_deployment(variants: Sequence[tuple[str, nn.Module, str]], reference
     ``reference``: the float PyTorch model the PSNR-to-float column compares with;
     ``eval_pairs``: ``[(inputs tuple, target or None)]`` (latency at the first inputs).
     Files go to ``out_dir`` (kept) or a temporary folder (deleted). Returns
-    :class:`ganslim.report.DeployStats` rows in the order given.
+    :class:`ganslim.measure.report.DeployStats` rows in the order given.
     """
-    from . import measure
-    from .report import DeployStats
+    from .. import measure
+    from ..measure.report import DeployStats
 
     if not eval_pairs:
         raise ValueError("measure_deployment needs at least one evaluation input")

@@ -1,10 +1,10 @@
 """Supernet training (once-for-all, sandwich rule) and supernet checkpoints.
 
-:func:`train_supernet` distils the teacher into a width-sliceable :class:`~ganslim.slicing.Supernet`
+:func:`train_supernet` distils the teacher into a width-sliceable :class:`~ganslim.pruning.slicing.Supernet`
 with weight sharing: every step accumulates the gradients of the largest sub-network, the
 smallest, and ``random_subnets`` uniformly random ones (the sandwich rule of once-for-all networks,
 as GAN Compression trains its "once-for-all" generator), then takes one optimizer step. The losses
-are the output-level distillation losses of :mod:`ganslim.train` (L1 to the teacher, L1 + MSE to
+are the output-level distillation losses of :mod:`ganslim.core.train` (L1 to the teacher, L1 + MSE to
 the ground truth), so batches that carry ``"teacher_output"`` never run the teacher.
 
 Training is resumable: with ``checkpoint=PATH`` the supernet weights, optimizer and scheduler
@@ -27,9 +27,9 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from . import distributed as dist
+from ..core import distributed as dist
 from .slicing import SliceConfig, Supernet, make_supernet
-from .train import (LossWeights, NonFiniteLossError, _finite_everywhere, atomic_torch_save, cached_teacher_output, cycle,
+from ..core.train import (LossWeights, NonFiniteLossError, _finite_everywhere, atomic_torch_save, cached_teacher_output, cycle,
                     first_output, lr_cosine, output_losses, split_batch)
 
 __all__ = ["SupernetConfig", "train_supernet", "save_supernet", "load_supernet"]
@@ -149,7 +149,7 @@ def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, con
 def save_supernet(supernet: Supernet, path: str | os.PathLike, metadata: Optional[dict] = None) -> pathlib.Path:
     """Write ``supernet`` (ordered full-width weights + architecture + channel groups and candidate
     widths) to ``path`` (.safetensors, atomic). Reload with :func:`load_supernet`."""
-    from .checkpoint import save
+    from ..deployment.checkpoint import save
 
     meta = dict(metadata or {})
     meta["supernet"] = supernet.describe()
@@ -160,7 +160,7 @@ def load_supernet(path: str | os.PathLike, model: Optional[nn.Module] = None) ->
     """Load a supernet written by :func:`save_supernet` (no original class needed; ``model=`` loads
     the weights into your own instance instead). Its channel groups are traced again and checked
     against the recorded ones."""
-    from .checkpoint import CheckpointError, load, read_metadata
+    from ..deployment.checkpoint import CheckpointError, load, read_metadata
 
     meta = (read_metadata(path).get("metadata") or {}).get("supernet")
     if not meta:

@@ -114,7 +114,7 @@ class SlimController:
 
     def export(self, example_inputs, tol: float = 1e-4) -> tuple[nn.Module, dict]:
         """A plain, physically smaller copy of the student (gates folded, dead channels removed, output
-        checked equal to the gated student; see :func:`ganslim.gating.export_pruned`). The student must
+        checked equal to the gated student; see :func:`ganslim.core.gating.export_pruned`). The student must
         carry no other hooks that a copy would take along."""
         return export_pruned(self.student, self.gates, example_inputs, tol=tol)
 

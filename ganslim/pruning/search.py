@@ -1,13 +1,13 @@
 """Evolutionary architecture search over a supernet's widths, under a MACs and/or a measured latency budget.
 
-One trained :class:`~ganslim.slicing.Supernet` answers any budget without retraining: a population
+One trained :class:`~ganslim.pruning.slicing.Supernet` answers any budget without retraining: a population
 of width configurations that satisfy the budget is evolved (the best ``parents`` fraction survives;
 children by uniform crossover of two parents and by mutation, i.e. each group's width redrawn with
 probability ``mutation_prob``); a child over budget is shrunk (a random group one width step down)
 until it fits, which keeps the search near the budget's edge where the best networks are.
 
 Fitness is measured, not predicted: each candidate's BatchNorm statistics are re-estimated on a
-few training batches (:func:`~ganslim.slicing.recalibrate_bn`) and its outputs are compared on a
+few training batches (:func:`~ganslim.pruning.slicing.recalibrate_bn`) and its outputs are compared on a
 held-out set (PSNR to the ground truth when there is one, else to the teacher; or any
 ``metric(model) -> float``, higher is better, e.g. a negative FID). The latency budget is checked
 by timing the sliced sub-network on this device. Every evaluation is cached, so several budgets
@@ -23,9 +23,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import measure
-from ._utils import as_input_tuple, first_output
-from .genetic import evolve_population
+from .. import measure
+from .._utils import as_input_tuple, first_output
+from ..core.genetic import evolve_population
 from .slicing import Supernet, recalibrate_bn
 
 __all__ = ["SearchConfig", "Candidate", "SearchResult", "Evaluator", "evolve", "search", "BudgetError", "pareto_front",
@@ -443,9 +443,9 @@ def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: S
     optionally fine-tune it (``finetune_steps`` distillation steps), measure it, and save it to
     ``out_dir/subnet_<budget>.safetensors``. Evaluations are shared between budgets.
     ``plot``: PNG of every evaluated sub-network (MACs vs fitness) with each budget's choice."""
-    from .checkpoint import save
-    from .config import CompressConfig
-    from .train import LossWeights, finetune, input_batches
+    from ..deployment.checkpoint import save
+    from ..config import CompressConfig
+    from ..core.train import LossWeights, finetune, input_batches
 
     d = CompressConfig()  # compress's output losses for the fine-tune
     weights = LossWeights(d.recon_weight, d.gt_weight, 0.0, 0.0, d.mse_weight)

@@ -8,13 +8,13 @@ int8 grid. Pieces, each usable alone:
   int8 network has no float BatchNorm left between its integer convolutions;
 * :func:`quantize` - insert fake quantizers (ModelOpt) and calibrate them on the user's loader;
 * :func:`train_qat` - distillation fine-tune of the fake-quantized student (the loop of
-  :mod:`ganslim.train`: L1 to the teacher's output and to the ground truth);
+  :mod:`ganslim.core.train`: L1 to the teacher's output and to the ground truth);
 * :func:`to_float` - the ``merge_and_unload`` of quantization: a plain float module of standard
   layers whose weights are the fake-quantized (on-grid) weights, ready for ONNX export;
 * :func:`quant_state` / :func:`restore` - what a checkpoint stores (our own JSON config and the
   quantizers' ``amax`` tensors), so a QAT model is saved and reloaded without ModelOpt's pickles.
 
-The deployment itself (QDQ ONNX run by onnxruntime's int8 kernels) lives in :mod:`ganslim.deploy`.
+The deployment itself (QDQ ONNX run by onnxruntime's int8 kernels) lives in :mod:`ganslim.deployment.deploy`.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ._extras import require
-from .train import input_batches, split_batch
+from .._extras import require
+from ..core.train import input_batches, split_batch
 
 __all__ = ["QuantConfig", "fold_batchnorm", "quantize", "train_qat", "is_quantized", "is_calibrated", "to_float",
            "quant_state", "restore", "QuantizationError"]
@@ -252,7 +252,7 @@ def quantize(model: nn.Module, loader: Optional[Iterable], config: Optional[Quan
             example_inputs = tuple(t[:1].to(device) for t in inputs)
         if example_inputs is None:
             raise QuantizationError("skip_first/skip_last need example_inputs or a loader to find the layer order")
-        from ._utils import as_input_tuple
+        from .._utils import as_input_tuple
 
         order = _execution_order(work, as_input_tuple(example_inputs))
         if cfg.skip_first and order:
@@ -365,11 +365,11 @@ def train_qat(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
               callbacks: Iterable[Callable] = ()) -> nn.Module:
     """Fine-tune a quantized ``model`` in place to imitate ``teacher`` (straight-through estimator).
 
-    Losses as in :class:`ganslim.train.DistillTrainer`: L1 to the teacher's output (pseudo pairs)
+    Losses as in :class:`ganslim.core.train.DistillTrainer`: L1 to the teacher's output (pseudo pairs)
     and to the ground truth when the batch has one; Adam, cosine decay over ``config.steps``.
     The quantizers' ranges stay fixed at their calibrated values.
     """
-    from .train import DistillTrainer, LossWeights, lr_cosine
+    from ..core.train import DistillTrainer, LossWeights, lr_cosine
 
     if not is_quantized(model):
         raise QuantizationError("train_qat needs a model returned by ganslim.quantization.quantize")

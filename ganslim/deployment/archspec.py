@@ -570,7 +570,7 @@ def model_spec(model: nn.Module, persistent_keys: Iterable[str] | None = None) -
     """Architecture spec: fx graph if ``model`` traces, else class + leaf specs.
 
     The returned dict is JSON-encodable except for the private key ``"_fx_module"`` (the traced
-    GraphModule, used by :mod:`ganslim.checkpoint` to fetch tracer-created constants); callers must
+    GraphModule, used by :mod:`ganslim.deployment.checkpoint` to fetch tracer-created constants); callers must
     pop it before serialising. ``"fx_error"`` explains why a "class" spec was produced.
     """
     if persistent_keys is None:

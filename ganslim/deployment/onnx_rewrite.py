@@ -1,4 +1,4 @@
-"""Exact ONNX graph rewrites applied by :func:`ganslim.export` (module ``ganslim.onnx_rewrite``) so
+"""Exact ONNX graph rewrites applied by :func:`ganslim.export` (module ``ganslim.deployment.onnx_rewrite``) so
 that onnxruntime's CPU provider runs an int8 generator with integer kernels where it otherwise
 falls back to float. Every rewrite computes the same function; :func:`ganslim.export` also checks
 the rewritten float graph against the original in onnxruntime and keeps the original if they

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from ._utils import as_input_tuple  # noqa: F401 - re-exported for the stages
+from .._utils import as_input_tuple  # noqa: F401 - re-exported for the stages
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 PRODUCER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)

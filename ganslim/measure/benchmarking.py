@@ -1,4 +1,4 @@
-"""``ganslim.bench`` (module ``ganslim.benchmarking``): a teacher and any number of compressed
+"""``ganslim.bench`` (module ``ganslim.measure.benchmarking``): a teacher and any number of compressed
 generators, measured side by side on the same inputs; the first model is the teacher (reference).
 
 Per row (one model on one runtime): MACs (papers' convention, G; counted from the graph for ONNX
@@ -29,8 +29,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import measure
-from ._utils import as_input_tuple
+from .. import measure
+from .._utils import as_input_tuple
 
 RUNTIMES = ("eager", "compile", "onnxruntime", "onnxruntime-int8")
 NOT_COMPUTED = "not computed"
@@ -78,7 +78,7 @@ def _factory(spec: str) -> Callable[[], nn.Module]:
 def load_state_file(model: nn.Module, path: str) -> nn.Module:
     """Load a ``torch.save`` state dict (optionally under ``"state_dict"``, as training scripts save
     it) into ``model``; a file that does not match the model is a one-line ``ValueError``."""
-    from .checkpoint import CheckpointError
+    from ..deployment.checkpoint import CheckpointError
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -103,8 +103,8 @@ def resolve_model(m: Any, factory: Optional[str | Callable] = None) -> nn.Module
     """Any accepted model description -> module in eval mode (see the module docstring)."""
     if isinstance(m, nn.Module):
         return m.eval()
-    from . import data
-    from .checkpoint import load, read_metadata
+    from .. import data
+    from ..deployment.checkpoint import load, read_metadata
 
     if m in (None, "default"):
         return data.default_teacher()
@@ -114,7 +114,7 @@ def resolve_model(m: Any, factory: Optional[str | Callable] = None) -> nn.Module
     make = _factory(factory) if isinstance(factory, str) else factory
     low = path.lower()
     if low.endswith(".onnx"):
-        from .deploy import OnnxModule
+        from ..deployment.deploy import OnnxModule
 
         return OnnxModule(path)
     if low.endswith(".safetensors"):
@@ -201,7 +201,7 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
         raise ValueError(f"unknown runtime(s) {bad}; choose from {', '.join(RUNTIMES)}")
     if eval_pairs is None:
         if inputs is None:
-            from . import data
+            from .. import data
 
             eval_pairs = [((x,), y) for x, y in data.test_pairs()]
         else:
@@ -228,7 +228,7 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
                 if i == 0:
                     break  # no teacher: nothing to compare against
                 continue
-            from .deploy import OnnxModule
+            from ..deployment.deploy import OnnxModule
 
             is_onnx = isinstance(model, OnnxModule)
             model_runtimes = ["onnxruntime"] if is_onnx else list(runtimes)
@@ -281,7 +281,7 @@ def _mean(v: list[float]) -> Optional[float]:
 
 
 def runner_out(runner: nn.Module, inputs: tuple, dev: torch.device) -> torch.Tensor:
-    from .train import first_output
+    from ..core.train import first_output
 
     with torch.no_grad():
         on_dev = not getattr(runner, "_ganslim_cpu_only", False)
@@ -292,7 +292,7 @@ def runner_out(runner: nn.Module, inputs: tuple, dev: torch.device) -> torch.Ten
 def _prepare(model: nn.Module, rt: str, spec: Any, first: tuple, calib_loader, eval_pairs, tmpdir: str, threads: int,
              is_onnx: bool):
     """The callable that runs ``model`` on runtime ``rt``, and the file whose size is reported."""
-    from .deploy import OnnxModule, export
+    from ..deployment.deploy import OnnxModule, export
 
     src_file = spec if isinstance(spec, str) and os.path.exists(spec) else None
     if is_onnx:
@@ -316,7 +316,7 @@ def _prepare(model: nn.Module, rt: str, spec: Any, first: tuple, calib_loader, e
 
 def _measure_row(row: BenchRow, model: nn.Module, runner: nn.Module, rt: str, size_file: Optional[str], eval_pairs,
                  dev: torch.device, repeats: int, warmup: int, max_seconds: float, threads: int, is_onnx: bool) -> None:
-    from .deploy import OnnxModule, onnx_macs
+    from ..deployment.deploy import OnnxModule, onnx_macs
 
     first = eval_pairs[0][0]
     cpu_only = getattr(runner, "_ganslim_cpu_only", False)
@@ -325,7 +325,7 @@ def _measure_row(row: BenchRow, model: nn.Module, runner: nn.Module, rt: str, si
         row.macs_g = onnx_macs(runner.path, first) / 1e9
         row.params_m = runner.num_weights() / 1e6
     else:
-        from . import quantization as Q
+        from ..deployment import quantization as Q
 
         counted = Q.to_float(model) if Q.is_quantized(model) else model
         row.macs_g = measure.count_macs(counted, first) / 1e9
@@ -476,8 +476,8 @@ def pareto_plot(rows: list[BenchRow], path: str, x_axis: str = "macs") -> str:
 def image_grid(models_or_paths: Sequence[Any], path: str, eval_pairs: Optional[list] = None,
                factory: Optional[str | Callable] = None, labels: Optional[Sequence[str]] = None) -> str:
     """PNG grid, one row per evaluation image: input | teacher | each model | ground truth."""
-    from . import data
-    from .visualize import save_image_grid
+    from .. import data
+    from ..visualize import save_image_grid
 
     if eval_pairs is None:
         eval_pairs = [((x,), y) for x, y in data.test_pairs()]

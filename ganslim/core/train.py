@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed as dist
-from ._utils import first_output  # noqa: F401 - re-exported: the loop's callers import it from here
+from .._utils import first_output  # noqa: F401 - re-exported: the loop's callers import it from here
 
 BatchFn = Callable[[Any], tuple]
 

@@ -16,8 +16,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import measure
-from ._utils import as_input_tuple
+from .. import measure
+from .._utils import as_input_tuple
 
 DEFAULT_WIDTHS = (1.0, 0.7, 0.5, 0.35, 0.25, 0.17, 0.12, 0.08)
 
@@ -58,7 +58,7 @@ def calibrate_latency(model: nn.Module, targets, example_inputs: Any, latency_in
 
     Args:
         model: the network to be compressed (not modified: copies are pruned).
-        targets: its channel groups (:func:`ganslim.targeting.find_channel_groups`).
+        targets: its channel groups (:func:`ganslim.core.targeting.find_channel_groups`).
         example_inputs: the input the channel groups were found with (for export checks).
         latency_inputs: the deployment input whose latency matters (e.g. one full image).
         target_ms: latency target in milliseconds on ``device`` (default: where ``model`` is).
@@ -66,7 +66,7 @@ def calibrate_latency(model: nn.Module, targets, example_inputs: Any, latency_in
         :class:`LatencyCalibration`; ``macs_fraction`` is None when even the thinnest variant misses
         the target (its ``note`` says so), 1.0 when the unpruned network already meets it.
     """
-    from .gating import GateSet, MacsModel, export_pruned
+    from ..core.gating import GateSet, MacsModel, export_pruned
 
     if not target_ms > 0:
         raise ValueError(f"target_latency_ms must be > 0, got {target_ms}")

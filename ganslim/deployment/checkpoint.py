@@ -2,7 +2,7 @@
 
 A checkpoint is a plain ``.safetensors`` file. Its string metadata holds ``"ganslim"``: a JSON
 document with the format version, the ganslim/torch versions, the architecture spec of
-:mod:`ganslim.archspec` (so a pruned model reloads *without* its Python class), the storage dtype,
+:mod:`ganslim.deployment.archspec` (so a pruned model reloads *without* its Python class), the storage dtype,
 tensor aliases, a SHA-256 of the tensor data and the user's ``metadata``. Tensor keys are the
 model's own ``state_dict`` keys; fx constants and user extras live under reserved prefixes.
 
@@ -38,7 +38,7 @@ class CheckpointError(ValueError):
 
 def _ganslim_version() -> str:
     try:
-        from . import __version__
+        from .. import __version__
 
         return str(__version__)
     except Exception:  # pragma: no cover
@@ -108,7 +108,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = N
     ``metadata``: JSON-serialisable dict stored alongside (read back with :func:`read_metadata`).
     ``dtype``: store floating-point tensors in this dtype (e.g. ``torch.float16`` halves the file).
     ``extra_tensors``: additional named tensors (read back with :func:`load_extra_tensors`).
-    A quantized (QAT) model from :mod:`ganslim.quantization` is stored as its float twin plus its
+    A quantized (QAT) model from :mod:`ganslim.deployment.quantization` is stored as its float twin plus its
     quantization config and ranges, so :func:`load` gives back the same fake-quantized model.
     The file is replaced atomically; on failure an existing file is left untouched.
     """

@@ -1,6 +1,6 @@
 """Differentiable channel gates with an L1 proximal step, and physical removal of gated-off channels.
 
-GAN Slimming's recipe on any generator: every prunable channel group (see :mod:`ganslim.targeting`)
+GAN Slimming's recipe on any generator: every prunable channel group (see :mod:`ganslim.core.targeting`)
 gets a learnable per-channel scale ``gate`` (init 1). Forward hooks multiply the outputs of the
 group's gate points by it, so the user's class is untouched. After each optimizer step
 :meth:`GateSet.prox_step` soft-thresholds the gates (the proximal operator of ``rho * |g|_1``), so
@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ._utils import as_float64, first_output, in_float64, relative_difference
+from .._utils import as_float64, first_output, in_float64, relative_difference
 from .targeting import NORM_TYPES, ChannelGroup, Targets, as_input_tuple, inplace_disabled
 
 
@@ -62,8 +62,8 @@ class GateSet(nn.Module):
     @classmethod
     def for_model(cls, model: nn.Module, targets: Targets) -> "GateSet":
         """Gates at 1 whose channels rank by gate x ``model``'s current channel importance (norm scales,
-        or for non-affine norms the consumers' weights; :func:`ganslim.onestep.importance_scores`)."""
-        from .onestep import importance_scores
+        or for non-affine norms the consumers' weights; :func:`ganslim.pruning.onestep.importance_scores`)."""
+        from ..pruning.onestep import importance_scores
 
         gates = cls(targets, priority=importance_scores(model, targets))
         gates._priority_fn = lambda: importance_scores(model, targets)  # refreshed as the student trains
@@ -271,7 +271,7 @@ def gated_macs_by_module(model: nn.Module, targets: Targets, example_inputs, con
     :class:`MacsModel` of a gated run. Folding a gate into a norm without an affine weight (CycleGAN's
     ``InstanceNorm2d(affine=False)``) makes that norm affine, which the papers' convention counts at one
     MAC per output element (0 without): counted here so that the exported student meets its target."""
-    from . import measure
+    from .. import measure
 
     plain = []
     for name in sorted({p for g in targets.groups for p in g.gate_points}):

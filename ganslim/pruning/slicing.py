@@ -1,7 +1,7 @@
 """Once-for-all width slicing: any generator becomes a supernet whose channel groups run at a chosen width.
 
 GAN Compression's second lever, generalised to any architecture. The prunable channel groups come
-from torch-pruning's dependency graph (:mod:`ganslim.targeting`), so coupled channels (residual
+from torch-pruning's dependency graph (:mod:`ganslim.core.targeting`), so coupled channels (residual
 adds, concatenations, norms, depthwise convs) always share one width: a width is chosen *per
 group*, never per layer, which makes inconsistent widths impossible by construction.
 
@@ -30,9 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._utils import as_float64, as_input_tuple, first_output, in_float64, relative_difference
-from .gating import MacsModel, prune_channels
-from .targeting import NORM_TYPES, ChannelGroup, Targets, find_channel_groups
+from .._utils import as_float64, as_input_tuple, first_output, in_float64, relative_difference
+from ..core.gating import MacsModel, prune_channels
+from ..core.targeting import NORM_TYPES, ChannelGroup, Targets, find_channel_groups
 
 __all__ = ["SliceConfig", "Supernet", "make_supernet", "recalibrate_bn", "width_choices", "SliceError"]
 
@@ -255,7 +255,7 @@ class Supernet(nn.Module):
     def __init__(self, model: nn.Module, targets: Targets, example_inputs: Any, config: SliceConfig,
                  base_macs: Optional[Mapping[str, int]] = None):
         super().__init__()
-        from . import measure
+        from .. import measure
 
         self.model = model
         self.targets = targets
@@ -456,7 +456,7 @@ def make_supernet(model: nn.Module, example_inputs: Any, config: Optional[SliceC
     Args:
         example_inputs: a tensor ``(N, C, H, W)`` or tuple of the model's inputs (tracing, MACs).
         config: :class:`SliceConfig` (candidate width ratios, rounding multiple, importance).
-        include/exclude: as for :func:`ganslim.targeting.find_channel_groups`.
+        include/exclude: as for :func:`ganslim.core.targeting.find_channel_groups`.
         importance: optional ``{group root: score per channel}`` (e.g. gate magnitudes); overrides
             ``config.importance`` for the groups it names.
         reorder: sort channels by importance (off for a supernet that is already ordered).
