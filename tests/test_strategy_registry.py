@@ -127,3 +127,11 @@ def test_nothing_stays_attached_to_the_users_networks_when_compress_returns_or_r
         att, sd = before[id(n)]
         assert _attachments(n) == att
         assert all(torch.equal(v, n.state_dict()[k]) for k, v in sd.items())
+
+
+def test_the_defaults_are_the_demos_tuned_recipe():
+    from ganslim.demo import DEMO_CONFIG
+
+    assert DEMO_CONFIG == CompressConfig()  # `make demo` runs compress() with its defaults
+    cfg = CompressConfig()
+    assert (cfg.target_macs, cfg.strategy, cfg.steps, cfg.finetune_steps) == (0.1, "slim", 800, 12000)
