@@ -39,8 +39,8 @@ class CompressConfig:
     strategy: str = "slim"
     # --- schedule
     # The defaults are the recipe tuned on the default task (`make demo` runs exactly them): 800 gated +
-    # 12000 fine-tune steps, about 12 minutes for the ResNet-9 ngf 32 at batch 8 of 64x64 crops on 2 CPU
-    # cores. Cost is linear in steps x batch x crop pixels x the generator's MACs; for a shorter budget
+    # 12000 fine-tune steps, 11-23 minutes (by CPU) for the ResNet-9 ngf 32 at batch 8 of 64x64 crops on 2
+    # CPU cores. Cost is linear in steps x batch x crop pixels x the generator's MACs; for a shorter budget
     # cut finetune_steps first (3000 cost about 0.5 dB at 1/10 on the default task, bench_strategies.py).
     steps: int = 800  # sparsify phase, gates attached (ofa: supernet steps)
     finetune_steps: int = 12000  # after physical removal, plain smaller student
