@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -50,7 +51,8 @@ def _cmd_compress(args) -> int:
     from .compression import compress
     from .config import CompressConfig
 
-    given = {name: getattr(args, dest) for name, dest in _CONFIG_FLAGS.items() if hasattr(args, dest)}
+    # config flags are SUPPRESSed when absent: only the ones given are attributes of args
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig) if hasattr(args, f.name)}
     # the file's options, then the flags given on the command line; every other field: CompressConfig's default
     cfg = (CompressConfig.from_file(args.config) if args.config else CompressConfig()).replace(**given)
     cfg = cfg.validate()
@@ -89,7 +91,6 @@ def _cmd_compress(args) -> int:
 # earlier releases). Generated from the dataclass, with its defaults, so the CLI and the API cannot disagree.
 _FLAG_ALIASES = {"search_population": ("--population",), "search_generations": ("--generations",)}
 _SCALAR_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-_CONFIG_FLAGS: dict[str, str] = {}  # field name -> argparse dest (filled by _add_config_flags)
 
 
 def _field_type(annotation: str):
@@ -101,9 +102,8 @@ def _field_type(annotation: str):
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per scalar CompressConfig field; absent flags leave the field to the file or the default."""
-    import dataclasses
-
+    """One flag per scalar CompressConfig field (dest: the field's name); absent flags leave the field to
+    the file or the default."""
     from .config import CompressConfig
     from .strategies import strategy_names, strategy_table
 
@@ -129,7 +129,6 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             kw["help"] = f"add a QAT stage (8-bit weights and activations); default: {default!r} (none)"
             kw.pop("metavar")
         group.add_argument(*names, **kw)
-        _CONFIG_FLAGS[f.name] = f.name
 
 
 def _cmd_search(args) -> int:

@@ -163,6 +163,8 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
         cfg = cfg.replace(**settings)
         notes.append(f"strategy auto -> {why}")
     strategy = get_strategy(cfg.strategy)
+    if strategy.needs_target and cfg.target_macs is None and cfg.target_latency_ms is None:
+        raise ValueError(f"strategy={cfg.strategy!r} needs target_macs or target_latency_ms")
     if discriminator is not None and not strategy.accepts_discriminator:
         raise ValueError(f"strategy={cfg.strategy!r} trains with distillation losses only; drop discriminator= or "
                          "use strategy='slim' or 'evolve'")

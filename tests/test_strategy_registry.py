@@ -135,3 +135,19 @@ def test_the_defaults_are_the_demos_tuned_recipe():
     assert DEMO_CONFIG == CompressConfig()  # `make demo` runs compress() with its defaults
     cfg = CompressConfig()
     assert (cfg.target_macs, cfg.strategy, cfg.steps, cfg.finetune_steps) == (0.1, "slim", 800, 12000)
+
+
+def test_compress_checks_what_a_strategy_declares_before_running_it(monkeypatch):
+    from ganslim.strategies import evolve, ofa, onestep
+
+    ran = []
+    for cls in (onestep.OneStepStrategy, evolve.EvolveStrategy, ofa.OfaStrategy):
+        monkeypatch.setattr(cls, "run", lambda self, ctx: ran.append(self.name))
+    teacher = _teacher()
+    kw = dict(steps=2, finetune_steps=0, progress=False, measure_latency=False)
+    for name in ("onestep", "evolve"):  # they prune to a budget: one must be given
+        with pytest.raises(ValueError, match=f"strategy='{name}' needs target_macs or target_latency_ms"):
+            ganslim.compress(teacher, teacher, _loader(), strategy=name, target_macs=None, **kw)
+    with pytest.raises(ValueError, match="strategy='ofa' trains with distillation losses only"):
+        ganslim.compress(teacher, teacher, _loader(), strategy="ofa", discriminator=nn.Conv2d(3, 1, 3), **kw)
+    assert ran == []  # refused before any strategy ran

@@ -273,20 +273,25 @@ def gated_macs_by_module(model: nn.Module, targets: Targets, example_inputs, con
     MAC per output element (0 without): counted here so that the exported student meets its target."""
     from .. import measure
 
-    plain = []
-    for name in sorted({p for g in targets.groups for p in g.gate_points}):
-        mod = model.get_submodule(name)
-        if isinstance(mod, NORM_TYPES) and not (getattr(mod, "affine", True) and getattr(mod, "weight", None) is not None):
-            plain.append(name)
+    plain = [name for name in sorted({p for g in targets.groups for p in g.gate_points})
+             if isinstance(model.get_submodule(name), NORM_TYPES) and not _has_affine(model.get_submodule(name))]
     if not plain:
         return measure.macs_by_module(model, example_inputs, convention)
     shadow = copy.deepcopy(model)  # the user's network keeps its norms as they are
     for name in plain:
-        mod = shadow.get_submodule(name)
-        mod.affine = True
-        mod.weight = nn.Parameter(torch.ones(mod.num_features))
-        mod.bias = nn.Parameter(torch.zeros(mod.num_features))
+        _make_affine(shadow.get_submodule(name), torch.ones(shadow.get_submodule(name).num_features))
     return measure.macs_by_module(shadow, example_inputs, convention)
+
+
+def _has_affine(norm: nn.Module) -> bool:
+    return getattr(norm, "affine", True) and getattr(norm, "weight", None) is not None
+
+
+def _make_affine(norm: nn.Module, scale: torch.Tensor) -> None:
+    """Give a norm without an affine weight one: weight ``scale``, bias 0 (what folding a gate into it does)."""
+    norm.affine = True
+    norm.weight = nn.Parameter(scale.clone())
+    norm.bias = nn.Parameter(torch.zeros_like(scale))
 
 
 def macs_schedule(step: int, start: int, reach: int, total_macs: float, target_macs: float) -> float:
@@ -386,13 +391,11 @@ def fold_gates(model: nn.Module, gates: GateSet) -> None:
         mod = model.get_submodule(name)
         s = gates._scale_for(name, _out_channels(mod))().detach().to(next(iter(mod.parameters()), gates.gates[0]).device)
         if isinstance(mod, NORM_TYPES):
-            if getattr(mod, "affine", True) and getattr(mod, "weight", None) is not None:
+            if _has_affine(mod):
                 mod.weight.mul_(s)
                 mod.bias.mul_(s)
             else:
-                mod.affine = True
-                mod.weight = nn.Parameter(s.clone())
-                mod.bias = nn.Parameter(torch.zeros_like(s))
+                _make_affine(mod, s)
         elif isinstance(mod, nn.modules.conv._ConvTransposeNd):
             # weight: (in, out/groups, k...) -> scale dim 1 per output channel
             g = mod.groups

@@ -95,14 +95,14 @@ class StrategyContext:
 
 class Strategy:
     """A way to choose (and train) the student's channels. Subclasses set ``name``, ``paper`` and
-    ``summary``, list in ``config_fields`` the :class:`~ganslim.config.CompressConfig` fields they
-    read besides the common ones, and implement :meth:`run`. Resumable state: write it to
+    ``summary``, say whether they need a MACs or latency target and accept a discriminator (compress
+    checks both before :meth:`run`), and implement :meth:`run` reading their options from
+    ``ctx.config`` (:class:`~ganslim.config.CompressConfig`). Resumable state: write it to
     ``ctx.checkpoint(<file>)`` (compress also saves the finished stage and skips it on a rerun)."""
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
-    config_fields: ClassVar[tuple[str, ...]] = ()
     needs_target: ClassVar[bool] = True  # needs target_macs or target_latency_ms
     accepts_discriminator: ClassVar[bool] = True
 

@@ -67,10 +67,8 @@ def budget(ctx: StrategyContext, targets, macs_model: MacsModel):
 
 def targets_and_budget(ctx: StrategyContext):
     """Channel groups, MACs model and absolute budget for the strategies that prune once (onestep,
-    evolve): ``(targets, macs_model, target_abs, calibration)``."""
+    evolve; compress has checked that a target is given): ``(targets, macs_model, target_abs, calibration)``."""
     cfg = ctx.config
-    if cfg.target_macs is None and cfg.target_latency_ms is None:
-        raise ValueError(f"strategy={cfg.strategy!r} needs target_macs or target_latency_ms")
     targets = find_channel_groups(ctx.student, ctx.example, include=cfg.include, exclude=cfg.exclude)
     macs_model = MacsModel(ctx.student, targets, measure.macs_by_module(ctx.student, ctx.example, "papers"))
     target_abs, calibration = budget(ctx, targets, macs_model)

@@ -15,8 +15,6 @@ class EvolveStrategy(Strategy):
     name = "evolve"
     paper = "Co-Evolutionary Compression"
     summary = "genetic search over channel masks, discriminator-aware fitness"
-    config_fields = ("evolve_population", "evolve_generations", "evolve_batches", "reverse_generator",
-                     "channel_multiple")
 
     def run(self, ctx: StrategyContext) -> StageResult:
         cfg, discriminator = ctx.config, ctx.discriminator

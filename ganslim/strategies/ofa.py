@@ -16,15 +16,11 @@ class OfaStrategy(Strategy):
     name = "ofa"
     paper = "GAN Compression"
     summary = "once-for-all supernet (sandwich rule) + evolutionary search at the budget"
-    config_fields = ("steps", "width_ratios", "supernet_lr", "random_subnets", "search_population",
-                     "search_generations", "search_bn_batches", "search_metric", "supernet_checkpoint",
-                     "channel_multiple")
+    needs_target = False  # without one the search is unconstrained
     accepts_discriminator = False
 
     def run(self, ctx: StrategyContext) -> StageResult:
         cfg = ctx.config
-        if ctx.discriminator is not None:
-            raise ValueError("strategy='ofa' trains with distillation losses only; drop discriminator= or use strategy='slim'")
         supernet = make_supernet(ctx.student, ctx.example,
                                  SliceConfig(ratios=tuple(cfg.width_ratios), multiple=cfg.channel_multiple),
                                  include=cfg.include, exclude=cfg.exclude, copy_model=False)

@@ -12,7 +12,6 @@ class OneStepStrategy(Strategy):
     name = "onestep"
     paper = "CAT"
     summary = "one global threshold on the norm scales meets the budget; the fine-tune does the rest"
-    config_fields = ("channel_multiple",)
 
     def run(self, ctx: StrategyContext) -> StageResult:
         cfg = ctx.config

@@ -19,7 +19,6 @@ class SlimStrategy(Strategy):
     name = "slim"
     paper = "GAN Slimming"
     summary = "gates + L1 proximal step + progressive pruning to the target, then removal"
-    config_fields = ("steps", "lr", "gate_lr", "rho", "prune_start", "prune_every", "target_reach", "channel_multiple")
     needs_target = False  # without a target: L1 only, the gates decide
 
     def run(self, ctx: StrategyContext) -> StageResult:
