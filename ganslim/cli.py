@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -49,10 +48,12 @@ def _cmd_compress(args) -> int:
     from . import data
     from .deployment.checkpoint import save
     from .compression import compress
-    from .config import CompressConfig
+    from .config import CompressConfig, option_names
 
-    # config flags are SUPPRESSed when absent: only the ones given are attributes of args
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig) if hasattr(args, f.name)}
+    # config flags are SUPPRESSed when absent: only the ones given are attributes of args (by flat name)
+    given = {name: getattr(args, name) for name in option_names() if hasattr(args, name)}
+    if args.strategy_option:  # a plug-in strategy's own options: --strategy-option NAME=VALUE (JSON value or text)
+        given["strategy_options"] = dict(_parse_option(o) for o in args.strategy_option)
     # the file's options, then the flags given on the command line; every other field: CompressConfig's default
     cfg = (CompressConfig.from_file(args.config) if args.config else CompressConfig()).replace(**given)
     cfg = cfg.validate()
@@ -68,8 +69,8 @@ def _cmd_compress(args) -> int:
         eval_inputs = [tuple(p) for p in data.test_pairs()]
     cfg = cfg.replace(progress=not args.no_progress, eval_inputs=eval_inputs).validate()
     os.makedirs(args.out, exist_ok=True)
-    if cfg.strategy == "ofa" and cfg.supernet_checkpoint is None:  # resumable: a rerun with the same --out continues
-        cfg.supernet_checkpoint = os.path.join(args.out, "supernet.state.pt")
+    if cfg.strategy == "ofa" and cfg.ofa.checkpoint is None:  # resumable: a rerun with the same --out continues
+        cfg.ofa.checkpoint = os.path.join(args.out, "supernet.state.pt")
     result = compress(teacher, teacher, loader, config=cfg)
     from .core import distributed
 
@@ -101,34 +102,49 @@ def _field_type(annotation: str):
     return _SCALAR_TYPES.get(a)
 
 
+def _parse_option(text: str) -> tuple:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--strategy-option takes NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per scalar CompressConfig field (dest: the field's name); absent flags leave the field to
-    the file or the default."""
-    from .config import CompressConfig
+    """One flag per scalar option of CompressConfig and its sections, ``--flat-name`` (dest: the flat
+    name, :func:`ganslim.config.option_fields`), one argument group per section; absent flags leave the
+    option to the file or the default."""
+    from .config import SECTIONS, option_fields
     from .strategies import strategy_names, strategy_table
 
-    group = parser.add_argument_group("compression options (CompressConfig fields; defaults are the API's)")
-    for f in dataclasses.fields(CompressConfig):
+    groups = {None: parser.add_argument_group("compression options (CompressConfig fields; defaults are the API's)")}
+    for section, cls in SECTIONS.items():
+        groups[section] = parser.add_argument_group(f"{section} options (CompressConfig.{section}: {cls.__name__})")
+    for name, section, f in option_fields():
         kind = _field_type(str(f.type))
-        if kind is None or f.name in ("progress",):  # progress: --no-progress below
+        if kind is None or name in ("progress",):  # progress: --no-progress below
             continue
         default = f.default
-        names = ("--" + f.name.replace("_", "-"),) + _FLAG_ALIASES.get(f.name, ())
-        kw: dict = dict(dest=f.name, default=argparse.SUPPRESS, help=f"default: {default!r}")
+        names = ("--" + name.replace("_", "-"),) + _FLAG_ALIASES.get(name, ())
+        kw: dict = dict(dest=name, default=argparse.SUPPRESS, help=f"default: {default!r}")
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = kind
             kw["metavar"] = kind.__name__.upper()
-        if f.name == "strategy":
+        if name == "strategy":
             kw["choices"] = list(strategy_names())
             kw["help"] = f"{strategy_table()} (default: {default!r})"
             kw.pop("metavar")
-        elif f.name == "quant":
+        elif name == "quant":
             kw["choices"] = ["int8"]
             kw["help"] = f"add a QAT stage (8-bit weights and activations); default: {default!r} (none)"
             kw.pop("metavar")
-        group.add_argument(*names, **kw)
+        groups[section].add_argument(*names, **kw)
+    groups[None].add_argument("--strategy-option", action="append", metavar="NAME=VALUE",
+                              help="an option of a plug-in strategy's own dataclass (strategy_options); repeatable")
 
 
 def _cmd_search(args) -> int:
@@ -252,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(c)
     c.set_defaults(fn=_cmd_compress)
 
+    from .config import CompressConfig
+
+    api = CompressConfig()  # the search command's defaults are the API's
     s = sub.add_parser("search", help="find sub-networks of a saved supernet for one or more budgets (no retraining)")
     s.add_argument("supernet", help="supernet .safetensors written by `ganslim compress --strategy ofa`")
     s.add_argument("--target-macs", type=float, nargs="+", help="fractions of the teacher's MACs (or absolute if > 1)")
@@ -261,12 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", help="state dict (.pth or .safetensors) for --factory")
     s.add_argument("--images", help="folder of images (unpaired: fitness is fidelity to the teacher)")
     s.add_argument("--finetune-steps", type=int, default=0, help="distillation fine-tune of each exported sub-network")
-    s.add_argument("--finetune-lr", type=float, default=2e-3)
-    s.add_argument("--population", type=int, default=24)
-    s.add_argument("--generations", type=int, default=8)
+    s.add_argument("--finetune-lr", type=float, default=api.finetune_lr)
+    s.add_argument("--population", type=int, default=api.ofa.population)
+    s.add_argument("--generations", type=int, default=api.ofa.generations)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--crop", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=api.seed)
     s.add_argument("--out", default="runs/search")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=_cmd_search)

@@ -30,7 +30,8 @@ from .core import distributed as dist
 from . import measure
 from .config import CompressConfig
 from .core.distill import FeatureDistiller
-from .measure.report import CompressReport, ModelStats
+from .measure.report import CompressReport
+from .measure.stats import ModelStats
 from .strategies import StageResult, StrategyContext, get_strategy
 from .core.train import finetune, first_output, split_batch
 
@@ -67,6 +68,7 @@ def model_stats(model: nn.Module, example, eval_pairs, teacher: Optional[nn.Modu
     """Measure one network: MACs (both conventions) on ``example``, params, size, latency on the
     first eval input, fidelity on ``eval_pairs`` [(inputs tuple, target or None)]."""
     st = ModelStats(
+        name=type(model).__name__, threads=threads,
         macs=float(measure.count_macs(model, example, "papers")),
         macs_true=float(measure.count_macs(model, example, "true")),
         params=measure.count_params(model),
@@ -169,7 +171,7 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
         raise ValueError(f"strategy={cfg.strategy!r} trains with distillation losses only; drop discriminator= or "
                          "use strategy='slim' or 'evolve'")
     ctx = StrategyContext(cfg, student, teacher, loader, example, inputs, teacher_macs, eval_pairs, stat_input,
-                          same_arch, discriminator, callbacks, hooks)
+                          same_arch, discriminator, callbacks, hooks, options=strategy.options(cfg))
     stage_file = ctx.checkpoint("stage.pt")
     st = _load_stage(stage_file, cfg) if stage_file and os.path.exists(stage_file) else None
     if st is None:
@@ -184,9 +186,9 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     # fine-tune the plain smaller network (cheaper per step than the gated one)
     if cfg.finetune_steps > 0:
         ft_distiller = None
-        if mapping and cfg.distill_weight and cfg.finetune_distill:
+        if mapping and cfg.loss.distill_weight and cfg.loss.finetune_distill:
             ft_distiller = hooks.enter_context(
-                FeatureDistiller(plain, teacher, mapping, example, kind=cfg.distill_loss)).to(device)
+                FeatureDistiller(plain, teacher, mapping, example, kind=cfg.loss.distill_loss)).to(device)
             batch_inputs = [t.to(device) for t in inputs]  # the first batch, split above
             with torch.no_grad():
                 plain.eval()(*batch_inputs)
@@ -194,19 +196,19 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
             ft_distiller.fit_maps()  # least-squares start for the 1x1 maps (nothing to fit for gka)
             ft_distiller.to(device)
         finetune(plain, teacher, loader, cfg.finetune_steps, cfg.finetune_lr, weights, ft_distiller, discriminator,
-                 cfg.gan_mode, cfg.device, cfg.batch_fn, cfg.progress, callbacks, checkpoint=ctx.checkpoint("finetune.pt"),
-                 checkpoint_every=cfg.checkpoint_every, d_lr=cfg.d_lr)
+                 cfg.loss.gan_mode, cfg.device, cfg.batch_fn, cfg.progress, callbacks, checkpoint=ctx.checkpoint("finetune.pt"),
+                 checkpoint_every=cfg.checkpoint_every, d_lr=cfg.loss.d_lr)
         if ft_distiller is not None:
             ft_distiller.remove()
     plain.eval()
 
-    qmodel = None
-    if cfg.quant:
+    qmodel, q = None, cfg.quantization
+    if q.mode:
         from .deployment.quantization import QuantConfig, quantize, train_qat
 
-        qcfg = QuantConfig(steps=cfg.quant_steps, lr=cfg.quant_lr, calib_batches=cfg.quant_calib_batches,
-                           skip_first=cfg.quant_skip_first, skip_last=cfg.quant_skip_last,
-                           recon_weight=cfg.recon_weight, gt_weight=cfg.gt_weight, mse_weight=cfg.mse_weight)
+        qcfg = QuantConfig(steps=q.steps, lr=q.lr, calib_batches=q.calib_batches, skip_first=q.skip_first,
+                           skip_last=q.skip_last, recon_weight=cfg.loss.recon_weight, gt_weight=cfg.loss.gt_weight,
+                           mse_weight=cfg.loss.mse_weight)
         qmodel = quantize(plain, loader, qcfg, batch_fn=cfg.batch_fn, example_inputs=example)
         train_qat(qmodel, teacher, loader, qcfg, batch_fn=cfg.batch_fn, device=cfg.device, progress=cfg.progress,
                   callbacks=callbacks)
@@ -237,12 +239,12 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
         widths={g.root: (st.kept[g.root], g.size) for g in targets.groups}, skipped=dict(targets.skipped),
         distill_layers=mapping, target_macs=target_fraction,
         steps=cfg.steps if st.stage_steps is None else st.stage_steps, finetune_steps=cfg.finetune_steps,
-        seconds=time.time() - t0, final_rho=cfg.rho if cfg.strategy == "slim" else None,
-        export_rel_diff=st.rel_diff, notes=notes, quant=cfg.quant,
-        quant_steps=cfg.quant_steps if cfg.quant else 0, latency_target_ms=cfg.target_latency_ms,
+        seconds=time.time() - t0, final_rho=cfg.slim.rho if cfg.strategy == "slim" else None,
+        export_rel_diff=st.rel_diff, notes=notes, quant=q.mode,
+        quant_steps=q.steps if q.mode else 0, latency_target_ms=cfg.target_latency_ms,
         latency_calibration=[list(p) for p in calibration.points] if calibration is not None else [],
         strategy=cfg.strategy, search=st.search.to_dict() if st.search is not None else {})
-    if qmodel is not None and cfg.deploy_check and eval_pairs:
+    if qmodel is not None and q.deploy_check and eval_pairs:
         from .deployment.deploy import measure_deployment
 
         report.deployment = measure_deployment(

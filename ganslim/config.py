@@ -1,8 +1,20 @@
-"""Typed configuration for :func:`ganslim.compress` (the CLI builds the same dataclass)."""
+"""Typed configuration for :func:`ganslim.compress` (the CLI is generated from the same dataclasses).
+
+:class:`CompressConfig` holds the options every run uses (budget, schedule, data, run) and one
+section per concern: ``loss`` (:class:`LossOptions`), one per strategy (``slim``, ``ofa``, ``evolve``:
+:class:`SlimOptions`, :class:`OfaOptions`, :class:`EvolveOptions`) and ``quantization``
+(:class:`QuantOptions`). Every section field also has a *flat name*, unique across the whole
+configuration (``gate_lr`` is ``slim.gate_lr``, ``search_population`` is ``ofa.population``,
+``quant`` is ``quantization.mode``): ``compress(..., gate_lr=1e-2)``, ``CompressConfig(gate_lr=1e-2)``,
+``cfg.gate_lr``, JSON files and the CLI's ``--gate-lr`` use it, so code written against the earlier
+flat configuration keeps working.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Mapping, Optional, Sequence
+import dataclasses
+import functools
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 
 def strategy_names() -> tuple[str, ...]:
@@ -18,61 +30,24 @@ def __getattr__(name: str):  # ``STRATEGIES``: read from the registry, so a plug
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _opt(default: Any = dataclasses.MISSING, *, flat: Optional[str] = None, factory: Any = dataclasses.MISSING,
+         serializable: bool = True):
+    """A section field; ``flat``: its configuration-wide name when that differs from the field's;
+    ``serializable=False``: an object (callable, network) that JSON files and the CLI cannot carry."""
+    meta = {"flat": flat, "serializable": serializable}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
-class CompressConfig:
-    """All knobs of one compression run; every field has a working default.
+class LossOptions:
+    """Training losses, used by every stage (gated training, supernet, fine-tune, QAT).
 
-    Units: ``target_macs`` is a fraction of the teacher's MACs (0.1 = 10x fewer) or, when > 1, an
-    absolute MACs count; learning rates per optimizer step; steps count optimizer steps.
-    """
+    Measured on the default task (3000 fine-tune steps at 10x): L1 to teacher and ground truth at 10/10
+    gave 28.06 dB, ground truth alone 28.33, 2/10 + MSE 28.68: the teacher's own errors should not
+    outweigh the ground truth when there is one; without one these terms all fall on the teacher."""
 
-    # --- budget
-    target_macs: Optional[float] = 0.1
-    # Device-aware budget (ms per forward of the report's evaluation input on ``device``): when set it
-    # replaces target_macs; the MACs target is found by measuring slimmed copies (ganslim.device_aware).
-    target_latency_ms: Optional[float] = None
-    # "slim": gates + L1 proximal step + removal (GAN Slimming); "onestep": one global threshold on the
-    # norm scales meeting the MACs target, no training before the fine-tune (CAT); "ofa": once-for-all
-    # supernet (sandwich rule) + evolutionary search at the budget (GAN Compression, generalised);
-    # "evolve": genetic search over channel masks, discriminator-aware (Co-Evolutionary Compression);
-    # "auto": the strategy that won the measured head-to-head (benchmarks/bench_strategies.py) nearest this target
-    strategy: str = "slim"
-    # --- schedule
-    # The defaults are the recipe tuned on the default task (`make demo` runs exactly them): 800 gated +
-    # 12000 fine-tune steps, 11-23 minutes (by CPU) for the ResNet-9 ngf 32 at batch 8 of 64x64 crops on 2
-    # CPU cores. Cost is linear in steps x batch x crop pixels x the generator's MACs; for a shorter budget
-    # cut finetune_steps first (3000 cost about 0.5 dB at 1/10 on the default task, bench_strategies.py).
-    steps: int = 800  # sparsify phase, gates attached (ofa: supernet steps)
-    finetune_steps: int = 12000  # after physical removal, plain smaller student
-    lr: float = 1e-4  # student weights and mapping layers while gated
-    finetune_lr: float = 2e-3  # after removal (cosine decay); 2e-3 beat 1e-3 and 2e-4 on the default task
-    gate_lr: float = 2e-3
-    rho: float = 1.0  # L1 strength, in units of a group's mean gate per unit gate_lr
-    channel_multiple: int = 1  # round kept widths up to a multiple (8 helps CPU/GPU kernels)
-    prune_start: float = 0.1  # fraction of ``steps`` before the first channel is switched off (gates separate)
-    prune_every: int = 10  # steps between progressive pruning decisions
-    target_reach: float = 0.6  # fraction of ``steps`` by which the MACs schedule reaches the target
-    # --- once-for-all (strategy="ofa"): ``steps`` are supernet steps, each over the largest, the
-    # smallest and ``random_subnets`` random sub-networks
-    width_ratios: Sequence[float] = (0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5, 0.625, 0.75, 1.0)
-    supernet_lr: float = 1e-3
-    random_subnets: int = 2
-    search_population: int = 24
-    search_generations: int = 8
-    search_bn_batches: int = 4  # batches that re-estimate BatchNorm statistics of each sliced candidate
-    search_metric: Any = "psnr_gt"  # "psnr_gt" | "psnr_teacher" | "ssim_gt" | callable(model) -> float
-    supernet_checkpoint: Optional[str] = None  # resumable supernet training state (written every 200 steps)
-    # --- evolve (strategy="evolve"): fitness on ``evolve_batches`` held batches; with ``discriminator=``
-    # given to compress, the discriminator's judgement of the pruned output vs the teacher's counts too,
-    # and with ``reverse_generator`` (the other CycleGAN direction) cycle consistency
-    evolve_population: int = 16
-    evolve_generations: int = 10
-    evolve_batches: int = 2
-    reverse_generator: Optional[Any] = None
-    # --- losses
-    # Measured on the default task (3000 fine-tune steps at 10x): L1 to teacher and ground truth at 10/10
-    # gave 28.06 dB, ground truth alone 28.33, 2/10 + MSE 28.68: the teacher's own errors should not
-    # outweigh the ground truth when there is one; without one these terms all fall on the teacher.
     recon_weight: float = 2.0  # L1(student(x), teacher(x)): pseudo pairs, works unpaired
     gt_weight: float = 10.0  # L1(student(x), ground truth) when the batch has one
     mse_weight: float = 50.0  # MSE to ground truth (teacher without one); +0.2 dB PSNR at 10x on the default task
@@ -86,19 +61,100 @@ class CompressConfig:
     adv_weight: float = 0.0  # used only when a discriminator is given (default 1.0 then)
     gan_mode: str = "lsgan"
     d_lr: float = 2e-4  # the discriminator's Adam rate (betas 0.5, 0.999), in every stage: GAN practice
-    # --- quantization (QAT stage after fine-tune; ganslim.quantization / ganslim.export)
-    quant: Optional[str] = None  # "int8": QAT with 8-bit weights (per channel) and activations
-    quant_steps: int = 300
-    quant_lr: float = 1e-4
-    quant_calib_batches: int = 8
-    quant_skip_first: bool = True  # keep the first / last weighted layer in float
-    quant_skip_last: bool = True
-    deploy_check: bool = True  # with quant: export fp32 + int8 ONNX and measure both in onnxruntime
+
+
+@dataclass
+class SlimOptions:
+    """``strategy="slim"`` (GAN Slimming): gates, L1 proximal step, progressive pruning to the target."""
+
+    gate_lr: float = 2e-3
+    rho: float = 1.0  # L1 strength, in units of a group's mean gate per unit gate_lr
+    prune_start: float = 0.1  # fraction of ``steps`` before the first channel is switched off (gates separate)
+    prune_every: int = 10  # steps between progressive pruning decisions
+    target_reach: float = 0.6  # fraction of ``steps`` by which the MACs schedule reaches the target
+
+
+@dataclass
+class OfaOptions:
+    """``strategy="ofa"`` (once-for-all): ``steps`` are supernet steps, each over the largest, the
+    smallest and ``random_subnets`` random sub-networks; then an evolutionary search at the budget."""
+
+    width_ratios: Sequence[float] = (0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5, 0.625, 0.75, 1.0)
+    lr: float = _opt(1e-3, flat="supernet_lr")
+    random_subnets: int = 2
+    population: int = _opt(24, flat="search_population")
+    generations: int = _opt(8, flat="search_generations")
+    bn_batches: int = _opt(4, flat="search_bn_batches")  # batches that re-estimate each candidate's BatchNorm statistics
+    metric: Any = _opt("psnr_gt", flat="search_metric")  # "psnr_gt" | "psnr_teacher" | "ssim_gt" | callable(model) -> float
+    checkpoint: Optional[str] = _opt(None, flat="supernet_checkpoint")  # resumable supernet state (every 200 steps)
+
+
+@dataclass
+class EvolveOptions:
+    """``strategy="evolve"`` (Co-Evolutionary Compression): fitness on ``batches`` held batches; with
+    ``discriminator=`` given to compress, the discriminator's judgement of the pruned output vs the
+    teacher's counts too, and with ``reverse_generator`` (the other CycleGAN direction) cycle consistency."""
+
+    population: int = _opt(16, flat="evolve_population")
+    generations: int = _opt(10, flat="evolve_generations")
+    batches: int = _opt(2, flat="evolve_batches")
+    reverse_generator: Optional[Any] = _opt(None, serializable=False)
+
+
+@dataclass
+class QuantOptions:
+    """QAT stage after the fine-tune (:mod:`ganslim.deployment.quantization`, :func:`ganslim.export`)."""
+
+    mode: Optional[str] = _opt(None, flat="quant")  # "int8": QAT with 8-bit weights (per channel) and activations
+    steps: int = _opt(300, flat="quant_steps")
+    lr: float = _opt(1e-4, flat="quant_lr")
+    calib_batches: int = _opt(8, flat="quant_calib_batches")
+    skip_first: bool = _opt(True, flat="quant_skip_first")  # keep the first / last weighted layer in float
+    skip_last: bool = _opt(True, flat="quant_skip_last")
+    deploy_check: bool = True  # export fp32 + int8 ONNX and measure both in onnxruntime
+
+
+# CompressConfig's sections: attribute name -> options class
+SECTIONS: dict[str, type] = {"loss": LossOptions, "slim": SlimOptions, "ofa": OfaOptions, "evolve": EvolveOptions,
+                             "quantization": QuantOptions}
+_NOT_SERIALIZABLE = ("batch_fn", "eval_inputs")  # top-level objects a JSON file or the CLI cannot carry
+
+
+@dataclass
+class CompressConfig:
+    """All knobs of one compression run; every field has a working default.
+
+    Units: ``target_macs`` is a fraction of the teacher's MACs (0.1 = 10x fewer) or, when > 1, an
+    absolute MACs count; learning rates per optimizer step; steps count optimizer steps. Section
+    fields are reachable by their flat names too (module docstring): ``cfg.gate_lr is cfg.slim.gate_lr``.
+    """
+
+    # --- budget
+    target_macs: Optional[float] = 0.1
+    # Device-aware budget (ms per forward of the report's evaluation input on ``device``): when set it
+    # replaces target_macs; the MACs target is found by measuring slimmed copies (ganslim.pruning.device_aware).
+    target_latency_ms: Optional[float] = None
+    # a registered strategy (ganslim.strategies: slim, onestep, ofa, evolve, plug-ins) or "auto": the
+    # strategy that won the measured head-to-head (benchmarks/bench_strategies.py) nearest this target
+    strategy: str = "slim"
+    # options of a plug-in strategy's own dataclass (its ``options_class``), by field name
+    strategy_options: Optional[Mapping[str, Any]] = None
+    # --- schedule
+    # The defaults are the recipe tuned on the default task (`make demo` runs exactly them): 800 gated +
+    # 12000 fine-tune steps, 11-23 minutes (by CPU) for the ResNet-9 ngf 32 at batch 8 of 64x64 crops on 2
+    # CPU cores. Cost is linear in steps x batch x crop pixels x the generator's MACs; for a shorter budget
+    # cut finetune_steps first (3000 cost about 0.5 dB at 1/10 on the default task, bench_strategies.py).
+    steps: int = 800  # first stage: gated training (slim), supernet steps (ofa); onestep/evolve do not train
+    finetune_steps: int = 12000  # after physical removal, plain smaller student
+    lr: float = 1e-4  # student weights and mapping layers while gated
+    finetune_lr: float = 2e-3  # after removal (cosine decay); 2e-3 beat 1e-3 and 2e-4 on the default task
+    channel_multiple: int = 1  # round kept widths up to a multiple (8 helps CPU/GPU kernels)
     # --- targeting
     include: Optional[Sequence[Any]] = None
     exclude: Sequence[Any] = ()
     # --- data
     batch_fn: Optional[Callable] = None  # batch -> (inputs tuple, target or None)
+    eval_inputs: Optional[Any] = None  # (inputs, target) pairs for the fidelity report; default: from loader
     # --- run
     # Resumable runs: training state written atomically every ``checkpoint_every`` steps to
     # checkpoint_dir (gating.pt / supernet.pt, stage.pt after the first stage, finetune.pt); a run with
@@ -109,18 +165,59 @@ class CompressConfig:
     seed: int = 0
     log_every: int = 10
     progress: bool = True
-    eval_inputs: Optional[Any] = None  # (inputs, target) pairs for the fidelity report; default: from loader
     measure_latency: bool = True
     export_tol: float = 1e-4  # export check: max |pruned - gated| / max |gated|, both run in float64
+    # --- sections
+    loss: LossOptions = field(default_factory=LossOptions)
+    slim: SlimOptions = field(default_factory=SlimOptions)
+    ofa: OfaOptions = field(default_factory=OfaOptions)
+    evolve: EvolveOptions = field(default_factory=EvolveOptions)
+    quantization: QuantOptions = field(default_factory=QuantOptions)
+
+    def __post_init__(self):
+        for name, cls in SECTIONS.items():  # a section given as a mapping (JSON files)
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, _section_from_mapping(cls, value, name))
+            elif not isinstance(value, cls):
+                raise TypeError(f"CompressConfig.{name} must be a {cls.__name__} or a mapping, got {type(value).__name__}")
+
+    # flat names: read and written through to their section
+    def __getattr__(self, name: str):
+        where = _flat_index().get(name) if not name.startswith("_") and name not in SECTIONS else None
+        if where is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(object.__getattribute__(self, where[0]), where[1])
+
+    def __setattr__(self, name: str, value) -> None:
+        where = _flat_index().get(name)
+        if where is not None:
+            setattr(getattr(self, where[0]), where[1], value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def copy(self) -> "CompressConfig":
+        """A copy whose sections are copies too (the objects they hold, e.g. ``reverse_generator``, are shared)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in SECTIONS:
+            d[name] = dataclasses.replace(d[name])
+        return CompressConfig(**d)
 
     def replace(self, **overrides) -> "CompressConfig":
-        names = {f.name for f in fields(self)}
-        bad = sorted(set(overrides) - names)
+        """A copy with ``overrides`` set: top-level fields, flat names (``gate_lr=...``) or whole
+        sections (``slim=SlimOptions(...)`` or a mapping of its fields)."""
+        known = set(option_names()) | set(SECTIONS)
+        bad = sorted(set(overrides) - known)
         if bad:
-            raise TypeError(f"unknown compress option(s): {', '.join(bad)}; known: {', '.join(sorted(names))}")
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(overrides)
-        return CompressConfig(**d)
+            raise TypeError(f"unknown compress option(s): {', '.join(bad)}; known: {', '.join(sorted(option_names()))}")
+        out = self.copy()
+        for k, v in overrides.items():
+            if k in SECTIONS and isinstance(v, Mapping):
+                v = _section_from_mapping(SECTIONS[k], v, k)
+            setattr(out, k, v)
+        if any(k in SECTIONS for k in overrides):
+            out.__post_init__()
+        return out
 
     def validate(self) -> "CompressConfig":
         if self.target_macs is not None and not self.target_macs > 0:
@@ -133,22 +230,26 @@ class CompressConfig:
             raise ValueError(f"unknown strategy {self.strategy!r}; available: {', '.join(map(repr, strategy_names()))}")
         if self.target_latency_ms is not None and not self.target_latency_ms > 0:
             raise ValueError(f"target_latency_ms must be > 0 ms, got {self.target_latency_ms}")
-        if self.distill_loss not in ("mse", "gka"):
-            raise ValueError(f"distill_loss must be 'mse' or 'gka', got {self.distill_loss!r}")
-        if self.quant not in (None, "int8"):
-            raise ValueError(f"quant must be None or 'int8', got {self.quant!r}")
-        if not self.d_lr > 0:
-            raise ValueError(f"d_lr (the discriminator's learning rate) must be > 0, got {self.d_lr}")
-        if self.search_bn_batches < 1:
-            raise ValueError(f"search_bn_batches must be >= 1, got {self.search_bn_batches}")
-        if self.gan_mode not in ("lsgan", "vanilla", "hinge"):
-            raise ValueError(f"gan_mode must be lsgan, vanilla or hinge, got {self.gan_mode!r}")
+        loss, q = self.loss, self.quantization
+        if loss.distill_loss not in ("mse", "gka"):
+            raise ValueError(f"distill_loss must be 'mse' or 'gka', got {loss.distill_loss!r}")
+        if not loss.d_lr > 0:
+            raise ValueError(f"d_lr (the discriminator's learning rate) must be > 0, got {loss.d_lr}")
+        if loss.gan_mode not in ("lsgan", "vanilla", "hinge"):
+            raise ValueError(f"gan_mode must be lsgan, vanilla or hinge, got {loss.gan_mode!r}")
+        if q.mode not in (None, "int8"):
+            raise ValueError(f"quant must be None or 'int8', got {q.mode!r}")
+        if self.ofa.bn_batches < 1:
+            raise ValueError(f"search_bn_batches must be >= 1, got {self.ofa.bn_batches}")
+        if self.strategy_options is not None and not isinstance(self.strategy_options, Mapping):
+            raise ValueError(f"strategy_options must be a mapping of option names, got {type(self.strategy_options).__name__}")
         return self
 
     @classmethod
     def from_file(cls, path: str) -> "CompressConfig":
-        """Read options from a JSON file ``{"target_macs": 0.1, "steps": 800, ...}`` (field names of this
-        class); unknown names, wrong types and malformed JSON are errors that name the file and the fix."""
+        """Read options from a JSON file: flat names ``{"target_macs": 0.1, "gate_lr": 0.01}``, sections
+        ``{"slim": {"gate_lr": 0.01}}`` or both; unknown names, wrong types and malformed JSON are
+        errors that name the file and the fix."""
         import json
 
         try:
@@ -161,23 +262,129 @@ class CompressConfig:
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path}: expected a JSON object of option names, got {type(raw).__name__}")
         defaults = cls()
+        flat: dict = {}
         for k, v in raw.items():
-            if not hasattr(defaults, k) or k in ("batch_fn", "eval_inputs", "reverse_generator"):
+            if k in SECTIONS and isinstance(v, dict):
+                for sk, sv in v.items():
+                    name = _section_flat_names(k).get(sk)
+                    if name is None or not _serializable(name):
+                        raise ValueError(f"config file {path}: unknown option {k}.{sk!r}; known: "
+                                         f"{', '.join(f.name for f in fields(SECTIONS[k]) if _serializable(_flat_name(f)))}")
+                    flat[name] = sv
+            elif k in option_names() and _serializable(k):
+                flat[k] = v
+            else:
                 raise ValueError(f"config file {path}: unknown option {k!r}; known: "
-                                 f"{', '.join(f.name for f in fields(cls) if f.name not in ('batch_fn', 'eval_inputs', 'reverse_generator'))}")
-            d = getattr(defaults, k)
-            ok = (v is None or d is None or (isinstance(d, bool) and isinstance(v, bool))
-                  or (isinstance(d, (int, float)) and not isinstance(d, bool) and isinstance(v, (int, float))
-                      and not isinstance(v, bool))
-                  or (isinstance(d, str) and isinstance(v, str)) or (isinstance(d, (list, tuple)) and isinstance(v, list)))
-            if not ok:
-                raise ValueError(f"config file {path}: option {k!r} must be {type(d).__name__}, got {json.dumps(v)}")
+                                 f"{', '.join(n for n in option_names() if _serializable(n))} and the sections "
+                                 f"{', '.join(SECTIONS)}")
+        for k, v in flat.items():
+            if not _json_type_ok(getattr(defaults, k), v):
+                raise ValueError(f"config file {path}: option {k!r} must be {type(getattr(defaults, k)).__name__}, "
+                                 f"got {json.dumps(v)}")
+            if isinstance(getattr(defaults, k), tuple) and isinstance(v, list):
+                flat[k] = tuple(v)  # JSON has no tuples: keep the field's type, so equal configs compare equal
         try:
-            return cls().replace(**raw).validate()
+            return cls().replace(**flat).validate()
         except (TypeError, ValueError) as e:
             raise ValueError(f"config file {path}: {e}") from None
 
     def to_dict(self) -> dict:
-        d = asdict(self) if self.batch_fn is None and self.eval_inputs is None and self.reverse_generator is None else {
-            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("batch_fn", "eval_inputs", "reverse_generator")}
-        return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, dict, tuple)) else repr(v)) for k, v in d.items()}
+        """JSON-ready: top-level fields and one dict per section, without the objects a file cannot
+        carry (``batch_fn``, ``eval_inputs``, ``reverse_generator``); other non-JSON values (a callable
+        ``search_metric``) as their ``repr``. :meth:`from_file` reads it back."""
+
+        def plain(v):
+            if isinstance(v, tuple):
+                return list(v)
+            return v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else repr(v)
+
+        out = {f.name: plain(getattr(self, f.name)) for f in fields(self)
+               if f.name not in SECTIONS and _serializable(f.name)}
+        for name in SECTIONS:
+            out[name] = {f.name: plain(getattr(getattr(self, name), f.name)) for f in fields(SECTIONS[name])
+                         if _serializable(_flat_name(f))}
+        return out
+
+    def flat_dict(self) -> dict:
+        """Every option by its flat name (sections flattened), values as they are."""
+        return {name: getattr(self, name) for name in option_names()}
+
+
+# ----------------------------------------------------------------------- flat names
+def _flat_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flat") or f.name
+
+
+def _serializable(flat_name: str) -> bool:
+    where = _flat_index().get(flat_name)
+    if where is None:
+        return flat_name not in _NOT_SERIALIZABLE
+    f = next(f for f in fields(SECTIONS[where[0]]) if f.name == where[1])
+    return f.metadata.get("serializable", True)
+
+
+def _section_flat_names(section: str) -> dict:
+    return {f.name: _flat_name(f) for f in fields(SECTIONS[section])}
+
+
+@functools.lru_cache(maxsize=None)
+def _flat_index() -> dict:
+    """flat name -> (section, field); checked unique against each other and the top-level fields."""
+    top = {f.name for f in fields(CompressConfig)}
+    index: dict = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            name = _flat_name(f)
+            if name in index or name in top:
+                raise RuntimeError(f"flat option name {name!r} ({section}.{f.name}) is not unique")  # a developer error
+            index[name] = (section, f.name)
+    return index
+
+
+def option_names() -> tuple[str, ...]:
+    """Every option's flat name: the top-level fields (sections excluded), then each section's fields."""
+    return tuple(f.name for f in fields(CompressConfig) if f.name not in SECTIONS) + tuple(_flat_index())
+
+
+def option_fields() -> Iterator[tuple[str, Optional[str], dataclasses.Field]]:
+    """``(flat name, section or None, dataclass field)`` for every option: what the CLI is generated
+    from (its flags are ``--flat-name``, its defaults the fields' defaults)."""
+    for f in fields(CompressConfig):
+        if f.name not in SECTIONS:
+            yield f.name, None, f
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            yield _flat_name(f), section, f
+
+
+def _section_from_mapping(cls: type, values: Mapping, section: str):
+    names = {f.name for f in fields(cls)}
+    bad = sorted(set(values) - names)
+    if bad:
+        raise TypeError(f"unknown {section} option(s): {', '.join(bad)}; known: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
+def _json_type_ok(default, v) -> bool:
+    return (v is None or default is None or (isinstance(default, bool) and isinstance(v, bool))
+            or (isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(v, (int, float))
+                and not isinstance(v, bool))
+            or (isinstance(default, str) and isinstance(v, str))
+            or (isinstance(default, (list, tuple)) and isinstance(v, list))
+            or (isinstance(default, Mapping) and isinstance(v, dict)))
+
+
+_dataclass_init = CompressConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_flat_names(self, *args, **kwargs):
+    """``CompressConfig(gate_lr=1e-2, quant="int8")``: flat names set their section's field."""
+    index = _flat_index()
+    flat = {k: kwargs.pop(k) for k in list(kwargs) if k in index}
+    _dataclass_init(self, *args, **kwargs)
+    for k, v in flat.items():
+        setattr(self, k, v)
+
+
+CompressConfig.__init__ = _init_with_flat_names

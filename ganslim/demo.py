@@ -26,7 +26,7 @@ DEMO_BATCH = 8
 def demo_loader(teacher, cfg: CompressConfig, batch_size: int = DEMO_BATCH, crop: int = 64):
     """Embedded training crops for a whole run, carrying the teacher's outputs (computed once on
     each whole photo), so the fine-tune skips the teacher's forward: about 2x faster steps."""
-    steps_total = cfg.steps + cfg.finetune_steps + (cfg.quant_steps if cfg.quant else 0)
+    steps_total = cfg.steps + cfg.finetune_steps + (cfg.quantization.steps if cfg.quantization.mode else 0)
     return data.default_loader(batch_size=batch_size, crop=crop, length=max(steps_total, 1) * batch_size, seed=cfg.seed,
                                teacher=teacher)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 
 import pytest
@@ -12,7 +11,7 @@ import torch.nn as nn
 import ganslim
 from ganslim import measure
 from ganslim.cli import build_parser, main
-from ganslim.config import CompressConfig
+from ganslim.config import CompressConfig, OfaOptions, SlimOptions, option_fields, option_names
 from ganslim.strategies import get_strategy, strategy_names, unregister_strategy
 from ganslim.core.train import NonFiniteLossError
 from ganslim.zoo import create_model
@@ -52,12 +51,22 @@ def test_a_strategy_in_one_file_is_usable_from_compress_the_config_and_the_cli(t
     kept = [a for a, _ in res.report.widths.values()]
     fractions = [a / b for a, b in res.report.widths.values()]
     assert max(fractions) - min(fractions) < 0.2 and min(kept) >= 1  # uniform widths
+    # its own options dataclass, filled from strategy_options; a name it does not have is refused up front
+    res = ganslim.compress(teacher, teacher, _loader(), strategy=toy, target_macs=0.05, finetune_steps=0,
+                           strategy_options={"min_channels": 3}, progress=False, measure_latency=False)
+    assert min(a for a, _ in res.report.widths.values()) == 3
+    with pytest.raises(ValueError, match="unknown strategy_options for 'uniform': width; known: min_channels"):
+        ganslim.compress(teacher, teacher, _loader(), strategy=toy, strategy_options={"width": 3}, progress=False)
+    with pytest.raises(ValueError, match="strategy 'slim' takes no strategy_options.*CompressConfig.slim"):
+        ganslim.compress(teacher, teacher, _loader(), strategy="slim", strategy_options={"width": 3}, progress=False)
     ckpt = tmp_path / "t.safetensors"
     ganslim.save(teacher, ckpt)
     out = tmp_path / "cli"
-    assert main(["compress", "--teacher", str(ckpt), "--strategy", toy, "--target-macs", "0.3", "--finetune-steps", "1",
-                 "--crop", "24", "--batch-size", "2", "--out", str(out), "--no-progress", "--no-measure-latency"]) == 0
-    assert json.loads((out / "report.json").read_text())["strategy"] == toy
+    assert main(["compress", "--teacher", str(ckpt), "--strategy", toy, "--target-macs", "0.05", "--finetune-steps", "1",
+                 "--strategy-option", "min_channels=2", "--crop", "24", "--batch-size", "2", "--out", str(out),
+                 "--no-progress", "--no-measure-latency"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["strategy"] == toy and min(a for a, _ in report["widths"].values()) == 2
     with pytest.raises(ValueError, match="already registered"):
         from ganslim.strategies import Strategy, register_strategy
 
@@ -71,19 +80,54 @@ def test_unknown_strategy_names_the_registered_ones():
 
 def test_the_cli_and_the_api_share_their_defaults():
     args = build_parser().parse_args(["compress"])
-    given = {f.name for f in dataclasses.fields(CompressConfig) if hasattr(args, f.name)}
+    given = {name for name in option_names() if hasattr(args, name)}
     assert not given  # no flag given: no field set by the CLI, every value is CompressConfig's own
     parser = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "compress")[1]
-    flags = {a.dest: a for a in parser._actions if a.dest in {f.name for f in dataclasses.fields(CompressConfig)}}
-    for f in dataclasses.fields(CompressConfig):
-        if f.name in flags:  # the help states the API's default
-            assert repr(f.default) in flags[f.name].help, f.name
+    flags = {a.dest: a for a in parser._actions if a.dest in option_names()}
+    defaults = CompressConfig()
+    for name, _, f in option_fields():
+        if name in flags:  # the help states the API's default
+            assert repr(getattr(defaults, name)) in flags[name].help, name
     for must in ("target_macs", "strategy", "steps", "finetune_steps", "lr", "finetune_lr", "gate_lr", "d_lr",
                  "recon_weight", "mse_weight", "quant", "channel_multiple", "device", "seed"):
         assert must in flags, must
     assert flags["strategy"].choices == list(strategy_names())
     ns = build_parser().parse_args(["compress", "--lr", "3e-4", "--population", "5", "--no-finetune-distill"])
     assert (ns.lr, ns.search_population, ns.finetune_distill) == (3e-4, 5, False)
+    search = build_parser().parse_args(["search", "s.safetensors"])  # the search command's defaults are the API's too
+    assert (search.population, search.generations, search.finetune_lr, search.seed) == (
+        defaults.ofa.population, defaults.ofa.generations, defaults.finetune_lr, defaults.seed)
+
+
+def test_sections_and_flat_names_are_one_configuration(tmp_path):
+    cfg = CompressConfig(gate_lr=0.5, quant="int8", search_population=5, steps=3)
+    assert (cfg.slim.gate_lr, cfg.quantization.mode, cfg.ofa.population, cfg.steps) == (0.5, "int8", 5, 3)
+    assert cfg.gate_lr == 0.5 and cfg.quant == "int8"  # flat reads
+    cfg.supernet_lr = 0.25  # flat writes land in the section
+    assert cfg.ofa.lr == 0.25
+    nested = CompressConfig(slim=SlimOptions(gate_lr=0.5), quantization={"mode": "int8"}, ofa=OfaOptions(population=5, lr=0.25),
+                            steps=3)
+    assert nested == cfg
+    other = cfg.replace(rho=2.0, loss={"recon_weight": 1.0})
+    assert (other.slim.rho, other.loss.recon_weight, other.loss.gt_weight) == (2.0, 1.0, 10.0)
+    assert (cfg.slim.rho, cfg.loss.recon_weight) == (1.0, 2.0)  # replace copied the sections: the original is unchanged
+    with pytest.raises(TypeError, match="unknown compress option.*gate_lrr"):
+        cfg.replace(gate_lrr=1.0)
+    with pytest.raises(TypeError, match="unknown slim option.*population"):
+        cfg.replace(slim={"population": 3})
+    # a file: flat names, sections or both; to_dict reads back as the same configuration
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"steps": 3, "slim": {"gate_lr": 0.5}, "quant": "int8", "search_population": 5,
+                                "ofa": {"lr": 0.25}}))
+    assert CompressConfig.from_file(str(path)) == cfg
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert CompressConfig.from_file(str(path)) == cfg
+    for bad, msg in [({"slim": {"population": 3}}, "unknown option slim.'population'"),
+                     ({"evolve": {"reverse_generator": None}}, "unknown option evolve.'reverse_generator'"),
+                     ({"slim": {"gate_lr": "fast"}}, "option 'gate_lr' must be float")]:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=msg):
+            CompressConfig.from_file(str(path))
 
 
 def test_slim_session_schedules_like_compress():

@@ -1,8 +1,11 @@
 """A strategy written the way a user would add one: this file and its registration, nothing else.
 
 ``uniform``: every prunable group keeps the same leading fraction of its channels, the largest that
-meets the MACs budget (the "uniformly narrower network" baseline), then compress's fine-tune."""
+meets the MACs budget (the "uniformly narrower network" baseline), then compress's fine-tune. Its own
+option (``min_channels``) lives in its own dataclass, filled from ``CompressConfig.strategy_options``."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -11,17 +14,24 @@ from ganslim.strategies import StageResult, Strategy, StrategyContext, register_
 from ganslim.strategies.common import loss_weights, targets_and_budget
 
 
+@dataclass
+class UniformOptions:
+    min_channels: int = 1  # every group keeps at least this many channels
+
+
 @register_strategy
 class UniformStrategy(Strategy):
     name = "uniform"
     paper = "baseline"
     summary = "the same leading fraction of every layer's channels"
+    options_class = UniformOptions
 
     def run(self, ctx: StrategyContext) -> StageResult:
         targets, macs_model, target_abs, calibration = targets_and_budget(ctx)
+        floor = ctx.options.min_channels
 
         def alive(ratio: float) -> list[torch.Tensor]:
-            return [torch.arange(g.size) < max(1, int(g.size * ratio)) for g in targets.groups]
+            return [torch.arange(g.size) < max(floor, int(g.size * ratio)) for g in targets.groups]
 
         lo, hi = 0.0, 1.0
         for _ in range(30):  # bisection on the width ratio

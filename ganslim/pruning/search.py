@@ -444,10 +444,10 @@ def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: S
     ``out_dir/subnet_<budget>.safetensors``. Evaluations are shared between budgets.
     ``plot``: PNG of every evaluated sub-network (MACs vs fitness) with each budget's choice."""
     from ..deployment.checkpoint import save
-    from ..config import CompressConfig
+    from ..config import LossOptions
     from ..core.train import LossWeights, finetune, input_batches
 
-    d = CompressConfig()  # compress's output losses for the fine-tune
+    d = LossOptions()  # compress's output losses for the fine-tune
     weights = LossWeights(d.recon_weight, d.gt_weight, 0.0, 0.0, d.mse_weight)
 
     cfg = SearchConfig(population=population, generations=generations, seed=seed, bn_batches=bn_batches)

@@ -10,6 +10,7 @@ CLI's ``--strategy`` choices and :func:`strategy_table` pick it up from the regi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Optional
@@ -83,6 +84,7 @@ class StrategyContext:
     discriminator: Optional[nn.Module] = None
     callbacks: Iterable[Callable] = ()
     hooks: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    options: Any = None  # the strategy's own options (Strategy.options): a config section or its dataclass
 
     def checkpoint(self, name: str) -> Optional[str]:
         """Path of a resumable state file in ``config.checkpoint_dir`` (None without one)."""
@@ -96,15 +98,35 @@ class StrategyContext:
 class Strategy:
     """A way to choose (and train) the student's channels. Subclasses set ``name``, ``paper`` and
     ``summary``, say whether they need a MACs or latency target and accept a discriminator (compress
-    checks both before :meth:`run`), and implement :meth:`run` reading their options from
-    ``ctx.config`` (:class:`~ganslim.config.CompressConfig`). Resumable state: write it to
-    ``ctx.checkpoint(<file>)`` (compress also saves the finished stage and skips it on a rerun)."""
+    checks both before :meth:`run`), and implement :meth:`run`. Shared options (budget, steps,
+    losses) are in ``ctx.config`` (:class:`~ganslim.config.CompressConfig`), the strategy's own in
+    ``ctx.options``: a built-in names its section of the configuration (``options_section``), a
+    plug-in declares a dataclass (``options_class``) that compress fills from
+    ``CompressConfig.strategy_options``. Resumable state: write it to ``ctx.checkpoint(<file>)``
+    (compress also saves the finished stage and skips it on a rerun)."""
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs_target: ClassVar[bool] = True  # needs target_macs or target_latency_ms
     accepts_discriminator: ClassVar[bool] = True
+    options_section: ClassVar[Optional[str]] = None  # a CompressConfig section ("slim", "ofa", "evolve")
+    options_class: ClassVar[Optional[type]] = None  # a plug-in's own options dataclass
+
+    def options(self, config) -> Any:
+        """This strategy's options from ``config``: its section, its ``options_class`` filled from
+        ``config.strategy_options``, or None; a ValueError names options it does not have."""
+        given = dict(config.strategy_options or {})
+        if self.options_section is not None or self.options_class is None:
+            if given:
+                raise ValueError(f"strategy {self.name!r} takes no strategy_options (got {', '.join(given)})"
+                                 + (f"; its options are CompressConfig.{self.options_section}" if self.options_section else ""))
+            return getattr(config, self.options_section) if self.options_section else None
+        known = {f.name for f in dataclasses.fields(self.options_class)}
+        bad = sorted(set(given) - known)
+        if bad:
+            raise ValueError(f"unknown strategy_options for {self.name!r}: {', '.join(bad)}; known: {', '.join(sorted(known))}")
+        return self.options_class(**given)
 
     def run(self, ctx: StrategyContext) -> StageResult:  # pragma: no cover - abstract
         raise NotImplementedError

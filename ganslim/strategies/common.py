@@ -20,12 +20,12 @@ def resolve_mapping(ctx: StrategyContext, student: Optional[nn.Module] = None) -
     """``{student layer: teacher layer}`` for feature distillation: ``config.distill_layers`` or the
     automatic points (same names when the student started as a copy of the teacher)."""
     cfg, student = ctx.config, student if student is not None else ctx.student
-    layers = cfg.distill_layers
+    layers = cfg.loss.distill_layers
     if layers is None:
-        s_pts = auto_distill_points(student, ctx.example, cfg.n_distill_layers)
+        s_pts = auto_distill_points(student, ctx.example, cfg.loss.n_distill_layers)
         if ctx.same_arch:
             return {n: n for n in s_pts}
-        t_pts = auto_distill_points(ctx.teacher, ctx.example, cfg.n_distill_layers)
+        t_pts = auto_distill_points(ctx.teacher, ctx.example, cfg.loss.n_distill_layers)
         if len(s_pts) != len(t_pts):
             raise ValueError("could not pair distillation layers automatically between different student and teacher "
                              "architectures; pass distill_layers={student_layer: teacher_layer}")
@@ -38,8 +38,8 @@ def resolve_mapping(ctx: StrategyContext, student: Optional[nn.Module] = None) -
 def loss_weights(ctx: StrategyContext) -> LossWeights:
     """The training losses' weights from the configuration (adversarial only with a discriminator)."""
     cfg = ctx.config
-    return LossWeights(cfg.recon_weight, cfg.gt_weight, cfg.distill_weight,
-                       (cfg.adv_weight or 1.0) if ctx.discriminator is not None else 0.0, cfg.mse_weight)
+    return LossWeights(cfg.loss.recon_weight, cfg.loss.gt_weight, cfg.loss.distill_weight,
+                       (cfg.loss.adv_weight or 1.0) if ctx.discriminator is not None else 0.0, cfg.loss.mse_weight)
 
 
 def budget(ctx: StrategyContext, targets, macs_model: MacsModel):

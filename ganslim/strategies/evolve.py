@@ -15,13 +15,14 @@ class EvolveStrategy(Strategy):
     name = "evolve"
     paper = "Co-Evolutionary Compression"
     summary = "genetic search over channel masks, discriminator-aware fitness"
+    options_section = "evolve"  # EvolveOptions
 
     def run(self, ctx: StrategyContext) -> StageResult:
-        cfg, discriminator = ctx.config, ctx.discriminator
+        cfg, opts, discriminator = ctx.config, ctx.options, ctx.discriminator
         targets, macs_model, target_abs, calibration = targets_and_budget(ctx)
         # fitness batches: held out from the start of the loader (the fine-tune cycles over them too)
-        batches = [tuple(t.to(cfg.device) for t in b) for b in input_batches(ctx.loader, cfg.evolve_batches, cfg.batch_fn)]
-        reverse = cfg.reverse_generator
+        batches = [tuple(t.to(cfg.device) for t in b) for b in input_batches(ctx.loader, opts.batches, cfg.batch_fn)]
+        reverse = opts.reverse_generator
         if reverse is not None:
             reverse.to(cfg.device).eval()
         was_d = discriminator.training if discriminator is not None else None
@@ -30,7 +31,7 @@ class EvolveStrategy(Strategy):
         try:
             res = evolve_masks(ctx.student, ctx.teacher, targets, macs_model, target_abs,
                                importance_scores(ctx.student, targets), batches, discriminator, reverse,
-                               EvolveConfig(population=cfg.evolve_population, generations=cfg.evolve_generations,
+                               EvolveConfig(population=opts.population, generations=opts.generations,
                                             seed=cfg.seed),
                                multiple=cfg.channel_multiple, progress=cfg.progress)
         finally:
@@ -38,7 +39,7 @@ class EvolveStrategy(Strategy):
                 discriminator.train(was_d)
         plain = onestep_prune(ctx.student, targets, res.alive, ctx.example)
         kept = {g.root: int(a.sum()) for g, a in zip(targets.groups, res.alive)}
-        mapping = resolve_mapping(ctx, plain) if cfg.finetune_distill else {}
+        mapping = resolve_mapping(ctx, plain) if cfg.loss.finetune_distill else {}
         search = SearchSummary(
             evaluations=res.evaluations, seconds=res.seconds, best_fitness=res.fitness, generations=list(res.history),
             metric="-L1 to teacher" + (" - D term" if discriminator is not None else "")

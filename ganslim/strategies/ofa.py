@@ -18,23 +18,24 @@ class OfaStrategy(Strategy):
     summary = "once-for-all supernet (sandwich rule) + evolutionary search at the budget"
     needs_target = False  # without one the search is unconstrained
     accepts_discriminator = False
+    options_section = "ofa"  # OfaOptions
 
     def run(self, ctx: StrategyContext) -> StageResult:
-        cfg = ctx.config
+        cfg, opts = ctx.config, ctx.options
         supernet = make_supernet(ctx.student, ctx.example,
-                                 SliceConfig(ratios=tuple(cfg.width_ratios), multiple=cfg.channel_multiple),
+                                 SliceConfig(ratios=tuple(opts.width_ratios), multiple=cfg.channel_multiple),
                                  include=cfg.include, exclude=cfg.exclude, copy_model=False)
         budget = resolve_budget(supernet, cfg.target_macs if cfg.target_latency_ms is None else None, ctx.teacher_macs)
-        scfg = SupernetConfig(steps=cfg.steps, lr=cfg.supernet_lr, random_subnets=cfg.random_subnets, seed=cfg.seed,
-                              recon_weight=cfg.recon_weight, gt_weight=cfg.gt_weight, mse_weight=cfg.mse_weight)
+        scfg = SupernetConfig(steps=cfg.steps, lr=opts.lr, random_subnets=opts.random_subnets, seed=cfg.seed,
+                              recon_weight=cfg.loss.recon_weight, gt_weight=cfg.loss.gt_weight, mse_weight=cfg.loss.mse_weight)
         callbacks = list(ctx.callbacks)
         sinfo = train_supernet(supernet, ctx.teacher, ctx.loader, scfg, batch_fn=cfg.batch_fn, device=cfg.device,
-                               progress=cfg.progress, checkpoint=cfg.supernet_checkpoint or ctx.checkpoint("supernet.pt"),
+                               progress=cfg.progress, checkpoint=opts.checkpoint or ctx.checkpoint("supernet.pt"),
                                callbacks=[lambda step, losses: [cb(None, losses) for cb in callbacks]] if callbacks else ())
-        bn_inputs = [tuple(t.to(cfg.device) for t in b) for b in input_batches(ctx.loader, cfg.search_bn_batches, cfg.batch_fn)]
+        bn_inputs = [tuple(t.to(cfg.device) for t in b) for b in input_batches(ctx.loader, opts.bn_batches, cfg.batch_fn)]
         pairs = [(tuple(t.to(cfg.device) for t in i), None if g is None else g.to(cfg.device)) for i, g in ctx.eval_pairs]
-        qcfg = SearchConfig(population=cfg.search_population, generations=cfg.search_generations,
-                            metric=cfg.search_metric, seed=cfg.seed, bn_batches=cfg.search_bn_batches)
+        qcfg = SearchConfig(population=opts.population, generations=opts.generations,
+                            metric=opts.metric, seed=cfg.seed, bn_batches=opts.bn_batches)
         evaluator = Evaluator(supernet, ctx.teacher, pairs, bn_inputs, qcfg.metric, latency_input=ctx.stat_input,
                               latency_repeats=qcfg.latency_repeats)
         result = evolve(supernet, evaluator, budget, cfg.target_latency_ms, qcfg, ctx.teacher_macs, progress=cfg.progress)
@@ -49,6 +50,6 @@ class OfaStrategy(Strategy):
             best_latency_ms=result.best.latency_ms, supernet_steps=sinfo["steps"],
             supernet_seconds=sinfo["seconds"], resumed_from=sinfo["resumed_from"],
             pareto=[[c.macs / ctx.teacher_macs, c.fitness] for c in result.pareto()])
-        weights = LossWeights(cfg.recon_weight, cfg.gt_weight, 0.0, 0.0, cfg.mse_weight)
+        weights = LossWeights(cfg.loss.recon_weight, cfg.loss.gt_weight, 0.0, 0.0, cfg.loss.mse_weight)
         return StageResult(plain, dict(result.best.widths), supernet.targets, weights,
                            rel_diff=supernet.last_export_diff, target_abs=budget, search=search, supernet=supernet)

@@ -19,6 +19,6 @@ class OneStepStrategy(Strategy):
         alive = onestep_masks(ctx.student.eval(), targets, macs_model, target_abs, multiple=cfg.channel_multiple)
         plain = onestep_prune(ctx.student, targets, alive, ctx.example)
         kept = {g.root: int(a.sum()) for g, a in zip(targets.groups, alive)}
-        mapping = resolve_mapping(ctx, plain) if cfg.finetune_distill else {}
+        mapping = resolve_mapping(ctx, plain) if cfg.loss.finetune_distill else {}
         return StageResult(plain, kept, targets, loss_weights(ctx), mapping=mapping, target_abs=target_abs,
                            calibration=calibration, stage_steps=0)

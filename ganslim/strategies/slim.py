@@ -20,9 +20,10 @@ class SlimStrategy(Strategy):
     paper = "GAN Slimming"
     summary = "gates + L1 proximal step + progressive pruning to the target, then removal"
     needs_target = False  # without a target: L1 only, the gates decide
+    options_section = "slim"  # SlimOptions
 
     def run(self, ctx: StrategyContext) -> StageResult:
-        cfg, student, device = ctx.config, ctx.student, torch.device(ctx.config.device)
+        cfg, opts, student, device = ctx.config, ctx.options, ctx.student, torch.device(ctx.config.device)
         targets = find_channel_groups(student, ctx.example, include=cfg.include, exclude=cfg.exclude)
         macs_model = MacsModel(student, targets, gated_macs_by_module(student, targets, ctx.example))  # as exported
         target_abs, calibration = None, None
@@ -31,20 +32,20 @@ class SlimStrategy(Strategy):
 
         mapping = resolve_mapping(ctx)
         distiller = None
-        if mapping and cfg.distill_weight:
+        if mapping and cfg.loss.distill_weight:
             distiller = ctx.hooks.enter_context(
-                FeatureDistiller(student, ctx.teacher, mapping, ctx.example, kind=cfg.distill_loss)).to(device)
+                FeatureDistiller(student, ctx.teacher, mapping, ctx.example, kind=cfg.loss.distill_loss)).to(device)
         ctl = SlimController(student, targets, macs_model, target_abs,
-                             SlimSchedule(cfg.steps, cfg.gate_lr, cfg.rho, cfg.prune_start, cfg.target_reach,
-                                          cfg.prune_every, cfg.channel_multiple)).to(device)
+                             SlimSchedule(cfg.steps, opts.gate_lr, opts.rho, opts.prune_start, opts.target_reach,
+                                          opts.prune_every, cfg.channel_multiple)).to(device)
         gates = ctl.gates
         weights = loss_weights(ctx)
         groups = [{"params": list(student.parameters()), "lr": cfg.lr},
-                  {"params": list(gates.parameters()), "lr": cfg.gate_lr}]
+                  {"params": list(gates.parameters()), "lr": opts.gate_lr}]
         if distiller is not None and any(True for _ in distiller.parameters()):
             groups.append({"params": list(distiller.parameters()), "lr": cfg.lr})
-        trainer = DistillTrainer(student, ctx.teacher, groups, weights, distiller, ctx.discriminator, cfg.d_lr,
-                                 cfg.gan_mode, cfg.device, cfg.batch_fn)
+        trainer = DistillTrainer(student, ctx.teacher, groups, weights, distiller, ctx.discriminator, cfg.loss.d_lr,
+                                 cfg.loss.gan_mode, cfg.device, cfg.batch_fn)
         shown = {"macs": macs_model.total}  # for the progress bar
 
         def control(tr: DistillTrainer) -> None:
