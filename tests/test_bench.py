@@ -56,18 +56,18 @@ def test_every_format_side_by_side_with_ratios_and_per_row_errors(models):
 
     rows = bench([p["teacher"], p["student"], p["qat"], p["onnx"], p["pth"], p["junk"], p["broken"], WrongShape()],
                  eval_pairs=_pairs(), repeats=3, factory=teacher_arch)
-    by = {r.model: r for r in rows}
+    by = {r.name: r for r in rows}
     t, s = by["teacher.safetensors"], by["student.safetensors"]
-    assert t.error is None and t.macs_x == 1.0 and t.latency_x == 1.0 and t.psnr_teacher is None
-    assert s.error is None and s.macs_x > 2.5 and s.params_x > 1.0 and s.psnr_gt is not None and s.peak_mb > 0
+    assert t.error is None and t.macs_x == 1.0 and t.latency_x == 1.0 and t.psnr_to_teacher is None
+    assert s.error is None and s.macs_x > 2.5 and s.params_x > 1.0 and s.psnr_to_gt is not None and s.peak_mb > 0
     assert by["student.onnx"].runtime == "onnxruntime"
     # the ONNX file is the same network: MACs (conv-only count, BN folded) and outputs agree
     # MACs counted from the ONNX graph: the thin output conv runs as a stride-2 conv with zero taps
     # (ganslim.deployment.onnx_rewrite), a few per cent more multiply-adds than the PyTorch module
-    assert s.macs_g <= by["student.onnx"].macs_g <= 1.15 * s.macs_g
-    assert by["student.onnx"].psnr_teacher == pytest.approx(s.psnr_teacher, abs=0.01)
-    assert by["qat.safetensors"].error is None and by["qat.safetensors"].macs_g == pytest.approx(s.macs_g, rel=0.02)
-    assert by["teacher.pth"].error is None and by["teacher.pth"].psnr_teacher > 100  # same weights as the teacher
+    assert s.macs <= by["student.onnx"].macs <= 1.15 * s.macs
+    assert by["student.onnx"].psnr_to_teacher == pytest.approx(s.psnr_to_teacher, abs=0.01)
+    assert by["qat.safetensors"].error is None and by["qat.safetensors"].macs == pytest.approx(s.macs, rel=0.02)
+    assert by["teacher.pth"].error is None and by["teacher.pth"].psnr_to_teacher > 100  # same weights as the teacher
     assert "unknown format" in by["junk.xyz"].error
     assert "broken.safetensors" in by["broken.safetensors"].error
     assert "does not match the teacher" in by["WrongShape#7"].error
@@ -77,17 +77,38 @@ def test_every_format_side_by_side_with_ratios_and_per_row_errors(models):
     assert "| model |" in format_markdown(rows)
 
 
+def test_bench_and_the_compress_report_share_one_row_type(models, tmp_path):
+    from ganslim.measure.benchmarking import BenchRow, rows_to_json
+    from ganslim.measure.report import DeployStats
+    from ganslim.measure.stats import ModelStats
+
+    assert BenchRow is ModelStats and DeployStats is ModelStats  # the earlier names, one class
+    p, loader = models
+    teacher = ganslim.load(p["teacher"])
+    pairs = _pairs()[:1]
+    res = ganslim.compress(teacher, teacher, loader, target_macs=0.3, steps=4, finetune_steps=2, progress=False,
+                           eval_inputs=[(x, y) for (x,), y in pairs])
+    rows = bench([teacher, res.model], eval_pairs=pairs, repeats=3)
+    report = res.report
+    for row, stats in zip(rows, (report.teacher, report.student)):
+        assert type(row) is type(stats) is ModelStats
+        assert row.macs == stats.macs and row.params == stats.params  # the same network counted the same way
+        assert row.psnr_to_gt == pytest.approx(stats.psnr_to_gt, abs=1e-6)
+    assert rows[1].psnr_to_teacher == pytest.approx(report.student.psnr_to_teacher, abs=1e-6)
+    assert set(rows_to_json(rows)[0]) == set(report.to_dict()["student"])  # one set of JSON keys
+
+
 def test_runtimes_eager_onnxruntime_and_int8(models):
     p, loader = models
     rows = bench([p["teacher"], p["qat"]], eval_pairs=_pairs(), repeats=3,
                  runtimes=("eager", "onnxruntime", "onnxruntime-int8"), calib_loader=loader)
-    assert [(r.model, r.runtime) for r in rows] == [
+    assert [(r.name, r.runtime) for r in rows] == [
         ("teacher.safetensors", "eager"), ("teacher.safetensors", "onnxruntime"), ("teacher.safetensors", "onnxruntime-int8"),
         ("qat.safetensors", "eager"), ("qat.safetensors", "onnxruntime"), ("qat.safetensors", "onnxruntime-int8")]
     assert all(r.error is None for r in rows), [r.error for r in rows]
     t_fp, t_i8 = rows[1], rows[2]
     assert t_i8.size_mb < 0.35 * t_fp.size_mb  # int8 weights on disk
-    assert t_fp.psnr_teacher > 60 and t_i8.psnr_teacher > 25
+    assert t_fp.psnr_to_teacher > 60 and t_i8.psnr_to_teacher > 25
 
 
 def test_fid_and_lpips_with_local_exported_networks(models, tmp_path):

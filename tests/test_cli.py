@@ -36,8 +36,8 @@ def test_compress_then_bench_then_info(tiny_teacher, tmp_path, capsys):
                "--json", str(tmp_path / "bench.json")])
     assert rc == 0  # one bad row does not stop the others
     rows = json.loads((tmp_path / "bench.json").read_text())
-    assert rows[1]["macs_g"] < rows[0]["macs_g"] and rows[1]["macs_x"] > 1.0
-    assert rows[1]["psnr_teacher"] is not None
+    assert rows[1]["macs"] < rows[0]["macs"] and rows[1]["macs_x"] > 1.0
+    assert rows[1]["psnr_to_teacher"] is not None
     assert rows[2]["error"] and "broken.safetensors" in rows[2]["error"]
 
     assert main(["info", str(student)]) == 0

@@ -460,10 +460,10 @@ def measure_deployment(variants: Sequence[tuple[str, nn.Module, str]], reference
     ``reference``: the float PyTorch model the PSNR-to-float column compares with;
     ``eval_pairs``: ``[(inputs tuple, target or None)]`` (latency at the first inputs).
     Files go to ``out_dir`` (kept) or a temporary folder (deleted). Returns
-    :class:`ganslim.measure.report.DeployStats` rows in the order given.
+    :class:`ganslim.measure.stats.ModelStats` rows (runtime ``onnxruntime`` / ``onnxruntime-int8``) in the order given.
     """
     from .. import measure
-    from ..measure.report import DeployStats
+    from ..measure.stats import ModelStats
 
     if not eval_pairs:
         raise ValueError("measure_deployment needs at least one evaluation input")
@@ -481,10 +481,11 @@ def measure_deployment(variants: Sequence[tuple[str, nn.Module, str]], reference
                        batch_fn=batch_fn)
             om = OnnxModule(p, threads=threads)
             lat = measure.measure_latency(om, first_inputs, warmup=2, repeats=7, max_seconds=latency_seconds)
-            row = DeployStats(name=name, format=fmt, size_mb=os.path.getsize(p) / 1e6, latency_ms=lat.median_ms,
-                              latency_p90_ms=lat.p90_ms,
-                              psnr_to_float=measure.compare_outputs(reference, om, inputs_list)["psnr"],
-                              int8_ops=om.int8_kernels())
+            row = ModelStats(name=name, runtime="onnxruntime-int8" if fmt == "onnx-int8" else "onnxruntime",
+                             threads=threads or torch.get_num_threads(), size_mb=os.path.getsize(p) / 1e6,
+                             latency_ms=lat.median_ms, latency_p90_ms=lat.p90_ms,
+                             psnr_to_float=measure.compare_outputs(reference, om, inputs_list)["psnr"],
+                             int8_ops=om.int8_kernels())
             if teacher is not None:
                 row.psnr_to_teacher = measure.compare_outputs(teacher, om, inputs_list)["psnr"]
             if with_gt:

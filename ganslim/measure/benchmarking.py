@@ -1,8 +1,9 @@
 """``ganslim.bench`` (module ``ganslim.measure.benchmarking``): a teacher and any number of compressed
 generators, measured side by side on the same inputs; the first model is the teacher (reference).
 
-Per row (one model on one runtime): MACs (papers' convention, G; counted from the graph for ONNX
-files too), parameters (M), file size (MB; fp32 weights for an in-memory module), latency median and
+Per row (one model on one runtime, a :class:`~ganslim.measure.stats.ModelStats`, the compress
+report's row type): MACs (papers' convention; the table shows G; counted from the graph for ONNX
+files too), parameters (the table shows M), file size (MB; fp32 weights for an in-memory module), latency median and
 p90 (ms for the whole batch; CPU threads stated; CUDA when the model is there), throughput (img/s),
 peak activation memory (MB, PyTorch runtimes), PSNR/SSIM to the teacher's output and to the ground
 truth when given, FID / LPIPS only with user-supplied feature networks (``"not computed"``
@@ -23,7 +24,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -32,40 +33,13 @@ import torch.nn as nn
 from .. import measure
 from .._utils import as_input_tuple
 
+from .stats import NOT_COMPUTED, ModelStats
+
 RUNTIMES = ("eager", "compile", "onnxruntime", "onnxruntime-int8")
-NOT_COMPUTED = "not computed"
 
 
-@dataclass
-class BenchRow:
-    """One model on one runtime. Units: MACs in G (papers' convention), params in M, sizes and
-    memory in MB (10^6 bytes), latency in ms per forward of the whole batch, throughput img/s,
-    PSNR in dB; ``*_x`` columns are teacher / this (costs: > 1 means cheaper than the teacher)."""
-
-    model: str
-    runtime: str = "eager"
-    macs_g: Optional[float] = None
-    params_m: Optional[float] = None
-    size_mb: Optional[float] = None
-    latency_ms: Optional[float] = None
-    p90_ms: Optional[float] = None
-    throughput: Optional[float] = None
-    peak_mb: Optional[float] = None
-    psnr_teacher: Optional[float] = None
-    ssim_teacher: Optional[float] = None
-    psnr_gt: Optional[float] = None
-    ssim_gt: Optional[float] = None
-    fid: Any = NOT_COMPUTED
-    lpips: Any = NOT_COMPUTED
-    macs_x: Optional[float] = None
-    params_x: Optional[float] = None
-    size_x: Optional[float] = None
-    latency_x: Optional[float] = None
-    peak_x: Optional[float] = None
-    device: str = "cpu"
-    threads: Optional[int] = None
-    error: Optional[str] = None
-    notes: list = field(default_factory=list)
+# one row type for bench and the compress report (BenchRow: its earlier name)
+BenchRow = ModelStats
 
 
 def _factory(spec: str) -> Callable[[], nn.Module]:
@@ -136,12 +110,6 @@ def _label(m: Any, i: int) -> str:
     return f"{type(m).__name__}#{i}"
 
 
-def _ratio(teacher_v: Optional[float], v: Optional[float]) -> Optional[float]:
-    if teacher_v is None or v is None or not v:
-        return None
-    return teacher_v / v
-
-
 def _fid(feature_net: nn.Module, a: list[torch.Tensor], b: list[torch.Tensor]) -> Any:
     """Fréchet distance between feature statistics of two image sets (``feature_net``: images ->
     (N, D) features, e.g. a TorchScript Inception pool3)."""
@@ -177,7 +145,7 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
           runtimes: Sequence[str] = ("eager",), factory: Optional[str | Callable] = None,
           calib_loader: Optional[Any] = None, fid_features: Optional[str] = None, lpips_net: Optional[str] = None,
           warmup: int = 2, max_seconds: float = 20.0, device: Optional[str] = None,
-          progress: bool = False) -> list[BenchRow]:
+          progress: bool = False) -> list[ModelStats]:
     """Measure each model on the same inputs; the first one is the teacher (reference).
 
     Args:
@@ -194,7 +162,7 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
         device: ``"cuda"`` to measure PyTorch runtimes there (inputs and model moved).
 
     Returns:
-        list of :class:`BenchRow`, teacher first; ``rows[i].error`` says why a row failed.
+        list of :class:`~ganslim.measure.stats.ModelStats`, teacher first; ``rows[i].error`` says why a row failed.
     """
     bad = [r for r in runtimes if r not in RUNTIMES]
     if bad:
@@ -215,16 +183,16 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
     lpips = _load_feature_net(lpips_net, "LPIPS network")
     dev = torch.device(device) if device else torch.device("cpu")
     n_threads = threads or torch.get_num_threads()
-    rows: list[BenchRow] = []
+    rows: list[ModelStats] = []
     teacher_outs: Optional[list[torch.Tensor]] = None
-    teacher_row: Optional[BenchRow] = None
+    teacher_row: Optional[ModelStats] = None
     with tempfile.TemporaryDirectory(prefix="ganslim-bench-") as tmpdir:
         for i, spec in enumerate(models_or_paths):
             name = _label(spec, i)
             try:
                 model = resolve_model(spec, factory)
             except Exception as e:  # noqa: BLE001 - reported in the row
-                rows.append(BenchRow(model=name, runtime="-", error=f"{type(e).__name__}: {e}"))
+                rows.append(ModelStats(name=name, runtime="-", error=f"{type(e).__name__}: {e}"))
                 if i == 0:
                     break  # no teacher: nothing to compare against
                 continue
@@ -233,7 +201,7 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
             is_onnx = isinstance(model, OnnxModule)
             model_runtimes = ["onnxruntime"] if is_onnx else list(runtimes)
             for rt in model_runtimes:
-                row = BenchRow(model=name, runtime=rt, threads=n_threads)
+                row = ModelStats(name=name, runtime=rt, threads=n_threads)
                 try:
                     runner, file_for_size = _prepare(model, rt, spec, first, calib_loader, eval_pairs, tmpdir, n_threads,
                                                      is_onnx)
@@ -246,12 +214,12 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
                         for o, t in zip(outs, teacher_outs):
                             if o.shape != t.shape:
                                 raise ValueError(f"output {tuple(o.shape)} does not match the teacher's {tuple(t.shape)}")
-                        row.psnr_teacher = _mean([measure.psnr(o, t) for o, t in zip(outs, teacher_outs)])
-                        row.ssim_teacher = _mean([measure.ssim(o, t) for o, t in zip(outs, teacher_outs)])
+                        row.psnr_to_teacher = _mean([measure.psnr(o, t) for o, t in zip(outs, teacher_outs)])
+                        row.ssim_to_teacher = _mean([measure.ssim(o, t) for o, t in zip(outs, teacher_outs)])
                     gts = [(o, g) for o, (_, g) in zip(outs, eval_pairs) if g is not None and g.shape == o.shape]
                     if gts:
-                        row.psnr_gt = _mean([measure.psnr(o, g) for o, g in gts])
-                        row.ssim_gt = _mean([measure.ssim(o, g) for o, g in gts])
+                        row.psnr_to_gt = _mean([measure.psnr(o, g) for o, g in gts])
+                        row.ssim_to_gt = _mean([measure.ssim(o, g) for o, g in gts])
                     refs = [g for _, g in gts] if gts else teacher_outs
                     if fid_net is not None:
                         row.fid = _fid(fid_net, outs, refs)
@@ -263,15 +231,10 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
                 if teacher_row is None and row.error is None:
                     teacher_row = row
                 if teacher_row is not None:
-                    t = teacher_row
-                    row.macs_x = _ratio(t.macs_g, row.macs_g)
-                    row.params_x = _ratio(t.params_m, row.params_m)
-                    row.size_x = _ratio(t.size_mb, row.size_mb)
-                    row.latency_x = _ratio(t.latency_ms, row.latency_ms)
-                    row.peak_x = _ratio(t.peak_mb, row.peak_mb)
+                    row.set_ratios(teacher_row)
                 rows.append(row)
                 if progress:
-                    print(f"  measured {row.model} [{row.runtime}]" + (f": {row.error}" if row.error else ""), flush=True)
+                    print(f"  measured {row.name} [{row.runtime}]" + (f": {row.error}" if row.error else ""), flush=True)
     return rows
 
 
@@ -314,7 +277,7 @@ def _prepare(model: nn.Module, rt: str, spec: Any, first: tuple, calib_loader, e
     return runner, path
 
 
-def _measure_row(row: BenchRow, model: nn.Module, runner: nn.Module, rt: str, size_file: Optional[str], eval_pairs,
+def _measure_row(row: ModelStats, model: nn.Module, runner: nn.Module, rt: str, size_file: Optional[str], eval_pairs,
                  dev: torch.device, repeats: int, warmup: int, max_seconds: float, threads: int, is_onnx: bool) -> None:
     from ..deployment.deploy import OnnxModule, onnx_macs
 
@@ -322,21 +285,22 @@ def _measure_row(row: BenchRow, model: nn.Module, runner: nn.Module, rt: str, si
     cpu_only = getattr(runner, "_ganslim_cpu_only", False)
     run_dev = torch.device("cpu") if cpu_only else dev
     if isinstance(runner, OnnxModule):
-        row.macs_g = onnx_macs(runner.path, first) / 1e9
-        row.params_m = runner.num_weights() / 1e6
+        row.macs = float(onnx_macs(runner.path, first))
+        row.params = int(runner.num_weights())
     else:
         from ..deployment import quantization as Q
 
         counted = Q.to_float(model) if Q.is_quantized(model) else model
-        row.macs_g = measure.count_macs(counted, first) / 1e9
-        row.params_m = measure.count_params(counted) / 1e6
+        row.macs = float(measure.count_macs(counted, first))
+        row.macs_true = float(measure.count_macs(counted, first, "true"))
+        row.params = measure.count_params(counted)
     row.size_mb = os.path.getsize(size_file) / 1e6 if size_file else measure.model_size_mb(model)
     if run_dev.type != "cpu":
         runner = runner.to(run_dev)
     lat = measure.measure_latency(runner, first, warmup=warmup, repeats=repeats,
                                   threads=None if cpu_only and isinstance(runner, OnnxModule) else threads,
                                   device=run_dev if not isinstance(runner, OnnxModule) else None, max_seconds=max_seconds)
-    row.latency_ms, row.p90_ms = lat.median_ms, lat.p90_ms
+    row.latency_ms, row.latency_p90_ms = lat.median_ms, lat.p90_ms
     row.throughput = measure.throughput(lat)
     row.device = lat.device
     if rt == "eager" and not isinstance(runner, OnnxModule):
@@ -347,19 +311,21 @@ def _measure_row(row: BenchRow, model: nn.Module, runner: nn.Module, rt: str, si
 
 
 # ---------------------------------------------------------------------------------------------- output
-_COLS = [("model", "model", None), ("runtime", "runtime", None), ("MACs G", "macs_g", "macs_x"),
-         ("params M", "params_m", "params_x"), ("size MB", "size_mb", "size_x"), ("latency ms", "latency_ms", "latency_x"),
-         ("p90 ms", "p90_ms", None), ("img/s", "throughput", None), ("peak MB", "peak_mb", "peak_x"),
-         ("PSNR-teacher", "psnr_teacher", None), ("PSNR-GT", "psnr_gt", None), ("SSIM-GT", "ssim_gt", None),
-         ("FID", "fid", None), ("LPIPS", "lpips", None)]
+# (title, ModelStats field, its ratio field, display scale)
+_COLS = [("model", "name", None, 1), ("runtime", "runtime", None, 1), ("MACs G", "macs", "macs_x", 1e9),
+         ("params M", "params", "params_x", 1e6), ("size MB", "size_mb", "size_x", 1),
+         ("latency ms", "latency_ms", "latency_x", 1), ("p90 ms", "latency_p90_ms", None, 1), ("img/s", "throughput", None, 1),
+         ("peak MB", "peak_mb", "peak_x", 1), ("PSNR-teacher", "psnr_to_teacher", None, 1), ("PSNR-GT", "psnr_to_gt", None, 1),
+         ("SSIM-GT", "ssim_to_gt", None, 1), ("FID", "fid", None, 1), ("LPIPS", "lpips", None, 1)]
 
 
-def _cell(row: BenchRow, key: str, ratio_key: Optional[str]) -> str:
+def _cell(row: ModelStats, key: str, ratio_key: Optional[str], scale: float = 1) -> str:
     v = getattr(row, key)
     if v is None:
         return "-"
-    if isinstance(v, float):
-        nd = 3 if key in ("macs_g", "params_m", "ssim_gt") else (2 if key.startswith(("psnr", "size", "fid", "lpips")) else 1)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and key not in ("threads",):
+        v = v / scale
+        nd = 3 if key in ("macs", "params", "ssim_to_gt") else (2 if key.startswith(("psnr", "size", "fid", "lpips")) else 1)
         s = f"{v:.{nd}f}"
     else:
         s = str(v)
@@ -367,47 +333,47 @@ def _cell(row: BenchRow, key: str, ratio_key: Optional[str]) -> str:
     return f"{s} ({r:.2f}x)" if r is not None else s
 
 
-def _visible_cols(rows: list[BenchRow]) -> list[tuple]:
+def _visible_cols(rows: list[ModelStats]) -> list[tuple]:
     keep = []
-    for title, key, rk in _COLS:
+    for title, key, rk, scale in _COLS:
         vals = [getattr(r, key) for r in rows]
         if key in ("fid", "lpips") and all(v == NOT_COMPUTED for v in vals):
             continue
-        if all(v is None for v in vals) and key not in ("model", "runtime"):
+        if all(v is None for v in vals) and key not in ("name", "runtime"):
             continue
-        keep.append((title, key, rk))
+        keep.append((title, key, rk, scale))
     return keep
 
 
-def format_table(rows: list[BenchRow]) -> str:
+def format_table(rows: list[ModelStats]) -> str:
     """Aligned text table; ratios to the teacher in parentheses; errors listed below."""
     cols = _visible_cols(rows)
-    table = [[t for t, _, _ in cols]] + [[_cell(r, k, rk) if not r.error else (_cell(r, k, None) if k in ("model", "runtime") else "")
-                                          for _, k, rk in cols] for r in rows]
+    table = [[c[0] for c in cols]] + [[_cell(r, k, rk, sc) if not r.error else (_cell(r, k, None) if k in ("name", "runtime") else "")
+                                       for _, k, rk, sc in cols] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     out = ["  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(line)) for line in table]
     out.insert(1, "-" * len(out[0]))
     for r in rows:
         if r.error:
-            out.append(f"{r.model} [{r.runtime}]: {r.error}")
+            out.append(f"{r.name} [{r.runtime}]: {r.error}")
     if all(r.fid == NOT_COMPUTED for r in rows):
         out.append("FID / LPIPS: not computed (pass --fid-features / --lpips with local .pt2 or TorchScript networks)")
     return "\n".join(out)
 
 
-def format_markdown(rows: list[BenchRow]) -> str:
-    cols = _visible_cols(rows) + [("error", "error", None)]
-    lines = ["| " + " | ".join(t for t, _, _ in cols) + " |", "|" + "---|" * len(cols)]
+def format_markdown(rows: list[ModelStats]) -> str:
+    cols = _visible_cols(rows) + [("error", "error", None, 1)]
+    lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r, k, rk) for _, k, rk in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r, k, rk, sc) for _, k, rk, sc in cols) + " |")
     return "\n".join(lines)
 
 
-def rows_to_json(rows: list[BenchRow]) -> list[dict]:
+def rows_to_json(rows: list[ModelStats]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
-def write_outputs(rows: list[BenchRow], json_path: Optional[str] = None, markdown_path: Optional[str] = None,
+def write_outputs(rows: list[ModelStats], json_path: Optional[str] = None, markdown_path: Optional[str] = None,
                   plot_path: Optional[str] = None, x_axis: str = "macs") -> list[str]:
     """Write the chosen outputs (atomic JSON, Markdown, Pareto PNG); returns the paths written."""
     from .report import write_json
@@ -426,7 +392,7 @@ def write_outputs(rows: list[BenchRow], json_path: Optional[str] = None, markdow
     return written
 
 
-def pareto_plot(rows: list[BenchRow], path: str, x_axis: str = "macs") -> str:
+def pareto_plot(rows: list[ModelStats], path: str, x_axis: str = "macs") -> str:
     """PNG: cost (MACs G or latency ms, log scale) against fidelity (PSNR to ground truth, or to the
     teacher without one), one labelled point per row; the Pareto front is drawn as a line."""
     import matplotlib
@@ -434,10 +400,11 @@ def pareto_plot(rows: list[BenchRow], path: str, x_axis: str = "macs") -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "macs_g" if x_axis == "macs" else "latency_ms"
-    use_gt = any(r.psnr_gt is not None for r in rows)
-    yk = "psnr_gt" if use_gt else "psnr_teacher"
-    pts = [(getattr(r, key), getattr(r, yk), f"{r.model} [{r.runtime}]") for r in rows
+    key = "macs" if x_axis == "macs" else "latency_ms"
+    scale = 1e9 if key == "macs" else 1.0
+    use_gt = any(r.psnr_to_gt is not None for r in rows)
+    yk = "psnr_to_gt" if use_gt else "psnr_to_teacher"
+    pts = [(getattr(r, key) / scale, getattr(r, yk), f"{r.name} [{r.runtime}]") for r in rows
            if not r.error and getattr(r, key) and getattr(r, yk) is not None]
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     merged: dict = {}  # identical points (e.g. one network on two runtimes at equal MACs) share a label
@@ -462,7 +429,7 @@ def pareto_plot(rows: list[BenchRow], path: str, x_axis: str = "macs") -> str:
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5)))
-    ax.set_xlabel("MACs (G, papers' convention)" if key == "macs_g" else "latency (ms)")
+    ax.set_xlabel("MACs (G, papers' convention)" if key == "macs" else "latency (ms)")
     ax.set_ylabel("PSNR to ground truth (dB)" if use_gt else "PSNR to teacher (dB)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -498,5 +465,5 @@ def image_grid(models_or_paths: Sequence[Any], path: str, eval_pairs: Optional[l
     return save_image_grid(grid_rows, path, labels=names)
 
 
-def dump(rows: list[BenchRow]) -> str:
+def dump(rows: list[ModelStats]) -> str:
     return json.dumps(rows_to_json(rows), indent=2, default=str)

@@ -6,46 +6,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-
-@dataclass
-class ModelStats:
-    """Measured figures of one network. MACs in the papers' convention (``macs``) and true
-    multiply-adds (``macs_true``), one forward of ``input_shape``; size in MB (10^6 bytes) of fp32
-    weights; latency in ms (median and p90, CPU threads stated); PSNR in dB."""
-
-    macs: float
-    macs_true: float
-    params: int
-    size_mb: float
-    latency_ms: Optional[float] = None
-    latency_p90_ms: Optional[float] = None
-    psnr_to_teacher: Optional[float] = None
-    ssim_to_teacher: Optional[float] = None
-    psnr_to_gt: Optional[float] = None
-    ssim_to_gt: Optional[float] = None
+from .stats import ModelStats
 
 
-@dataclass
-class DeployStats:
-    """One exported file run by onnxruntime on the CPU: ``size_mb`` on disk (10^6 bytes), latency in
-    ms at the report's input and thread count, PSNR in dB to the float PyTorch student
-    (``psnr_to_float``), to the teacher and to the ground truth; ``int8_ops``: integer kernels
-    (QLinearConv, QLinearAdd, ...) in the optimised graph's source file."""
-
-    name: str
-    format: str
-    size_mb: float
-    latency_ms: Optional[float] = None
-    latency_p90_ms: Optional[float] = None
-    psnr_to_float: Optional[float] = None
-    psnr_to_teacher: Optional[float] = None
-    psnr_to_gt: Optional[float] = None
-    ssim_to_gt: Optional[float] = None
-    int8_ops: int = 0
+# one row type for the report, its deployment table and ``ganslim bench`` (DeployStats: its earlier name)
+DeployStats = ModelStats
 
 
 def format_deploy_table(rows: list, threads: Optional[int] = None) -> str:
-    """Fixed-width table of :class:`DeployStats` rows, ratios to the first (fp32) row."""
+    """Fixed-width table of deployed-file rows (:class:`ModelStats`), ratios to the first (fp32) row."""
     if not rows:
         return ""
     base = rows[0]
@@ -84,7 +53,7 @@ class CompressReport:
     notes: list = field(default_factory=list)
     quant: Optional[str] = None  # "int8" when a QAT stage ran
     quant_steps: int = 0
-    deployment: list = field(default_factory=list)  # DeployStats rows (onnxruntime), fp32 first
+    deployment: list = field(default_factory=list)  # ModelStats rows (onnxruntime), fp32 first
     latency_target_ms: Optional[float] = None  # device-aware budget, when one was given
     latency_calibration: list = field(default_factory=list)  # [(width, MACs fraction, ms)] measured
     strategy: str = "slim"
