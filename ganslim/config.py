@@ -1,8 +1,9 @@
 """Typed configuration for :func:`ganslim.compress` (the CLI is generated from the same dataclasses).
 
 :class:`CompressConfig` holds the options every run uses (budget, schedule, data, run) and one
-section per concern: ``loss`` (:class:`LossOptions`), one per strategy (``slim``, ``ofa``, ``evolve``:
-:class:`SlimOptions`, :class:`OfaOptions`, :class:`EvolveOptions`) and ``quantization``
+section per concern: ``loss`` (:class:`LossOptions`), one per strategy (``slim``, ``ofa``, ``evolve``,
+``uniform``: :class:`SlimOptions`, :class:`OfaOptions`, :class:`EvolveOptions`, :class:`UniformOptions`)
+and ``quantization``
 (:class:`QuantOptions`). Every section field also has a *flat name*, unique across the whole
 configuration (``gate_lr`` is ``slim.gate_lr``, ``search_population`` is ``ofa.population``,
 ``quant`` is ``quantization.mode``): ``compress(..., gate_lr=1e-2)``, ``CompressConfig(gate_lr=1e-2)``,
@@ -114,9 +115,16 @@ class QuantOptions:
     deploy_check: bool = True  # export fp32 + int8 ONNX and measure both in onnxruntime
 
 
+@dataclass
+class UniformOptions:
+    """``strategy="uniform"``: the teacher's family uniformly narrower (the trivial peer)."""
+
+    init: str = _opt("teacher", flat="uniform_init")  # "teacher": its leading channels' weights; "scratch": fresh
+
+
 # CompressConfig's sections: attribute name -> options class
 SECTIONS: dict[str, type] = {"loss": LossOptions, "slim": SlimOptions, "ofa": OfaOptions, "evolve": EvolveOptions,
-                             "quantization": QuantOptions}
+                             "uniform": UniformOptions, "quantization": QuantOptions}
 _NOT_SERIALIZABLE = ("batch_fn", "eval_inputs")  # top-level objects a JSON file or the CLI cannot carry
 
 
@@ -172,6 +180,7 @@ class CompressConfig:
     slim: SlimOptions = field(default_factory=SlimOptions)
     ofa: OfaOptions = field(default_factory=OfaOptions)
     evolve: EvolveOptions = field(default_factory=EvolveOptions)
+    uniform: UniformOptions = field(default_factory=UniformOptions)
     quantization: QuantOptions = field(default_factory=QuantOptions)
 
     def __post_init__(self):
@@ -239,6 +248,8 @@ class CompressConfig:
             raise ValueError(f"gan_mode must be lsgan, vanilla or hinge, got {loss.gan_mode!r}")
         if q.mode not in (None, "int8"):
             raise ValueError(f"quant must be None or 'int8', got {q.mode!r}")
+        if self.uniform.init not in ("teacher", "scratch"):
+            raise ValueError(f"uniform_init must be 'teacher' or 'scratch', got {self.uniform.init!r}")
         if self.ofa.bn_batches < 1:
             raise ValueError(f"search_bn_batches must be >= 1, got {self.ofa.bn_batches}")
         if self.strategy_options is not None and not isinstance(self.strategy_options, Mapping):

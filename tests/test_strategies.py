@@ -125,7 +125,7 @@ def test_every_strategy_runs_through_one_compress_call():
     g = torch.Generator().manual_seed(0)
     loader = [(xb, torch.tanh(xb.flip(1))) for xb in (torch.rand(4, 3, 24, 24, generator=g) * 2 - 1 for _ in range(3))]
     disc = nn.Conv2d(3, 1, 4, 2, 1)
-    for strategy in ("slim", "onestep", "evolve", "ofa"):
+    for strategy in ("slim", "onestep", "evolve", "ofa", "uniform"):
         res = ganslim.compress(teacher, teacher, loader, strategy=strategy, target_macs=0.3, steps=4, finetune_steps=2,
                                progress=False, measure_latency=False, evolve_population=4, evolve_generations=1,
                                search_population=4, search_generations=1, distill_loss="gka", finetune_distill=True,
@@ -133,7 +133,7 @@ def test_every_strategy_runs_through_one_compress_call():
         assert res.report.strategy == strategy
         assert res.report.student.macs <= 0.3 * res.report.teacher.macs * 1.02, strategy
         assert not any(h for mod in res.model.modules() for h in mod._forward_hooks.values()), strategy
-    with pytest.raises(ValueError, match="'slim', 'onestep', 'ofa', 'evolve', 'auto'"):
+    with pytest.raises(ValueError, match="'slim', 'onestep', 'ofa', 'evolve', 'uniform', 'auto'"):
         CompressConfig(strategy="magic").validate()
     for name in STRATEGIES:  # every advertised name is accepted
         assert CompressConfig(strategy=name).validate().strategy == name

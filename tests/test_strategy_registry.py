@@ -19,13 +19,13 @@ from ganslim.zoo import create_model
 
 @pytest.fixture
 def toy():
-    import toy_strategy  # noqa: F401  (registers "uniform" on import)
+    import toy_strategy  # noqa: F401  (registers "fraction" on import)
 
     from ganslim.strategies.base import _REGISTRY
 
-    _REGISTRY.setdefault("uniform", toy_strategy.UniformStrategy)
-    yield "uniform"
-    unregister_strategy("uniform")
+    _REGISTRY.setdefault("fraction", toy_strategy.FractionStrategy)
+    yield "fraction"
+    unregister_strategy("fraction")
 
 
 def _teacher(norm="batch"):
@@ -42,39 +42,58 @@ def test_a_strategy_in_one_file_is_usable_from_compress_the_config_and_the_cli(t
     assert toy in strategy_names() and strategy_names()[-1] == "auto"
     assert CompressConfig(strategy=toy).validate().strategy == toy
     teacher = _teacher()
-    res = ganslim.compress(teacher, teacher, _loader(), strategy=toy, target_macs=0.3, finetune_steps=2,
-                           progress=False, measure_latency=False)
-    assert res.report.strategy == toy
     x = torch.rand(1, 3, 24, 24)
-    ratio = measure.count_macs(res.model, x) / measure.count_macs(teacher, x)
-    assert 0.2 < ratio <= 0.3  # the toy's own bisection, at the budget
-    kept = [a for a, _ in res.report.widths.values()]
-    fractions = [a / b for a, b in res.report.widths.values()]
-    assert max(fractions) - min(fractions) < 0.2 and min(kept) >= 1  # uniform widths
-    # its own options dataclass, filled from strategy_options; a name it does not have is refused up front
-    res = ganslim.compress(teacher, teacher, _loader(), strategy=toy, target_macs=0.05, finetune_steps=0,
-                           strategy_options={"min_channels": 3}, progress=False, measure_latency=False)
-    assert min(a for a, _ in res.report.widths.values()) == 3
-    with pytest.raises(ValueError, match="unknown strategy_options for 'uniform': width; known: min_channels"):
+    for fraction in (0.5, 0.25):  # its own options dataclass, filled from strategy_options
+        res = ganslim.compress(teacher, teacher, _loader(), strategy=toy, strategy_options={"fraction": fraction},
+                               target_macs=None, finetune_steps=2, progress=False, measure_latency=False)
+        assert res.report.strategy == toy
+        assert all(a == max(1, round(b * fraction)) for a, b in res.report.widths.values())
+        ratio = measure.count_macs(res.model, x) / measure.count_macs(teacher, x)
+        assert ratio < 1.5 * fraction ** 2 + 0.05  # the inner convs shrink in both channel dimensions
+    with pytest.raises(ValueError, match="unknown strategy_options for 'fraction': width; known: fraction"):
         ganslim.compress(teacher, teacher, _loader(), strategy=toy, strategy_options={"width": 3}, progress=False)
     with pytest.raises(ValueError, match="strategy 'slim' takes no strategy_options.*CompressConfig.slim"):
         ganslim.compress(teacher, teacher, _loader(), strategy="slim", strategy_options={"width": 3}, progress=False)
     ckpt = tmp_path / "t.safetensors"
     ganslim.save(teacher, ckpt)
     out = tmp_path / "cli"
-    assert main(["compress", "--teacher", str(ckpt), "--strategy", toy, "--target-macs", "0.05", "--finetune-steps", "1",
-                 "--strategy-option", "min_channels=2", "--crop", "24", "--batch-size", "2", "--out", str(out),
+    assert main(["compress", "--teacher", str(ckpt), "--strategy", toy, "--finetune-steps", "1",
+                 "--strategy-option", "fraction=0.25", "--crop", "24", "--batch-size", "2", "--out", str(out),
                  "--no-progress", "--no-measure-latency"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["strategy"] == toy and min(a for a, _ in report["widths"].values()) == 2
+    assert report["strategy"] == toy and all(a == max(1, round(b / 4)) for a, b in report["widths"].values())
     with pytest.raises(ValueError, match="already registered"):
         from ganslim.strategies import Strategy, register_strategy
 
         register_strategy(type("Other", (Strategy,), {"name": toy}))
 
 
+def test_the_uniform_peer_is_the_teachers_family_made_narrower():
+    # the trivial peer: every group the same fraction of its leading channels, at the MACs budget;
+    # "teacher" keeps those channels' weights, "scratch" the same widths freshly initialised
+    teacher = _teacher()
+    with torch.no_grad():  # not the default init of seed 0, which the fresh weights would repeat
+        for p in teacher.parameters():
+            p.add_(0.05)
+    x = torch.rand(1, 3, 24, 24)
+    kw = dict(strategy="uniform", target_macs=0.25, finetune_steps=0, progress=False, measure_latency=False)
+    warm = ganslim.compress(teacher, teacher, _loader(), **kw)
+    cold = ganslim.compress(teacher, teacher, _loader(), uniform_init="scratch", **kw)
+    ratio = measure.count_macs(warm.model, x) / measure.count_macs(teacher, x)
+    assert 0.2 < ratio <= 0.25
+    fractions = [a / b for a, b in warm.report.widths.values()]
+    assert max(fractions) - min(fractions) < 1 / 8 + 1e-9  # equal up to rounding to whole channels
+    assert warm.report.widths == cold.report.widths
+    first_t = teacher.model[1].weight
+    first_w, first_c = warm.model.model[1].weight, cold.model.model[1].weight
+    assert torch.equal(first_w, first_t[:first_w.shape[0]])  # the teacher's leading filters
+    assert not torch.allclose(first_c, first_t[:first_c.shape[0]])
+    with pytest.raises(ValueError, match="uniform_init must be 'teacher' or 'scratch'"):
+        ganslim.compress(teacher, teacher, _loader(), uniform_init="zeros", **kw)
+
+
 def test_unknown_strategy_names_the_registered_ones():
-    with pytest.raises(ValueError, match="'slim', 'onestep', 'ofa', 'evolve', 'auto'"):
+    with pytest.raises(ValueError, match="'slim', 'onestep', 'ofa', 'evolve', 'uniform', 'auto'"):
         get_strategy("magic")
 
 

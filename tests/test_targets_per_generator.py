@@ -23,7 +23,7 @@ from ganslim.zoo import ResnetGenerator, create_model
 
 from trained import briefly_trained
 
-STRATEGIES = ("slim", "onestep", "ofa", "evolve")
+STRATEGIES = ("slim", "onestep", "ofa", "evolve", "uniform")
 TARGET = 0.2  # of the teacher's MACs
 
 

@@ -1,44 +1,38 @@
 """A strategy written the way a user would add one: this file and its registration, nothing else.
 
-``uniform``: every prunable group keeps the same leading fraction of its channels, the largest that
-meets the MACs budget (the "uniformly narrower network" baseline), then compress's fine-tune. Its own
-option (``min_channels``) lives in its own dataclass, filled from ``CompressConfig.strategy_options``."""
+``fraction``: every prunable group keeps the same leading fraction of its channels, a fixed one
+given as the strategy's own option (no MACs target: it declares ``needs_target = False``), then
+compress's fine-tune. The option lives in the strategy's own dataclass, filled from
+``CompressConfig.strategy_options``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
+from ganslim.core.targeting import find_channel_groups
 from ganslim.pruning.onestep import onestep_prune
 from ganslim.strategies import StageResult, Strategy, StrategyContext, register_strategy
-from ganslim.strategies.common import loss_weights, targets_and_budget
+from ganslim.strategies.common import loss_weights
 
 
 @dataclass
-class UniformOptions:
-    min_channels: int = 1  # every group keeps at least this many channels
+class FractionOptions:
+    fraction: float = 0.5  # of every group's channels kept (at least one)
 
 
 @register_strategy
-class UniformStrategy(Strategy):
-    name = "uniform"
-    paper = "baseline"
-    summary = "the same leading fraction of every layer's channels"
-    options_class = UniformOptions
+class FractionStrategy(Strategy):
+    name = "fraction"
+    paper = "example"
+    summary = "a fixed fraction of every layer's leading channels"
+    needs_target = False
+    options_class = FractionOptions
 
     def run(self, ctx: StrategyContext) -> StageResult:
-        targets, macs_model, target_abs, calibration = targets_and_budget(ctx)
-        floor = ctx.options.min_channels
-
-        def alive(ratio: float) -> list[torch.Tensor]:
-            return [torch.arange(g.size) < max(floor, int(g.size * ratio)) for g in targets.groups]
-
-        lo, hi = 0.0, 1.0
-        for _ in range(30):  # bisection on the width ratio
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if macs_model.macs(alive(mid)) <= target_abs else (lo, mid)
-        masks = alive(lo)
+        cfg = ctx.config
+        targets = find_channel_groups(ctx.student, ctx.example, include=cfg.include, exclude=cfg.exclude)
+        masks = [torch.arange(g.size) < max(1, round(g.size * ctx.options.fraction)) for g in targets.groups]
         plain = onestep_prune(ctx.student, targets, masks, ctx.example)
         kept = {g.root: int(a.sum()) for g, a in zip(targets.groups, masks)}
-        return StageResult(plain, kept, targets, loss_weights(ctx), target_abs=target_abs, calibration=calibration,
-                           stage_steps=0)
+        return StageResult(plain, kept, targets, loss_weights(ctx), stage_steps=0)

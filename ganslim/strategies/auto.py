@@ -23,6 +23,8 @@ VARIANTS = {
     "onestep+gka": {"strategy": "onestep", "distill_loss": "gka", "finetune_distill": True},
     "ofa": {"strategy": "ofa"},
     "evolve": {"strategy": "evolve"},
+    "uniform": {"strategy": "uniform"},
+    "uniform-scratch": {"strategy": "uniform", "uniform_init": "scratch"},
 }
 
 
