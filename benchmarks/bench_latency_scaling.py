@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ganslim import data, load, measure  # noqa: E402
 from ganslim.deployment.deploy import OnnxModule, export  # noqa: E402
-from ganslim.pruning.device_aware import _uniform_alive  # noqa: E402
+from ganslim.pruning.uniform import uniform_alive  # noqa: E402
 from ganslim.core.gating import GateSet, export_pruned  # noqa: E402
 from ganslim.core.targeting import find_channel_groups  # noqa: E402
 
@@ -40,7 +40,7 @@ def main() -> None:
     x = data.test_pairs()[0][0]
     groups = find_channel_groups(copy.deepcopy(teacher), x[:, :, :64, :64])
     gates = GateSet(groups)
-    gates.set_masks(_uniform_alive(groups.groups, args.uniform_width))
+    gates.set_masks(uniform_alive(groups.groups, args.uniform_width))
     uniform, _ = export_pruned(teacher, gates, x[:, :, :64, :64], atol=float("inf"))
     tmp = "runs/latency_scaling"
     os.makedirs(tmp, exist_ok=True)

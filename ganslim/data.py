@@ -104,6 +104,10 @@ class PairedCrops(Dataset):
             raise ValueError(f"crop must be a multiple of 4, got {crop}")
         self.crop, self.length, self.seed, self.flip = crop, length, seed, flip
         self.pairs = [photo_pair(p) for p in photos]
+        small = min((((x.shape[1], x.shape[2]), name) for (x, _), name in zip(self.pairs, photos)), key=lambda t: min(t[0]))
+        if crop > min(small[0]):
+            raise ValueError(f"crop {crop} is larger than the embedded photo {small[1]!r} ({small[0][1]}x{small[0][0]}); "
+                             f"the embedded data allows crops up to {min(small[0]) // 4 * 4}")
         self.weights = torch.tensor([float(x.shape[1] * x.shape[2]) for x, _ in self.pairs])
 
     def __len__(self) -> int:

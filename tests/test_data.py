@@ -1,5 +1,6 @@
 """Embedded data: real photos, held out whole, deterministic crops, paired and unpaired views."""
 import numpy as np
+import pytest
 import torch
 
 from ganslim import data
@@ -75,3 +76,8 @@ def test_teacher_crops_carry_the_teachers_output_for_the_same_window():
         assert torch.allclose(item["teacher_output"][:, 1:-1, 1:-1], t_crop[:, 1:-1, 1:-1], atol=1e-5)
     batch = next(iter(data.default_loader(batch_size=2, crop=32, length=4, teacher=teacher)))
     assert set(batch) == {"A", "target", "teacher_output"} and batch["teacher_output"].shape == (2, 3, 32, 32)
+
+
+def test_a_crop_larger_than_the_embedded_photos_is_named():
+    with pytest.raises(ValueError, match=r"crop 512 is larger than the embedded photo .*allows crops up to 256"):
+        data.default_loader(crop=512)

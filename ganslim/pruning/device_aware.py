@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .. import measure
 from .._utils import as_input_tuple
+from .uniform import uniform_alive
 
 DEFAULT_WIDTHS = (1.0, 0.7, 0.5, 0.35, 0.25, 0.17, 0.12, 0.08)
 
@@ -39,16 +40,6 @@ class LatencyCalibration:
         lines = ["width  MACs fraction  latency ms"]
         lines += [f"{w:5.2f}  {f:13.4f}  {ms:10.2f}" for w, f, ms in self.points]
         return "\n".join(lines)
-
-
-def _uniform_alive(groups, ratio: float) -> list[torch.Tensor]:
-    out = []
-    for g in groups:
-        k = max(1, int(round(g.size * ratio)))
-        a = torch.zeros(g.size, dtype=torch.bool)
-        a[:k] = True
-        out.append(a)
-    return out
 
 
 def calibrate_latency(model: nn.Module, targets, example_inputs: Any, latency_inputs: Any, target_ms: float,
@@ -81,7 +72,7 @@ def calibrate_latency(model: nn.Module, targets, example_inputs: Any, latency_in
             frac = 1.0
         else:
             gates = GateSet(targets).to(next((p.device for p in model.parameters()), torch.device("cpu")))
-            alive = _uniform_alive(targets.groups, w)
+            alive = uniform_alive(targets.groups, w)
             gates.set_masks(alive)
             variant, _ = export_pruned(model, gates, example, tol=float("inf"))
             frac = macs_model.macs(alive) / macs_model.total

@@ -10,27 +10,30 @@ import torch.nn as nn
 from ..core.gating import MacsModel
 from ..core.targeting import Targets
 
-__all__ = ["uniform_masks", "reinitialize"]
+__all__ = ["uniform_alive", "uniform_masks", "reinitialize"]
 
 
-def _kept(size: int, ratio: float, multiple: int, floor: int) -> int:
-    k = max(min(floor, size), int(size * ratio + 1e-9))
-    if multiple > 1:
-        k = min(size, -(-k // multiple) * multiple)
-    return k
+def uniform_alive(groups, ratio: float, multiple: int = 1, floor: int = 1) -> list[torch.Tensor]:
+    """Keep-mask per channel group: its leading ``round(size * ratio)`` channels, at least ``floor``,
+    rounded up to a ``multiple`` (never above the group's size)."""
+    out = []
+    for g in groups:
+        k = max(min(floor, g.size), int(round(g.size * ratio)))
+        if multiple > 1:
+            k = min(g.size, -(-k // multiple) * multiple)
+        out.append(torch.arange(g.size) < k)
+    return out
 
 
 def uniform_masks(targets: Targets, macs_model: MacsModel, target_macs: float, multiple: int = 1) -> tuple[list, float]:
-    """``(keep-masks, ratio)``: each group keeps its leading ``ratio`` of channels (rounded down, then up to
-    ``multiple``), the largest ratio whose MACs (``macs_model``, absolute) are at most ``target_macs``.
-    Every group keeps at least two channels (as the other strategies do) unless only one meets the budget."""
-    floor = 2
+    """``(keep-masks, ratio)``: each group keeps its leading ``ratio`` of channels
+    (:func:`uniform_alive`), the largest ratio whose MACs (``macs_model``, absolute) are at most
+    ``target_macs``. Every group keeps at least two channels (as the other strategies do) unless
+    only one meets the budget."""
+    floor = 2 if macs_model.macs(uniform_alive(targets.groups, 0.0, multiple, 2)) <= target_macs else 1
 
     def masks(ratio: float) -> list[torch.Tensor]:
-        return [torch.arange(g.size) < _kept(g.size, ratio, multiple, floor) for g in targets.groups]
-
-    if macs_model.macs(masks(0.0)) > target_macs:
-        floor = 1
+        return uniform_alive(targets.groups, ratio, multiple, floor)
 
     lo, hi = 0.0, 1.0
     if macs_model.macs(masks(hi)) <= target_macs:

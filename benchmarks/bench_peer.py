@@ -1,0 +1,162 @@
+"""ganslim against the trivial peer, along the training budget: at each MACs target and total number
+of optimizer steps, the default strategy (``slim``) beside the teacher's family made uniformly narrower
+(``strategy="uniform"``: the teacher's leading channels; ``uniform-scratch``: the same widths freshly
+initialised), all trained with the same losses, data, batch and learning rates on the default task.
+
+    python benchmarks/bench_peer.py                                   # 1k and 3k steps at 10x, 20x, 40x
+    python benchmarks/bench_peer.py --budgets 12800 --targets 0.05 --resume   # add cells to the same table
+
+A budget is the total number of optimizer steps: ``slim`` spends the demo's share of it gated
+(800 of 12800, 1/16) and the rest fine-tuning the pruned network; the peers fine-tune for all of it.
+Each row is written to ``--out`` as soon as it is measured (``--resume`` keeps the rows already there),
+so a long grid can be built over several runs. Columns: MACs reduction, PSNR to the ground truth of
+the held-out photo and its difference to the teacher's, CPU minutes of the whole compress call on
+this machine, eager batch-1 latency of the result on the held-out photo. The PNG plots PSNR against
+the budget, one panel per target.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ganslim import data, measure  # noqa: E402
+from ganslim.compression import compress  # noqa: E402
+from ganslim.config import CompressConfig  # noqa: E402
+from ganslim.strategies import VARIANTS  # noqa: E402
+
+DEFAULT = CompressConfig()
+GATED_SHARE = DEFAULT.steps / (DEFAULT.steps + DEFAULT.finetune_steps)  # the demo's 800 of 12800
+
+
+def schedule(variant: str, budget: int) -> dict:
+    """Steps of each stage for a total ``budget`` of optimizer steps."""
+    if VARIANTS[variant]["strategy"] == "slim":
+        gated = max(1, round(budget * GATED_SHARE))
+        return {"steps": gated, "finetune_steps": budget - gated}
+    return {"steps": 0, "finetune_steps": budget}
+
+
+def key(row: dict) -> tuple:
+    return row["budget"], row["target"], row["variant"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default="0.1,0.05,0.025", help="MACs fractions of the teacher")
+    ap.add_argument("--budgets", default="1000,3000", help="total optimizer steps per row")
+    ap.add_argument("--variants", default="slim,uniform,uniform-scratch", help="names of ganslim.strategies.VARIANTS")
+    ap.add_argument("--out", default="benchmarks/results/peer.json")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, measure the others")
+    ap.add_argument("--report", action="store_true", help="only print the table and redraw the plot from --out")
+    args = ap.parse_args()
+    if args.report:
+        saved = json.load(open(args.out))
+        print(table(saved, saved["rows"]))
+        plot(saved, saved["rows"], os.path.splitext(args.out)[0] + ".png")
+        return
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    targets = [float(t) for t in args.targets.split(",")]
+    budgets = [int(b) for b in args.budgets.split(",")]
+
+    teacher = data.default_teacher()
+    pairs = data.test_pairs()
+    (x_eval, _), = pairs
+    t_psnr = measure.fidelity_to_target(teacher, pairs)["psnr"]
+    saved = json.load(open(args.out)) if args.resume and os.path.exists(args.out) else {}
+    rows = {key(r): r for r in saved.get("rows", [])}
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+                       f"torch {torch.__version__}",
+            "teacher": "default (ResNet-9 ngf 32, batch norm)", "teacher_psnr_gt": t_psnr,
+            "teacher_latency_ms": measure.measure_latency(teacher, x_eval, warmup=2, repeats=5).median_ms,
+            "batch": 8, "crop": 64, "gated_share": GATED_SHARE}
+    for budget in budgets:
+        # the demo's loader (teacher outputs precomputed per whole photo), long enough for the budget
+        loader = data.default_loader(batch_size=8, crop=64, length=(budget + 16) * 8, seed=DEFAULT.seed, teacher=teacher)
+        for target in targets:
+            for variant in variants:
+                if (budget, target, variant) in rows:
+                    continue
+                sched = schedule(variant, budget)
+                t0 = time.time()
+                res = compress(teacher, teacher, loader, target_macs=target, eval_inputs=pairs, measure_latency=False,
+                               progress=False, **sched, **VARIANTS[variant])
+                minutes = (time.time() - t0) / 60
+                st = res.report.student
+                row = {"budget": budget, "target": target, "variant": variant, **sched,
+                       "macs_reduction": res.report.teacher.macs / st.macs, "psnr_gt": st.psnr_to_gt,
+                       "vs_teacher_db": st.psnr_to_gt - t_psnr, "minutes": minutes,
+                       "latency_ms": measure.measure_latency(res.model, x_eval, warmup=2, repeats=7).median_ms,
+                       "widths": {k: v[0] for k, v in res.report.widths.items()}}
+                rows[key(row)] = row
+                print(f"[{variant} @ {target:g}, {budget} steps] {row['macs_reduction']:.2f}x fewer MACs, PSNR-GT "
+                      f"{row['psnr_gt']:.2f} dB ({row['vs_teacher_db']:+.2f}), {minutes:.1f} min", flush=True)
+                _write(args.out, meta, rows)
+    print(table(meta, list(rows.values())))
+    png = os.path.splitext(args.out)[0] + ".png"
+    plot(meta, list(rows.values()), png)
+    print(f"wrote {args.out}, {png}")
+
+
+def _write(path: str, meta: dict, rows: dict) -> None:
+    from ganslim.measure.report import write_json
+
+    write_json(dict(meta, rows=sorted(rows.values(), key=key)), path)
+
+
+def table(meta: dict, rows: list) -> str:
+    """Markdown: one line per (budget, target), one column per variant (dB to the teacher), and the
+    best ganslim strategy's margin over the better peer (``uniform*`` rows)."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    by = {key(r): r for r in rows}
+    head = "| steps | target | " + " | ".join(variants) + " | best ganslim - best peer |"
+    lines = [f"teacher: PSNR-GT {meta['teacher_psnr_gt']:.2f} dB; cells: dB to the teacher (MACs reduction, CPU min)",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for budget, target in sorted({(r["budget"], r["target"]) for r in rows}, key=lambda bt: (bt[0], -bt[1])):
+        cells, peers, ours = [], [], []
+        for v in variants:
+            r = by.get((budget, target, v))
+            cells.append("-" if r is None else f"{r['vs_teacher_db']:+.2f} ({r['macs_reduction']:.1f}x, {r['minutes']:.1f})")
+            if r is not None:
+                (peers if v.startswith("uniform") else ours).append(r["psnr_gt"])
+        margin = f"{max(ours) - max(peers):+.2f} dB" if ours and peers else "-"
+        lines.append(f"| {budget} | 1/{1 / target:g} | " + " | ".join(cells) + f" | {margin} |")
+    return "\n".join(lines)
+
+
+def plot(meta: dict, rows: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = sorted({r["target"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), dpi=110, squeeze=False, sharex=True)
+    for ax, target in zip(axes[0], targets):
+        for v in dict.fromkeys(r["variant"] for r in rows):
+            pts = sorted((r["budget"], r["psnr_gt"]) for r in rows if r["target"] == target and r["variant"] == v)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=4, label=v)
+        ax.axhline(meta["teacher_psnr_gt"], color="k", lw=0.8, ls="--", label="teacher")
+        ax.set_xscale("log")
+        ax.set_title(f"1/{1 / target:g} of the teacher's MACs", fontsize=9)
+        ax.set_xlabel("optimizer steps (total)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("PSNR to ground truth (dB)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
