@@ -169,6 +169,7 @@ def _cmd_search(args) -> int:
     rows = search_budgets(supernet, teacher, loader, eval_pairs, budgets, out_dir=args.out,
                           finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
                           population=args.population, generations=args.generations, seed=args.seed,
+                          workers=args.workers,
                           progress=not args.no_progress, plot=os.path.join(args.out, "pareto.png"))
     print(rows.table())
     write_json(rows.to_dict(), os.path.join(args.out, "search.json"))
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--finetune-lr", type=float, default=api.finetune_lr)
     s.add_argument("--population", type=int, default=api.ofa.population)
     s.add_argument("--generations", type=int, default=api.ofa.generations)
+    s.add_argument("--workers", type=int, default=api.ofa.workers,
+                   help=f"evaluation processes, the threads shared out among them (default: {api.ofa.workers})")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--crop", type=int, default=64)
     s.add_argument("--seed", type=int, default=api.seed)

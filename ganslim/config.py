@@ -87,6 +87,7 @@ class OfaOptions:
     generations: int = _opt(8, flat="search_generations")
     bn_batches: int = _opt(4, flat="search_bn_batches")  # batches that re-estimate each candidate's BatchNorm statistics
     metric: Any = _opt("psnr_gt", flat="search_metric")  # "psnr_gt" | "psnr_teacher" | "ssim_gt" | callable(model) -> float
+    workers: int = _opt(1, flat="search_workers")  # evaluation processes (CPU; forked, the threads shared out)
     checkpoint: Optional[str] = _opt(None, flat="supernet_checkpoint")  # resumable supernet state (every 200 steps)
 
 

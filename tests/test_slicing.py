@@ -47,7 +47,7 @@ def test_fuzz_slicing_equals_the_exported_subnetwork(spec, widths, norm, seed):
     """Random architectures (residual adds, concatenations, depthwise and transposed convs): reordering
     keeps the function; any sampled widths run without a shape error (coupled channels share one
     width by construction); the sliced supernet equals its physically exported sub-network; the MACs
-    the supernet predicts are the exported model's measured MACs."""
+    the supernet predicts are the exported model's measured MACs, and the same float as the masks' count."""
     torch.manual_seed(seed)
     m = RandomGenerator(spec, widths, norm)
     x = torch.randn(1, 3, 16, 16)
@@ -67,6 +67,8 @@ def test_fuzz_slicing_equals_the_exported_subnetwork(spec, widths, norm, seed):
         # counted at full width by the prediction
         free = sum(v for k, v in sn._macs.base.items() if not any(True for _ in m.get_submodule(k).parameters()))
         assert measured * (1 - 1e-6) <= sn.macs(widths_cfg) <= measured * (1 + 1e-6) + free
+        # the search's mask-free count is the masks' count to the last bit (the choices must not move)
+        assert sn.macs(widths_cfg) == sn._macs.macs(sn.alive(widths_cfg))
         if widths_cfg != sn.largest():
             assert measure.count_params(plain) < measure.count_params(m)
     assert torch.equal(sn.set_widths(sn.largest())(x), sn(x))
@@ -122,6 +124,84 @@ def test_batchnorm_recalibration_matches_the_subnetwork_statistics():
     with torch.no_grad():
         running = sn(x)  # on the re-estimated running statistics (unbiased variance: tiny differences)
     assert (batch_stats - running).abs().max() < 0.02
+
+
+def _full_forward_statistics(sn, batches) -> dict:
+    """BatchNorm statistics as the plain recipe computes them: reset, cumulative average, whole forwards."""
+    bns = [m for m in sn.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    sn.model.train()
+    with torch.no_grad():
+        for inputs in batches:
+            sn.model(*inputs)
+    for m in bns:
+        m.momentum = 0.1
+    return {k: v.clone() for k, v in sn.model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("name", ["resnet_6blocks", "unet_128"])
+def test_recalibration_skips_the_layers_after_the_last_batchnorm_with_identical_statistics(name):
+    torch.manual_seed(0)
+    m = create_model(name, ngf=8, norm="batch")
+    size = 128 if name == "unet_128" else 32
+    batches = [(torch.randn(2, 3, size, size),) for _ in range(3)]
+    sn = make_supernet(m, batches[0][0][:1], SliceConfig(ratios=(0.5, 1.0), multiple=1))
+    last = [mod for mod in sn.model.modules() if isinstance(mod, nn.Conv2d | nn.ConvTranspose2d)][-1]
+    for widths in (sn.smallest(), sn.largest()):
+        sn.set_widths(widths)
+        expected = _full_forward_statistics(sn, batches)
+        ran = []
+        h = last.register_forward_hook(lambda *a: ran.append(1))
+        try:
+            recalibrate_bn(sn, batches)
+        finally:
+            h.remove()
+        assert len(ran) == 1  # the output layer ran for the first batch only (to count the norm calls)
+        got = {k: v for k, v in sn.model.state_dict().items() if k in expected}
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+        assert all(mod.momentum == 0.1 and not mod._forward_hooks for mod in sn.model.modules()
+                   if isinstance(mod, nn.BatchNorm2d))
+
+
+def test_search_fitness_does_not_depend_on_the_metrics_it_skips():
+    # SSIM is computed only when it is the metric; the PSNR fitness is the same number either way
+    teacher, sn, pairs, bn = _searchable()
+    fast = Evaluator(sn, teacher, pairs, bn, "psnr_gt")
+    full = Evaluator(sn, teacher, pairs, bn, "ssim_gt")
+    rng = random.Random(0)
+    for _ in range(3):
+        w = {k: rng.choice(v) for k, v in sn.choices.items()}
+        a, b = fast(w), full(w)
+        assert a.fitness == b.metrics["psnr_gt"] and "ssim_gt" not in a.metrics
+        assert b.fitness == b.metrics["ssim_gt"] and a.macs == b.macs == sn.macs(w)
+
+
+def test_parallel_evaluation_gives_the_numbers_of_one_process_and_the_same_winner():
+    teacher, sn, pairs, bn = _searchable()
+    rng = random.Random(1)
+    many = [{k: rng.choice(v) for k, v in sn.choices.items()} for _ in range(5)]
+    one = Evaluator(sn, teacher, pairs, bn, "psnr_teacher")
+    two = Evaluator(sn, teacher, pairs, bn, "psnr_teacher", workers=2)
+    try:
+        a, b = one.evaluate_many(many), two.evaluate_many(many + many[:2])  # repeats come from the cache
+        assert len(b) == 7 and two.evaluations == len({tuple(sorted(w.items())) for w in many})
+        for x, y in zip(a, b):
+            assert x.widths == y.widths and x.macs == y.macs
+            assert y.fitness == pytest.approx(x.fitness, rel=1e-6)  # other thread counts round differently
+        assert len(two._pool) == 2 and all(p.is_alive() for _, p in two._pool)
+        cfg = SearchConfig(population=6, generations=2, metric="psnr_teacher")
+        r1 = search(sn, teacher, pairs, bn, target_macs=0.3, config=cfg, progress=False)
+        r2 = search(sn, teacher, pairs, bn, target_macs=0.3, config=SearchConfig(**{**cfg.__dict__, "workers": 2}),
+                    progress=False)
+        assert r1.best.widths == r2.best.widths and r1.evaluations == r2.evaluations
+    finally:
+        procs = [p for _, p in two._pool or ()]
+        two.close()
+    assert two._pool is None and not any(p.is_alive() for p in procs)
+    with pytest.raises(ValueError, match="workers"):
+        SearchConfig(workers=0).validate()
 
 
 def _tiny_task(n_batches: int = 6, seed: int = 0):

@@ -17,17 +17,22 @@ def evolve_population(population: Sequence[T], fitness: Callable[[T], float], mu
                       cross: Callable[[T, T], Optional[T]], *, size: int, generations: int, n_parents: int,
                       crossover: float, rng: random.Random, key: Optional[Callable[[T], Hashable]] = None,
                       max_attempts: Optional[int] = None, progress: bool = False, desc: str = "ganslim evolve",
-                      postfix: Optional[Callable[[T, float], dict]] = None) -> tuple[list[T], list[float]]:
+                      postfix: Optional[Callable[[T, float], dict]] = None,
+                      score_many: Optional[Callable[[list[T]], object]] = None) -> tuple[list[T], list[float]]:
     """Run ``generations`` rounds from ``population``; returns ``(last population, best fitness per
     generation)``. The last population holds the final parents first, then their children (not scored
     yet). ``mutate`` / ``cross`` may return None (no valid child: another attempt); with ``key``,
     children equal to a parent or to an earlier child are discarded; at most ``max_attempts`` breeding
-    attempts per generation (None: until the population is full). Higher fitness is better."""
+    attempts per generation (None: until the population is full). Higher fitness is better.
+    ``score_many(population)``, when given, is called before each generation is scored (a caller
+    that caches fitness can evaluate the new individuals together, e.g. in parallel)."""
     from tqdm.auto import tqdm
 
     pop, history = list(population), []
     bar = tqdm(range(generations), desc=desc, disable=not progress, dynamic_ncols=True)
     for _ in bar:
+        if score_many is not None:
+            score_many(pop)
         scored = sorted(((fitness(x), x) for x in pop), key=lambda t: -t[0])
         history.append(scored[0][0])
         if progress and postfix is not None:

@@ -53,6 +53,7 @@ class SearchConfig:
     metric: Any = "psnr_gt"
     latency_repeats: int = 5
     seed: int = 0
+    workers: int = 1  # evaluation processes (forked, threads shared out); 2 on 2 cores: bench_search.py
 
     def validate(self) -> "SearchConfig":
         if self.population < 2 or self.generations < 1:
@@ -61,6 +62,8 @@ class SearchConfig:
             raise ValueError("parents must lie in (0, 1], crossover and mutation_prob in [0, 1]")
         if not callable(self.metric) and self.metric not in ("psnr_gt", "psnr_teacher", "ssim_gt"):
             raise ValueError(f"metric must be 'psnr_gt', 'psnr_teacher', 'ssim_gt' or a callable, got {self.metric!r}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         return self
 
 
@@ -85,6 +88,23 @@ def _key(widths: dict) -> tuple:
     return tuple(sorted(widths.items()))
 
 
+def _evaluation_worker(evaluator: "Evaluator", conn, threads: int) -> None:
+    """A forked evaluation process: widths in, ``(metrics, fitness)`` (or the exception) out."""
+    evaluator._pool = None  # the parent's pipes are not this process's to close
+    torch.set_num_threads(threads)
+    while True:
+        try:
+            widths = conn.recv()
+        except EOFError:
+            return
+        if widths is None:
+            return
+        try:
+            conn.send(evaluator._measure(widths))
+        except Exception as e:  # noqa: BLE001 - sent back and raised in the search
+            conn.send(e)
+
+
 class Evaluator:
     """Measures candidates on ``eval_pairs`` ([(inputs tuple, target or None)]), caching by widths.
 
@@ -93,7 +113,7 @@ class Evaluator:
 
     def __init__(self, supernet: Supernet, teacher: Optional[nn.Module], eval_pairs: Sequence[tuple],
                  bn_inputs: Sequence[tuple] = (), metric: Any = "psnr_gt", latency_input: Optional[tuple] = None,
-                 latency_repeats: int = 5, threads: Optional[int] = None):
+                 latency_repeats: int = 5, threads: Optional[int] = None, workers: int = 1):
         if not eval_pairs:
             raise ValueError("search needs at least one evaluation input")
         self.supernet, self.metric = supernet, metric
@@ -115,6 +135,9 @@ class Evaluator:
             teacher.train(was)
         self.cache: dict[tuple, Candidate] = {}
         self.latency_cache: dict[tuple, float] = {}
+        self.macs_cache: dict[tuple, float] = {}
+        self.workers = max(1, int(workers))
+        self._pool = None
         self.evaluations = 0
         self.seconds = 0.0
 
@@ -124,6 +147,12 @@ class Evaluator:
         if k in self.cache:
             return self.cache[k]
         t0 = time.time()
+        metrics, fitness = self._measure(widths)
+        return self._store(widths, metrics, fitness, time.time() - t0)
+
+    @torch.no_grad()
+    def _measure(self, widths: dict) -> tuple[dict, float]:
+        """BatchNorm re-estimated, then the held-out metrics of one sub-network: ``(metrics, fitness)``."""
         sn = self.supernet
         sn.set_widths(widths)
         recalibrate_bn(sn, self.bn_inputs)
@@ -133,19 +162,85 @@ class Evaluator:
         gts = [t for _, t in self.eval_pairs]
         if all(t is not None for t in gts):
             metrics["psnr_gt"] = sum(measure.psnr(o, t) for o, t in zip(outs, gts)) / len(outs)
-            metrics["ssim_gt"] = sum(measure.ssim(o, t) for o, t in zip(outs, gts)) / len(outs)
+            if self.metric == "ssim_gt":  # SSIM costs more than the PSNRs together: only when it decides
+                metrics["ssim_gt"] = sum(measure.ssim(o, t) for o, t in zip(outs, gts)) / len(outs)
         if self.teacher_out is not None:
             metrics["psnr_teacher"] = sum(measure.psnr(o, t) for o, t in zip(outs, self.teacher_out)) / len(outs)
         fitness = float(self.metric(sn.model)) if callable(self.metric) else float(metrics[self.metric])
-        cand = Candidate(dict(widths), sn.macs(widths), fitness, self.latency_cache.get(k), metrics)
+        return metrics, fitness
+
+    def _store(self, widths: dict, metrics: dict, fitness: float, seconds: float) -> Candidate:
+        k = _key(widths)
+        cand = Candidate(dict(widths), self.macs(widths), fitness, self.latency_cache.get(k), metrics)
         self.cache[k] = cand
         self.evaluations += 1
-        self.seconds += time.time() - t0
+        self.seconds += seconds
         return cand
+
+    def evaluate_many(self, many: Sequence[dict]) -> list[Candidate]:
+        """Evaluate several sub-networks; with ``workers`` > 1 the uncached ones are split over that
+        many forked processes of ``threads // workers`` threads each (small sub-networks keep two
+        processes busier than two threads of one). Same numbers as one at a time."""
+        todo, seen = [], set()
+        for w in many:
+            k = _key(w)
+            if k not in self.cache and k not in seen:
+                seen.add(k)
+                todo.append(dict(w))
+        if self.workers > 1 and len(todo) > 1:
+            t0 = time.time()
+            pool = self._worker_pool()
+            for i, w in enumerate(todo):
+                pool[i % len(pool)][0].send(w)
+            results = [pool[i % len(pool)][0].recv() for i in range(len(todo))]
+            share = (time.time() - t0) / len(todo)  # wall time of the batch, shared out
+            for w, res in zip(todo, results):
+                if isinstance(res, BaseException):
+                    raise res
+                self._store(w, *res, share)
+        return [self(w) for w in many]
+
+    def _worker_pool(self) -> list:
+        if self._pool is None:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork")  # the children share the supernet's memory until they write it
+            threads = max(1, (self.threads or torch.get_num_threads()) // self.workers)
+            self._pool = []
+            for _ in range(self.workers):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_evaluation_worker, args=(self, child, threads), daemon=True)
+                proc.start()
+                child.close()
+                self._pool.append((parent, proc))
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes (started again when needed)."""
+        for conn, proc in self._pool or ():
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        self._pool = None
+
+    def __del__(self):
+        if getattr(self, "_pool", None):
+            self.close()
+
+    def macs(self, widths: dict) -> float:
+        """MACs of a sub-network (cached: the search asks for the same widths many times)."""
+        k = _key(widths)
+        if k not in self.macs_cache:
+            self.macs_cache[k] = self.supernet.macs(widths)
+        return self.macs_cache[k]
 
     def estimate_latency(self, macs: float) -> Optional[float]:
         """Least-squares line ``ms = a + b * MACs`` through the timings so far (None below 3 timings)."""
-        pts = [(self.supernet.macs(dict(k)), ms) for k, ms in self.latency_cache.items()]
+        pts = [(self.macs(dict(k)), ms) for k, ms in self.latency_cache.items()]
         if len(pts) < 3:
             return None
         n = len(pts)
@@ -295,12 +390,12 @@ def evolve(supernet: Supernet, evaluator: Evaluator, budget_macs: Optional[float
                               f"{lat:.2f} ms on this device; achievable: >= {lat:.2f} ms")
 
     def fits(w: dict) -> bool:
-        if budget_macs is not None and supernet.macs(w) > budget_macs:
+        if budget_macs is not None and evaluator.macs(w) > budget_macs:
             return False
         if budget_latency_ms is not None:
             # timing every trial is slow: a linear MACs -> ms fit of the timings so far decides the
             # clear cases; candidates within 20% of the budget are timed (and every one finally kept)
-            est = evaluator.estimate_latency(supernet.macs(w))
+            est = evaluator.estimate_latency(evaluator.macs(w))
             if est is not None and est > 1.2 * budget_latency_ms:
                 return False
             if est is None or est > 0.8 * budget_latency_ms:
@@ -330,9 +425,9 @@ def evolve(supernet: Supernet, evaluator: Evaluator, budget_macs: Optional[float
         pop, fitness, lambda w: sampler.mutate(w, cfg.mutation_prob), sampler.crossover, size=cfg.population,
         generations=cfg.generations, n_parents=max(1, int(round(cfg.parents * cfg.population))),
         crossover=cfg.crossover, rng=rng, key=_key, max_attempts=cfg.population * 20, progress=progress,
-        desc="ganslim search", postfix=lambda w, f: {"best": f"{f:.3f}", "MACs": f"{supernet.macs(w) / 1e9:.3f}G"})
-    for w in pop:
-        c = evaluator(w)
+        desc="ganslim search", postfix=lambda w, f: {"best": f"{f:.3f}", "MACs": f"{evaluator.macs(w) / 1e9:.3f}G"},
+        score_many=evaluator.evaluate_many)
+    for c in evaluator.evaluate_many(pop):
         seen[c.key] = c
     if budget_latency_ms is not None:  # measured within the budget above: a valid answer whatever the timing noise
         c = evaluator(supernet.smallest())
@@ -374,11 +469,13 @@ def search(supernet: Supernet, teacher: Optional[nn.Module], eval_pairs: Sequenc
     if target_latency_ms is not None and not target_latency_ms > 0:
         raise BudgetError(f"target_latency_ms must be > 0, got {target_latency_ms}")
     ev = evaluator or Evaluator(supernet, teacher, eval_pairs, bn_inputs, cfg.metric, latency_repeats=cfg.latency_repeats,
-                                threads=threads)
+                                threads=threads, workers=cfg.workers)
     prev = supernet.widths
     try:
         return evolve(supernet, ev, budget, target_latency_ms, cfg, reference_macs, progress)
     finally:
+        if evaluator is None:
+            ev.close()
         supernet.set_widths(prev)
 
 
@@ -437,7 +534,7 @@ def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: S
                    budgets: Sequence[tuple], out_dir: Optional[str] = None, finetune_steps: int = 0,
                    finetune_lr: float = 2e-3, population: int = 24, generations: int = 8, seed: int = 0,
                    bn_batches: int = 4, progress: bool = True, plot: Optional[str] = None,
-                   batch_fn=None, threads: Optional[int] = None) -> BudgetRows:
+                   batch_fn=None, threads: Optional[int] = None, workers: int = 1) -> BudgetRows:
     """One supernet, several budgets, no retraining: for each ``("macs", fraction)`` or
     ``("latency", ms)`` in ``budgets``: search, re-estimate BatchNorm, export a plain module,
     optionally fine-tune it (``finetune_steps`` distillation steps), measure it, and save it to
@@ -450,10 +547,11 @@ def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: S
     d = LossOptions()  # compress's output losses for the fine-tune
     weights = LossWeights(d.recon_weight, d.gt_weight, 0.0, 0.0, d.mse_weight)
 
-    cfg = SearchConfig(population=population, generations=generations, seed=seed, bn_batches=bn_batches)
+    cfg = SearchConfig(population=population, generations=generations, seed=seed, bn_batches=bn_batches, workers=workers)
     bn_inputs = input_batches(loader, bn_batches, batch_fn)
     pairs = [(as_input_tuple(i), t) for i, t in eval_pairs]
-    ev = Evaluator(supernet, teacher, pairs, bn_inputs, cfg.metric, latency_repeats=cfg.latency_repeats, threads=threads)
+    ev = Evaluator(supernet, teacher, pairs, bn_inputs, cfg.metric, latency_repeats=cfg.latency_repeats, threads=threads,
+                   workers=workers)
     stat_input = pairs[0][0]
     teacher_macs_eval = measure.count_macs(teacher, stat_input, "papers")
     gt_pairs = [(i, t) for i, t in pairs if t is not None]
@@ -465,6 +563,7 @@ def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: S
         res = search(supernet, teacher, pairs, bn_inputs, target_macs=value if kind == "macs" else None,
                      target_latency_ms=value if kind == "latency" else None, config=cfg, evaluator=ev,
                      progress=progress, threads=threads)
+        ev.close()  # the worker processes, if any: the fine-tune below wants the cores
         recalibrate_bn(supernet, bn_inputs, res.best.widths)
         plain = supernet.export(res.best.widths)
         supernet.set_widths(supernet.largest())

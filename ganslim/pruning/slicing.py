@@ -307,7 +307,8 @@ class Supernet(nn.Module):
 
     def macs(self, widths: Optional[Mapping[str, int]] = None) -> float:
         """MACs (papers' convention) of a sub-network at the example input's size (exact for convs)."""
-        return self._macs.macs(self.alive(self._widths if widths is None else widths))
+        widths = self._widths if widths is None else widths
+        return self._macs.prefix_macs([int(widths[g.root]) for g in self.groups])  # == macs(alive(widths))
 
     @property
     def total_macs(self) -> float:
@@ -498,11 +499,34 @@ def recalibrate_bn(supernet: Supernet, batches: Iterable[tuple], widths: Optiona
         m.reset_running_stats()
         m.momentum = None
     supernet.model.train()
+    # Only the statistics are wanted: once the forward has made as many BatchNorm calls as the first
+    # batch made, the rest of the network (e.g. the output conv) is skipped. Same statistics, less work.
+    calls = [0]
+    expected: list[int] = []
+
+    def count(*_):
+        calls[0] += 1
+        if expected and calls[0] == expected[0]:
+            raise _StatisticsDone
+
+    hooks = [m.register_forward_hook(count) for m in bns]
     try:
         for inputs in batches:
-            supernet.model(*inputs)
+            calls[0] = 0
+            try:
+                supernet.model(*inputs)
+            except _StatisticsDone:
+                pass
+            if not expected:
+                expected.append(calls[0])
     finally:
+        for h in hooks:
+            h.remove()
         for m, mom in zip(bns, momenta):
             m.momentum = mom
         supernet.model.train(was_training)
     return len(bns)
+
+
+class _StatisticsDone(Exception):
+    """Raised from the last BatchNorm call of a recalibration forward (nothing after it is needed)."""

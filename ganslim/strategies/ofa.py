@@ -35,10 +35,14 @@ class OfaStrategy(Strategy):
         bn_inputs = [tuple(t.to(cfg.device) for t in b) for b in input_batches(ctx.loader, opts.bn_batches, cfg.batch_fn)]
         pairs = [(tuple(t.to(cfg.device) for t in i), None if g is None else g.to(cfg.device)) for i, g in ctx.eval_pairs]
         qcfg = SearchConfig(population=opts.population, generations=opts.generations,
-                            metric=opts.metric, seed=cfg.seed, bn_batches=opts.bn_batches)
+                            metric=opts.metric, seed=cfg.seed, bn_batches=opts.bn_batches,
+                            workers=opts.workers if cfg.device == "cpu" else 1)
         evaluator = Evaluator(supernet, ctx.teacher, pairs, bn_inputs, qcfg.metric, latency_input=ctx.stat_input,
-                              latency_repeats=qcfg.latency_repeats)
-        result = evolve(supernet, evaluator, budget, cfg.target_latency_ms, qcfg, ctx.teacher_macs, progress=cfg.progress)
+                              latency_repeats=qcfg.latency_repeats, workers=qcfg.workers)
+        try:
+            result = evolve(supernet, evaluator, budget, cfg.target_latency_ms, qcfg, ctx.teacher_macs, progress=cfg.progress)
+        finally:
+            evaluator.close()
         result = dist.broadcast_object(result)  # with a latency budget the timings differ per process: rank 0 decides
         recalibrate_bn(supernet, bn_inputs, result.best.widths)
         plain = supernet.export(result.best.widths, tol=cfg.export_tol)

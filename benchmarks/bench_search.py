@@ -1,0 +1,175 @@
+"""Search throughput (issue 17): sub-networks evaluated per minute by ganslim's architecture search,
+beside the evaluation it replaced, on the same supernet, budgets and seed, in one run; and a check
+that both choose the same sub-network for every budget.
+
+    python benchmarks/bench_search.py            # a supernet of the default teacher, 300 steps (cached in runs/search)
+    python benchmarks/bench_search.py --supernet runs/ofa/supernet.safetensors   # bench_ofa.py's 2400-step supernet
+
+"before" is the evaluation as it was: every BatchNorm re-estimation forward ran to the output layer,
+SSIM was computed for every candidate whatever the metric, and a candidate's MACs were recounted
+from boolean channel masks each time the search asked (thousands of times while sampling). "now" is
+:class:`ganslim.pruning.search.Evaluator`: the re-estimation forward stops after the last BatchNorm
+call, SSIM only when it is the metric, MACs counted from the widths without masks (the same float)
+and cached; "parallel" adds ``workers`` evaluation processes. Both run
+the same search (3 budgets sharing one evaluator, as ``ganslim search`` and bench_ofa do: BatchNorm
+re-estimated on 4 training batches of 8x3x64x64, fitness on the held-out photo (1, 3, 256, 384)).
+Throughput counts fresh evaluations over the wall time of the search calls (sampling included). Each
+evaluation runs in a fresh process, so neither reuses the other's warmed-up kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ganslim import data, measure  # noqa: E402
+from ganslim._utils import first_output  # noqa: E402
+from ganslim.core.train import input_batches  # noqa: E402
+from ganslim.pruning.search import Candidate, Evaluator, SearchConfig, _key, search  # noqa: E402
+from ganslim.pruning.slicing import SliceConfig, make_supernet  # noqa: E402
+from ganslim.pruning.supernet import SupernetConfig, load_supernet, save_supernet, train_supernet  # noqa: E402
+
+
+class BeforeEvaluator(Evaluator):
+    """The evaluation as it was before the throughput work (same numbers, more work)."""
+
+    def macs(self, widths: dict) -> float:  # recounted every time, from boolean masks
+        return self.supernet._macs.macs(self.supernet.alive(widths))
+
+    @torch.no_grad()
+    def __call__(self, widths: dict) -> Candidate:
+        k = _key(widths)
+        if k in self.cache:
+            return self.cache[k]
+        t0 = time.time()
+        sn = self.supernet
+        sn.set_widths(widths)
+        bns = [m for m in sn.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        sn.model.train()
+        for inputs in self.bn_inputs:  # whole forwards, output layer included
+            sn.model(*inputs)
+        for m in bns:
+            m.momentum = 0.1
+        sn.model.eval()
+        outs = [first_output(sn.model(*i)) for i, _ in self.eval_pairs]
+        gts = [t for _, t in self.eval_pairs]
+        metrics = {"psnr_gt": sum(measure.psnr(o, t) for o, t in zip(outs, gts)) / len(outs),
+                   "ssim_gt": sum(measure.ssim(o, t) for o, t in zip(outs, gts)) / len(outs),
+                   "psnr_teacher": sum(measure.psnr(o, t) for o, t in zip(outs, self.teacher_out)) / len(outs)}
+        cand = Candidate(dict(widths), self.macs(widths), float(metrics[self.metric]), None, metrics)
+        self.cache[k] = cand
+        self.evaluations += 1
+        self.seconds += time.time() - t0
+        return cand
+
+
+VARIANTS = ("before", "now", "parallel")  # the third: now, with --workers processes
+
+
+def run(evaluator: Evaluator, teacher, pairs, bn_inputs, budgets, cfg) -> dict:
+    sn = evaluator.supernet
+    t0 = time.time()
+    best = {}
+    for b in budgets:
+        res = search(sn, teacher, pairs, bn_inputs, target_macs=b, config=cfg, evaluator=evaluator, progress=False)
+        best[str(b)] = {"widths": res.best.widths, "fitness": res.best.fitness, "macs": res.best.macs}
+    wall = time.time() - t0
+    return {"evaluations": evaluator.evaluations, "wall_s": wall, "per_minute": 60 * evaluator.evaluations / wall,
+            "evaluator_s": evaluator.seconds, "best": best}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--supernet", help="a supernet .safetensors (bench_ofa.py); default: --supernet-steps of training")
+    ap.add_argument("--supernet-steps", type=int, default=300, help="train the default teacher's supernet this long")
+    ap.add_argument("--budgets", default="0.2,0.1,0.05")
+    ap.add_argument("--population", type=int, default=24)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--out", default="benchmarks/results/search.json")
+    ap.add_argument("--workers", type=int, default=2, help="evaluation processes of the third row")
+    ap.add_argument("--only", choices=list(VARIANTS), help=argparse.SUPPRESS)  # one evaluation, in this process
+    ap.add_argument("--row-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    teacher = data.default_teacher().eval()
+    if args.supernet is None:
+        args.supernet = f"runs/search/supernet_{args.supernet_steps}.safetensors"
+        if not os.path.exists(args.supernet):  # the supernet is an input of the measurement, trained once
+            os.makedirs(os.path.dirname(args.supernet), exist_ok=True)
+            loader = data.default_loader(batch_size=8, crop=64, length=(args.supernet_steps + 4) * 8, seed=1,
+                                         teacher=teacher)
+            sn = make_supernet(teacher, next(iter(loader))["A"][:1], SliceConfig(multiple=8))
+            info = train_supernet(sn, teacher, loader, SupernetConfig(steps=args.supernet_steps))
+            save_supernet(sn, args.supernet)
+            print(f"supernet: {args.supernet_steps} steps in {info['seconds'] / 60:.1f} min -> {args.supernet}")
+    if args.only is None:
+        rows = {}
+        for name in VARIANTS:
+            row_out = os.path.splitext(args.out)[0] + f".{name}.json"
+            cmd = [sys.executable, __file__, "--only", name, "--row-out", row_out, "--supernet", args.supernet,
+                   "--budgets", args.budgets, "--population", str(args.population), "--generations", str(args.generations),
+                   "--workers", str(args.workers)]
+            subprocess.run(cmd, check=True)
+            with open(row_out) as f:
+                rows[name] = json.load(f)
+            os.remove(row_out)
+        report(args, budgets, rows)
+        return
+    bn_loader = data.default_loader(batch_size=8, crop=64, length=64, seed=0, teacher=teacher)
+    bn_inputs = input_batches(bn_loader, 4, None)
+    pairs = [((x,), y) for x, y in data.test_pairs()]
+    sn = load_supernet(args.supernet)
+    cfg = SearchConfig(population=args.population, generations=args.generations)
+    if args.only == "before":
+        ev = BeforeEvaluator(sn, teacher, pairs, bn_inputs, cfg.metric)
+    else:
+        ev = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, workers=args.workers if args.only == "parallel" else 1)
+    try:
+        row = run(ev, teacher, pairs, bn_inputs, budgets, cfg)
+    finally:
+        ev.close()
+    row["workers"] = ev.workers
+    row["total_macs"] = sn.total_macs
+    print(f"{args.only:>6}: {row['evaluations']} sub-networks in {row['wall_s']:.1f} s = {row['per_minute']:.0f} per "
+          f"minute (evaluator {row['evaluator_s']:.1f} s)", flush=True)
+    with open(args.row_out, "w") as f:
+        json.dump(row, f)
+
+
+def report(args, budgets, rows: dict) -> None:
+    ref = rows["before"]["best"]
+    # the choice is the widths; the fitness may differ in the last bits where the thread count differs
+    same = {name: all(r["best"][k]["widths"] == ref[k]["widths"] for k in ref) for name, r in rows.items()}
+    dfit = {name: max(abs(r["best"][k]["fitness"] - ref[k]["fitness"]) for k in ref) for name, r in rows.items()}
+    speedup = {name: r["per_minute"] / rows["before"]["per_minute"] for name, r in rows.items()}
+    for name, r in rows.items():
+        print(f"{name:>8}: {r['per_minute']:6.0f} sub-networks per minute ({r['evaluations']} in {r['wall_s']:.1f} s, "
+              f"{r['workers']} process(es)), {speedup[name]:.2f}x; the same sub-network as before for every budget: "
+              f"{same[name]} (fitness within {dfit[name]:.1e} dB)")
+    for k, b in rows["now"]["best"].items():
+        print(f"  budget {k}: {b['macs'] / rows['now']['total_macs']:.4f} of the MACs, PSNR-GT {b['fitness']:.3f} dB")
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+                       f"torch {torch.__version__}", "supernet": args.supernet, "budgets": budgets,
+            "population": args.population, "generations": args.generations}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({**meta, "rows": rows, "speedup": speedup, "same_choice": same, "max_fitness_diff_db": dfit}, f, indent=1)
+    print(f"wrote {args.out}")
+    if not all(same.values()):
+        raise SystemExit("the two evaluations chose different sub-networks")
+
+
+if __name__ == "__main__":
+    main()
