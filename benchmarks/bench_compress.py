@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default="0.1,0.1:8,0.25",
                     help="comma-separated fractions of the teacher's MACs, each optionally ':M' to round widths to multiples of M")
+    ap.add_argument("--strategy", default="slim", help="its tables were measured with slim (the default until "
+                    "bench_peer.py); the gates' training-step overhead is slim's")
     ap.add_argument("--steps", type=int, default=DEMO_CONFIG.steps)
     ap.add_argument("--finetune-steps", type=int, default=DEMO_CONFIG.finetune_steps)
     ap.add_argument("--overhead-only", action="store_true")
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
         for spec in args.targets.split(","):
             frac, _, mult = spec.partition(":")
             frac, mult = float(frac), int(mult or 1)
-            cfg = DEMO_CONFIG.replace(target_macs=frac, channel_multiple=mult, steps=args.steps,
+            cfg = DEMO_CONFIG.replace(strategy=args.strategy, target_macs=frac, channel_multiple=mult, steps=args.steps,
                                       finetune_steps=args.finetune_steps, eval_inputs=[(x, y)], progress=False)
             t0 = time.time()  # the clock includes precomputing the teacher's outputs
             res = compress(teacher, teacher, demo_loader(teacher, cfg), config=cfg)

@@ -92,7 +92,7 @@ def main() -> None:
     slim = None
     if not args.skip_slim:
         t0 = time.time()
-        res = compress(teacher, teacher, loader, target_macs=0.1, steps=800, finetune_steps=args.finetune_steps,
+        res = compress(teacher, teacher, loader, strategy="slim", target_macs=0.1, steps=800, finetune_steps=args.finetune_steps,
                        channel_multiple=args.multiple, eval_inputs=pairs, measure_latency=True)
         slim = {"seconds": time.time() - t0, "macs_fraction": res.report.student.macs / res.report.teacher.macs,
                 "psnr_gt": res.report.student.psnr_to_gt, "psnr_teacher": res.report.student.psnr_to_teacher,

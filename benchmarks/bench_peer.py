@@ -1,10 +1,11 @@
 """ganslim against the trivial peer, along the training budget: at each MACs target and total number
-of optimizer steps, the default strategy (``slim``) beside the teacher's family made uniformly narrower
-(``strategy="uniform"``: the teacher's leading channels; ``uniform-scratch``: the same widths freshly
-initialised), all trained with the same losses, data, batch and learning rates on the default task.
+of optimizer steps, ganslim's strategies (``slim``, ``onestep``) beside the teacher's family made uniformly
+narrower (``strategy="uniform"``, now the default: the teacher's leading channels; ``uniform-scratch``: the
+same widths freshly initialised), all trained with the same losses, data, batch and learning rates on the default task.
 
     python benchmarks/bench_peer.py                                   # 1k and 3k steps at 10x, 20x, 40x
     python benchmarks/bench_peer.py --budgets 12800 --targets 0.05 --resume   # add cells to the same table
+    python benchmarks/bench_peer.py --report --winners ganslim/assets/strategy_results.json   # strategy="auto"'s table
 
 A budget is the total number of optimizer steps: ``slim`` spends the demo's share of it gated
 (800 of 12800, 1/16) and the rest fine-tuning the pruned network; the peers fine-tune for all of it.
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ganslim import data, measure  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
 from ganslim.config import CompressConfig  # noqa: E402
-from ganslim.strategies import VARIANTS  # noqa: E402
+from ganslim.strategies import VARIANTS, winners_from_rows  # noqa: E402
 
 DEFAULT = CompressConfig()
 GATED_SHARE = DEFAULT.steps / (DEFAULT.steps + DEFAULT.finetune_steps)  # the demo's 800 of 12800
@@ -55,11 +56,15 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/peer.json")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, measure the others")
     ap.add_argument("--report", action="store_true", help="only print the table and redraw the plot from --out")
+    ap.add_argument("--winners", help="write strategy='auto''s table here (ganslim/assets/strategy_results.json): per "
+                                      "target, the best variant at the largest budget measured there")
     args = ap.parse_args()
     if args.report:
         saved = json.load(open(args.out))
         print(table(saved, saved["rows"]))
         plot(saved, saved["rows"], os.path.splitext(args.out)[0] + ".png")
+        if args.winners:
+            write_winners(saved["rows"], args.winners)
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -105,6 +110,25 @@ def main() -> None:
     png = os.path.splitext(args.out)[0] + ".png"
     plot(meta, list(rows.values()), png)
     print(f"wrote {args.out}, {png}")
+    if args.winners:
+        write_winners(list(rows.values()), args.winners)
+
+
+def write_winners(rows: list, path: str) -> dict:
+    """strategy="auto"'s table from these rows: for each target, the rows of the largest budget measured
+    there (the long budget decides; short budgets rank differently), winner by PSNR to ground truth."""
+    longest = {t: max(r["budget"] for r in rows if r["target"] == t) for t in {r["target"] for r in rows}}
+    chosen = [{"target": r["target"], "strategy": r["variant"], "psnr_gt": r["psnr_gt"], "minutes": r["minutes"]}
+              for r in rows if r["budget"] == longest[r["target"]]]
+    out = winners_from_rows(chosen)
+    steps = ", ".join(f"{longest[t]} steps at 1/{round(1 / t)}" for t in sorted(longest, reverse=True))
+    out["source"] = f"benchmarks/bench_peer.py ({steps})"
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    for t, w in out["winners"].items():
+        print(f"auto at {t}: {w['variant']} ({w['psnr_gt']:.2f} dB, {w['minutes']:.1f} min)")
+    print(f"auto without a MACs fraction (latency budget): {out['overall']}; wrote {path}")
+    return out
 
 
 def _write(path: str, meta: dict, rows: dict) -> None:

@@ -4,7 +4,7 @@ embedded data (crops up to 256x256, the size of its smallest photo).
 
     python benchmarks/bench_scaling.py           # ~5 minutes on 2 cores
 
-The default teacher (ResNet-9 ngf 32) is compressed with the default strategy (slim, target 1/10)
+The default teacher (ResNet-9 ngf 32) is compressed with strategy="slim" (the gated stage is measured; target 1/10)
 for a few steps per stage at each (crop, batch) cell; the first two steps of each stage are warm-up
 and not timed. Peak memory is the process's peak resident set size during compress (Linux VmHWM,
 reset just before) minus its size then (teacher, data and the Python runtime excluded), in MB (10^6 bytes). Fits: time per step against pixels
@@ -41,7 +41,7 @@ def cell(crop: int, batch: int, steps: int) -> dict:
         f.write("5")
     rss_before = _status_kb("VmRSS")
     t0 = time.time()
-    compress(teacher, teacher, loader, target_macs=0.1, steps=steps, finetune_steps=steps, progress=False,
+    compress(teacher, teacher, loader, strategy="slim", target_macs=0.1, steps=steps, finetune_steps=steps, progress=False,
              measure_latency=False, callbacks=[lambda tr, losses: stamps.append(time.perf_counter())])
     total = time.time() - t0
     peak_kb = _status_kb("VmHWM")

@@ -14,9 +14,9 @@ CAT's kernel-alignment feature distillation in the fine-tune), ``ofa`` (search o
 by bench_ofa.py; its training time is counted in full), ``evolve`` (genetic search over channel masks;
 the default teacher has no discriminator, so the fitness is fidelity to the teacher).
 Columns: MACs reduction, PSNR to ground truth on the held-out photo (and vs the teacher), CPU wall
-time to compress on this machine, eager CPU latency of the result. The winner per target (best PSNR,
-ties within 0.05 dB to the faster) goes to ``ganslim/assets/strategy_results.json`` for
-``strategy="auto"``; the table to ``benchmarks/results/strategies.json``, the plot to
+time to compress on this machine, eager CPU latency of the result. With ``--winners PATH`` the winner
+per target (best PSNR, ties within 0.05 dB to the faster) is written for ``strategy="auto"``, which
+now takes its table from bench_peer.py's longer budgets instead; the table to ``benchmarks/results/strategies.json``, the plot to
 ``benchmarks/results/strategies.png``.
 """
 from __future__ import annotations
@@ -52,13 +52,16 @@ def main() -> None:
     ap.add_argument("--ofa-json", default="benchmarks/results/ofa.json", help="for the supernet's training time")
     ap.add_argument("--strategies", default="slim,onestep,onestep+gka,ofa,evolve")
     ap.add_argument("--out", default="benchmarks/results/strategies.json")
-    ap.add_argument("--winners", default="ganslim/assets/strategy_results.json")
+    ap.add_argument("--winners", help="also write strategy='auto''s table from these rows (it comes from bench_peer.py's "
+                                      "long budgets now: python benchmarks/bench_peer.py --report --winners ...)")
     ap.add_argument("--teacher", default=None,
                     help="a ganslim checkpoint to compress instead of the default teacher, e.g. the instance-norm "
                          "ResNet of `train_teacher.py --norm instance`; its rows do not touch --winners")
     ap.add_argument("--rewrite-winners", action="store_true",
                     help="only recompute the winners file from the rows already in --out (no measurement)")
     args = ap.parse_args()
+    if args.rewrite_winners and not args.winners:
+        raise SystemExit("--rewrite-winners needs --winners PATH")
     if args.rewrite_winners:
         saved = json.load(open(args.out))
         table = winners_from_rows(saved["rows"])
@@ -139,7 +142,7 @@ def main() -> None:
         json.dump(out, f, indent=2)
     png = os.path.splitext(args.out)[0] + ".png"
     plot(rows, t_psnr, png)
-    if args.teacher:  # strategy="auto" is tuned on the default teacher only
+    if args.teacher or not args.winners:  # strategy="auto" is tuned on the default teacher only
         print(f"wrote {args.out}, {png}")
         return
     with open(args.winners, "w") as f:

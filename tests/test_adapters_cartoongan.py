@@ -49,7 +49,8 @@ def test_compress_folder_and_stylize(tmp_path):
     torch.save(create_model("cartoongan").state_dict(), ckpt)
     photos = _photos(tmp_path / "photos")
     out = tmp_path / "Hayao_slim.safetensors"
-    r = compress_folder(str(ckpt), str(photos), str(out), target_macs=0.1, crop=16, batch_size=2, steps=4,
+    # slim: its gated stage runs the feature distillation the adapter wires to the four block outputs
+    r = compress_folder(str(ckpt), str(photos), str(out), strategy="slim", target_macs=0.1, crop=16, batch_size=2, steps=4,
                         finetune_steps=1, measure_latency=False, progress=False)
     assert set(r.report.distill_layers) == {"conv05_2", "conv07_2", "conv09_2", "conv11_2"}
     x = torch.rand(1, 3, 16, 16) * 2 - 1

@@ -26,7 +26,7 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     loader = data.default_loader(batch_size=2, crop=32, length=24)
     teacher = briefly_trained(teacher_arch, loader)
-    res = ganslim.compress(teacher, teacher, loader, target_macs=0.3, steps=10, finetune_steps=4, progress=False,
+    res = ganslim.compress(teacher, teacher, loader, strategy="slim", target_macs=0.3, steps=10, finetune_steps=4, progress=False,
                            measure_latency=False)
     paths = {"teacher": ganslim.save(teacher, d / "teacher.safetensors"),
              "student": ganslim.save(res.model, d / "student.safetensors"),
@@ -86,7 +86,7 @@ def test_bench_and_the_compress_report_share_one_row_type(models, tmp_path):
     p, loader = models
     teacher = ganslim.load(p["teacher"])
     pairs = _pairs()[:1]
-    res = ganslim.compress(teacher, teacher, loader, target_macs=0.3, steps=4, finetune_steps=2, progress=False,
+    res = ganslim.compress(teacher, teacher, loader, strategy="slim", target_macs=0.3, steps=4, finetune_steps=2, progress=False,
                            eval_inputs=[(x, y) for (x,), y in pairs])
     rows = bench([teacher, res.model], eval_pairs=pairs, repeats=3)
     report = res.report

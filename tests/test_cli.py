@@ -86,7 +86,7 @@ def test_compress_from_factory_weights_and_an_image_folder(tmp_path):
 
 def test_config_file_options_and_errors(tiny_teacher, tmp_path, capsys):
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"target_macs": 0.5, "steps": 3, "finetune_steps": 1, "gate_lr": 0.01}))
+    cfg.write_text(json.dumps({"strategy": "slim", "target_macs": 0.5, "steps": 3, "finetune_steps": 1, "gate_lr": 0.01}))
     out = tmp_path / "run"
     rc = main(["compress", "--teacher", tiny_teacher, "--config", str(cfg), "--finetune-steps", "2", "--crop", "32",
                "--batch-size", "2", "--out", str(out), "--no-progress"])
@@ -111,4 +111,4 @@ def test_a_batch_with_another_layout_is_named_in_the_error():
     good = torch.rand(2, 3, 16, 16) * 2 - 1
     loader = [(good,), (good,), (torch.rand(2, 1, 16, 16),)]  # a grayscale batch slipped in
     with pytest.raises(ValueError, match=r"failed on the batch at step 2 \(input shape \(2, 1, 16, 16\)\)"):
-        ganslim.compress(teacher, teacher, loader, steps=4, finetune_steps=0, progress=False, measure_latency=False)
+        ganslim.compress(teacher, teacher, loader, strategy="slim", steps=4, finetune_steps=0, progress=False, measure_latency=False)

@@ -12,7 +12,7 @@ from ganslim.core.train import NonFiniteLossError
 from ganslim.zoo import create_model
 from trained import briefly_trained
 
-FAST = dict(steps=30, finetune_steps=10, progress=False, measure_latency=False)
+FAST = dict(strategy="slim", steps=30, finetune_steps=10, progress=False, measure_latency=False)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +50,23 @@ def test_compress_meets_the_macs_target_and_returns_a_plain_smaller_model(small_
     assert model is res.model
 
 
+def test_the_default_strategy_is_the_uniform_cut_of_the_teachers_leading_channels(small_teacher, loader):
+    # the default won the trivial-peer comparison at the default target (benchmarks/bench_peer.py)
+    res = ganslim.compress(small_teacher, small_teacher, loader, finetune_steps=3, progress=False, measure_latency=False)
+    rep = res.report
+    assert rep.strategy == "uniform" and rep.steps == 0 and rep.finetune_steps == 3
+    assert "strategy uniform: 3 fine-tune steps" in str(rep)
+    assert rep.student.macs == pytest.approx(0.1 * rep.teacher.macs, rel=0.25)
+    # every trunk group keeps about the same fraction of its channels (at least two each)
+    fractions = [kept / full for kept, full in rep.widths.values() if kept > 2]
+    assert fractions and max(fractions) - min(fractions) < 0.15
+
+
 def test_compressed_model_saves_and_reloads_bit_exactly_without_its_class(small_teacher, loader, tmp_path):
     import subprocess
     import sys
 
-    res = ganslim.compress(small_teacher, small_teacher, loader, target_macs=0.4, steps=6, finetune_steps=2,
+    res = ganslim.compress(small_teacher, small_teacher, loader, strategy="slim", target_macs=0.4, steps=6, finetune_steps=2,
                            progress=False, measure_latency=False)
     path = ganslim.save(res.model, tmp_path / "slim.safetensors")
     x = torch.randn(1, 3, 40, 48)
@@ -73,7 +85,7 @@ def test_compressed_model_saves_and_reloads_bit_exactly_without_its_class(small_
 def test_compress_unet_with_concatenation_skips(loader):
     t = create_model("unet_128", ngf=4).eval()
     big = data.default_loader(batch_size=2, crop=128, length=8)
-    res = ganslim.compress(t, t, big, target_macs=0.4, steps=4, finetune_steps=2, progress=False, measure_latency=False)
+    res = ganslim.compress(t, t, big, strategy="slim", target_macs=0.4, steps=4, finetune_steps=2, progress=False, measure_latency=False)
     assert res.report.student.macs <= 0.42 * res.report.teacher.macs
     assert res.report.export_rel_diff <= 1e-4
 
@@ -81,7 +93,7 @@ def test_compress_unet_with_concatenation_skips(loader):
 def test_compress_with_discriminator_trains_it(small_teacher, loader):
     d = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 4, 1, 1))
     w0 = d[0].weight.detach().clone()
-    res = ganslim.compress(small_teacher, small_teacher, loader, discriminator=d, target_macs=0.5, steps=10,
+    res = ganslim.compress(small_teacher, small_teacher, loader, strategy="slim", discriminator=d, target_macs=0.5, steps=10,
                            finetune_steps=4, progress=False, measure_latency=False)
     assert not torch.equal(w0, d[0].weight)
     assert res.report.student.macs < res.report.teacher.macs
@@ -90,14 +102,14 @@ def test_compress_with_discriminator_trains_it(small_teacher, loader):
 def test_several_inputs_with_batch_fn():
     teacher = TwoInputGenerator(8).eval()
     batches = [(torch.randn(2, 3, 16, 16), torch.randn(2, 2, 16, 16)) for _ in range(4)]
-    res = ganslim.compress(teacher, teacher, batches, batch_fn=lambda b: (b, None), target_macs=0.5,
+    res = ganslim.compress(teacher, teacher, batches, strategy="slim", batch_fn=lambda b: (b, None), target_macs=0.5,
                            steps=6, finetune_steps=2, progress=False, measure_latency=False)
     assert res.report.student.macs <= 0.5 * res.report.teacher.macs
 
 
 def test_unpaired_dict_batches(small_teacher):
     loader = data.default_loader(batch_size=2, crop=32, length=16, unpaired=True)
-    res = ganslim.compress(small_teacher, small_teacher, loader, target_macs=0.5, steps=4, finetune_steps=0,
+    res = ganslim.compress(small_teacher, small_teacher, loader, strategy="slim", target_macs=0.5, steps=4, finetune_steps=0,
                            progress=False, measure_latency=False)
     assert res.report.student.psnr_to_gt is None  # "B" of an unpaired batch is not a target
     assert res.report.student.psnr_to_teacher is not None
@@ -226,7 +238,7 @@ def test_the_discriminator_trains_at_its_own_learning_rate(small_teacher, loader
         seen.append(("gating" if "gates" in tr.modules else "fine-tune", g["lr"], g["betas"]))
 
     d = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 4, 1, 1))
-    kw = dict(discriminator=d, target_macs=0.5, steps=3, finetune_steps=2, progress=False, measure_latency=False,
+    kw = dict(strategy="slim", discriminator=d, target_macs=0.5, steps=3, finetune_steps=2, progress=False, measure_latency=False,
               callbacks=[record], lr=1e-4, finetune_lr=2e-3)  # the student's rates differ from the discriminator's
     ganslim.compress(small_teacher, small_teacher, loader, **kw)
     assert seen == [("gating", 2e-4, (0.5, 0.999))] * 3 + [("fine-tune", 2e-4, (0.5, 0.999))] * 2
@@ -271,17 +283,18 @@ def test_latency_target_is_measured_on_this_device(small_teacher, loader):
     (x, y), = data.test_pairs()
     x = x[:, :, :128, :128]
     t = find_channel_groups(copy.deepcopy(small_teacher), x[:, :, :32, :32])
+    # 0.8, not lower: this small network's fixed per-call cost is about 60% of its time at 128x128
     full = measure.measure_latency(small_teacher, x, repeats=5).median_ms
-    cal = calibrate_latency(small_teacher, t, x[:, :, :32, :32], x, target_ms=0.6 * full, repeats=5)
+    cal = calibrate_latency(small_teacher, t, x[:, :, :32, :32], x, target_ms=0.8 * full, repeats=5)
     fr = [p[1] for p in cal.points]
     assert fr == sorted(fr, reverse=True) and fr[0] == 1.0 and len(cal.points) >= 2  # really slimmed copies
     assert cal.macs_fraction is not None and 0.0 < cal.macs_fraction < 1.0
     assert "MACs fraction" in cal.table()
-    res = ganslim.compress(small_teacher, small_teacher, loader, target_latency_ms=0.6 * full,
+    res = ganslim.compress(small_teacher, small_teacher, loader, strategy="slim", target_latency_ms=0.8 * full,
                            eval_inputs=[(x, y[:, :, :128, :128])], steps=20, finetune_steps=4, progress=False)
     rep = res.report
-    assert rep.latency_target_ms == pytest.approx(0.6 * full) and rep.latency_calibration
+    assert rep.latency_target_ms == pytest.approx(0.8 * full) and rep.latency_calibration
     assert rep.student.macs < rep.teacher.macs and any("latency target" in n for n in rep.notes)
     with pytest.raises(ValueError, match="impossible latency target"):
-        ganslim.compress(small_teacher, small_teacher, loader, target_latency_ms=1e-6, eval_inputs=[(x, None)],
+        ganslim.compress(small_teacher, small_teacher, loader, strategy="slim", target_latency_ms=1e-6, eval_inputs=[(x, None)],
                          steps=2, finetune_steps=0, progress=False)

@@ -110,7 +110,7 @@ def test_compress_with_quant_int8_reports_the_deployment(net, loader, tmp_path):
         if Q.is_quantized(tr.student):
             qat_weights.append((tr.weights.recon, tr.weights.gt, tr.weights.mse))
 
-    res = ganslim.compress(net, net, loader, target_macs=0.4, steps=20, finetune_steps=10, quant="int8", quant_steps=10, quant_lr=1e-6,
+    res = ganslim.compress(net, net, loader, strategy="slim", target_macs=0.4, steps=20, finetune_steps=10, quant="int8", quant_steps=10, quant_lr=1e-6,
                            progress=False, eval_inputs=[(xt[:, :, :64, :64], yt[:, :, :64, :64])], mse_weight=7.0,
                            callbacks=[record])
     assert qat_weights == [(2.0, 10.0, 7.0)] * 10

@@ -71,5 +71,5 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path):
     loader = [(torch.rand(2, 3, 16, 16) * 2 - 1,)]
     (tmp_path / "gating.pt").write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="not a readable ganslim training checkpoint"):
-        ganslim.compress(teacher, teacher, loader, steps=2, finetune_steps=0, progress=False, measure_latency=False,
+        ganslim.compress(teacher, teacher, loader, strategy="slim", steps=2, finetune_steps=0, progress=False, measure_latency=False,
                          checkpoint_dir=str(tmp_path))

@@ -179,4 +179,24 @@ def test_auto_picks_the_measured_winner_nearest_the_target(tmp_path):
     assert choose_strategy(0.04, path)[0] == {"strategy": "ofa"}
     assert choose_strategy(None, path)[0]["strategy"] == "onestep"
     settings, why = choose_strategy(0.1, tmp_path / "missing.json")
-    assert settings == {"strategy": "slim"} and "no measured head-to-head" in why
+    assert settings == {"strategy": "uniform"} and "no measured head-to-head" in why  # the default strategy
+
+
+def test_auto_takes_the_trivial_peer_comparison_at_its_longest_budget(tmp_path):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_peer", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peer.py")
+    bench_peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_peer)
+    row = lambda b, t, v, p: {"budget": b, "target": t, "variant": v, "psnr_gt": p, "minutes": 1.0}  # noqa: E731
+    rows = [row(1000, 0.1, "onestep", 27.0), row(1000, 0.1, "uniform", 26.0),  # short budget: another ranking
+            row(12800, 0.1, "onestep", 29.4), row(12800, 0.1, "uniform", 30.2),
+            row(3000, 0.05, "onestep", 28.4), row(3000, 0.05, "uniform", 27.7)]
+    path = tmp_path / "auto.json"
+    table = bench_peer.write_winners(rows, str(path))
+    assert table["winners"]["0.1"]["variant"] == "uniform" and table["winners"]["0.05"]["variant"] == "onestep"
+    assert "12800 steps at 1/10" in table["source"] and "3000 steps at 1/20" in table["source"]
+    assert choose_strategy(0.1, path)[0] == {"strategy": "uniform"}
+    assert choose_strategy(0.05, path)[0] == {"strategy": "onestep"}

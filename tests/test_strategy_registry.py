@@ -197,7 +197,7 @@ def test_the_defaults_are_the_demos_tuned_recipe():
 
     assert DEMO_CONFIG == CompressConfig()  # `make demo` runs compress() with its defaults
     cfg = CompressConfig()
-    assert (cfg.target_macs, cfg.strategy, cfg.steps, cfg.finetune_steps) == (0.1, "slim", 800, 12000)
+    assert (cfg.target_macs, cfg.strategy, cfg.steps, cfg.finetune_steps) == (0.1, "uniform", 800, 12000)
 
 
 def test_compress_checks_what_a_strategy_declares_before_running_it(monkeypatch):

@@ -56,7 +56,7 @@ class CompressReport:
     deployment: list = field(default_factory=list)  # ModelStats rows (onnxruntime), fp32 first
     latency_target_ms: Optional[float] = None  # device-aware budget, when one was given
     latency_calibration: list = field(default_factory=list)  # [(width, MACs fraction, ms)] measured
-    strategy: str = "slim"
+    strategy: str = "uniform"
     search: dict = field(default_factory=dict)  # strategy "ofa": supernet training and search figures
 
     @property
@@ -106,7 +106,8 @@ class CompressReport:
         lines.append("-" * len(lines[0]))
         lines += [f"{a:<{w0}}  {b:>{w[1]}}  {c:>{w[2]}}  {d:>{w[3]}}" for a, b, c, d in rows]
         first_stage = {"ofa": "supernet steps", "slim": "gated steps"}.get(self.strategy, "training steps")
-        lines.append(f"input {tuple(self.input_shape)}; strategy {self.strategy}: {self.steps} {first_stage} + "
+        stages = f"{self.steps} {first_stage} + " if self.steps else ""  # onestep, evolve, uniform: no first stage
+        lines.append(f"input {tuple(self.input_shape)}; strategy {self.strategy}: {stages}"
                      f"{self.finetune_steps} fine-tune steps in {self.seconds / 60:.1f} min; export |diff| / output scale (float64) "
                      f"{fmt(self.export_rel_diff, '', 7)}")
         if self.widths:

@@ -1,8 +1,9 @@
 """``strategy="auto"``: pick the compression strategy that won the measured head-to-head.
 
-``benchmarks/bench_strategies.py`` runs every strategy on the default teacher at several MACs
-targets and writes the winners (best PSNR to ground truth after the same fine-tune, ties broken by
-CPU time) to ``ganslim/assets/strategy_results.json``. ``auto`` takes the winner at the measured
+``benchmarks/bench_peer.py --winners ganslim/assets/strategy_results.json`` writes the winners of
+its strategies-against-the-trivial-peer grid on the default teacher: per MACs target, the best PSNR
+to ground truth at the largest training budget measured there (ties within 0.05 dB broken by CPU
+time); ``bench_strategies.py --winners`` can write a table of the same form from its rows. ``auto`` takes the winner at the measured
 target nearest (in log scale) to the one asked for. Measured on one task and machine: a default,
 not a law; pass ``strategy=`` explicitly to override.
 """
@@ -14,7 +15,7 @@ import pathlib
 from typing import Optional
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "assets" / "strategy_results.json"
-FALLBACK = "slim"
+FALLBACK = "uniform"  # the default strategy (CompressConfig.strategy)
 
 # The variants the head-to-head measures: name -> CompressConfig settings.
 VARIANTS = {
