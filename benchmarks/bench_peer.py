@@ -3,9 +3,21 @@ of optimizer steps, ganslim's strategies (``slim``, ``onestep``) beside the teac
 narrower (``strategy="uniform"``, now the default: the teacher's leading channels; ``uniform-scratch``: the
 same widths freshly initialised), all trained with the same losses, data, batch and learning rates on the default task.
 
+On the default task the cartoon is a fixed filter that a small network learns from the ground truth
+alone, so the teacher adds little. ``--photos ... --no-ground-truth`` makes a task where the teacher's
+knowledge is all the student has: it learns from the teacher's outputs on fewer photos than the
+teacher saw, without a single cartoon, and is judged on the held-out photo's ground truth.
+
     python benchmarks/bench_peer.py                                   # 1k and 3k steps at 10x, 20x, 40x
     python benchmarks/bench_peer.py --budgets 12800 --targets 0.05 --resume   # add cells to the same table
     python benchmarks/bench_peer.py --report --winners ganslim/assets/strategy_results.json   # strategy="auto"'s table
+    # the instance-norm teacher (CycleGAN's default norm) of train_teacher.py --norm instance
+    python benchmarks/bench_peer.py --teacher runs/teacher_instance.safetensors --budgets 3000 \
+        --targets 0.05,0.025 --variants onestep,uniform --out benchmarks/results/peer_instance.json
+    # distillation without labels from one photo: the student never sees a cartoon, only the
+    # teacher's outputs on a photo, where the teacher learned from eight photos with their cartoons
+    python benchmarks/bench_peer.py --photos astronaut --no-ground-truth --budgets 3000 --targets 0.1,0.05 \
+        --variants onestep,uniform,uniform-scratch --out benchmarks/results/peer_distill.json
 
 A budget is the total number of optimizer steps: ``slim`` spends the demo's share of it gated
 (800 of 12800, 1/16) and the rest fine-tuning the pruned network; the peers fine-tune for all of it.
@@ -56,6 +68,12 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/peer.json")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, measure the others")
     ap.add_argument("--report", action="store_true", help="only print the table and redraw the plot from --out")
+    ap.add_argument("--teacher", help="a ganslim checkpoint to compress instead of the default teacher "
+                                      "(e.g. runs/teacher_instance.safetensors); its rows never feed --winners")
+    ap.add_argument("--photos", default=",".join(data.TRAIN_PHOTOS),
+                    help="the embedded photos the student trains on (comma list; default: the teacher's eight)")
+    ap.add_argument("--no-ground-truth", action="store_true",
+                    help="the student never sees a cartoon: the teacher's outputs are its only targets")
     ap.add_argument("--winners", help="write strategy='auto''s table here (ganslim/assets/strategy_results.json): per "
                                       "target, the best variant at the largest budget measured there")
     args = ap.parse_args()
@@ -64,6 +82,9 @@ def main() -> None:
         print(table(saved, saved["rows"]))
         plot(saved, saved["rows"], os.path.splitext(args.out)[0] + ".png")
         if args.winners:
+            if not saved.get("ground_truth", True) or not saved.get("teacher", "default").startswith("default") \
+                    or saved.get("student_photos", list(data.TRAIN_PHOTOS)) != list(data.TRAIN_PHOTOS):
+                raise SystemExit(f"--winners is strategy='auto''s table for the default teacher and task; {args.out} is another")
             write_winners(saved["rows"], args.winners)
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -73,7 +94,15 @@ def main() -> None:
     targets = [float(t) for t in args.targets.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
 
-    teacher = data.default_teacher()
+    if args.winners and (args.teacher or args.no_ground_truth or args.photos != ",".join(data.TRAIN_PHOTOS)):
+        raise SystemExit("--winners is strategy='auto''s table for the default teacher and task only")
+    photos = tuple(p.strip() for p in args.photos.split(",") if p.strip())
+    if args.teacher:
+        from ganslim import load
+
+        teacher = load(args.teacher).eval()
+    else:
+        teacher = data.default_teacher()
     pairs = data.test_pairs()
     (x_eval, _), = pairs
     t_psnr = measure.fidelity_to_target(teacher, pairs)["psnr"]
@@ -81,12 +110,14 @@ def main() -> None:
     rows = {key(r): r for r in saved.get("rows", [])}
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
                        f"torch {torch.__version__}",
-            "teacher": "default (ResNet-9 ngf 32, batch norm)", "teacher_psnr_gt": t_psnr,
+            "teacher": args.teacher or "default (ResNet-9 ngf 32, batch norm)", "teacher_psnr_gt": t_psnr,
+            "student_photos": list(photos), "ground_truth": not args.no_ground_truth,
             "teacher_latency_ms": measure.measure_latency(teacher, x_eval, warmup=2, repeats=5).median_ms,
             "batch": 8, "crop": 64, "gated_share": GATED_SHARE}
     for budget in budgets:
         # the demo's loader (teacher outputs precomputed per whole photo), long enough for the budget
-        loader = data.default_loader(batch_size=8, crop=64, length=(budget + 16) * 8, seed=DEFAULT.seed, teacher=teacher)
+        loader = data.default_loader(batch_size=8, crop=64, length=(budget + 16) * 8, seed=DEFAULT.seed, teacher=teacher,
+                                     photos=photos, ground_truth=not args.no_ground_truth)
         for target in targets:
             for variant in variants:
                 if (budget, target, variant) in rows:
@@ -143,7 +174,12 @@ def table(meta: dict, rows: list) -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     by = {key(r): r for r in rows}
     head = "| steps | target | " + " | ".join(variants) + " | best ganslim - best peer |"
-    lines = [f"teacher: PSNR-GT {meta['teacher_psnr_gt']:.2f} dB; cells: dB to the teacher (MACs reduction, CPU min)",
+    task = ""
+    if not meta.get("ground_truth", True) or meta.get("student_photos", list(data.TRAIN_PHOTOS)) != list(data.TRAIN_PHOTOS):
+        task = (f"; student data: {', '.join(meta['student_photos'])}"
+                + ("" if meta.get("ground_truth", True) else ", no ground truth (teacher outputs only)"))
+    lines = [f"teacher {meta.get('teacher', 'default')}: PSNR-GT {meta['teacher_psnr_gt']:.2f} dB{task}; "
+             "cells: dB to the teacher (MACs reduction, CPU min)",
              head, "|" + "---|" * (head.count("|") - 1)]
     for budget, target in sorted({(r["budget"], r["target"]) for r in rows}, key=lambda bt: (bt[0], -bt[1])):
         cells, peers, ours = [], [], []

@@ -139,8 +139,9 @@ class TeacherCrops(PairedCrops):
     skips the teacher's forward (and its crop-border effects)."""
 
     def __init__(self, teacher: torch.nn.Module, crop: int = 64, length: int = 4096, seed: int = 0,
-                 photos=TRAIN_PHOTOS, flip: bool = True):
+                 photos=TRAIN_PHOTOS, flip: bool = True, ground_truth: bool = True):
         super().__init__(crop=crop, length=length, seed=seed, photos=photos, flip=flip)
+        self.ground_truth = ground_truth
         was_training = teacher.training
         dev = next((p.device for p in teacher.parameters()), torch.device("cpu"))
         teacher.eval()
@@ -169,7 +170,10 @@ class TeacherCrops(PairedCrops):
         out = [a[:, i:i + c, j:j + c] for a in (x, y, t)]
         if flip:
             out = [a.flip(-1) for a in out]
-        return {"A": out[0].contiguous(), "target": out[1].contiguous(), "teacher_output": out[2].contiguous()}
+        item = {"A": out[0].contiguous(), "teacher_output": out[2].contiguous()}
+        if self.ground_truth:
+            item["target"] = out[1].contiguous()
+        return item
 
 
 class UnpairedCrops(PairedCrops):
@@ -185,17 +189,48 @@ class UnpairedCrops(PairedCrops):
 
 
 def default_loader(batch_size: int = 4, crop: int = 64, length: int = 4096, seed: int = 0,
-                   unpaired: bool = False, shuffle: bool = False, teacher: torch.nn.Module | None = None) -> DataLoader:
+                   unpaired: bool = False, shuffle: bool = False, teacher: torch.nn.Module | None = None,
+                   photos=TRAIN_PHOTOS, ground_truth: bool = True) -> DataLoader:
     """A ``DataLoader`` over the embedded training photos; batches are ``(photo, cartoon)``
     tensors ``(B, 3, crop, crop)``; with ``unpaired=True`` dicts with keys ``A``/``B``; with
-    ``teacher=`` dicts ``{"A", "target", "teacher_output"}`` (see :class:`TeacherCrops`)."""
+    ``teacher=`` dicts ``{"A", "target", "teacher_output"}`` (see :class:`TeacherCrops`).
+
+    ``photos``: which of the embedded photos (names of :data:`TRAIN_PHOTOS`, or any other colour
+    sample of ``skimage.data``) the crops come from. ``ground_truth=False`` drops the cartoons, so a
+    student has only the teacher's outputs to learn from (distillation without labels): batches are
+    photo tensors, or with ``teacher=`` dicts ``{"A", "teacher_output"}``.
+    """
+    photos = tuple(photos)
+    if not photos:
+        raise ValueError("photos is empty: name at least one embedded photo, e.g. photos=('astronaut',)")
+    if set(photos) & set(TEST_PHOTOS):
+        raise ValueError(f"{sorted(set(photos) & set(TEST_PHOTOS))} is the held-out photo every evaluation uses; "
+                         "training on it would make the held-out numbers meaningless")
     if teacher is not None:
         if unpaired:
             raise ValueError("teacher= precomputes outputs for paired crops; it cannot be combined with unpaired=True")
-        ds = TeacherCrops(teacher, crop=crop, length=length, seed=seed)
+        ds = TeacherCrops(teacher, crop=crop, length=length, seed=seed, photos=photos, ground_truth=ground_truth)
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=True, num_workers=0)
-    ds = (UnpairedCrops if unpaired else PairedCrops)(crop=crop, length=length, seed=seed)
+    if unpaired:
+        ds = UnpairedCrops(crop=crop, length=length, seed=seed, photos=photos)
+    else:
+        ds = PairedCrops(crop=crop, length=length, seed=seed, photos=photos)
+        if not ground_truth:
+            ds = _PhotosOnly(ds)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=True, num_workers=0)
+
+
+class _PhotosOnly(Dataset):
+    """The photo of each pair only (no ground truth)."""
+
+    def __init__(self, pairs: PairedCrops):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, idx: int) -> torch.Tensor:
+        return self.pairs[idx][0]
 
 
 def test_pairs(photos=TEST_PHOTOS) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -81,3 +81,25 @@ def test_teacher_crops_carry_the_teachers_output_for_the_same_window():
 def test_a_crop_larger_than_the_embedded_photos_is_named():
     with pytest.raises(ValueError, match=r"crop 512 is larger than the embedded photo .*allows crops up to 256"):
         data.default_loader(crop=512)
+
+
+def test_a_loader_without_ground_truth_gives_the_student_only_photos_and_teacher_outputs():
+    """The distillation-without-labels task of bench_peer: fewer photos than the teacher saw, no cartoons."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.Tanh()).eval()
+    one = data.PairedCrops(crop=32, length=4, seed=1, photos=("astronaut",))
+    batch = next(iter(data.default_loader(batch_size=2, crop=32, length=4, seed=1, teacher=teacher,
+                                          photos=("astronaut",), ground_truth=False)))
+    assert set(batch) == {"A", "teacher_output"}
+    assert torch.equal(batch["A"][0], one[0][0]) and torch.equal(batch["A"][1], one[1][0])
+    from ganslim.core.train import split_batch
+
+    (x,), target = split_batch(batch)
+    assert target is None and x.shape == (2, 3, 32, 32)  # compress then distils from the teacher's output
+    photos_only = next(iter(data.default_loader(batch_size=2, crop=32, length=4, seed=1, photos=("astronaut",),
+                                                ground_truth=False)))
+    assert isinstance(photos_only, torch.Tensor) and torch.equal(photos_only[0], one[0][0])
+    with pytest.raises(ValueError, match="held-out photo"):
+        data.default_loader(photos=("astronaut", "chelsea"))
+    with pytest.raises(ValueError, match="photos is empty"):
+        data.default_loader(photos=())
