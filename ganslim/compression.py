@@ -229,6 +229,7 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
         notes.append(f"latency budget {cfg.target_latency_ms:g} ms measured on sliced sub-networks during the search "
                      f"(chosen: {st.search.best_latency_ms:.1f} ms); the exported student measures "
                      f"{s_stats.latency_ms or float('nan'):.1f} ms")
+    notes.extend(getattr(st, "notes", []))  # stages saved by an older version have none
     if calibration is not None:
         got = f"; the student measures {s_stats.latency_ms:.1f} ms" if s_stats.latency_ms else ""
         notes.append(f"latency target {cfg.target_latency_ms:g} ms on {calibration.device} ({calibration.threads} threads, "

@@ -2,8 +2,8 @@
 
 :class:`CompressConfig` holds the options every run uses (budget, schedule, data, run) and one
 section per concern: ``loss`` (:class:`LossOptions`), one per strategy (``slim``, ``ofa``, ``evolve``,
-``uniform``: :class:`SlimOptions`, :class:`OfaOptions`, :class:`EvolveOptions`, :class:`UniformOptions`)
-and ``quantization``
+``uniform``, ``halp``: :class:`SlimOptions`, :class:`OfaOptions`, :class:`EvolveOptions`,
+:class:`UniformOptions`, :class:`HalpOptions`) and ``quantization``
 (:class:`QuantOptions`). Every section field also has a *flat name*, unique across the whole
 configuration (``gate_lr`` is ``slim.gate_lr``, ``search_population`` is ``ofa.population``,
 ``quant`` is ``quantization.mode``): ``compress(..., gate_lr=1e-2)``, ``CompressConfig(gate_lr=1e-2)``,
@@ -123,9 +123,18 @@ class UniformOptions:
     init: str = _opt("teacher", flat="uniform_init")  # "teacher": its leading channels' weights; "scratch": fresh
 
 
+@dataclass
+class HalpOptions:
+    """``strategy="halp"``: channels chosen under a latency budget with a per-layer latency table of the device."""
+
+    runtime: str = _opt("onnxruntime", flat="latency_runtime")  # what the table times: "onnxruntime" | "eager"
+    step: int = _opt(8, flat="latency_step")  # channels removed per greedy move
+    table: Optional[str] = _opt(None, flat="latency_table")  # cache file (default ~/.cache/ganslim/latency/<device>.json)
+
+
 # CompressConfig's sections: attribute name -> options class
 SECTIONS: dict[str, type] = {"loss": LossOptions, "slim": SlimOptions, "ofa": OfaOptions, "evolve": EvolveOptions,
-                             "uniform": UniformOptions, "quantization": QuantOptions}
+                             "uniform": UniformOptions, "halp": HalpOptions, "quantization": QuantOptions}
 _NOT_SERIALIZABLE = ("batch_fn", "eval_inputs")  # top-level objects a JSON file or the CLI cannot carry
 
 
@@ -187,6 +196,7 @@ class CompressConfig:
     ofa: OfaOptions = field(default_factory=OfaOptions)
     evolve: EvolveOptions = field(default_factory=EvolveOptions)
     uniform: UniformOptions = field(default_factory=UniformOptions)
+    halp: HalpOptions = field(default_factory=HalpOptions)
     quantization: QuantOptions = field(default_factory=QuantOptions)
 
     def __post_init__(self):
@@ -256,6 +266,10 @@ class CompressConfig:
             raise ValueError(f"quant must be None or 'int8', got {q.mode!r}")
         if self.uniform.init not in ("teacher", "scratch"):
             raise ValueError(f"uniform_init must be 'teacher' or 'scratch', got {self.uniform.init!r}")
+        if self.halp.runtime not in ("onnxruntime", "eager"):
+            raise ValueError(f"latency_runtime must be 'onnxruntime' or 'eager', got {self.halp.runtime!r}")
+        if self.halp.step < 1:
+            raise ValueError(f"latency_step must be >= 1, got {self.halp.step}")
         if self.ofa.bn_batches < 1:
             raise ValueError(f"search_bn_batches must be >= 1, got {self.ofa.bn_batches}")
         if self.strategy_options is not None and not isinstance(self.strategy_options, Mapping):

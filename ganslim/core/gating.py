@@ -231,6 +231,7 @@ class MacsModel:
         self.groups = targets.groups
         self.total = sum(self.base.values())
         self._prefix: Optional[dict] = None  # tables of prefix_macs, built on first use
+        self._index: Optional[dict] = None  # the same as index tensors (kept_channels)
         self.kind: dict[str, str] = {}
         self.sizes: dict[str, tuple[int, int]] = {}
         for name in self.base:
@@ -267,6 +268,28 @@ class MacsModel:
             else:
                 total += b
         return total
+
+    def kept_channels(self, alive: list[torch.Tensor]) -> dict[str, tuple[int, int]]:
+        """``{module name: (kept input channels, kept output channels)}`` of every conv, linear and
+        norm layer once the channels marked in ``alive`` are removed (the latency table's shapes)."""
+        if self._prefix is None:
+            self._prefix = self._prefix_tables()
+        if self._index is None:  # the prefix tables' positions as index tensors, built once
+            self._index = {k: (size, untouched, [(gi, torch.tensor(ps, dtype=torch.long)) for gi, ps in groups])
+                           for k, (size, untouched, groups) in self._prefix.items()}
+        alive = [a.bool().cpu() for a in alive]
+        out = {}
+        for name, (n_in, n_out) in self.sizes.items():
+            counts = []
+            for side, n in (("in", n_in), ("out", n_out)):
+                entry = self._index.get((name, side))
+                if entry is None:
+                    counts.append(n)
+                else:
+                    _, untouched, groups = entry
+                    counts.append(untouched + sum(int(alive[gi][ps].sum()) for gi, ps in groups))
+            out[name] = (counts[0], counts[1])
+        return out
 
     def prefix_macs(self, widths: Sequence[int]) -> float:
         """:meth:`macs` of the masks that keep the leading ``widths[i]`` positions of group ``i`` (a

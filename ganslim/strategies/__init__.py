@@ -5,13 +5,15 @@
 * ``ofa`` (:mod:`.ofa`): once-for-all supernet + evolutionary search (GAN Compression);
 * ``evolve`` (:mod:`.evolve`): genetic search over channel masks (Co-Evolutionary Compression);
 * ``uniform`` (:mod:`.uniform`): the trivial peer, the teacher's family uniformly narrower;
+* ``halp`` (:mod:`.halp`): the most importance per millisecond under a latency budget (HALP), from a
+  per-layer latency table of the device;
 * ``auto`` (:mod:`.auto`): the measured winner of the head-to-head nearest the target.
 
 A new strategy: a file with a :class:`Strategy` subclass decorated with :func:`register_strategy`.
 """
 from .base import (AUTO, SearchSummary, StageResult, Strategy, StrategyContext, get_strategy, register_strategy,
                    strategy_names, strategy_table, unregister_strategy)
-from . import slim, onestep, ofa, evolve, uniform  # noqa: E402,F401  (registration, in this order)
+from . import slim, onestep, ofa, evolve, uniform, halp  # noqa: E402,F401  (registration, in this order)
 from .auto import FALLBACK, RESULTS, VARIANTS, choose_strategy, winners_from_rows  # noqa: E402
 
 __all__ = ["AUTO", "SearchSummary", "StageResult", "Strategy", "StrategyContext", "get_strategy", "register_strategy",

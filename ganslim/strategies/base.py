@@ -63,6 +63,7 @@ class StageResult:
     search: Optional[SearchSummary] = None
     supernet: Optional[nn.Module] = None  # ofa: the trained supernet (searchable for other budgets)
     stage_steps: Optional[int] = None  # training steps before the fine-tune (None: config.steps)
+    notes: list = field(default_factory=list)  # lines for the report's notes
 
 
 @dataclass

@@ -1,0 +1,283 @@
+"""A measured latency model of the device (device-aware / HALP-style pruning): a per-layer lookup
+table, timed once per device and cached on disk, plus a fitted remainder for what runs between the
+convolutions, predicting a pruned network's batch latency from its channel widths.
+
+MACs do not say what a width costs: onnxruntime's CPU kernels compute channels in blocks (a 38-channel
+conv costs what a 48-channel one does), thin layers are overhead-bound, and the same MACs cost more at
+a high resolution than at a low one. The table times each convolution *shape* the pruning can produce
+(``ConvSignature``: in/out channels, kernel, stride, input size...) alone, in the runtime that will run
+the network (``"eager"`` PyTorch or ``"onnxruntime"``), on first use, and keeps it in a JSON file per
+device (CPU model or GPU name, threads, torch / onnxruntime version): a later selection on the same
+device reads it instead of timing again.
+
+A network's latency = sum of its convolutions' table entries + ``c0 + c1 * f``, where ``f`` is the
+kept fraction of the normalised (elementwise) activations: norms, activations, adds and padding scale
+with the channels they touch, plus a fixed per-call cost. ``c0, c1`` are fitted by least squares on a
+few whole-network timings (:meth:`LatencyModel.fit`); :meth:`LatencyModel.errors` gives the model's
+error against whole-network timings of other networks.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import platform
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..core.gating import NORM_TYPES, MacsModel
+from .._utils import as_input_tuple as _as_tuple
+from .latency import measure_latency
+
+__all__ = ["ConvSignature", "LatencyTable", "LatencyModel", "conv_signatures", "device_fingerprint",
+           "default_table_path"]
+
+RUNTIMES = ("eager", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class ConvSignature:
+    """What a convolution costs depends on: ``(batch, in_channels, height, width)`` of its input and
+    its own configuration. ``depthwise``: ``groups == in_channels`` (groups follow the width)."""
+    transposed: bool
+    in_channels: int
+    out_channels: int
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    output_padding: tuple
+    depthwise: bool
+    bias: bool
+    batch: int
+    height: int
+    width: int
+
+    def key(self) -> str:
+        k = "x".join(map(str, self.kernel))
+        s = "x".join(map(str, self.stride))
+        p = "x".join(map(str, self.padding))
+        d = "x".join(map(str, self.dilation))
+        o = "x".join(map(str, self.output_padding))
+        return (f"{'convT' if self.transposed else 'conv'}{'-dw' if self.depthwise else ''} {self.in_channels}->"
+                f"{self.out_channels} k{k} s{s} p{p} d{d} op{o} b{int(self.bias)} in {self.batch}x{self.height}x{self.width}")
+
+    def with_channels(self, in_channels: int, out_channels: int) -> "ConvSignature":
+        d = asdict(self)
+        d.update(in_channels=int(in_channels), out_channels=int(in_channels if self.depthwise else out_channels))
+        return ConvSignature(**d)
+
+    def build(self) -> nn.Module:
+        """A fresh layer of this shape (random weights: the time does not depend on the values)."""
+        cls = nn.ConvTranspose2d if self.transposed else nn.Conv2d
+        kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, bias=self.bias,
+                  groups=self.in_channels if self.depthwise else 1)
+        if self.transposed:
+            kw["output_padding"] = self.output_padding
+        return cls(self.in_channels, self.out_channels, self.kernel, **kw).eval()
+
+
+def conv_signatures(model: nn.Module, example_inputs: Any) -> dict[str, ConvSignature]:
+    """The :class:`ConvSignature` of every 2-d convolution ``model`` runs on ``example_inputs``, by
+    module name (one forward pass with hooks; a module called twice keeps its first call). Grouped
+    convolutions that are not depthwise are left out (their cost is in the remainder)."""
+    sigs: dict[str, ConvSignature] = {}
+    handles = []
+
+    def hook(name):
+        def fn(mod, inputs, _output):
+            if name in sigs or not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() != 4:
+                return
+            b, c, h, w = inputs[0].shape
+            sigs[name] = ConvSignature(
+                transposed=isinstance(mod, nn.ConvTranspose2d), in_channels=int(c), out_channels=mod.out_channels,
+                kernel=tuple(mod.kernel_size), stride=tuple(mod.stride), padding=tuple(mod.padding),
+                dilation=tuple(mod.dilation), output_padding=tuple(getattr(mod, "output_padding", (0, 0))),
+                depthwise=mod.groups > 1, bias=mod.bias is not None, batch=int(b), height=int(h), width=int(w))
+        return fn
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)) and (mod.groups == 1 or mod.groups == mod.in_channels):
+            if not isinstance(mod.padding, str):
+                handles.append(mod.register_forward_hook(hook(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*_as_tuple(example_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return sigs
+
+
+def device_fingerprint(runtime: str = "eager", threads: Optional[int] = None, device: str = "cpu") -> str:
+    """A file-name-safe string naming what the timings depend on: the processor (CPU model or GPU
+    name), threads, torch (and onnxruntime) version and the runtime."""
+    if str(device).startswith("cuda"):
+        proc = torch.cuda.get_device_name(torch.device(device))
+    else:
+        proc = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    proc = line.split(":", 1)[1].strip()
+                    break
+    parts = [proc, f"{threads or torch.get_num_threads()}t", f"torch{torch.__version__}", runtime]
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        parts.append(f"ort{onnxruntime.__version__}")
+    return "_".join("".join(ch if ch.isalnum() or ch in ".+-" else "-" for ch in p) for p in parts)
+
+
+def default_table_path(fingerprint: str) -> pathlib.Path:
+    """``$GANSLIM_CACHE`` (default ``~/.cache/ganslim``) ``/latency/<fingerprint>.json``."""
+    root = os.environ.get("GANSLIM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ganslim")
+    return pathlib.Path(root) / "latency" / f"{fingerprint}.json"
+
+
+class LatencyTable:
+    """Milliseconds per convolution shape on this device, timed on first use and cached.
+
+    Args:
+        runtime: ``"eager"`` (PyTorch, ``torch.inference_mode``) or ``"onnxruntime"`` (each layer
+            exported with :func:`ganslim.export`, the graph rewrites included, and run by
+            onnxruntime's CPU provider, as a deployed network would be).
+        threads: intra-op threads for the timings (default: ``torch.get_num_threads()``).
+        path: the JSON cache; default :func:`default_table_path` of the device's fingerprint.
+            ``None`` entries are timed and written back by :meth:`save` (atomically).
+        repeats: timed passes per entry (the fastest is kept); ``device``: ``"cpu"`` or ``"cuda"``
+            (eager only).
+    """
+
+    def __init__(self, runtime: str = "eager", threads: Optional[int] = None, path: Optional[str | os.PathLike] = None,
+                 repeats: int = 9, device: str = "cpu"):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if runtime == "onnxruntime" and str(device) != "cpu":
+            raise ValueError("the onnxruntime table times the CPU provider; use runtime='eager' on CUDA")
+        self.runtime, self.repeats, self.device = runtime, int(repeats), str(device)
+        self.threads = int(threads or torch.get_num_threads())
+        self.fingerprint = device_fingerprint(runtime, self.threads, self.device)
+        self.path = pathlib.Path(path) if path is not None else default_table_path(self.fingerprint)
+        self.entries: dict[str, float] = {}
+        self.timed = 0  # entries timed by this object (not read from the cache)
+        if self.path.exists():
+            try:
+                saved = json.loads(self.path.read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{self.path}: not a latency table ({type(e).__name__}: {e}); delete it to re-time") from None
+            if saved.get("fingerprint") != self.fingerprint:
+                raise ValueError(f"{self.path} was timed on {saved.get('fingerprint')!r}, this is {self.fingerprint!r}; "
+                                 "give another path")
+            self.entries = {k: float(v) for k, v in saved.get("entries", {}).items()}
+        self._tmp: Optional[tempfile.TemporaryDirectory] = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def conv_ms(self, sig: ConvSignature) -> float:
+        """Milliseconds of one call of a convolution of this shape (fastest of ``repeats``)."""
+        key = sig.key()
+        if key not in self.entries:
+            self.entries[key] = self._time(sig)
+            self.timed += 1
+        return self.entries[key]
+
+    def _time(self, sig: ConvSignature) -> float:
+        layer = sig.build()
+        x = torch.randn(sig.batch, sig.in_channels, sig.height, sig.width)
+        if self.runtime == "onnxruntime":
+            from ..deployment.deploy import OnnxModule, export
+
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="ganslim-lut-")
+            path = pathlib.Path(self._tmp.name) / "layer.onnx"
+            export(layer, path, format="onnx", example_inputs=x, verify=False)
+            layer = OnnxModule(path, threads=self.threads)
+            stats = measure_latency(layer, x, warmup=2, repeats=self.repeats)
+        else:
+            stats = measure_latency(layer.to(self.device), x, warmup=2, repeats=self.repeats, threads=self.threads,
+                                    device=self.device)
+        # the fastest pass: a layer's own cost, without the preemptions of a shared machine (which a
+        # median of a few sub-millisecond passes does not filter); whole networks are fitted alike
+        return float(stats.min_ms)
+
+    def save(self) -> pathlib.Path:
+        """Write the table (atomically: a temporary file renamed into place)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.partial")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "runtime": self.runtime, "threads": self.threads,
+                                   "entries": dict(sorted(self.entries.items()))}, indent=0))
+        os.replace(tmp, self.path)
+        return self.path
+
+
+class LatencyModel:
+    """Predicted latency (ms) of the network a set of channel keep-masks leaves.
+
+    ``model``, ``targets`` (its channel groups, :func:`ganslim.core.targeting.find_channel_groups`),
+    ``example_inputs`` (the deployment input, e.g. ``(1, 3, 256, 384)``) and a :class:`LatencyTable`.
+    Until :meth:`fit` is called the remainder is zero and predictions are the convolutions alone.
+    """
+
+    def __init__(self, model: nn.Module, targets, example_inputs: Any, table: LatencyTable,
+                 macs_model: Optional[MacsModel] = None):
+        from . import macs_by_module
+
+        self.table = table
+        self.signatures = conv_signatures(model, example_inputs)
+        self.macs_model = macs_model or MacsModel(model, targets, macs_by_module(model, example_inputs, "papers"))
+        self.norms = {n: float(m.num_features) for n, m in model.named_modules()
+                      if isinstance(m, NORM_TYPES) and hasattr(m, "num_features") and n in self.macs_model.sizes}
+        self.c0, self.c1 = 0.0, 0.0
+
+    def conv_ms(self, alive: Sequence[torch.Tensor]) -> float:
+        """Sum of the table's entries for the convolutions at the widths ``alive`` leaves."""
+        kept = self.macs_model.kept_channels(alive)
+        total = 0.0
+        for name, sig in self.signatures.items():
+            kin, kout = kept.get(name, (sig.in_channels, sig.out_channels))
+            total += self.table.conv_ms(sig.with_channels(max(1, kin), max(1, kout)))
+        return total
+
+    def elementwise_fraction(self, alive: Sequence[torch.Tensor]) -> float:
+        """Kept fraction of the normalised channels, weighted by their MACs (activation elements)."""
+        kept = self.macs_model.kept_channels(alive)
+        base = {n: self.macs_model.base.get(n, 0.0) for n in self.norms}
+        total = sum(base.values())
+        if total <= 0:
+            return 1.0
+        return sum(b * kept[n][1] / self.norms[n] for n, b in base.items() if n in kept) / total
+
+    def predict(self, alive: Sequence[torch.Tensor]) -> float:
+        """Predicted milliseconds of the pruned network."""
+        return self.conv_ms(alive) + self.c0 + self.c1 * self.elementwise_fraction(alive)
+
+    def fit(self, measured: Sequence[tuple[Sequence[torch.Tensor], float]]) -> tuple[float, float]:
+        """Fit the remainder ``c0 + c1 * f`` on ``[(alive, measured_ms), ...]`` (least squares with
+        ``c1 >= 0``; one network fits ``c0`` alone). Returns ``(c0, c1)``."""
+        if not measured:
+            raise ValueError("fit needs at least one (alive, measured_ms) pair")
+        rows = [(self.elementwise_fraction(a), ms - self.conv_ms(a)) for a, ms in measured]
+        if len(rows) == 1 or max(r[0] for r in rows) - min(r[0] for r in rows) < 1e-6:
+            self.c0, self.c1 = sum(r[1] for r in rows) / len(rows), 0.0
+        else:
+            a = torch.tensor([[1.0, f] for f, _ in rows], dtype=torch.float64)
+            b = torch.tensor([[r] for _, r in rows], dtype=torch.float64)
+            sol = torch.linalg.lstsq(a, b).solution.flatten()
+            self.c0, self.c1 = float(sol[0]), float(sol[1])
+            if self.c1 < 0:  # noise: fewer channels cannot cost more, keep the prediction monotone
+                self.c0, self.c1 = sum(r[1] for r in rows) / len(rows), 0.0
+        return self.c0, self.c1
+
+    def errors(self, measured: Sequence[tuple[Sequence[torch.Tensor], float]]) -> list[float]:
+        """Relative error ``predicted / measured - 1`` per network."""
+        return [self.predict(a) / ms - 1.0 for a, ms in measured]

@@ -1,0 +1,107 @@
+"""``strategy="halp"``: channels chosen under a latency budget of the device at hand (HALP-style).
+
+A per-layer latency table of the device (:mod:`ganslim.measure.latency_table`; timed once, cached) plus
+a remainder fitted on whole-network timings of a few uniform cuts predicts the latency of any widths;
+:func:`ganslim.pruning.latency_select.latency_masks` then keeps the most important channels per
+millisecond until the prediction meets the budget. The budget is ``target_latency_ms``, or with a MACs
+target the *measured* latency of the uniform cut at that MACs budget (the trivial peer): the result runs
+as fast as the peer and keeps the channels that the device makes cheap. Its MACs are then usually
+above the MACs target (the report says by how much). Then compress's fine-tune, as for every strategy.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..pruning.latency_select import LatencySelection, latency_masks
+from ..pruning.onestep import onestep_prune
+from ..pruning.uniform import uniform_alive, uniform_masks
+from .base import StageResult, Strategy, StrategyContext, register_strategy
+from .common import loss_weights, resolve_mapping
+from .. import measure
+
+FIT_RATIOS = (1.0, 0.5, 0.25)  # uniform cuts timed whole to fit the table's remainder (with the budget's cut)
+
+
+def measured_ms(model, targets, alive, example, stat_input, runtime: str, threads: int, repeats: int = 7) -> float:
+    """Fastest-pass latency (ms, as the table's entries) of ``model`` pruned to ``alive``, run on ``stat_input`` in ``runtime``
+    (``"onnxruntime"``: exported with :func:`ganslim.export` first)."""
+    plain = onestep_prune(model, targets, alive, example)
+    if runtime == "onnxruntime":
+        import pathlib
+        import tempfile
+
+        from ..deployment.deploy import OnnxModule, export
+
+        with tempfile.TemporaryDirectory(prefix="ganslim-halp-") as d:
+            path = export(plain, pathlib.Path(d) / "net.onnx", format="onnx", example_inputs=stat_input, verify=False)
+            ort = OnnxModule(path, threads=threads)
+            return measure.measure_latency(ort, stat_input, warmup=2, repeats=repeats).min_ms
+    return measure.measure_latency(plain, stat_input, warmup=2, repeats=repeats, threads=threads).min_ms
+
+
+@register_strategy
+class HalpStrategy(Strategy):
+    name = "halp"
+    paper = "HALP"
+    summary = "most importance per millisecond under a latency budget, from a per-layer latency table of the device"
+    options_section = "halp"  # HalpOptions
+
+    def run(self, ctx: StrategyContext) -> StageResult:
+        from ..core.gating import MacsModel
+        from ..core.targeting import find_channel_groups
+        from ..measure.latency_table import LatencyModel, LatencyTable
+        from .common import budget
+
+        cfg, opts = ctx.config, ctx.options
+        if str(cfg.device) != "cpu" and opts.runtime == "onnxruntime":
+            raise ValueError("strategy='halp' with latency_runtime='onnxruntime' times the CPU; use "
+                             "latency_runtime='eager' to select for the GPU")
+        student = ctx.student.eval()
+        targets = find_channel_groups(student, ctx.example, include=cfg.include, exclude=cfg.exclude)
+        macs_model = MacsModel(student, targets, measure.macs_by_module(student, ctx.example, "papers"))
+        stat_input = tuple(t.cpu() for t in ctx.stat_input)
+        example = tuple(t.cpu() for t in ctx.example)
+        threads = torch.get_num_threads()
+        t0 = time.time()
+        table = LatencyTable(runtime=opts.runtime, threads=threads, path=opts.table)
+        cached = len(table)
+        model = LatencyModel(student, targets, stat_input, table, macs_model=macs_model)
+        fit = [(uniform_alive(targets.groups, r), None) for r in FIT_RATIOS]
+        notes = []
+        if cfg.target_latency_ms is not None:
+            target_ms = float(cfg.target_latency_ms)
+            why = f"latency target {target_ms:g} ms"
+        else:
+            target_abs, _ = budget(ctx, targets, macs_model)
+            peer, _ = uniform_masks(targets, macs_model, target_abs, multiple=cfg.channel_multiple)
+            fit.append((peer, None))
+        fit = [(a, measured_ms(student, targets, a, example, stat_input, opts.runtime, threads)) for a, _ in fit]
+        c0, c1 = model.fit(fit)
+        if cfg.target_latency_ms is None:
+            # the peer's latency in the model's own units: the model's bias cancels between the two
+            target_ms = model.predict(fit[-1][0])
+            why = (f"the uniform cut at {target_abs / ctx.teacher_macs:.3g} of the MACs measures {fit[-1][1]:.1f} ms, "
+                   f"predicted {target_ms:.1f} ms ({opts.runtime}): the latency budget")
+        try:
+            alive = latency_masks(student, targets, model, target_ms, step=opts.step)
+        except ValueError:
+            if cfg.target_latency_ms is not None:
+                raise
+            # the model ranks the peer below the narrowest widths allowed: its timings are noise
+            # (a loaded machine, a network too small to time); keep the peer rather than guess
+            alive = LatencySelection(fit[-1][0])
+            alive.predicted_ms = target_ms
+            notes.append("halp: the latency model is inconsistent on this device (the uniform cut is predicted "
+                         "faster than every group at its floor); kept the uniform cut")
+        table.save()
+        errors = ", ".join(f"{e:+.1%}" for e in model.errors(fit))
+        notes.append(f"halp: {why}; latency table {table.path} ({cached} entries cached, {table.timed} timed), "
+                     f"remainder {c0:.2f} ms + {c1:.2f} ms x elementwise fraction, fit errors {errors}; selected "
+                     f"{alive.moves} moves, predicted {alive.predicted_ms:.1f} ms, {time.time() - t0:.0f} s")
+        plain = onestep_prune(student, targets, list(alive), ctx.example)
+        kept = {g.root: int(a.sum()) for g, a in zip(targets.groups, alive)}
+        mapping = resolve_mapping(ctx, plain) if cfg.loss.finetune_distill else {}
+        return StageResult(plain, kept, targets, loss_weights(ctx), mapping=mapping, target_abs=None,
+                           stage_steps=0, notes=notes)
