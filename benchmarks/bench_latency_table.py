@@ -36,7 +36,7 @@ from ganslim import data, measure  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
 from ganslim.core.gating import MacsModel  # noqa: E402
 from ganslim.core.targeting import find_channel_groups  # noqa: E402
-from ganslim.measure.latency_table import LatencyModel, LatencyTable  # noqa: E402
+from ganslim.measure.latency_table import LatencyModel, LatencyTable, runtime_ms  # noqa: E402
 from ganslim.pruning.latency_select import latency_masks  # noqa: E402
 from ganslim.pruning.onestep import onestep_masks  # noqa: E402
 from ganslim.pruning.uniform import uniform_alive, uniform_masks  # noqa: E402
@@ -147,7 +147,7 @@ def main() -> None:
                            measure_latency=False, progress=False, latency_runtime=args.runtime, latency_step=args.step,
                            latency_table=str(table.path), **kw)
             minutes = (time.time() - t2) / 60
-            ms = _runtime_ms(res.model, stat, args.runtime, threads)
+            ms = runtime_ms(res.model, stat, args.runtime, threads)  # one after the other: see the docstring
             st = res.report.student
             trained.append({"student": name, "macs_reduction": res.report.teacher.macs / st.macs, "psnr_gt": st.psnr_to_gt,
                             "vs_teacher_db": st.psnr_to_gt - t_psnr, "measured_ms": ms, "speedup": teacher_ms / ms,
@@ -168,20 +168,6 @@ def main() -> None:
     print(f"held-out error of the latency model: mean {out['held_out_mean_abs_error']:.1%}, max "
           f"{out['held_out_max_abs_error']:.1%} over {len(held_err)} networks; wrote {args.out}")
     print(json.dumps({"table": str(table.path)}))
-
-
-def _runtime_ms(model, stat, runtime: str, threads: int) -> float:
-    """Fastest of 9 passes of a finished student in the runtime (exported first for onnxruntime)."""
-    if runtime == "onnxruntime":
-        import pathlib
-        import tempfile
-
-        from ganslim.deployment.deploy import OnnxModule, export
-
-        with tempfile.TemporaryDirectory() as d:
-            path = export(model.eval(), pathlib.Path(d) / "s.onnx", format="onnx", example_inputs=stat, verify=False)
-            return measure.measure_latency(OnnxModule(path, threads=threads), stat, warmup=2, repeats=9).min_ms
-    return measure.measure_latency(model.eval(), stat, warmup=2, repeats=9, threads=threads).min_ms
 
 
 if __name__ == "__main__":

@@ -272,11 +272,9 @@ class MacsModel:
     def kept_channels(self, alive: list[torch.Tensor]) -> dict[str, tuple[int, int]]:
         """``{module name: (kept input channels, kept output channels)}`` of every conv, linear and
         norm layer once the channels marked in ``alive`` are removed (the latency table's shapes)."""
-        if self._prefix is None:
-            self._prefix = self._prefix_tables()
         if self._index is None:  # the prefix tables' positions as index tensors, built once
             self._index = {k: (size, untouched, [(gi, torch.tensor(ps, dtype=torch.long)) for gi, ps in groups])
-                           for k, (size, untouched, groups) in self._prefix.items()}
+                           for k, (size, untouched, groups) in self._tables().items()}
         alive = [a.bool().cpu() for a in alive]
         out = {}
         for name, (n_in, n_out) in self.sizes.items():
@@ -295,8 +293,7 @@ class MacsModel:
         """:meth:`macs` of the masks that keep the leading ``widths[i]`` positions of group ``i`` (a
         supernet's sub-network), the same float to the last bit, without building masks: the
         architecture search asks for thousands of these while it samples candidates."""
-        if self._prefix is None:
-            self._prefix = self._prefix_tables()
+        self._tables()
         total = 0.0
         for n, b in self.base.items():
             kind = self.kind.get(n)
@@ -307,6 +304,11 @@ class MacsModel:
             else:
                 total += b
         return total
+
+    def _tables(self) -> dict:
+        if self._prefix is None:
+            self._prefix = self._prefix_tables()
+        return self._prefix
 
     def _prefix_tables(self) -> dict:
         # per (module, side): its channel count, the channels no group writes (always kept), and per

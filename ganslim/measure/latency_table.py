@@ -35,7 +35,7 @@ from .._utils import as_input_tuple as _as_tuple
 from .latency import measure_latency
 
 __all__ = ["ConvSignature", "LatencyTable", "LatencyModel", "conv_signatures", "device_fingerprint",
-           "default_table_path"]
+           "default_table_path", "runtime_ms"]
 
 RUNTIMES = ("eager", "onnxruntime")
 
@@ -143,6 +143,24 @@ def default_table_path(fingerprint: str) -> pathlib.Path:
     return pathlib.Path(root) / "latency" / f"{fingerprint}.json"
 
 
+def runtime_ms(model: nn.Module, inputs: tuple, runtime: str, threads: int, repeats: int = 9,
+               device: str = "cpu") -> float:
+    """Fastest of ``repeats`` passes (ms) of ``model`` on ``inputs`` in ``runtime``: ``"eager"``
+    PyTorch on ``device``, or ``"onnxruntime"`` (exported with :func:`ganslim.export` to a temporary
+    file first, the graph rewrites included, as a deployed network is).
+
+    The fastest pass is a network's own cost, without the preemptions of a shared machine (which a
+    median of a few sub-millisecond passes does not filter); the table and its fit both use it."""
+    if runtime == "onnxruntime":
+        from ..deployment.deploy import OnnxModule, export
+
+        with tempfile.TemporaryDirectory(prefix="ganslim-latency-") as d:
+            path = export(model.eval(), pathlib.Path(d) / "net.onnx", format="onnx", example_inputs=inputs, verify=False)
+            return float(measure_latency(OnnxModule(path, threads=threads), inputs, warmup=2, repeats=repeats).min_ms)
+    return float(measure_latency(model.to(device), inputs, warmup=2, repeats=repeats, threads=threads,
+                                 device=device).min_ms)
+
+
 class LatencyTable:
     """Milliseconds per convolution shape on this device, timed on first use and cached.
 
@@ -178,7 +196,6 @@ class LatencyTable:
                 raise ValueError(f"{self.path} was timed on {saved.get('fingerprint')!r}, this is {self.fingerprint!r}; "
                                  "give another path")
             self.entries = {k: float(v) for k, v in saved.get("entries", {}).items()}
-        self._tmp: Optional[tempfile.TemporaryDirectory] = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -192,23 +209,8 @@ class LatencyTable:
         return self.entries[key]
 
     def _time(self, sig: ConvSignature) -> float:
-        layer = sig.build()
         x = torch.randn(sig.batch, sig.in_channels, sig.height, sig.width)
-        if self.runtime == "onnxruntime":
-            from ..deployment.deploy import OnnxModule, export
-
-            if self._tmp is None:
-                self._tmp = tempfile.TemporaryDirectory(prefix="ganslim-lut-")
-            path = pathlib.Path(self._tmp.name) / "layer.onnx"
-            export(layer, path, format="onnx", example_inputs=x, verify=False)
-            layer = OnnxModule(path, threads=self.threads)
-            stats = measure_latency(layer, x, warmup=2, repeats=self.repeats)
-        else:
-            stats = measure_latency(layer.to(self.device), x, warmup=2, repeats=self.repeats, threads=self.threads,
-                                    device=self.device)
-        # the fastest pass: a layer's own cost, without the preemptions of a shared machine (which a
-        # median of a few sub-millisecond passes does not filter); whole networks are fitted alike
-        return float(stats.min_ms)
+        return runtime_ms(sig.build(), (x,), self.runtime, self.threads, repeats=self.repeats, device=self.device)
 
     def save(self) -> pathlib.Path:
         """Write the table (atomically: a temporary file renamed into place)."""
@@ -241,25 +243,30 @@ class LatencyModel:
 
     def conv_ms(self, alive: Sequence[torch.Tensor]) -> float:
         """Sum of the table's entries for the convolutions at the widths ``alive`` leaves."""
-        kept = self.macs_model.kept_channels(alive)
+        return self._conv_ms(self.macs_model.kept_channels(alive))
+
+    def elementwise_fraction(self, alive: Sequence[torch.Tensor]) -> float:
+        """Kept fraction of the normalised channels, weighted by their MACs (activation elements)."""
+        return self._fraction(self.macs_model.kept_channels(alive))
+
+    def predict(self, alive: Sequence[torch.Tensor]) -> float:
+        """Predicted milliseconds of the pruned network."""
+        kept = self.macs_model.kept_channels(alive)  # once: the selection calls this thousands of times
+        return self._conv_ms(kept) + self.c0 + self.c1 * self._fraction(kept)
+
+    def _conv_ms(self, kept: dict) -> float:
         total = 0.0
         for name, sig in self.signatures.items():
             kin, kout = kept.get(name, (sig.in_channels, sig.out_channels))
             total += self.table.conv_ms(sig.with_channels(max(1, kin), max(1, kout)))
         return total
 
-    def elementwise_fraction(self, alive: Sequence[torch.Tensor]) -> float:
-        """Kept fraction of the normalised channels, weighted by their MACs (activation elements)."""
-        kept = self.macs_model.kept_channels(alive)
+    def _fraction(self, kept: dict) -> float:
         base = {n: self.macs_model.base.get(n, 0.0) for n in self.norms}
         total = sum(base.values())
         if total <= 0:
             return 1.0
         return sum(b * kept[n][1] / self.norms[n] for n, b in base.items() if n in kept) / total
-
-    def predict(self, alive: Sequence[torch.Tensor]) -> float:
-        """Predicted milliseconds of the pruned network."""
-        return self.conv_ms(alive) + self.c0 + self.c1 * self.elementwise_fraction(alive)
 
     def fit(self, measured: Sequence[tuple[Sequence[torch.Tensor], float]]) -> tuple[float, float]:
         """Fit the remainder ``c0 + c1 * f`` on ``[(alive, measured_ms), ...]`` (least squares with

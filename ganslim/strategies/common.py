@@ -65,11 +65,17 @@ def budget(ctx: StrategyContext, targets, macs_model: MacsModel):
     return target_abs, calibration
 
 
+def targets_and_macs(ctx: StrategyContext):
+    """``(targets, macs_model)``: the student's prunable channel groups (the configuration's
+    include/exclude) and the MACs model of their widths, at the example input."""
+    cfg = ctx.config
+    targets = find_channel_groups(ctx.student, ctx.example, include=cfg.include, exclude=cfg.exclude)
+    return targets, MacsModel(ctx.student, targets, measure.macs_by_module(ctx.student, ctx.example, "papers"))
+
+
 def targets_and_budget(ctx: StrategyContext):
     """Channel groups, MACs model and absolute budget for the strategies that prune once (onestep,
     evolve; compress has checked that a target is given): ``(targets, macs_model, target_abs, calibration)``."""
-    cfg = ctx.config
-    targets = find_channel_groups(ctx.student, ctx.example, include=cfg.include, exclude=cfg.exclude)
-    macs_model = MacsModel(ctx.student, targets, measure.macs_by_module(ctx.student, ctx.example, "papers"))
+    targets, macs_model = targets_and_macs(ctx)
     target_abs, calibration = budget(ctx, targets, macs_model)
     return targets, macs_model, target_abs, calibration

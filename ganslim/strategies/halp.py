@@ -18,27 +18,16 @@ from ..pruning.latency_select import LatencySelection, latency_masks
 from ..pruning.onestep import onestep_prune
 from ..pruning.uniform import uniform_alive, uniform_masks
 from .base import StageResult, Strategy, StrategyContext, register_strategy
-from .common import loss_weights, resolve_mapping
-from .. import measure
+from .common import budget, loss_weights, resolve_mapping, targets_and_macs
+from ..measure.latency_table import LatencyModel, LatencyTable, runtime_ms
 
 FIT_RATIOS = (1.0, 0.5, 0.25)  # uniform cuts timed whole to fit the table's remainder (with the budget's cut)
 
 
 def measured_ms(model, targets, alive, example, stat_input, runtime: str, threads: int, repeats: int = 7) -> float:
-    """Fastest-pass latency (ms, as the table's entries) of ``model`` pruned to ``alive``, run on ``stat_input`` in ``runtime``
-    (``"onnxruntime"``: exported with :func:`ganslim.export` first)."""
-    plain = onestep_prune(model, targets, alive, example)
-    if runtime == "onnxruntime":
-        import pathlib
-        import tempfile
-
-        from ..deployment.deploy import OnnxModule, export
-
-        with tempfile.TemporaryDirectory(prefix="ganslim-halp-") as d:
-            path = export(plain, pathlib.Path(d) / "net.onnx", format="onnx", example_inputs=stat_input, verify=False)
-            ort = OnnxModule(path, threads=threads)
-            return measure.measure_latency(ort, stat_input, warmup=2, repeats=repeats).min_ms
-    return measure.measure_latency(plain, stat_input, warmup=2, repeats=repeats, threads=threads).min_ms
+    """Fastest-pass latency (ms, as the table's entries) of ``model`` pruned to ``alive``, run on
+    ``stat_input`` in ``runtime`` (:func:`ganslim.measure.latency_table.runtime_ms`)."""
+    return runtime_ms(onestep_prune(model, targets, alive, example), stat_input, runtime, threads, repeats=repeats)
 
 
 @register_strategy
@@ -49,18 +38,12 @@ class HalpStrategy(Strategy):
     options_section = "halp"  # HalpOptions
 
     def run(self, ctx: StrategyContext) -> StageResult:
-        from ..core.gating import MacsModel
-        from ..core.targeting import find_channel_groups
-        from ..measure.latency_table import LatencyModel, LatencyTable
-        from .common import budget
-
         cfg, opts = ctx.config, ctx.options
         if str(cfg.device) != "cpu" and opts.runtime == "onnxruntime":
             raise ValueError("strategy='halp' with latency_runtime='onnxruntime' times the CPU; use "
                              "latency_runtime='eager' to select for the GPU")
         student = ctx.student.eval()
-        targets = find_channel_groups(student, ctx.example, include=cfg.include, exclude=cfg.exclude)
-        macs_model = MacsModel(student, targets, measure.macs_by_module(student, ctx.example, "papers"))
+        targets, macs_model = targets_and_macs(ctx)
         stat_input = tuple(t.cpu() for t in ctx.stat_input)
         example = tuple(t.cpu() for t in ctx.example)
         threads = torch.get_num_threads()
@@ -68,30 +51,31 @@ class HalpStrategy(Strategy):
         table = LatencyTable(runtime=opts.runtime, threads=threads, path=opts.table)
         cached = len(table)
         model = LatencyModel(student, targets, stat_input, table, macs_model=macs_model)
-        fit = [(uniform_alive(targets.groups, r), None) for r in FIT_RATIOS]
-        notes = []
-        if cfg.target_latency_ms is not None:
+        nets = [uniform_alive(targets.groups, r) for r in FIT_RATIOS]
+        peer = None
+        if cfg.target_latency_ms is None:
+            target_abs, _ = budget(ctx, targets, macs_model)
+            peer, _ = uniform_masks(targets, macs_model, target_abs, multiple=cfg.channel_multiple)
+            nets.append(peer)
+        fit = [(a, measured_ms(student, targets, a, example, stat_input, opts.runtime, threads)) for a in nets]
+        c0, c1 = model.fit(fit)
+        if peer is None:
             target_ms = float(cfg.target_latency_ms)
             why = f"latency target {target_ms:g} ms"
         else:
-            target_abs, _ = budget(ctx, targets, macs_model)
-            peer, _ = uniform_masks(targets, macs_model, target_abs, multiple=cfg.channel_multiple)
-            fit.append((peer, None))
-        fit = [(a, measured_ms(student, targets, a, example, stat_input, opts.runtime, threads)) for a, _ in fit]
-        c0, c1 = model.fit(fit)
-        if cfg.target_latency_ms is None:
             # the peer's latency in the model's own units: the model's bias cancels between the two
-            target_ms = model.predict(fit[-1][0])
+            target_ms = model.predict(peer)
             why = (f"the uniform cut at {target_abs / ctx.teacher_macs:.3g} of the MACs measures {fit[-1][1]:.1f} ms, "
                    f"predicted {target_ms:.1f} ms ({opts.runtime}): the latency budget")
+        notes = []
         try:
             alive = latency_masks(student, targets, model, target_ms, step=opts.step)
         except ValueError:
-            if cfg.target_latency_ms is not None:
+            if peer is None:
                 raise
             # the model ranks the peer below the narrowest widths allowed: its timings are noise
             # (a loaded machine, a network too small to time); keep the peer rather than guess
-            alive = LatencySelection(fit[-1][0])
+            alive = LatencySelection(peer)
             alive.predicted_ms = target_ms
             notes.append("halp: the latency model is inconsistent on this device (the uniform cut is predicted "
                          "faster than every group at its floor); kept the uniform cut")
