@@ -6,8 +6,8 @@
 
 1. The per-layer table (:mod:`ganslim.measure.latency_table`) is timed for the default teacher's
    convolutions on the held-out photo (1x3x256x384), cached per device; its build time is printed.
-2. The remainder is fitted on four whole networks (uniform cuts at 1, 1/2, 1/4 of the widths and the
-   uniform cut at the MACs target, the peer); the model's error is then given on networks it was not
+2. The table's scale and the remainder are fitted on four whole networks (uniform cuts at 1, 1/2, 1/4
+   of the widths and the uniform cut at the MACs target, the peer); the model's error is then given on networks it was not
    fitted on: other uniform cuts, CAT's one-step masks, random widths and halp's own choices.
 3. halp at the peer's latency (more MACs for the same time) and halp at the peer's MACs (found by
    bisection on the latency budget: less time for the same MACs), each exported and timed in the
@@ -86,9 +86,9 @@ def main() -> None:
     fit_nets.append((f"uniform at 1/{1 / args.target:g} MACs (the peer)", peer))
     fit = list(zip([a for _, a in fit_nets], timed_all([a for _, a in fit_nets])))
     model.conv_ms(full)
-    c0, c1 = model.fit(fit)
+    scale, c0, c1 = model.fit(fit)
     build_s = time.time() - t0
-    print(f"table: {len(table)} entries ({cached} cached, {table.timed} timed), remainder {c0:.2f} + {c1:.2f} x f ms; "
+    print(f"table: {len(table)} entries ({cached} cached, {table.timed} timed), fit {scale:.2f} x table + {c0:.2f} + {c1:.2f} x f ms; "
           f"{build_s:.0f} s", flush=True)
     teacher_ms = fit[0][1]
 
@@ -160,7 +160,7 @@ def main() -> None:
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}",
            "runtime": args.runtime, "fingerprint": table.fingerprint, "input": list(x_eval.shape), "target": args.target,
            "table_entries": len(table), "table_timed": table.timed, "build_seconds": build_s, "select_seconds": select_s,
-           "remainder_ms": [c0, c1], "teacher_ms": teacher_ms, "rows": rows, "trained": trained,
+           "table_scale": scale, "remainder_ms": [c0, c1], "teacher_ms": teacher_ms, "rows": rows, "trained": trained,
            "held_out_mean_abs_error": sum(held_err) / len(held_err), "held_out_max_abs_error": max(held_err)}
     from ganslim.measure.report import write_json
 

@@ -211,6 +211,9 @@ def default_loader(batch_size: int = 4, crop: int = 64, length: int = 4096, seed
             raise ValueError("teacher= precomputes outputs for paired crops; it cannot be combined with unpaired=True")
         ds = TeacherCrops(teacher, crop=crop, length=length, seed=seed, photos=photos, ground_truth=ground_truth)
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=True, num_workers=0)
+    if unpaired and not ground_truth:
+        raise ValueError("unpaired=True gives unpaired cartoons (domain B) as targets; ground_truth=False would drop "
+                         "them. For distillation without labels use ground_truth=False alone (batches are photos)")
     if unpaired:
         ds = UnpairedCrops(crop=crop, length=length, seed=seed, photos=photos)
     else:

@@ -103,3 +103,5 @@ def test_a_loader_without_ground_truth_gives_the_student_only_photos_and_teacher
         data.default_loader(photos=("astronaut", "chelsea"))
     with pytest.raises(ValueError, match="photos is empty"):
         data.default_loader(photos=())
+    with pytest.raises(ValueError, match="unpaired=True gives unpaired cartoons"):
+        data.default_loader(unpaired=True, ground_truth=False)

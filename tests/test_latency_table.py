@@ -77,11 +77,30 @@ def test_the_table_is_cached_per_device_and_refuses_another_devices_file(tmp_pat
 def test_the_remainder_fit_recovers_a_known_remainder(tmp_path):
     _, _, targets, model = _model_and_table(tmp_path)
     nets = [uniform_alive(targets.groups, r) for r in (1.0, 0.6, 0.3, 0.15)]
-    measured = [(a, model.conv_ms(a) + 2.0 + 3.0 * model.elementwise_fraction(a)) for a in nets]
-    c0, c1 = model.fit(measured)
-    assert c0 == pytest.approx(2.0, rel=1e-6) and c1 == pytest.approx(3.0, rel=1e-6)
+    measured = [(a, 0.9 * model.conv_ms(a) + 2.0 + 3.0 * model.elementwise_fraction(a)) for a in nets]
+    scale, c0, c1 = model.fit(measured)
+    assert (scale, c0, c1) == pytest.approx((0.9, 2.0, 3.0), rel=1e-6)
     assert max(abs(e) for e in model.errors(measured)) < 1e-6
     assert model.elementwise_fraction(nets[0]) == 1.0 and 0.25 < model.elementwise_fraction(nets[2]) < 0.35
+
+
+def test_the_fit_never_predicts_a_negative_latency(tmp_path):
+    """The third bench_latency_table run fitted an unbounded constant of -14 ms and predicted the 1/40
+    cut at -3 ms: timings where the thin networks cost *less* than the table's convolutions (a table
+    timed on a busier machine) must give non-negative coefficients and positive predictions."""
+    _, _, targets, model = _model_and_table(tmp_path)
+    nets = [uniform_alive(targets.groups, r) for r in (1.0, 0.5, 0.25)]
+    full_ms = model.conv_ms(nets[0])
+    measured = [(a, model.conv_ms(a) - 0.3 * full_ms * (1 - r)) for a, r in zip(nets, (1.0, 0.5, 0.25))]
+    scale, c0, c1 = model.fit(measured)
+    assert min(scale, c0, c1) >= 0
+    thinnest = uniform_alive(targets.groups, 0.02)
+    assert model.predict(thinnest) > 0
+    # one network: the table is rescaled to it, not shifted by a constant
+    scale, c0, c1 = model.fit([(nets[0], 0.5 * full_ms)])
+    assert (scale, c0, c1) == pytest.approx((0.5, 0.0, 0.0)) and model.predict(thinnest) > 0
+    with pytest.raises(ValueError, match="at least one"):
+        model.fit([])
 
 
 class StaircaseTable(LatencyTable):

@@ -10,10 +10,10 @@ the network (``"eager"`` PyTorch or ``"onnxruntime"``), on first use, and keeps 
 device (CPU model or GPU name, threads, torch / onnxruntime version): a later selection on the same
 device reads it instead of timing again.
 
-A network's latency = sum of its convolutions' table entries + ``c0 + c1 * f``, where ``f`` is the
-kept fraction of the normalised (elementwise) activations: norms, activations, adds and padding scale
-with the channels they touch, plus a fixed per-call cost. ``c0, c1`` are fitted by least squares on a
-few whole-network timings (:meth:`LatencyModel.fit`); :meth:`LatencyModel.errors` gives the model's
+A network's latency = ``scale`` x the sum of its convolutions' table entries + ``c0 + c1 * f``, where
+``f`` is the kept fraction of the normalised (elementwise) activations: norms, activations, adds and
+padding scale with the channels they touch, plus a fixed per-call cost. ``scale, c0, c1`` are fitted by
+non-negative least squares on a few whole-network timings (:meth:`LatencyModel.fit`); :meth:`LatencyModel.errors` gives the model's
 error against whole-network timings of other networks.
 """
 from __future__ import annotations
@@ -227,7 +227,8 @@ class LatencyModel:
 
     ``model``, ``targets`` (its channel groups, :func:`ganslim.core.targeting.find_channel_groups`),
     ``example_inputs`` (the deployment input, e.g. ``(1, 3, 256, 384)``) and a :class:`LatencyTable`.
-    Until :meth:`fit` is called the remainder is zero and predictions are the convolutions alone.
+    Until :meth:`fit` is called the scale is 1, the remainder zero and predictions are the table's
+    convolutions alone.
     """
 
     def __init__(self, model: nn.Module, targets, example_inputs: Any, table: LatencyTable,
@@ -239,7 +240,7 @@ class LatencyModel:
         self.macs_model = macs_model or MacsModel(model, targets, macs_by_module(model, example_inputs, "papers"))
         self.norms = {n: float(m.num_features) for n, m in model.named_modules()
                       if isinstance(m, NORM_TYPES) and hasattr(m, "num_features") and n in self.macs_model.sizes}
-        self.c0, self.c1 = 0.0, 0.0
+        self.scale, self.c0, self.c1 = 1.0, 0.0, 0.0
 
     def conv_ms(self, alive: Sequence[torch.Tensor]) -> float:
         """Sum of the table's entries for the convolutions at the widths ``alive`` leaves."""
@@ -252,7 +253,7 @@ class LatencyModel:
     def predict(self, alive: Sequence[torch.Tensor]) -> float:
         """Predicted milliseconds of the pruned network."""
         kept = self.macs_model.kept_channels(alive)  # once: the selection calls this thousands of times
-        return self._conv_ms(kept) + self.c0 + self.c1 * self._fraction(kept)
+        return self.scale * self._conv_ms(kept) + self.c0 + self.c1 * self._fraction(kept)
 
     def _conv_ms(self, kept: dict) -> float:
         total = 0.0
@@ -268,22 +269,39 @@ class LatencyModel:
             return 1.0
         return sum(b * kept[n][1] / self.norms[n] for n, b in base.items() if n in kept) / total
 
-    def fit(self, measured: Sequence[tuple[Sequence[torch.Tensor], float]]) -> tuple[float, float]:
-        """Fit the remainder ``c0 + c1 * f`` on ``[(alive, measured_ms), ...]`` (least squares with
-        ``c1 >= 0``; one network fits ``c0`` alone). Returns ``(c0, c1)``."""
+    def fit(self, measured: Sequence[tuple[Sequence[torch.Tensor], float]]) -> tuple[float, float, float]:
+        """Fit ``measured_ms = scale * conv_ms + c0 + c1 * f`` on ``[(alive, measured_ms), ...]``:
+        least squares with every coefficient ``>= 0`` (a latency cannot fall when channels are added,
+        nor be negative), at most as many coefficients as networks. Returns ``(scale, c0, c1)``.
+
+        ``scale`` absorbs the drift between when the table was timed and now (a shared machine's clock,
+        caches warm in a whole network and cold for a conv alone): without it an unbounded ``c0`` took
+        that drift and went negative, and thin networks were predicted at negative milliseconds."""
         if not measured:
             raise ValueError("fit needs at least one (alive, measured_ms) pair")
-        rows = [(self.elementwise_fraction(a), ms - self.conv_ms(a)) for a, ms in measured]
-        if len(rows) == 1 or max(r[0] for r in rows) - min(r[0] for r in rows) < 1e-6:
-            self.c0, self.c1 = sum(r[1] for r in rows) / len(rows), 0.0
-        else:
-            a = torch.tensor([[1.0, f] for f, _ in rows], dtype=torch.float64)
-            b = torch.tensor([[r] for _, r in rows], dtype=torch.float64)
-            sol = torch.linalg.lstsq(a, b).solution.flatten()
-            self.c0, self.c1 = float(sol[0]), float(sol[1])
-            if self.c1 < 0:  # noise: fewer channels cannot cost more, keep the prediction monotone
-                self.c0, self.c1 = sum(r[1] for r in rows) / len(rows), 0.0
-        return self.c0, self.c1
+        rows = [(self.conv_ms(a), 1.0, self.elementwise_fraction(a)) for a, _ in measured]
+        a = torch.tensor(rows, dtype=torch.float64)
+        b = torch.tensor([float(ms) for _, ms in measured], dtype=torch.float64)
+        best, best_sse = (0.0, 0.0, 0.0), float(b.pow(2).sum())
+        # every subset of the three coefficients (the non-negative least-squares optimum is the
+        # unconstrained optimum on its own support; three coefficients make enumeration exact and cheap)
+        for support in ((0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,)):
+            if len(support) > len(rows):
+                continue
+            sub = a[:, list(support)]
+            if torch.linalg.matrix_rank(sub) < len(support):
+                continue
+            sol = torch.linalg.lstsq(sub, b.unsqueeze(1)).solution.flatten()
+            if (sol < 0).any():
+                continue
+            sse = float((sub @ sol - b).pow(2).sum())
+            if sse < best_sse - 1e-12 * max(1.0, best_sse):
+                coef = [0.0, 0.0, 0.0]
+                for i, v in zip(support, sol.tolist()):
+                    coef[i] = v
+                best, best_sse = tuple(coef), sse
+        self.scale, self.c0, self.c1 = best
+        return self.scale, self.c0, self.c1
 
     def errors(self, measured: Sequence[tuple[Sequence[torch.Tensor], float]]) -> list[float]:
         """Relative error ``predicted / measured - 1`` per network."""

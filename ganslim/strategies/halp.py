@@ -58,7 +58,7 @@ class HalpStrategy(Strategy):
             peer, _ = uniform_masks(targets, macs_model, target_abs, multiple=cfg.channel_multiple)
             nets.append(peer)
         fit = [(a, measured_ms(student, targets, a, example, stat_input, opts.runtime, threads)) for a in nets]
-        c0, c1 = model.fit(fit)
+        scale, c0, c1 = model.fit(fit)
         if peer is None:
             target_ms = float(cfg.target_latency_ms)
             why = f"latency target {target_ms:g} ms"
@@ -82,7 +82,7 @@ class HalpStrategy(Strategy):
         table.save()
         errors = ", ".join(f"{e:+.1%}" for e in model.errors(fit))
         notes.append(f"halp: {why}; latency table {table.path} ({cached} entries cached, {table.timed} timed), "
-                     f"remainder {c0:.2f} ms + {c1:.2f} ms x elementwise fraction, fit errors {errors}; selected "
+                     f"fit {scale:.2f} x table + {c0:.2f} ms + {c1:.2f} ms x elementwise fraction, fit errors {errors}; selected "
                      f"{alive.moves} moves, predicted {alive.predicted_ms:.1f} ms, {time.time() - t0:.0f} s")
         plain = onestep_prune(student, targets, list(alive), ctx.example)
         kept = {g.root: int(a.sum()) for g, a in zip(targets.groups, alive)}
