@@ -6,6 +6,7 @@
     ganslim compress --strategy ofa --target-macs 0.1 --out runs/ofa    # also writes runs/ofa/supernet.safetensors
     ganslim search runs/ofa/supernet.safetensors --target-macs 0.2 0.1 0.05 --out runs/search
     ganslim export CKPT.safetensors --format onnx-int8 --out student.int8.onnx
+    ganslim profile student.int8.onnx                                    # time per operator: int8 / float / Q-DQ
     ganslim info CKPT.safetensors
 """
 from __future__ import annotations
@@ -235,6 +236,28 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_profile(args) -> int:
+    from . import data
+    from .deployment.profile import profile_ops
+
+    if args.input_shape:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+        example = torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    else:
+        example = data.test_pairs()[0][0]
+    prof = profile_ops(args.onnx, example, threads=args.threads, runs=args.runs)
+    print(f"{args.onnx}: input {tuple(example.shape)}, {prof.threads} onnxruntime threads, {prof.runs} profiled runs")
+    print(prof.table(top=args.top))
+    print(f"left in float: {prof.float_ops() or 'nothing'}")
+    if args.json:
+        write_json({"path": prof.path, "input": list(example.shape), "threads": prof.threads,
+                    "run_ms": prof.run_ms, "by_precision_ms": prof.by_precision(),
+                    "by_op_type": prof.by_op_type(), "float_ops": prof.float_ops(),
+                    "nodes": [n.__dict__ for n in prof.nodes]}, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from .deployment.checkpoint import read_metadata
 
@@ -326,6 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--crop", type=int, default=64)
     e.set_defaults(fn=_cmd_export)
+
+    pr = sub.add_parser("profile", help="onnxruntime's operator profile of an ONNX file: what runs int8, what stays float")
+    pr.add_argument("onnx", help=".onnx file (e.g. written by `ganslim export`)")
+    pr.add_argument("--input-shape", help="random input of this shape, e.g. 1,3,256,256 (default: the held-out photo)")
+    pr.add_argument("--threads", type=int)
+    pr.add_argument("--runs", type=int, default=10)
+    pr.add_argument("--top", type=int, help="only the N slowest operator types")
+    pr.add_argument("--json", help="write every node's time here")
+    pr.set_defaults(fn=_cmd_profile)
 
     i = sub.add_parser("info", help="print a checkpoint's metadata")
     i.add_argument("checkpoint")

@@ -206,7 +206,9 @@ def test_int8_upsampling_runs_as_qlinearconv_and_pads_on_uint8(tmp_path):
     assert "ConvTranspose" not in ops and ops.get("QLinearConv", 0) == 3  # middle conv, strided conv, upsampling
     g = onnx.load(str(p8)).graph
     producer = {o: n.op_type for n in g.node for o in n.output}
-    pads = [n for n in g.node if n.op_type == "Pad"]
+    s2d_inputs = {n.input[0] for n in g.node if n.op_type == "SpaceToDepth"}
+    # every pad runs on uint8, but the zero pad of the float output conv's space-to-depth form
+    pads = [n for n in g.node if n.op_type == "Pad" and n.output[0] not in s2d_inputs]
     assert pads and all(producer.get(n.input[0]) != "DequantizeLinear" for n in pads)
     plain = OnnxModule(export(m, tmp_path / "plain.onnx", "onnx-int8", rewrites=False, **kw)).op_types()
     assert plain.get("ConvTranspose", 0) == 1 and plain.get("QLinearConv", 0) == 2
@@ -222,14 +224,53 @@ def test_thin_output_conv_runs_as_a_strided_conv_with_four_times_the_channels(tm
                       nn.Tanh()).eval()
     x = torch.rand(1, 3, 24, 40) * 2 - 1
     p = export(m, tmp_path / "m.onnx", "onnx", example_inputs=x)
-    convs = [n for n in onnx.load(str(p)).graph.node if n.op_type == "Conv"]
-    strides = [list(next(a.ints for a in n.attribute if a.name == "strides")) for n in convs]
-    assert strides == [[1, 1], [2, 2]]  # the 10 -> 3 conv became stride 2 with 12 output channels
+    nodes = onnx.load(str(p)).graph.node
+    kernels = [list(next(a.ints for a in n.attribute if a.name == "kernel_shape")) for n in nodes if n.op_type == "Conv"]
+    # the 10 -> 3 conv, 7x7, became a stride-2 conv with 12 outputs and an 8x8 kernel, run as a stride-1
+    # 4x4 conv on the space-to-depth of its input (40 channels)
+    assert kernels == [[3, 3], [4, 4]] and [n.op_type for n in nodes].count("SpaceToDepth") == 1
     om = OnnxModule(p)
     for shape in [(1, 3, 24, 40), (2, 3, 17, 9), (1, 3, 33, 64)]:  # dynamic, odd sizes cropped exactly
         xi = torch.rand(shape) * 2 - 1
         with torch.no_grad():
             assert (om(xi) - m(xi)).abs().max() < 1e-5
+    # an even kernel (8 + 1 taps per phase: not divisible by the stride) keeps the strided form, exact too
+    even = nn.Sequential(nn.Conv2d(3, 10, 3, padding=1), nn.ReLU(), nn.Conv2d(10, 3, 4, padding=(1, 2)), nn.Tanh()).eval()
+    pe = export(even, tmp_path / "even.onnx", "onnx", example_inputs=x)
+    ne = onnx.load(str(pe)).graph.node
+    assert "SpaceToDepth" not in [n.op_type for n in ne]
+    assert [list(next(a.ints for a in n.attribute if a.name == "strides")) for n in ne if n.op_type == "Conv"] \
+        == [[1, 1], [2, 2]]
+    for shape in [(1, 3, 24, 40), (2, 3, 17, 9)]:
+        xi = torch.rand(shape) * 2 - 1
+        with torch.no_grad():
+            assert (OnnxModule(pe)(xi) - even(xi)).abs().max() < 1e-5
     plain = onnx.load(str(export(m, tmp_path / "plain.onnx", "onnx", example_inputs=x, rewrites=False))).graph.node
     assert [list(next(a.ints for a in n.attribute if a.name == "strides")) for n in plain if n.op_type == "Conv"] \
         == [[1, 1], [1, 1]]
+
+
+def test_int8_weights_use_seven_bits_where_the_cpu_would_saturate(net, loader, x, tmp_path):
+    """x86 without VNNI sums pairs of uint8 x int8 products in int16: full-range weights saturate there
+    (a QAT student fell to 18 dB from its float self on an AVX2 EPYC). export picks 7-bit weights on
+    such a CPU, or as asked."""
+    import onnx
+    from onnx import numpy_helper
+
+    from ganslim.deployment.deploy import int8_saturates
+
+    def widest_weight(path):
+        g = onnx.load(str(path)).graph
+        return max(int(abs(numpy_helper.to_array(i).astype(int)).max()) for i in g.initializer
+                   if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4)
+
+    full = export(net, tmp_path / "full.onnx", "onnx-int8", example_inputs=x, calib_loader=loader, reduce_range=False)
+    seven = export(net, tmp_path / "seven.onnx", "onnx-int8", example_inputs=x, calib_loader=loader, reduce_range=True)
+    assert widest_weight(full) == 127 and widest_weight(seven) <= 64
+    auto = export(net, tmp_path / "auto.onnx", "onnx-int8", example_inputs=x, calib_loader=loader)
+    assert (widest_weight(auto) <= 64) == int8_saturates()
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if "avx2" in flags and "vnni" not in flags:
+        assert int8_saturates()
+    with torch.no_grad():  # the 7-bit file stays close to the float model on every CPU
+        assert measure.psnr(OnnxModule(seven)(x), net(x)) > 25

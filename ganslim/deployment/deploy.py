@@ -31,7 +31,7 @@ from .._extras import require
 from .._utils import as_input_tuple
 from ..core.train import first_output, input_batches, split_batch
 
-__all__ = ["export", "OnnxModule", "FORMATS", "ExportError"]
+__all__ = ["export", "OnnxModule", "FORMATS", "ExportError", "int8_saturates"]
 
 FORMATS = ("onnx", "onnx-int8")
 
@@ -263,7 +263,7 @@ def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: 
 
 def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple], names: Sequence[str],
                      act_calib: str = "percentile", act_percentile: float = 99.9, keep_first: bool = False,
-                     keep_last: bool = False, integer_pads: bool = True) -> None:
+                     keep_last: bool = False, integer_pads: bool = True, reduce_range: bool = False) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -280,7 +280,8 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
         extra["CalibPercentile"] = float(act_percentile)
     with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints calibration chatter
         quantize_static(str(src), str(out), _CalibReader(batches, names), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.Percentile if act_calib == "percentile" else CalibrationMethod.MinMax,
                         extra_options=extra, nodes_to_exclude=exclude)
     if integer_pads:
@@ -291,6 +292,7 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
         m = onnx.load(str(out))
         done = onnx_rewrite.integer_pads(m)
         thin = onnx_rewrite.space_to_depth_thin_conv(m)  # the float RGB layer of the int8 graph
+        done += onnx_rewrite.shape_of_quantized(m)  # last: the thin conv's crop reads a shape too
         if done or thin:  # `out` still holds the graph as quantized: the reference for the check
             before = OnnxModule(out, threads=1)(*batches[0]) if batches else None
             tmp = out.with_suffix(".rewritten.onnx")
@@ -302,6 +304,25 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
                 tmp.unlink(missing_ok=True)
                 warnings.warn("an exact ONNX rewrite changed the int8 model's output; kept the graph as quantized",
                               stacklevel=3)
+
+
+def int8_saturates() -> bool:
+    """Whether this CPU's int8 convolutions (onnxruntime's u8 x s8 kernels) saturate with 8-bit
+    weights: x86 without VNNI (``avx512_vnni`` / ``avx_vnni`` / AMX). Where the CPU flags cannot
+    be read on x86, True (7-bit weights are safe everywhere); False on ARM (its dot products do
+    not saturate) and other machines."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return True
+    if flags is None:
+        return True
+    return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 def _minify(path: pathlib.Path) -> None:
@@ -337,7 +358,8 @@ def _minify(path: pathlib.Path) -> None:
 def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", example_inputs: Any = None,
            calib_loader: Optional[Iterable] = None, batch_fn: Optional[Callable] = None, calib_batches: int = 8,
            opset: int = 17, verify: bool = True, act_calib: str = "percentile", act_percentile: float = 99.9,
-           keep_first_float: bool = True, keep_last_float: bool = True, rewrites: bool = True) -> pathlib.Path:
+           keep_first_float: bool = True, keep_last_float: bool = True, rewrites: bool = True,
+           reduce_range: Optional[bool] = None) -> pathlib.Path:
     """Write ``model`` to ``path`` for deployment; returns the path.
 
     Args:
@@ -354,13 +376,20 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
             int8 file (a QAT model uses its ``skip_first`` / ``skip_last``).
         rewrites: exact graph rewrites for onnxruntime's CPU kernels (:mod:`ganslim.deployment.onnx_rewrite`):
             a thin output conv (<= 4 channels, e.g. the RGB layer) as a stride-2 conv with 4x the
-            channels + depth-to-space (fp32 and int8); for int8 also each ConvTranspose as its
+            channels, itself run as a stride-1 conv on the space-to-depth of its input, +
+            depth-to-space (fp32 and int8); for int8 also each ConvTranspose as its
             sub-pixel form (stride-1 Conv + depth-to-space), which runs as an integer QLinearConv
             where a ConvTranspose stays float, and the pads between quantized layers on the uint8
             tensors instead of DequantizeLinear -> Pad -> QuantizeLinear. Each is verified in
             onnxruntime against the plain export; ``False`` writes the graph as torch exports it.
         verify: run the written file in onnxruntime and check its output is finite and close to
             the PyTorch model's (float: max |diff| <= 1e-3; int8: PSNR >= 20 dB).
+        reduce_range: int8 weights on 7 bits. x86 CPUs without VNNI multiply uint8 activations by
+            int8 weights in pairs summed into int16 (``vpmaddubsw``), which saturates with full-range
+            weights: a QAT test student measured 18.1 dB to its float self on such a CPU (AMD EPYC,
+            AVX2) and passed with 7-bit weights. ``None`` (default): 7 bits when the exporting CPU is x86
+            without VNNI (:func:`int8_saturates`), 8 bits elsewhere. A file exported on a VNNI
+            machine with 8 bits saturates when run on a CPU without it.
     """
     from . import quantization as Q
 
@@ -422,7 +451,8 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
                                  act_percentile=qcfg.act_percentile if qcfg else act_percentile,
                                  keep_first=qcfg.skip_first if qcfg else keep_first_float,
                                  keep_last=qcfg.skip_last if qcfg else keep_last_float,
-                                 integer_pads=rewrites)
+                                 integer_pads=rewrites,
+                                 reduce_range=int8_saturates() if reduce_range is None else bool(reduce_range))
             _minify(result)
             if verify:
                 om = OnnxModule(result, threads=1)

@@ -22,12 +22,19 @@ output channels in blocks of 8/16 (NCHWc), so 3 channels waste most of the work,
 model this float layer becomes its largest single cost. The same conv is exactly a stride-2 conv
 with ``4*C_out`` output channels and a kernel one tap larger (each output phase ``(r_h, r_w)`` gets
 the original kernel shifted by ``(r_h, r_w)``) followed by depth-to-space and a crop to the original
-size: about 1.3x the multiply-adds in a shape the kernels fill.
+size: about 1.3x the multiply-adds in a shape the kernels fill. That strided conv in turn runs as a
+stride-1 conv on the space-to-depth of its (zero-padded) input, ``4*C_in`` channels and a kernel half
+the size, the same multiply-adds: its 10 or 20 input channels no longer leave the kernels' input
+blocks of 8 or 16 partly empty.
 
 ``integer_pads`` (QDQ graph, after quantization): onnxruntime keeps ``DequantizeLinear -> Pad ->
 QuantizeLinear`` (the reflection pads in front of every residual-block conv) as three float passes
 over the feature map; a pad only copies values, so the same Pad on the uint8 tensor (constant pads
 filled with the zero point, i.e. the quantized 0) gives bit-identical results in one integer pass.
+
+``shape_of_quantized`` (QDQ graph, after quantization): a ``Shape`` of a dequantized tensor (the
+exporter's GroupNorm reads its input's shape to reshape back) keeps a whole ``DequantizeLinear`` pass
+over the feature map alive only for its shape; ``Shape`` of the integer tensor is the same.
 """
 from __future__ import annotations
 
@@ -36,7 +43,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["subpixel_conv_transpose", "integer_pads", "axis_plan", "subpixel_weight", "space_to_depth_thin_conv"]
+__all__ = ["subpixel_conv_transpose", "integer_pads", "axis_plan", "subpixel_weight", "space_to_depth_thin_conv",
+           "shape_of_quantized"]
 
 
 def axis_plan(k: int, s: int, p: int, op: int) -> tuple[int, int, int, int, list[list[tuple[int, int]]]]:
@@ -312,9 +320,13 @@ def _thin_conv_nodes(model, node, inits, consumers, outputs, max_out_channels: i
         ins.append(b_name)
     final = act.output[0] if act is not None else node.output[0]
     conv_out = _unique(model, f"{base}_s2d")
-    # trailing zero pad of s-1 so every phase has ceil(H_out / s) rows; the crop removes the extra
-    new.append(helper.make_node("Conv", ins, [conv_out], name=f"{base}_s2d_conv", kernel_shape=kn,
-                                strides=[s, s], pads=[pads[0], pads[1], pads[2] + s - 1, pads[3] + s - 1]))
+    if kn[0] % s or kn[1] % s:
+        # trailing zero pad of s-1 so every phase has ceil(H_out / s) rows; the crop removes the extra
+        new.append(helper.make_node("Conv", ins, [conv_out], name=f"{base}_s2d_conv", kernel_shape=kn,
+                                    strides=[s, s], pads=[pads[0], pads[1], pads[2] + s - 1, pads[3] + s - 1]))
+    else:
+        new += _input_space_to_depth_conv(model, node.input[0], ins[1:], conv_out, c_out * s * s, c_in, kn, pads, s,
+                                          f"{base}_s2d")
     if act is not None:
         moved_act = copy.deepcopy(act)
         moved_act.input[0] = conv_out
@@ -330,6 +342,49 @@ def _thin_conv_nodes(model, node, inits, consumers, outputs, max_out_channels: i
             helper.make_node("Slice", [d2s, const("s2d_zero", [0, 0]), ends, const("s2d_axes", [2, 3])],
                              [final], name=f"{base}_s2d_crop")]
     return new, [act] if act is not None else []
+
+
+def _input_space_to_depth_conv(model, x: str, params: list, y: str, c_out: int, c_in: int, kn: list, pads: list,
+                               s: int, base: str) -> list:
+    """The stride-``s`` conv ``y = Conv(x, params, kernel kn, pads + (s-1) at the end)`` as a stride-1
+    conv on ``SpaceToDepth(s)`` of the zero-padded input (``kn`` divisible by ``s``).
+
+    Tap ``(s*a + p, s*b + q)`` of the strided kernel reads input pixel ``(s*(i + a) + p, s*(j + b) + q)``,
+    which is pixel ``(i + a, j + b)`` of channel ``(p*s + q)*C_in + c`` of the space-to-depth input
+    (ONNX's order): the same sums, with ``s*s`` times the input channels and a kernel ``s`` times smaller.
+    onnxruntime's blocked CPU convolution computes input channels 8 or 16 at a time, so the 10 or 20
+    channels of a thin generator's last layer leave blocks partly empty; stride 1 on 4x the channels
+    fills them.
+    The input is padded at the end to a multiple of ``s`` (computed from its shape, so dynamic sizes
+    work); the extra rows only add outputs past the ones the crop after it keeps."""
+    from onnx import helper
+
+    def const(name, v):
+        return _int_const(model, f"{base}_{name}", v)
+
+    t = [_unique(model, f"{base}_i2d_{i}") for i in range(10)]
+    k2 = [kn[0] // s, kn[1] // s]
+    w, rest = params[0], params[1:]
+    nodes = [
+        # weight (C_out, C_in, kn, kn) -> (C_out, s*s*C_in, kn/s, kn/s) in SpaceToDepth's channel order
+        helper.make_node("Reshape", [w, const("w6", [c_out, c_in, k2[0], s, k2[1], s])], [t[0]]),
+        helper.make_node("Transpose", [t[0]], [t[1]], perm=[0, 3, 5, 1, 2, 4]),
+        helper.make_node("Reshape", [t[1], const("w4", [c_out, s * s * c_in, k2[0], k2[1]])], [t[2]]),
+        # end pads: the strided form's (pads + s - 1), rounded up so the padded size divides by s
+        helper.make_node("Shape", [x], [t[3]]),
+        helper.make_node("Slice", [t[3], const("st", [2]), const("en", [4])], [t[4]]),
+        helper.make_node("Add", [t[4], const("tot", [pads[0] + pads[2] + s - 1, pads[1] + pads[3] + s - 1])], [t[5]]),
+        helper.make_node("Neg", [t[5]], [t[6]]),
+        helper.make_node("Mod", [t[6], const("s", [s, s])], [t[7]]),
+        helper.make_node("Add", [t[7], const("end", [pads[2] + s - 1, pads[3] + s - 1])], [t[8]]),
+        helper.make_node("Concat", [const("begin", [0, 0, pads[0], pads[1], 0, 0]), t[8]], [t[9]], axis=0),
+    ]
+    padded, s2d = _unique(model, f"{base}_i2d_pad"), _unique(model, f"{base}_i2d_s2d")
+    nodes += [helper.make_node("Pad", [x, t[9]], [padded], mode="constant"),
+              helper.make_node("SpaceToDepth", [padded], [s2d], blocksize=s),
+              helper.make_node("Conv", [s2d, t[2], *rest], [y], name=f"{base}_conv", kernel_shape=k2,
+                               strides=[1, 1], pads=[0, 0, 0, 0])]
+    return nodes
 
 
 def _depth_to_space(model, x: str, y: str, s: int, c: int, base: str) -> list:
@@ -419,3 +474,28 @@ def integer_pads(model) -> int:
         del g.node[:]
         g.node.extend(keep)
     return count
+
+
+def shape_of_quantized(model) -> int:
+    """Point every ``Shape`` whose input comes from a ``DequantizeLinear`` at the integer tensor (in
+    place) and drop the ``DequantizeLinear`` when nothing else reads it; returns how many. Exact: the
+    shape of a tensor does not change when it is dequantized."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    graph_outputs = {o.name for o in g.output}
+    count = 0
+    for n in g.node:
+        if n.op_type != "Shape":
+            continue
+        dq = producer.get(n.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        n.input[0] = dq.input[0]
+        count += 1
+    if count:
+        used = {i for n in g.node for i in n.input} | graph_outputs
+        keep = [n for n in g.node if not (n.op_type == "DequantizeLinear" and n.output[0] not in used)]
+        del g.node[:]
+        g.node.extend(keep)
+    return count
+

@@ -43,7 +43,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
 from . import resnet  # noqa: E402,F401
 from .resnet import ResnetBlock, ResnetGenerator  # noqa: E402,F401
 
-for _optional in ("unet", "spade", "cartoongan"):
+for _optional in ("unet", "spade", "cartoongan", "mobile_resnet"):
     try:  # the other architecture files are added independently
         __import__(f"{__name__}.{_optional}")
     except ModuleNotFoundError as _e:  # pragma: no cover - only while a file is absent
