@@ -1,0 +1,148 @@
+"""Which operators of an int8 generator stay in float, and what they cost: onnxruntime's own profile
+of the fp32 and int8 exports, side by side in one run (issue 17, item 4); for the default student
+also both files without ganslim's exact ONNX rewrites (``rewrites=False``), which they are measured against.
+
+    make demo                                      # writes runs/demo/student.safetensors
+    python benchmarks/bench_int8_ops.py            # default student + a GroupNorm / depthwise generator
+    python benchmarks/bench_int8_ops.py --student PATH --no-mobile
+
+Networks (batch 1, the held-out photo 1x3x256x384, onnxruntime CPU):
+
+- the default student (``--student``, the float output of ``make demo``): ResNet with batch norm
+  (folded into the convs by the exporter), transposed convs (sub-pixel rewrite in the int8 file);
+- GAN Compression's mobile ResNet (``ganslim.zoo.mobile_resnet``, ``--mobile-ngf``, default 32) with
+  GroupNorm everywhere (``norm="group"``, ``separable_norm="group"``) and depthwise-separable blocks,
+  and the same network with batch norm, for contrast. They are not trained (no trained GroupNorm
+  generator ships with ganslim): their rows give latency and the operator profile, and PSNR of the
+  int8 file to its own fp32 file only as a check that the export works.
+
+Every file is exported by ``ganslim.export`` (``onnx`` and ``onnx-int8``, calibrated on 8 batches of
+the embedded training crops) and timed in ``--rounds`` interleaved rounds of fresh sessions: the latency
+without the profiler (median of ``--runs`` passes, fastest round) and, in its own session, onnxruntime's
+profile (node times from the fastest profiled round). Printed: the int8 / fp32 latency ratio and, per int8 file, time per operator type classed ``int8`` (integer kernels),
+``convert`` (QuantizeLinear / DequantizeLinear), ``float`` (operators left in float) and ``layout``
+(transposes / reorders). Results: ``benchmarks/results/int8_ops.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ganslim import data, measure  # noqa: E402
+from ganslim.deployment.deploy import OnnxModule, export  # noqa: E402
+from ganslim.deployment.profile import profile_ops  # noqa: E402
+from ganslim.zoo.mobile_resnet import MobileResnetGenerator  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--student", default="runs/demo/student.safetensors")
+    ap.add_argument("--no-mobile", action="store_true", help="skip the mobile ResNet rows")
+    ap.add_argument("--mobile-ngf", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=10, help="profiled runs per session")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", default="benchmarks/results/int8_ops.json")
+    args = ap.parse_args()
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer logs a line per weight axis
+    torch.manual_seed(0)
+    pairs = data.test_pairs()
+    x, gt = pairs[0]
+    calib = data.default_loader(batch_size=4, crop=64, length=32, seed=3)
+    nets: list[tuple[str, torch.nn.Module, bool]] = []  # (name, model, trained)
+    if os.path.exists(args.student):
+        from ganslim.deployment.checkpoint import load
+
+        nets.append(("default student", load(args.student).eval(), True))
+    else:
+        print(f"{args.student} not found (run `make demo`): default student skipped")
+    if not args.no_mobile:
+        for norm in ("group", "batch"):
+            m = MobileResnetGenerator(ngf=args.mobile_ngf, norm=norm, separable_norm=norm).eval()
+            if norm == "batch":  # non-trivial statistics, so the folded affine is not the identity
+                with torch.no_grad():
+                    for mod in m.modules():
+                        if isinstance(mod, torch.nn.BatchNorm2d):
+                            mod.running_var.uniform_(0.5, 2.0)
+                            mod.running_mean.uniform_(-0.1, 0.1)
+            nets.append((f"mobile ResNet ngf {args.mobile_ngf}, {norm} norm", m, False))
+    if not nets:
+        sys.exit("nothing to measure")
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ganslim-int8ops-") as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        files = []
+        for i, (name, model, trained) in enumerate(nets):
+            fp32 = export(model, os.path.join(d, f"{i}.onnx"), "onnx", example_inputs=x)
+            int8 = export(model, os.path.join(d, f"{i}.int8.onnx"), "onnx-int8", example_inputs=x, calib_loader=calib)
+            plain = ()
+            if trained:  # the same two files without ganslim's exact ONNX rewrites: what they are worth
+                plain = (export(model, os.path.join(d, f"{i}.plain.onnx"), "onnx", example_inputs=x, rewrites=False),
+                         export(model, os.path.join(d, f"{i}.plain.int8.onnx"), "onnx-int8", example_inputs=x,
+                                calib_loader=calib, rewrites=False))
+            files.append((name, model, trained, fp32, int8, plain))
+        best: dict[str, object] = {}
+        wall: dict[str, float] = {}  # without the profiler: the latency figure
+        for _ in range(args.rounds):  # interleaved: a session's speed differs from the next one's here
+            for name, _, _, fp32, int8, plain in files:
+                for p in (fp32, int8, *plain):
+                    prof = profile_ops(p, x, threads=args.threads, runs=args.runs)
+                    if str(p) not in best or prof.run_ms < best[str(p)].run_ms:
+                        best[str(p)] = prof
+                    lat = measure.measure_latency(OnnxModule(p, threads=args.threads), (x,), warmup=2,
+                                                  repeats=args.runs)
+                    wall[str(p)] = min(wall.get(str(p), float("inf")), lat.median_ms)
+        for name, model, trained, fp32, int8, plain in files:
+            pf, pq = best[str(fp32)], best[str(int8)]
+            om32, om8 = OnnxModule(fp32, threads=args.threads), OnnxModule(int8, threads=args.threads)
+            f_ms, q_ms = wall[str(fp32)], wall[str(int8)]
+            row = {"network": name, "trained": trained, "fp32_ms": f_ms, "int8_ms": q_ms,
+                   "int8_over_fp32": q_ms / f_ms, "profiled_fp32_ms": pf.run_ms, "profiled_int8_ms": pq.run_ms,
+                   "int8_slowest_nodes": [(n.op_type, n.precision, list(n.output_shape), n.ms)
+                                          for n in sorted(pq.nodes, key=lambda n: -n.ms)[:6]],
+                   "macs": measure.count_macs(model, (x,), "papers"),
+                   "psnr_int8_to_fp32": measure.compare_outputs(om32, om8, [(x,)])["psnr"],
+                   "int8_by_class_ms": pq.by_precision(), "fp32_by_class_ms": pf.by_precision(),
+                   "int8_by_op": pq.by_op_type(), "fp32_by_op": pf.by_op_type(),
+                   "int8_float_ops": pq.float_ops()}
+            if plain:
+                row["no_rewrites_fp32_ms"], row["no_rewrites_int8_ms"] = (wall[str(p)] for p in plain)
+            if trained:
+                row["psnr_gt_fp32"] = measure.fidelity_to_target(om32, [((x,), gt)])["psnr"]
+                row["psnr_gt_int8"] = measure.fidelity_to_target(om8, [((x,), gt)])["psnr"]
+            results.append(row)
+            gtxt = (f"; PSNR to ground truth fp32 {row['psnr_gt_fp32']:.2f} dB, int8 {row['psnr_gt_int8']:.2f} dB"
+                    if trained else "")
+            print(f"\n== {name}: {row['macs'] / 1e9:.2f} GMACs; fp32 {f_ms:.1f} ms, int8 {q_ms:.1f} ms "
+                  f"-> int8 / fp32 {row['int8_over_fp32']:.2f}x; int8 vs fp32 output {row['psnr_int8_to_fp32']:.1f} dB{gtxt}")
+            print("int8 file (profiled: times per operator under onnxruntime's profiler, which adds its own cost):")
+            print(pq.table(top=14))
+            print("slowest int8-file nodes: " + ", ".join(f"{op} {tuple(sh)} {ms:.2f} ms"
+                                                          for op, _, sh, ms in row["int8_slowest_nodes"]))
+            print("fp32 file:")
+            print(pf.table(top=8))
+            print(f"left in float in the int8 file: {row['int8_float_ops'] or 'nothing'}")
+            if plain:
+                print(f"without ganslim's ONNX rewrites (rewrites=False): fp32 {row['no_rewrites_fp32_ms']:.1f} ms "
+                      f"(rewrites: {f_ms / row['no_rewrites_fp32_ms']:.2f}x of it), int8 "
+                      f"{row['no_rewrites_int8_ms']:.1f} ms (rewrites: {q_ms / row['no_rewrites_int8_ms']:.2f}x)")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, onnxruntime threads {args.threads}"
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"machine": machine, "input": list(x.shape), "rounds": args.rounds, "runs": args.runs,
+                   "rows": results}, f, indent=2)
+    print(f"\n{machine}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
