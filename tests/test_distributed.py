@@ -30,10 +30,21 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     # the same function: outputs on fresh inputs agree. (Weights are compared where they matter: a conv
     # bias right before an instance norm has a true gradient of 0, and Adam turns the float noise of
     # either run into full-size steps that change nothing downstream.)
-    assert (a["output"] - b["output"]).abs().max() < 1e-4  # measured 3e-6 (slim), 2e-6 (ofa)
+    # Tolerance relative to the output's scale: max |diff| measured 3e-6 (slim) and 2e-6 (ofa) on one
+    # machine, 2.6e-5 and 6e-4 in two runs of slim on an AVX2 EPYC (gloo's reduction order and the
+    # kernels round differently; Adam amplifies it). Without the all-reduce (one rank alone on its
+    # half of each batch, the control below) the outputs differ by 0.6 to 1.4.
+    scale = float(a["output"].abs().max())
+    diff = float((a["output"] - b["output"]).abs().max())
+    assert diff < 1e-2 * scale, (diff, scale)
     for k, v in a["state"].items():
         if k.endswith(".weight"):
-            assert (v.float() - b["state"][k].float()).abs().max() < 1e-4, k
+            assert (v.float() - b["state"][k].float()).abs().max() < 5e-2 * v.float().abs().max(), k
+    half = tmp_path / "half.pt"
+    r3 = _run([sys.executable, WORKER, str(half), strategy, "half"])
+    assert r3.returncode == 0, r3.stderr[-2000:]
+    control = float((a["output"] - torch.load(half)["output"]).abs().max())
+    assert control > 10 * 1e-2 * scale, control  # the check above can fail: a rank left alone is caught
 
 
 def test_a_global_batch_that_does_not_split_evenly_is_a_clear_error():
