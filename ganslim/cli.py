@@ -178,6 +178,11 @@ def _cmd_search(args) -> int:
     return 0
 
 
+def _random_input(shape: tuple) -> torch.Tensor:
+    """A seeded uniform input in [-1, 1] of ``shape`` (a generator's image range)."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
 def _cmd_bench(args) -> int:
     from . import data
     from .measure.benchmarking import bench, format_table, image_grid, write_outputs
@@ -188,8 +193,7 @@ def _cmd_bench(args) -> int:
         pairs = [((x,), None) for x in data.folder_images(args.images, size=size)]
         where = f"{len(pairs)} image(s) of {args.images} (no ground truth: fidelity is to the teacher)"
     elif shape:
-        x = (torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 1)
-        pairs = [((x,), None)]
+        pairs = [((_random_input(shape),), None)]
         where = f"random input {shape}"
     else:
         pairs = [((x,), y) for x, y in data.test_pairs()]
@@ -241,8 +245,7 @@ def _cmd_profile(args) -> int:
     from .deployment.profile import profile_ops
 
     if args.input_shape:
-        shape = tuple(int(v) for v in args.input_shape.split(","))
-        example = torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        example = _random_input(tuple(int(v) for v in args.input_shape.split(",")))
     else:
         example = data.test_pairs()[0][0]
     prof = profile_ops(args.onnx, example, threads=args.threads, runs=args.runs)

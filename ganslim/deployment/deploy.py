@@ -53,7 +53,7 @@ class OnnxModule(nn.Module):
     (default: ``torch.get_num_threads()``).
     """
 
-    def __init__(self, path: str | os.PathLike, threads: Optional[int] = None):
+    def __init__(self, path: str | os.PathLike, threads: Optional[int] = None, profile_prefix: Optional[str] = None):
         super().__init__()
         ort = _onnx_libs()
         self.path = str(path)
@@ -61,6 +61,9 @@ class OnnxModule(nn.Module):
         so.intra_op_num_threads = int(threads or torch.get_num_threads())
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        if profile_prefix is not None:  # onnxruntime's profiler (ganslim.deployment.profile reads its trace)
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
         try:
             self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
         except Exception as e:
@@ -69,11 +72,14 @@ class OnnxModule(nn.Module):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.threads = so.intra_op_num_threads
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def feed(self, *inputs: torch.Tensor) -> dict:
+        """The session's input dict for ``inputs`` (float32 numpy arrays by input name)."""
         if len(inputs) != len(self.input_names):
             raise ValueError(f"{self.path} takes {len(self.input_names)} input(s), got {len(inputs)}")
-        feed = {n: t.detach().cpu().float().contiguous().numpy() for n, t in zip(self.input_names, inputs)}
-        return torch.from_numpy(self.session.run(None, feed)[0])
+        return {n: t.detach().cpu().float().contiguous().numpy() for n, t in zip(self.input_names, inputs)}
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, self.feed(*inputs))[0])
 
     def op_types(self, optimized: bool = True) -> dict[str, int]:
         """Count of each operator type: in the graph onnxruntime actually runs after its fusions

@@ -23,7 +23,6 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-import torch
 
 from .._utils import as_input_tuple
 
@@ -119,31 +118,16 @@ def profile_ops(path: str | os.PathLike, example_inputs: Any, threads: Optional[
     """
     import time
 
-    from .deploy import ExportError, _onnx_libs
+    from .deploy import OnnxModule
 
-    ort = _onnx_libs()
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such ONNX file")
     inputs = as_input_tuple(example_inputs)
-    threads = int(threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="ganslim-profile-") as d:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(d, "ort")
-        try:
-            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ExportError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        names = [i.name for i in sess.get_inputs()]
-        if len(names) != len(inputs):
-            raise ValueError(f"{path} takes {len(names)} input(s), got {len(inputs)}")
-        feed = {n: t.detach().cpu().float().contiguous().numpy() for n, t in zip(names, inputs)}
+        om = OnnxModule(path, threads=threads, profile_prefix=os.path.join(d, "ort"))
+        sess, feed, threads = om.session, om.feed(*inputs), om.threads
         for _ in range(warmup):
             sess.run(None, feed)
         t0 = time.perf_counter()
