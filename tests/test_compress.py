@@ -281,9 +281,11 @@ def test_latency_target_is_measured_on_this_device(small_teacher, loader):
     from ganslim.core.targeting import find_channel_groups
 
     (x, y), = data.test_pairs()
-    x = x[:, :, :128, :128]
     t = find_channel_groups(copy.deepcopy(small_teacher), x[:, :, :32, :32])
-    # 0.8, not lower: this small network's fixed per-call cost is about 60% of its time at 128x128
+    # The whole 256x384 photo, not a 128x128 crop: at 128x128 this small network's fixed per-call cost
+    # is most of its time, width 0.7 measured slower than width 1.0 on an AVX2 EPYC, and compress once
+    # found the unpruned network under 0.8x the separately timed latency. 0.8, not lower: the
+    # fixed cost still bounds what thin copies save.
     full = measure.measure_latency(small_teacher, x, repeats=5).median_ms
     cal = calibrate_latency(small_teacher, t, x[:, :, :32, :32], x, target_ms=0.8 * full, repeats=5)
     fr = [p[1] for p in cal.points]
@@ -291,7 +293,7 @@ def test_latency_target_is_measured_on_this_device(small_teacher, loader):
     assert cal.macs_fraction is not None and 0.0 < cal.macs_fraction < 1.0
     assert "MACs fraction" in cal.table()
     res = ganslim.compress(small_teacher, small_teacher, loader, strategy="slim", target_latency_ms=0.8 * full,
-                           eval_inputs=[(x, y[:, :, :128, :128])], steps=20, finetune_steps=4, progress=False)
+                           eval_inputs=[(x, y)], steps=20, finetune_steps=4, progress=False)
     rep = res.report
     assert rep.latency_target_ms == pytest.approx(0.8 * full) and rep.latency_calibration
     assert rep.student.macs < rep.teacher.macs and any("latency target" in n for n in rep.notes)
