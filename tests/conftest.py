@@ -27,3 +27,22 @@ def pytest_sessionfinish(session, exitstatus):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def macs_clock(monkeypatch):
+    """A device whose latency follows the MACs exactly: ``measure_latency`` reports 1 ms per 10 M MACs
+    (fvcore's count of what really ran, sliced layers included) plus 0.05 ms per call. Tests of the
+    decisions taken from timings (latency budgets, calibration) run on it, apart from this machine's
+    noise; the real timer is tested in test_measure.py and by the real-timer tests beside them."""
+    from ganslim import measure
+    from ganslim.measure.latency import LatencyStats
+
+    def fake_latency(model, example_inputs, *, warmup=3, repeats=10, threads=None, device=None, max_seconds=None):
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        ms = measure.count_macs(model, inputs, "true") / 1e7 + 0.05
+        return LatencyStats(ms, ms, ms, ms, repeats, threads or torch.get_num_threads(), "cpu",
+                            int(inputs[0].shape[0]), tuple(inputs[0].shape))
+
+    monkeypatch.setattr(measure, "measure_latency", fake_latency)
+    return fake_latency

@@ -276,27 +276,43 @@ def test_batches_with_teacher_outputs_skip_the_teacher_forward(small_teacher):
     assert res.report.student.macs < res.report.teacher.macs
 
 
-def test_latency_target_is_measured_on_this_device(small_teacher, loader):
+def test_latency_calibration_times_really_slimmed_copies_on_this_device(small_teacher):
+    from ganslim.pruning.device_aware import calibrate_latency
+    from ganslim.core.targeting import find_channel_groups
+
+    (x, _), = data.test_pairs()
+    t = find_channel_groups(copy.deepcopy(small_teacher), x[:, :, :32, :32])
+    full = measure.measure_latency(small_teacher, x, repeats=5).median_ms
+    # the real timer: which fraction it picks is this machine's business (test below on a fixed clock)
+    cal = calibrate_latency(small_teacher, t, x[:, :, :32, :32], x, target_ms=0.5 * full, repeats=3)
+    fr = [p[1] for p in cal.points]
+    assert fr == sorted(fr, reverse=True) and fr[0] == 1.0 and len(cal.points) >= 2  # really slimmed copies
+    assert all(ms > 0 for _, _, ms in cal.points) and cal.device == "cpu"
+    assert cal.threads == torch.get_num_threads() and cal.input_shape == tuple(x.shape)
+
+
+def test_latency_target_is_met_on_a_device_whose_time_follows_the_macs(small_teacher, loader, macs_clock):
     from ganslim.pruning.device_aware import calibrate_latency
     from ganslim.core.targeting import find_channel_groups
 
     (x, y), = data.test_pairs()
     t = find_channel_groups(copy.deepcopy(small_teacher), x[:, :, :32, :32])
-    # The whole 256x384 photo, not a 128x128 crop: at 128x128 this small network's fixed per-call cost
-    # is most of its time, width 0.7 measured slower than width 1.0 on an AVX2 EPYC, and compress once
-    # found the unpruned network under 0.8x the separately timed latency. 0.8, not lower: the
-    # fixed cost still bounds what thin copies save.
-    full = measure.measure_latency(small_teacher, x, repeats=5).median_ms
-    cal = calibrate_latency(small_teacher, t, x[:, :, :32, :32], x, target_ms=0.8 * full, repeats=5)
+    full = macs_clock(small_teacher, x).median_ms
+    target = 0.5 * full
+    cal = calibrate_latency(small_teacher, t, x[:, :, :32, :32], x, target_ms=target, repeats=5)
     fr = [p[1] for p in cal.points]
-    assert fr == sorted(fr, reverse=True) and fr[0] == 1.0 and len(cal.points) >= 2  # really slimmed copies
-    assert cal.macs_fraction is not None and 0.0 < cal.macs_fraction < 1.0
+    assert fr == sorted(fr, reverse=True) and fr[0] == 1.0 and cal.points[0][2] == pytest.approx(full)
+    # time = MACs / 1e7 + 0.05 ms: half the time is a little under half the MACs (log-log interpolation
+    # between the two measured points around it)
+    assert 0.35 < cal.macs_fraction < 0.5, cal.table()
     assert "MACs fraction" in cal.table()
-    res = ganslim.compress(small_teacher, small_teacher, loader, strategy="slim", target_latency_ms=0.8 * full,
+    res = ganslim.compress(small_teacher, small_teacher, loader, strategy="slim", target_latency_ms=target,
                            eval_inputs=[(x, y)], steps=20, finetune_steps=4, progress=False)
     rep = res.report
-    assert rep.latency_target_ms == pytest.approx(0.8 * full) and rep.latency_calibration
+    assert rep.latency_target_ms == pytest.approx(target) and rep.latency_calibration
     assert rep.student.macs < rep.teacher.macs and any("latency target" in n for n in rep.notes)
+    # the student meets it on this device (0.99x of the target here; slim meets its MACs target to ~5%)
+    assert rep.student.latency_ms <= target * 1.1, rep.notes
     with pytest.raises(ValueError, match="impossible latency target"):
         ganslim.compress(small_teacher, small_teacher, loader, strategy="slim", target_latency_ms=1e-6, eval_inputs=[(x, None)],
                          steps=2, finetune_steps=0, progress=False)
