@@ -9,8 +9,10 @@ that both choose the same sub-network for every budget.
 SSIM was computed for every candidate whatever the metric, and a candidate's MACs were recounted
 from boolean channel masks each time the search asked (thousands of times while sampling). "now" is
 :class:`ganslim.pruning.search.Evaluator`: the re-estimation forward stops after the last BatchNorm
-call, SSIM only when it is the metric, MACs counted from the widths without masks (the same float)
-and cached; "parallel" adds ``workers`` evaluation processes. Both run
+call (the number of calls per forward counted once, not per candidate), SSIM only when it is the
+metric, MACs counted from the widths without masks (the same float) and cached, images in
+channels-last order (oneDNN skips reordering every activation); "parallel" adds ``workers``
+evaluation processes. Both run
 the same search (3 budgets sharing one evaluator, as ``ganslim search`` and bench_ofa do: BatchNorm
 re-estimated on 4 training batches of 8x3x64x64, fitness on the held-out photo (1, 3, 256, 384)).
 Throughput counts fresh evaluations over the wall time of the search calls (sampling included). Each
@@ -41,6 +43,11 @@ from ganslim.pruning.supernet import SupernetConfig, load_supernet, save_superne
 
 class BeforeEvaluator(Evaluator):
     """The evaluation as it was before the throughput work (same numbers, more work)."""
+
+    def __init__(self, supernet, teacher, eval_pairs, bn_inputs, metric):
+        super().__init__(supernet, teacher, eval_pairs, bn_inputs, metric)
+        self.eval_pairs = [(tuple(i), t) for i, t in eval_pairs]  # the images as given (no channels-last copy)
+        self.bn_inputs = list(bn_inputs)
 
     def macs(self, widths: dict) -> float:  # recounted every time, from boolean masks
         return self.supernet._macs.macs(self.supernet.alive(widths))

@@ -266,6 +266,7 @@ class Supernet(nn.Module):
         base = dict(base_macs) if base_macs is not None else measure.macs_by_module(model, self.example_inputs, "papers")
         self._macs = MacsModel(model, targets, base)
         self._states: dict[str, dict] = {}
+        self._bn_calls: Optional[tuple] = None  # BatchNorm calls per forward (recalibrate_bn's early stop)
         self.last_export_diff: Optional[float] = None
         self._widths: Widths = self.largest()
         self.attach()
@@ -499,32 +500,47 @@ def recalibrate_bn(supernet: Supernet, batches: Iterable[tuple], widths: Optiona
         m.reset_running_stats()
         m.momentum = None
     supernet.model.train()
-    # Only the statistics are wanted: once the forward has made as many BatchNorm calls as the first
-    # batch made, the rest of the network (e.g. the output conv) is skipped. Same statistics, less work.
-    calls = [0]
-    expected: list[int] = []
+    # Only the statistics are wanted: once the forward has made as many BatchNorm calls as a whole
+    # forward makes, the rest of the network (e.g. the output conv) is skipped. Same statistics, less
+    # work. A width never removes a layer, so the count is kept from one sub-network to the next (a
+    # search recalibrates hundreds); should a forward call other BatchNorms than the counted ones,
+    # the count is taken again from whole forwards.
+    cached = getattr(supernet, "_bn_calls", None)  # (calls per forward, ids of the BatchNorms called)
+    expected: list[int] = [cached[0]] if cached else []
+    calls, seen = [0], set()
+    mismatch = False
 
-    def count(*_):
+    def count(mod, *_):
+        seen.add(id(mod))
         calls[0] += 1
         if expected and calls[0] == expected[0]:
             raise _StatisticsDone
 
+    batches = list(batches)
     hooks = [m.register_forward_hook(count) for m in bns]
     try:
         for inputs in batches:
             calls[0] = 0
+            seen.clear()
             try:
                 supernet.model(*inputs)
             except _StatisticsDone:
                 pass
             if not expected:
                 expected.append(calls[0])
+                supernet._bn_calls = (calls[0], frozenset(seen))
+            elif cached and seen != cached[1]:
+                mismatch = True
+                break
     finally:
         for h in hooks:
             h.remove()
         for m, mom in zip(bns, momenta):
             m.momentum = mom
         supernet.model.train(was_training)
+    if mismatch:
+        supernet._bn_calls = None
+        return recalibrate_bn(supernet, batches)
     return len(bns)
 
 
