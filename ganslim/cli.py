@@ -288,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", help="state dict (.pth or .safetensors) for --factory")
     c.add_argument("--images", help="folder of input images (unpaired: targets come from the teacher)")
     c.add_argument("--config", help="JSON file of CompressConfig options (flags given explicitly override it)")
-    c.add_argument("--batch-size", type=int, default=4)
+    # 8, not 4: the demo's batch; on the default teacher onestep at 1/20 after 3000 steps reached
+    # -0.73 dB at batch 8 and -2.81 dB at batch 4 (the students' BatchNorm statistics from 4 crops are noisy)
+    c.add_argument("--batch-size", type=int, default=8, help="crops per training batch (default 8)")
     c.add_argument("--crop", type=int, default=64)
     c.add_argument("--out", default="runs/compress")
     c.add_argument("--no-progress", action="store_true")

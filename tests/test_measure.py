@@ -323,6 +323,40 @@ def test_latency_stats():
     assert capped.repeats == 3 and capped.threads == before
 
 
+class _Sleeper(nn.Module):
+    """A model whose forward takes a known time (sleeps) and records the order of the calls."""
+
+    def __init__(self, ms: float, log: list, name: str):
+        super().__init__()
+        self.ms, self.log, self.name = ms, log, name
+
+    def forward(self, x):
+        import time
+        self.log.append(self.name)
+        time.sleep(self.ms / 1000)
+        return x
+
+
+def test_paired_latency_alternates_the_models_and_takes_ratios_within_rounds():
+    from ganslim.measure import PairedLatency, paired_latency
+
+    log: list = []
+    a, b = _Sleeper(20.0, log, "a"), _Sleeper(60.0, log, "b")
+    a.train()
+    before = torch.get_num_threads()
+    res = paired_latency([a, b], torch.zeros(1, 3, 8, 8), rounds=6, warmup=1, threads=1)
+    assert isinstance(res, PairedLatency) and res.rounds == 6 and res.input_shape == (1, 3, 8, 8)
+    assert a.training and torch.get_num_threads() == before and res.threads == 1
+    assert len(log) == 2 * 7 and log[:4] == ["b", "a", "a", "b"]  # every round runs both, order rotated
+    assert res.ratio[0] == 1.0 and 2.0 < res.ratio[1] < 3.5  # 60 ms / 20 ms of sleep, plus oversleeping
+    assert res.ratio_iqr[1][0] <= res.ratio[1] <= res.ratio_iqr[1][1]
+    assert res.median_ms[0] >= 20.0 and res.median_ms[1] >= 60.0 and "model 1" in str(res)
+    with pytest.raises(ValueError, match="at least two"):
+        paired_latency([a], torch.zeros(1))
+    with pytest.raises(ValueError, match="rounds must be >= 3"):
+        paired_latency([a, b], torch.zeros(1), rounds=2)
+
+
 def test_peak_memory_scales_with_width():
     def net(c):
         torch.manual_seed(0)

@@ -18,7 +18,7 @@ milliseconds per forward pass of the whole batch; PSNR in dB, images in ``[-1, 1
 from __future__ import annotations
 
 from .fidelity import compare_outputs, fidelity_to_target, psnr, psnr_per_image, ssim, ssim_per_image
-from .latency import LatencyStats, measure_latency, throughput
+from .latency import LatencyStats, PairedLatency, measure_latency, paired_latency, throughput
 from .macs import CONVENTIONS, count_macs, macs_by_module
 from .memory import count_params, model_size_mb, peak_memory_mb
 
@@ -31,6 +31,8 @@ __all__ = [
     "peak_memory_mb",
     "LatencyStats",
     "measure_latency",
+    "PairedLatency",
+    "paired_latency",
     "throughput",
     "psnr",
     "psnr_per_image",

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .._utils import as_input_tuple as _as_tuple
 
-__all__ = ["LatencyStats", "measure_latency", "throughput"]
+__all__ = ["LatencyStats", "PairedLatency", "measure_latency", "paired_latency", "throughput"]
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -183,3 +183,88 @@ def measure_latency(
         batch_size=batch_size,
         input_shape=input_shape,
     )
+
+
+@dataclass(frozen=True)
+class PairedLatency:
+    """Latencies of several models timed in alternation, pass by pass (:func:`paired_latency`).
+
+    Attributes:
+        median_ms: per model, the median time of one forward pass (ms).
+        ratio: per model, the median over rounds of its time divided by model 0's time *in the same
+            round* (model 0's entry is 1.0): a ratio from which the machine's slow drifts cancel.
+        ratio_iqr: per model, the 25th and 75th percentiles of those per-round ratios.
+        rounds: timed rounds (each ran every model once).
+        threads, device, input_shape: as in :class:`LatencyStats`.
+    """
+
+    median_ms: Tuple[float, ...]
+    ratio: Tuple[float, ...]
+    ratio_iqr: Tuple[Tuple[float, float], ...]
+    rounds: int
+    threads: int
+    device: str
+    input_shape: Tuple[int, ...]
+
+    def __str__(self) -> str:
+        return "; ".join(f"model {i}: {ms:.2f} ms, {r:.3f}x of model 0 (IQR {lo:.3f}-{hi:.3f})"
+                         for i, (ms, r, (lo, hi)) in enumerate(zip(self.median_ms, self.ratio, self.ratio_iqr)))
+
+
+def paired_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, rounds: int = 30, warmup: int = 3,
+                   threads: Optional[int] = None, device: Union[str, torch.device, None] = None) -> PairedLatency:
+    """Time ``models`` side by side on one input: ``rounds`` rounds, each running every model once, the
+    order rotated from round to round; the ratios are taken within each round, then their median.
+
+    On a shared machine the speed drifts over seconds (other tenants, clocks): timing one model's
+    repeats and then the other's puts that drift into their ratio (the int8 / fp32 ratio of one
+    student measured 0.53 and 0.84 minutes apart). Alternating pass by pass puts both under the same
+    conditions. Models run in ``eval()`` mode under ``torch.inference_mode()`` on ``device`` (default:
+    the first model's), with ``threads`` CPU threads (flags, devices and threads restored after).
+
+    Args:
+        models: two or more networks taking the same inputs (e.g. an fp32 and an int8 ``OnnxModule``).
+        example_inputs: a tensor ``(N, C, H, W)`` or a tuple of tensors.
+        rounds: timed rounds (>= 3); warmup: untimed rounds first.
+    Returns:
+        :class:`PairedLatency` (ms per forward pass of the whole batch; ratios to ``models[0]``).
+    """
+    models = list(models)
+    if len(models) < 2:
+        raise ValueError("paired_latency needs at least two models")
+    if rounds < 3:
+        raise ValueError(f"rounds must be >= 3, got {rounds}")
+    dev = torch.device(device) if device is not None else _model_device(models[0])
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {dev} requested but CUDA is not available")
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in _as_tuple(example_inputs))
+    first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+    n = len(models)
+    times = np.zeros((rounds, n))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_num_threads(threads))
+        for m in models:
+            stack.enter_context(_eval_on(m, dev))
+        stack.enter_context(torch.inference_mode())
+        n_threads = torch.get_num_threads()
+        for r in range(-warmup, rounds):
+            for k in range(n):
+                i = (r + k) % n  # rotated: no model always runs right after the same other one
+                sync()
+                t0 = time.perf_counter()
+                models[i](*inputs)
+                sync()
+                if r >= 0:
+                    times[r, i] = (time.perf_counter() - t0) * 1000.0
+    ratios = times / times[:, :1]
+    return PairedLatency(
+        median_ms=tuple(float(v) for v in np.median(times, axis=0)),
+        ratio=tuple(float(v) for v in np.median(ratios, axis=0)),
+        ratio_iqr=tuple((float(a), float(b)) for a, b in zip(*np.percentile(ratios, [25, 75], axis=0))),
+        rounds=rounds, threads=n_threads, device=str(dev),
+        input_shape=tuple(first.shape) if first is not None else ())
