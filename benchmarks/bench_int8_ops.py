@@ -20,7 +20,7 @@ Every file is exported by ``ganslim.export`` (``onnx`` and ``onnx-int8``, calibr
 the embedded training crops) and timed in ``--rounds`` interleaved rounds of fresh sessions: the latency
 without the profiler (median of ``--runs`` passes, fastest round) and, in its own session, onnxruntime's
 profile (node times from the fastest profiled round); then ``measure.paired_latency`` times the files
-of one network in alternation, pass by pass (``--paired-rounds``), and takes the int8 / fp32 ratio within
+of one network in alternating short turns (``--paired-rounds``), and takes the int8 / fp32 ratio within
 each round: the figure the machine's drift does not move. Printed: the int8 / fp32 latency ratio and, per int8 file, time per operator type classed ``int8`` (integer kernels),
 ``convert`` (QuantizeLinear / DequantizeLinear), ``float`` (operators left in float) and ``layout``
 (transposes / reorders). Results: ``benchmarks/results/int8_ops.json``.
@@ -52,8 +52,8 @@ def main() -> None:
     ap.add_argument("--mobile-ngf", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=10, help="profiled runs per session")
-    ap.add_argument("--paired-rounds", type=int, default=40,
-                    help="rounds of measure.paired_latency (fp32 and int8 pass by pass in alternation)")
+    ap.add_argument("--paired-rounds", type=int, default=20,
+                    help="rounds of measure.paired_latency (fp32 and int8 in alternating turns of 1 untimed + 2 timed passes)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="benchmarks/results/int8_ops.json")
     args = ap.parse_args()
@@ -119,7 +119,7 @@ def main() -> None:
                    "int8_by_class_ms": pq.by_precision(), "fp32_by_class_ms": pf.by_precision(),
                    "int8_by_op": pq.by_op_type(), "fp32_by_op": pf.by_op_type(),
                    "int8_float_ops": pq.float_ops()}
-            # fp32 and int8 (and the files without the rewrites) alternating pass by pass: the ratio
+            # fp32 and int8 (and the files without the rewrites) in alternating short turns: the ratio
             # within each round, then the median; the machine's drift cancels from it
             paired = measure.paired_latency([om32, om8, *(OnnxModule(p, threads=args.threads) for p in plain)], (x,),
                                             rounds=args.paired_rounds)
@@ -137,7 +137,7 @@ def main() -> None:
             print(f"\n== {name}: {row['macs'] / 1e9:.2f} GMACs; fp32 {f_ms:.1f} ms, int8 {q_ms:.1f} ms "
                   f"-> int8 / fp32 {row['int8_over_fp32']:.2f}x; int8 vs fp32 output {row['psnr_int8_to_fp32']:.1f} dB{gtxt}")
             lo, hi = row["paired_ratio_iqr"][1]
-            print(f"paired ({args.paired_rounds} rounds, fp32 and int8 alternating pass by pass): int8 / fp32 "
+            print(f"paired ({args.paired_rounds} rounds of alternating turns): int8 / fp32 "
                   f"{row['paired_int8_over_fp32']:.2f}x (IQR {lo:.2f}-{hi:.2f}; fp32 {row['paired_ms'][0]:.1f} ms, "
                   f"int8 {row['paired_ms'][1]:.1f} ms)")
             if plain:

@@ -9,7 +9,7 @@ student quantized after training (PTQ: onnxruntime ``quantize_static``, the base
 (ModelOpt fake quantization + distillation fine-tune, then the same int8 export). The teacher's own
 fp32 and PTQ int8 rows are given for scale. Printed ratios: int8 latency / fp32 latency, int8 file /
 fp32 file, PSNR-to-ground-truth change vs the fp32 student, and QAT's gain over PTQ; then the fp32
-student, the QAT int8 file and the fp32 teacher timed again in alternation, pass by pass
+student, the QAT int8 file and the fp32 teacher timed again in alternating short turns
 (``measure.paired_latency``): the int8 / fp32 and teacher / int8 ratios the machine's drift does not
 move. Results also go to ``benchmarks/results/quant.json``.
 """
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="benchmarks/results/quant.json")
-    ap.add_argument("--paired-rounds", type=int, default=40, help="rounds of the pass-by-pass paired timing")
+    ap.add_argument("--paired-rounds", type=int, default=20, help="rounds of the paired timing (alternating turns)")
     ap.add_argument("--keep-dir", default="runs/quant", help="where the QAT checkpoint and its int8 ONNX are saved")
     args = ap.parse_args()
     if not os.path.exists(args.student):
@@ -100,7 +100,7 @@ def main() -> None:
     qat_onnx = export(qat, os.path.join(args.keep_dir, "student_qat.int8.onnx"), "onnx-int8", example_inputs=x,
                       calib_loader=loader)
     print(f"saved {qat_ckpt} and {qat_onnx}")
-    # The ratios again, with the three files alternating pass by pass (measure.paired_latency): the rows
+    # The ratios again, the three files in alternating short turns (measure.paired_latency): the rows
     # above time each file on its own, and this machine's speed drifts between them
     student_onnx = export(student, os.path.join(args.keep_dir, "student.onnx"), "onnx", example_inputs=x)
     teacher_onnx = export(teacher, os.path.join(args.keep_dir, "teacher.onnx"), "onnx", example_inputs=x)
@@ -111,7 +111,7 @@ def main() -> None:
     summary["paired_int8_qat_latency_over_fp32"] = paired.ratio[1]
     summary["paired_int8_qat_latency_over_fp32_iqr"] = list(paired.ratio_iqr[1])
     summary["paired_teacher_fp32_over_int8_qat"] = paired.ratio[2] / paired.ratio[1]
-    print(f"paired ({args.paired_rounds} rounds, the files alternating pass by pass): int8 QAT / fp32 student "
+    print(f"paired ({args.paired_rounds} rounds of alternating turns): int8 QAT / fp32 student "
           f"{paired.ratio[1]:.2f}x (IQR {paired.ratio_iqr[1][0]:.2f}-{paired.ratio_iqr[1][1]:.2f}); fp32 teacher / int8 "
           f"QAT student {summary['paired_teacher_fp32_over_int8_qat']:.1f}x ({paired.median_ms[2]:.1f} ms vs "
           f"{paired.median_ms[1]:.1f} ms)")

@@ -158,6 +158,10 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     # MACs and latency at the evaluation input (a whole image) when there is one, else at one training sample
     stat_input = tuple(t[:1].to(device) for t in eval_pairs[0][0]) if eval_pairs else example
     notes = []
+    batch = int(inputs[0].shape[0])
+    if batch < 8 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
+        notes.append(f"batches of {batch}: a BatchNorm student's statistics from so few samples are noisy; use 8 or "
+                     "more (the default teacher at 1/20, onestep, 3000 steps: -2.81 dB at batch 4, -0.73 dB at batch 8)")
     if cfg.strategy == "auto":
         from .strategies import choose_strategy
 

@@ -33,7 +33,8 @@ def test_compress_meets_the_macs_target_and_returns_a_plain_smaller_model(small_
     assert rep.macs_reduction > 3.0
     assert rep.student.params < rep.teacher.params
     assert rep.export_rel_diff <= 1e-4
-    assert rep.target_macs == 0.3 and not rep.notes  # no "far from the target" warning
+    # no "far from the target" warning, and no small-batch one: an instance-norm student has no batch statistics
+    assert rep.target_macs == 0.3 and not rep.notes
     # plain: standard layers, no hooks left anywhere
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in res.model.modules())
     assert all(len(m._forward_hooks) == 0 for m in small_teacher.modules())

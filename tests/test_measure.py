@@ -344,10 +344,11 @@ def test_paired_latency_alternates_the_models_and_takes_ratios_within_rounds():
     a, b = _Sleeper(20.0, log, "a"), _Sleeper(60.0, log, "b")
     a.train()
     before = torch.get_num_threads()
-    res = paired_latency([a, b], torch.zeros(1, 3, 8, 8), rounds=6, warmup=1, threads=1)
-    assert isinstance(res, PairedLatency) and res.rounds == 6 and res.input_shape == (1, 3, 8, 8)
+    res = paired_latency([a, b], torch.zeros(1, 3, 8, 8), rounds=4, passes=2, warmup=1, threads=1)
+    assert isinstance(res, PairedLatency) and res.rounds == 4 and res.input_shape == (1, 3, 8, 8)
     assert a.training and torch.get_num_threads() == before and res.threads == 1
-    assert len(log) == 2 * 7 and log[:4] == ["b", "a", "a", "b"]  # every round runs both, order rotated
+    # every round gives each model a turn of 1 untimed + 2 timed passes, the order rotated
+    assert len(log) == 2 * 3 * 5 and log[:12] == ["b"] * 3 + ["a"] * 6 + ["b"] * 3
     assert res.ratio[0] == 1.0 and 2.0 < res.ratio[1] < 3.5  # 60 ms / 20 ms of sleep, plus oversleeping
     assert res.ratio_iqr[1][0] <= res.ratio[1] <= res.ratio_iqr[1][1]
     assert res.median_ms[0] >= 20.0 and res.median_ms[1] >= 60.0 and "model 1" in str(res)
@@ -355,6 +356,8 @@ def test_paired_latency_alternates_the_models_and_takes_ratios_within_rounds():
         paired_latency([a], torch.zeros(1))
     with pytest.raises(ValueError, match="rounds must be >= 3"):
         paired_latency([a, b], torch.zeros(1), rounds=2)
+    with pytest.raises(ValueError, match="passes must be >= 1"):
+        paired_latency([a, b], torch.zeros(1), passes=0)
 
 
 def test_peak_memory_scales_with_width():

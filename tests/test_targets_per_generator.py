@@ -107,6 +107,11 @@ def test_strategy_meets_target_on_generator(strategy, generator):
     assert abs(ratio / TARGET - 1) <= 0.05, f"{strategy} on {generator}: {ratio:.4f} of the MACs, target {TARGET}"
     single = {root: f"{kept}/{size}" for root, (kept, size) in res.report.widths.items() if kept < 2 <= size}
     assert not single, f"{strategy} on {generator} cut layers to one channel: {single}"
+    # batches under 8 are flagged for BatchNorm students only (instance norm has no batch statistics)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
+    flagged = any(n.startswith(f"batches of {train[0][0].shape[0]}: a BatchNorm")
+                  for n in res.report.notes)
+    assert flagged == has_bn, (generator, res.report.notes)
     with torch.no_grad():
         out = res.model.eval()(example)
         ref = teacher(example)

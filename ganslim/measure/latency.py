@@ -187,7 +187,7 @@ def measure_latency(
 
 @dataclass(frozen=True)
 class PairedLatency:
-    """Latencies of several models timed in alternation, pass by pass (:func:`paired_latency`).
+    """Latencies of several models timed in alternating short turns (:func:`paired_latency`).
 
     Attributes:
         median_ms: per model, the median time of one forward pass (ms).
@@ -211,21 +211,27 @@ class PairedLatency:
                          for i, (ms, r, (lo, hi)) in enumerate(zip(self.median_ms, self.ratio, self.ratio_iqr)))
 
 
-def paired_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, rounds: int = 30, warmup: int = 3,
-                   threads: Optional[int] = None, device: Union[str, torch.device, None] = None) -> PairedLatency:
-    """Time ``models`` side by side on one input: ``rounds`` rounds, each running every model once, the
-    order rotated from round to round; the ratios are taken within each round, then their median.
+def paired_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, rounds: int = 30, passes: int = 2,
+                   warmup: int = 1, threads: Optional[int] = None,
+                   device: Union[str, torch.device, None] = None) -> PairedLatency:
+    """Time ``models`` side by side on one input: ``rounds`` rounds, in each of which every model takes a
+    turn (the order rotated from round to round) of one untimed pass and ``passes`` timed ones; a
+    model's time in a round is the mean of its timed passes, the ratios are taken within each round,
+    then their median.
 
     On a shared machine the speed drifts over seconds (other tenants, clocks): timing one model's
     repeats and then the other's puts that drift into their ratio (the int8 / fp32 ratio of one
-    student measured 0.53 and 0.84 minutes apart). Alternating pass by pass puts both under the same
-    conditions. Models run in ``eval()`` mode under ``torch.inference_mode()`` on ``device`` (default:
-    the first model's), with ``threads`` CPU threads (flags, devices and threads restored after).
+    student measured 0.53 and 0.84 minutes apart). Short alternating turns put both under the same
+    conditions. The untimed pass opening each turn is needed: right after another model, the first
+    pass shares the cores with that model's still-spinning worker threads (onnxruntime, OpenMP); timed
+    pass by pass, a 57 ms student measured 102 ms. Models run in ``eval()`` mode under
+    ``torch.inference_mode()`` on ``device`` (default: the first model's), with ``threads`` CPU
+    threads (flags, devices and threads restored after).
 
     Args:
         models: two or more networks taking the same inputs (e.g. an fp32 and an int8 ``OnnxModule``).
         example_inputs: a tensor ``(N, C, H, W)`` or a tuple of tensors.
-        rounds: timed rounds (>= 3); warmup: untimed rounds first.
+        rounds: timed rounds (>= 3); passes: timed passes per turn (>= 1); warmup: untimed rounds first.
     Returns:
         :class:`PairedLatency` (ms per forward pass of the whole batch; ratios to ``models[0]``).
     """
@@ -234,6 +240,8 @@ def paired_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, round
         raise ValueError("paired_latency needs at least two models")
     if rounds < 3:
         raise ValueError(f"rounds must be >= 3, got {rounds}")
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
     dev = torch.device(device) if device is not None else _model_device(models[0])
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {dev} requested but CUDA is not available")
@@ -255,12 +263,16 @@ def paired_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, round
         for r in range(-warmup, rounds):
             for k in range(n):
                 i = (r + k) % n  # rotated: no model always runs right after the same other one
+                models[i](*inputs)  # the turn's untimed pass: the previous model's threads wind down
                 sync()
-                t0 = time.perf_counter()
-                models[i](*inputs)
-                sync()
+                total = 0.0
+                for _ in range(passes):
+                    t0 = time.perf_counter()
+                    models[i](*inputs)
+                    sync()
+                    total += time.perf_counter() - t0
                 if r >= 0:
-                    times[r, i] = (time.perf_counter() - t0) * 1000.0
+                    times[r, i] = total * 1000.0 / passes
     ratios = times / times[:, :1]
     return PairedLatency(
         median_ms=tuple(float(v) for v in np.median(times, axis=0)),
