@@ -13,7 +13,6 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import ganslim
 from ganslim import data, measure
