@@ -202,7 +202,7 @@ def _cmd_bench(args) -> int:
     models = [args.teacher] + list(args.checkpoints)
     rows = bench(models, eval_pairs=pairs, repeats=args.repeats, threads=args.threads, runtimes=runtimes,
                  factory=args.factory, fid_features=args.fid_features, lpips_net=args.lpips, device=args.device,
-                 progress=not args.quiet)
+                 paired_rounds=args.paired_rounds, progress=not args.quiet)
     first = pairs[0][0][0]
     print(f"{where}; latency at {tuple(first.shape)}, batch {first.shape[0]}, {args.threads or torch.get_num_threads()} "
           f"CPU threads{'' if not args.device else ', device ' + args.device}; (ratios) = teacher / model")
@@ -330,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--input-shape", help="random input of this shape, e.g. 1,3,256,256")
     b.add_argument("--runtimes", default="eager", help="comma list of: eager, compile, onnxruntime, onnxruntime-int8")
     b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--paired-rounds", type=int, default=10,
+                   help="time the models again in alternating turns, this many rounds (the 'paired ms' column and "
+                        "its speed-ups, which the machine's drift does not move); 0: skip")
     b.add_argument("--threads", type=int)
     b.add_argument("--device", help="cpu (default) or cuda for the PyTorch runtimes")
     b.add_argument("--json")

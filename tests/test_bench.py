@@ -55,9 +55,13 @@ def test_every_format_side_by_side_with_ratios_and_per_row_errors(models):
             return x[:, :, ::2, ::2]
 
     rows = bench([p["teacher"], p["student"], p["qat"], p["onnx"], p["pth"], p["junk"], p["broken"], WrongShape()],
-                 eval_pairs=_pairs(), repeats=3, factory=teacher_arch)
+                 eval_pairs=_pairs(), repeats=3, factory=teacher_arch, paired_rounds=3)
     by = {r.name: r for r in rows}
     t, s = by["teacher.safetensors"], by["student.safetensors"]
+    # every measured row timed again in alternating turns; rows that failed are not
+    assert t.speedup_paired == 1.0 and t.latency_paired_ms > 0
+    assert all(r.speedup_paired > 0 and r.latency_paired_ms > 0 for r in rows if r.error is None)
+    assert all(r.speedup_paired is None for r in rows if r.error is not None)
     assert t.error is None and t.macs_x == 1.0 and t.latency_x == 1.0 and t.psnr_to_teacher is None
     assert s.error is None and s.macs_x > 2.5 and s.params_x > 1.0 and s.psnr_to_gt is not None and s.peak_mb > 0
     assert by["student.onnx"].runtime == "onnxruntime"
@@ -73,7 +77,7 @@ def test_every_format_side_by_side_with_ratios_and_per_row_errors(models):
     assert "does not match the teacher" in by["WrongShape#7"].error
     assert t.fid == NOT_COMPUTED
     text = format_table(rows)
-    assert "(1.00x)" in text and "junk.xyz [-]" in text and "not computed" in text
+    assert "(1.00x)" in text and "junk.xyz [-]" in text and "not computed" in text and "paired ms" in text
     assert "| model |" in format_markdown(rows)
 
 
@@ -160,6 +164,6 @@ def test_cli_bench_on_an_image_folder(models, tmp_path, capsys):
     rc = main(["bench", p["teacher"], p["student"], p["junk"], "--images", str(img_dir), "--repeats", "3",
                "--markdown", str(tmp_path / "t.md"), "--quiet"])
     out = capsys.readouterr().out
-    assert rc == 0 and "1 image(s)" in out and "unknown format" in out
+    assert rc == 0 and "1 image(s)" in out and "unknown format" in out and "paired ms" in out  # on by default
     assert (tmp_path / "t.md").exists()
     assert main(["bench", str(tmp_path / "nope.safetensors"), "--quiet"]) == 1  # nothing measurable

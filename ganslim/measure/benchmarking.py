@@ -145,7 +145,7 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
           runtimes: Sequence[str] = ("eager",), factory: Optional[str | Callable] = None,
           calib_loader: Optional[Any] = None, fid_features: Optional[str] = None, lpips_net: Optional[str] = None,
           warmup: int = 2, max_seconds: float = 20.0, device: Optional[str] = None,
-          progress: bool = False) -> list[ModelStats]:
+          paired_rounds: int = 0, progress: bool = False) -> list[ModelStats]:
     """Measure each model on the same inputs; the first one is the teacher (reference).
 
     Args:
@@ -160,6 +160,10 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
             the ground truth, or vs the teacher's outputs without one); ``lpips_net``: a file
             ``(x, y) -> distance per image``. Both ``.pt2`` (torch.export) or TorchScript. Without them the columns say "not computed".
         device: ``"cuda"`` to measure PyTorch runtimes there (inputs and model moved).
+        paired_rounds: when > 0, every measured row is timed again with the others in alternating
+            turns (:func:`ganslim.measure.paired_latency`, this many rounds): ``latency_paired_ms`` and
+            ``speedup_paired`` (the teacher's time / this row's, taken within each round), the speed-ups
+            that the machine's drift between one row's timing and the next does not move.
 
     Returns:
         list of :class:`~ganslim.measure.stats.ModelStats`, teacher first; ``rows[i].error`` says why a row failed.
@@ -186,6 +190,7 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
     rows: list[ModelStats] = []
     teacher_outs: Optional[list[torch.Tensor]] = None
     teacher_row: Optional[ModelStats] = None
+    timed: list[tuple[ModelStats, nn.Module]] = []  # measured rows and their runners, for the paired timing
     with tempfile.TemporaryDirectory(prefix="ganslim-bench-") as tmpdir:
         for i, spec in enumerate(models_or_paths):
             name = _label(spec, i)
@@ -233,8 +238,15 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
                 if teacher_row is not None:
                     row.set_ratios(teacher_row)
                 rows.append(row)
+                if row.error is None and row.latency_ms is not None:
+                    timed.append((row, runner))
                 if progress:
                     print(f"  measured {row.name} [{row.runtime}]" + (f": {row.error}" if row.error else ""), flush=True)
+        if paired_rounds > 0 and len(timed) >= 2 and timed[0][0] is teacher_row:
+            paired = measure.paired_latency([r for _, r in timed], first, rounds=paired_rounds, threads=n_threads,
+                                            device=dev)
+            for (row, _), ms, ratio in zip(timed, paired.median_ms, paired.ratio):
+                row.latency_paired_ms, row.speedup_paired = ms, 1.0 / ratio
     return rows
 
 
@@ -314,7 +326,8 @@ def _measure_row(row: ModelStats, model: nn.Module, runner: nn.Module, rt: str, 
 # (title, ModelStats field, its ratio field, display scale)
 _COLS = [("model", "name", None, 1), ("runtime", "runtime", None, 1), ("MACs G", "macs", "macs_x", 1e9),
          ("params M", "params", "params_x", 1e6), ("size MB", "size_mb", "size_x", 1),
-         ("latency ms", "latency_ms", "latency_x", 1), ("p90 ms", "latency_p90_ms", None, 1), ("img/s", "throughput", None, 1),
+         ("latency ms", "latency_ms", "latency_x", 1), ("p90 ms", "latency_p90_ms", None, 1),
+         ("paired ms", "latency_paired_ms", "speedup_paired", 1), ("img/s", "throughput", None, 1),
          ("peak MB", "peak_mb", "peak_x", 1), ("PSNR-teacher", "psnr_to_teacher", None, 1), ("PSNR-GT", "psnr_to_gt", None, 1),
          ("SSIM-GT", "ssim_to_gt", None, 1), ("FID", "fid", None, 1), ("LPIPS", "lpips", None, 1)]
 

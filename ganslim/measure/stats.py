@@ -31,6 +31,8 @@ class ModelStats:
     size_mb: Optional[float] = None
     latency_ms: Optional[float] = None
     latency_p90_ms: Optional[float] = None
+    latency_paired_ms: Optional[float] = None  # median ms when timed in alternating turns with the other rows
+    speedup_paired: Optional[float] = None  # the reference's time / this one's, taken within each round, median
     throughput: Optional[float] = None
     peak_mb: Optional[float] = None
     psnr_to_teacher: Optional[float] = None
