@@ -36,10 +36,11 @@ def macs_clock(monkeypatch):
     decisions taken from timings (latency budgets, calibration) run on it, apart from this machine's
     noise; the real timer is tested in test_measure.py and by the real-timer tests beside them."""
     from ganslim import measure
+    from ganslim._utils import as_input_tuple
     from ganslim.measure.latency import LatencyStats
 
     def fake_latency(model, example_inputs, *, warmup=3, repeats=10, threads=None, device=None, max_seconds=None):
-        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        inputs = as_input_tuple(example_inputs)
         ms = measure.count_macs(model, inputs, "true") / 1e7 + 0.05
         return LatencyStats(ms, ms, ms, ms, repeats, threads or torch.get_num_threads(), "cpu",
                             int(inputs[0].shape[0]), tuple(inputs[0].shape))

@@ -81,6 +81,24 @@ def _num_threads(threads: Optional[int]):
             torch.set_num_threads(old)
 
 
+def _timing_setup(model: nn.Module, device: Union[str, torch.device, None], example_inputs: Inputs):
+    """``(device, sync, inputs on it, first input's shape)`` for timing ``model``: the device defaults to
+    the model's (a bare ``"cuda"`` becomes the current one); ``sync()`` waits for CUDA work (no-op on CPU)."""
+    dev = torch.device(device) if device is not None else _model_device(model)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {dev} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in _as_tuple(example_inputs))
+    first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+    return dev, sync, inputs, tuple(first.shape) if first is not None else ()
+
+
 @contextlib.contextmanager
 def _eval_on(model: nn.Module, device: torch.device):
     """Model in eval mode on ``device``; original device and training flags restored after."""
@@ -132,20 +150,7 @@ def measure_latency(
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
-    dev = torch.device(device) if device is not None else _model_device(model)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {dev} requested but CUDA is not available")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    is_cuda = dev.type == "cuda"
-
-    def sync() -> None:
-        if is_cuda:
-            torch.cuda.synchronize(dev)
-
-    inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in _as_tuple(example_inputs))
-    first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
-    input_shape = tuple(first.shape) if first is not None else ()
+    dev, sync, inputs, input_shape = _timing_setup(model, device, example_inputs)
     batch_size = int(input_shape[0]) if input_shape else 1
     min_repeats = min(3, repeats)
 
@@ -242,16 +247,7 @@ def paired_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, round
         raise ValueError(f"rounds must be >= 3, got {rounds}")
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
-    dev = torch.device(device) if device is not None else _model_device(models[0])
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {dev} requested but CUDA is not available")
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in _as_tuple(example_inputs))
-    first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+    dev, sync, inputs, input_shape = _timing_setup(models[0], device, example_inputs)
     n = len(models)
     times = np.zeros((rounds, n))
     with contextlib.ExitStack() as stack:
@@ -278,5 +274,4 @@ def paired_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, round
         median_ms=tuple(float(v) for v in np.median(times, axis=0)),
         ratio=tuple(float(v) for v in np.median(ratios, axis=0)),
         ratio_iqr=tuple((float(a), float(b)) for a, b in zip(*np.percentile(ratios, [25, 75], axis=0))),
-        rounds=rounds, threads=n_threads, device=str(dev),
-        input_shape=tuple(first.shape) if first is not None else ())
+        rounds=rounds, threads=n_threads, device=str(dev), input_shape=input_shape)

@@ -122,11 +122,11 @@ class Evaluator:
         if not eval_pairs:
             raise ValueError("search needs at least one evaluation input")
         self.supernet, self.metric = supernet, metric
-        self.eval_pairs = [(as_input_tuple(i), t) for i, t in eval_pairs]
-        self.latency_input = latency_input or self.eval_pairs[0][0]  # timed as the user deploys it
+        pairs = [(as_input_tuple(i), t) for i, t in eval_pairs]
+        self.latency_input = latency_input or pairs[0][0]  # timed as the user deploys it
         # Images in channels-last order: oneDNN's convolutions then skip the reordering of every
         # activation (the 3-channel output conv runs 2x faster); the same numbers up to rounding.
-        self.eval_pairs = [(_channels_last(i), t) for i, t in self.eval_pairs]
+        self.eval_pairs = [(_channels_last(i), t) for i, t in pairs]
         self.bn_inputs = [_channels_last(as_input_tuple(i)) for i in bn_inputs]
         self.latency_repeats, self.threads = latency_repeats, threads
         has_gt = all(t is not None for _, t in self.eval_pairs)
