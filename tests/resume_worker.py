@@ -17,6 +17,8 @@ def main() -> None:
     loader = [(x, torch.tanh(x.flip(1))) for x in (torch.rand(4, 3, 24, 24, generator=g) * 2 - 1 for _ in range(5))]
     res = ganslim.compress(teacher, teacher, loader, strategy="slim", target_macs=0.4, steps=12, finetune_steps=12, progress=False,
                            measure_latency=False, checkpoint_dir=ckpt_dir, checkpoint_every=2,
+                           finetune_average=0.5,  # a 6-step horizon: the resumed run must carry the average
+                           finetune_bn_batches=2,
                            callbacks=[lambda tr, losses: time.sleep(delay)])
     torch.save({"state": res.model.state_dict(), "notes": res.report.notes}, out)
 

@@ -47,6 +47,25 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert control > 10 * 1e-2 * scale, control  # the check above can fail: a rank left alone is caught
 
 
+def test_batchnorm_recalibration_agrees_across_ranks(tmp_path):
+    """Each rank estimates from its own batches; afterwards both hold the average of the two
+    estimates (what each would have found alone), not their own."""
+    worker = os.path.join(HERE, "ddp_bn_worker.py")
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,
+              str(tmp_path / "two")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    alone = []
+    for rank in (0, 1):
+        r = _run([sys.executable, worker, str(tmp_path / "one"), str(rank)])
+        assert r.returncode == 0, r.stderr[-2000:]
+        alone.append(torch.load(tmp_path / f"one.{rank}"))
+    two = [torch.load(tmp_path / f"two.{rank}") for rank in (0, 1)]
+    assert float((alone[0]["var"] - alone[1]["var"]).abs().min()) > 0.5  # the ranks' data differ
+    for key in ("mean", "var"):
+        assert torch.equal(two[0][key], two[1][key])
+        torch.testing.assert_close(two[0][key], (alone[0][key] + alone[1][key]) / 2, rtol=1e-6, atol=1e-6)
+
+
 def test_a_global_batch_that_does_not_split_evenly_is_a_clear_error():
     code = ("import torch, torch.distributed as d; from ganslim import distributed as g; g.init_from_env(); "
             "g.shard(torch.zeros(3, 2))")

@@ -274,6 +274,10 @@ class DistillTrainer:
     def load_state_dict(self, state: dict) -> None:
         import random
 
+        missing = sorted(set(self.modules) - set(state["modules"]))
+        if missing:
+            raise ValueError(f"the checkpoint has no saved {', '.join(missing)} (written with other options or an "
+                             "older ganslim); resume with the options it was written with, or delete it to start afresh")
         self.student.load_state_dict(state["student"])
         self.opt.load_state_dict(state["opt"])
         if self.opt_d is not None and state.get("opt_d") is not None:
@@ -360,10 +364,15 @@ def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int,
              distiller=None, discriminator: Optional[nn.Module] = None, gan_mode: str = "lsgan", device: str = "cpu",
              batch_fn: Optional[BatchFn] = None, progress: bool = True, callbacks: Iterable[Callable] = (),
              desc: str = "ganslim fine-tune", checkpoint: Optional[str] = None, checkpoint_every: int = 200,
-             d_lr: float = 2e-4) -> nn.Module:
+             d_lr: float = 2e-4, average: float = 0.0, bn_batches: int = 0) -> nn.Module:
     """Distillation fine-tune of a plain (already compressed) ``model`` in place: ``steps`` Adam steps
     at ``lr`` with cosine decay (to 5%); ``distiller``'s mapping layers train alongside; a
-    ``discriminator`` trains at its own constant ``d_lr``. Returns ``model`` in eval mode."""
+    ``discriminator`` trains at its own constant ``d_lr``. Returns ``model`` in eval mode.
+
+    How it ends (:mod:`ganslim.core.averaging`): ``average`` > 0 keeps an exponential moving average
+    of the model's state with a horizon of ``average * steps`` steps and loads it at the end;
+    ``bn_batches`` > 0 then re-estimates the BatchNorm statistics from that many batches of
+    ``loader`` (a cumulative average instead of the running one's last ~10 batches)."""
     if steps > 0:
         groups = [{"params": list(model.parameters()), "lr": lr}]
         if distiller is not None:
@@ -374,8 +383,23 @@ def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int,
         tr.schedulers.append(sched)
         if distiller is not None:
             tr.modules["distiller"] = distiller
+        avg = None
+        if average > 0:
+            from .averaging import WeightAverage
+
+            avg = WeightAverage(model, max(1.0, average * steps))
+            tr.after_step.append(lambda _: avg.update())
+            tr.modules["average"] = avg
         tr.run(loader, steps, desc=desc, progress=progress, callbacks=callbacks, checkpoint=checkpoint,
                checkpoint_every=checkpoint_every)
+        if avg is not None:
+            avg.copy_to()
+        if bn_batches > 0:
+            from .averaging import recalibrate_batchnorm
+
+            pre = dist.presharded(loader)
+            batches = [tuple(dist.shard(t, pre) for t in b) for b in input_batches(loader, bn_batches, batch_fn)]
+            recalibrate_batchnorm(model, batches, device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)

@@ -542,18 +542,22 @@ def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: S
                    budgets: Sequence[tuple], out_dir: Optional[str] = None, finetune_steps: int = 0,
                    finetune_lr: float = 2e-3, population: int = 24, generations: int = 8, seed: int = 0,
                    bn_batches: int = 4, progress: bool = True, plot: Optional[str] = None,
-                   batch_fn=None, threads: Optional[int] = None, workers: int = 1) -> BudgetRows:
+                   batch_fn=None, threads: Optional[int] = None, workers: int = 1,
+                   finetune_average: Optional[float] = None) -> BudgetRows:
     """One supernet, several budgets, no retraining: for each ``("macs", fraction)`` or
     ``("latency", ms)`` in ``budgets``: search, re-estimate BatchNorm, export a plain module,
-    optionally fine-tune it (``finetune_steps`` distillation steps), measure it, and save it to
+    optionally fine-tune it (``finetune_steps`` distillation steps, ending with the weight average of
+    ``finetune_average``, default compress's), measure it, and save it to
     ``out_dir/subnet_<budget>.safetensors``. Evaluations are shared between budgets.
     ``plot``: PNG of every evaluated sub-network (MACs vs fitness) with each budget's choice."""
     from ..deployment.checkpoint import save
-    from ..config import LossOptions
+    from ..config import CompressConfig, LossOptions
     from ..core.train import LossWeights, finetune, input_batches
 
     d = LossOptions()  # compress's output losses for the fine-tune
     weights = LossWeights(d.recon_weight, d.gt_weight, 0.0, 0.0, d.mse_weight)
+    if finetune_average is None:
+        finetune_average = CompressConfig().finetune_average
 
     cfg = SearchConfig(population=population, generations=generations, seed=seed, bn_batches=bn_batches, workers=workers)
     bn_inputs = input_batches(loader, bn_batches, batch_fn)
@@ -579,7 +583,7 @@ def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: S
         t1 = time.time()
         if finetune_steps > 0:
             finetune(plain, teacher, loader, finetune_steps, finetune_lr, weights,
-                     batch_fn=batch_fn, progress=progress, desc=f"fine-tune {kind} {value:g}")
+                     batch_fn=batch_fn, progress=progress, desc=f"fine-tune {kind} {value:g}", average=finetune_average)
         ft_s = time.time() - t1
         plain.eval()
         fid_gt = measure.fidelity_to_target(plain, gt_pairs)["psnr"] if gt_pairs else None
