@@ -112,3 +112,26 @@ def test_a_batch_with_another_layout_is_named_in_the_error():
     loader = [(good,), (good,), (torch.rand(2, 1, 16, 16),)]  # a grayscale batch slipped in
     with pytest.raises(ValueError, match=r"failed on the batch at step 2 \(input shape \(2, 1, 16, 16\)\)"):
         ganslim.compress(teacher, teacher, loader, strategy="slim", steps=4, finetune_steps=0, progress=False, measure_latency=False)
+
+
+def test_compress_on_the_embedded_photos_does_not_run_the_teacher_per_step(tiny_teacher, tmp_path, monkeypatch):
+    """The embedded crops carry the teacher's outputs (computed once per whole photo), so training
+    steps skip the teacher's forward: it sees a training crop only for compress's first-batch check."""
+    import ganslim.cli as cli
+
+    calls = []
+    load = cli._load_model
+
+    def counted(*args):
+        teacher = load(*args)
+        teacher.register_forward_hook(lambda m, inp, out: calls.append(tuple(inp[0].shape)))
+        return teacher
+
+    monkeypatch.setattr(cli, "_load_model", counted)
+    rc = main(["compress", "--teacher", tiny_teacher, "--strategy", "uniform", "--target-macs", "0.5",
+               "--finetune-steps", "6", "--crop", "32", "--batch-size", "2", "--out", str(tmp_path / "run"),
+               "--no-progress"])
+    assert rc == 0
+    crops = [s for s in calls if s == (2, 3, 32, 32)]
+    assert len(crops) <= 1, calls
+    assert any(s[0] == 1 and s[2] > 32 for s in calls)  # the whole photos, once each
