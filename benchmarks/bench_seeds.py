@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ganslim import data, measure  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
+from ganslim.core.averaging import WeightAverage, recalibrate_batchnorm  # noqa: E402
 
 
 def _horizon(variant: str) -> float:
@@ -42,43 +43,21 @@ def _horizon(variant: str) -> float:
 
 
 class _EmaTracker:
-    """A compress callback: exponential moving averages of the trained student's state (weights and
-    floating-point buffers) for several horizons; restarts whenever another trainer calls (the last
-    one to call is the fine-tune)."""
+    """A compress callback: :class:`~ganslim.core.averaging.WeightAverage` of the trained student for
+    several horizons at once; restarts whenever another trainer calls (the last one to call is the
+    fine-tune)."""
 
     def __init__(self, horizons, steps):
-        self.decays = {h: 1.0 - 1.0 / max(1.0, h * steps) for h in horizons}
+        self.horizons, self.steps = horizons, steps
         self.trainer, self.avg = None, {}
 
-    @torch.no_grad()
     def __call__(self, trainer, _losses):
-        sd = trainer.student.state_dict()
         if trainer is not self.trainer:
             self.trainer = trainer
-            self.avg = {h: {k: v.detach().clone() for k, v in sd.items()} for h in self.decays}
+            self.avg = {h: WeightAverage(trainer.student, max(1.0, h * self.steps)) for h in self.horizons}
             return
-        for h, d in self.decays.items():
-            for k, v in sd.items():
-                a = self.avg[h][k]
-                if a.is_floating_point():
-                    a.lerp_(v, 1.0 - d)
-                else:
-                    a.copy_(v)
-
-
-@torch.no_grad()
-def _recalibrate_bn(model, loader):
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    moms = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches
-    model.train()
-    for batch in loader:
-        model(batch[0] if isinstance(batch, (list, tuple)) else batch["A"])
-    for m, mom in zip(bns, moms):
-        m.momentum = mom
-    model.eval()
+        for a in self.avg.values():
+            a.update()
 
 
 def _final_variant(model, variant, tracker, recal_loader, pairs) -> float:
@@ -86,9 +65,9 @@ def _final_variant(model, variant, tracker, recal_loader, pairs) -> float:
 
     m = copy.deepcopy(model)
     if variant.startswith("ema:"):
-        m.load_state_dict(tracker.avg[_horizon(variant)])
+        tracker.avg[_horizon(variant)].copy_to(m)
     if variant.endswith("+bn"):
-        _recalibrate_bn(m, recal_loader)
+        recalibrate_batchnorm(m, [(x,) for x, _ in recal_loader])
     return measure.fidelity_to_target(m, pairs)["psnr"]
 
 
