@@ -9,14 +9,15 @@ taking the statistics as a cumulative average over many batches removes both sou
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import contextlib
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from . import distributed as dist
 
-__all__ = ["WeightAverage", "recalibrate_batchnorm"]
+__all__ = ["WeightAverage", "recalibrate_batchnorm", "tracked_batchnorms", "cumulative_batchnorm_statistics"]
 
 
 class WeightAverage:
@@ -71,6 +72,31 @@ class WeightAverage:
         self.updates = int(state["updates"])
 
 
+def tracked_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of ``model`` that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def cumulative_batchnorm_statistics(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Inside: the statistics of every tracked BatchNorm of ``model`` reset and accumulated as a
+    cumulative average (momentum None) by the forwards run there, ``model`` in train mode; yields those
+    BatchNorms. After: their momenta and the model's train/eval flag restored, the statistics kept."""
+    bns = tracked_batchnorms(model)
+    momenta = [m.momentum for m in bns]
+    was_training = model.training
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        yield bns
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]],
                           device: "str | torch.device" = "cpu") -> int:
@@ -80,29 +106,13 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple[torch.Tensor
     each rank estimates from the batches it is given, then the ranks' estimates are averaged, so all
     ranks end with the same statistics. Returns the number of BatchNorm layers re-estimated (0 for a
     network without BatchNorm, e.g. instance norm: nothing runs)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
+    if not tracked_batchnorms(model):
         return 0
     batches = list(batches)
     if not batches:
         raise ValueError("recalibrate_batchnorm got no batches")
-    momenta = [m.momentum for m in bns]
-    was_training = model.training
-    try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-        model.train()
+    with cumulative_batchnorm_statistics(model) as bns:
         for inputs in batches:
             model(*(t.to(device) for t in inputs))
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        model.train(was_training)
-    if dist.is_distributed():
-        for m in bns:
-            for buf in (m.running_mean, m.running_var):
-                flat = buf.to(dist.collective_device(buf.device))
-                torch.distributed.all_reduce(flat)
-                buf.copy_(flat / dist.world_size())
+    dist.average_tensors([buf for m in bns for buf in (m.running_mean, m.running_var)])
     return len(bns)

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-__all__ = ["is_distributed", "rank", "world_size", "is_main", "init_from_env", "shard", "average_gradients",
+__all__ = ["is_distributed", "rank", "world_size", "is_main", "init_from_env", "shard", "average_tensors", "average_gradients",
            "barrier", "broadcast_object", "presharded", "collective_device"]
 
 
@@ -94,27 +94,39 @@ def shard(t: Optional[torch.Tensor], presharded: bool = False) -> Optional[torch
     return t[r * n:(r + 1) * n]
 
 
-def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """All-reduce (mean) the gradients of ``params`` over the ranks, one flat buffer per (device, dtype)
-    (in the order each first appears, the same on every rank), each reduced on the backend's device.
-    A parameter without a gradient on this rank counts as zero (every rank must pass the same list)."""
+def average_tensors(tensors: Iterable[torch.Tensor]) -> None:
+    """All-reduce (mean) ``tensors`` over the ranks, in place, one flat buffer per (device, dtype) (in
+    the order each first appears, the same on every rank), each reduced on the backend's device. Every
+    rank must pass the same list."""
     if not is_distributed():
         return
     buckets: dict[tuple, list] = {}
-    for p in params:
-        if p.requires_grad:
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            buckets.setdefault((g.device, g.dtype), []).append((p, g))
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
     for (device, _), items in buckets.items():
-        flat = torch.cat([g.reshape(-1) for _, g in items]).to(collective_device(device))
+        flat = torch.cat([t.reshape(-1) for t in items]).to(collective_device(device))
         torch.distributed.all_reduce(flat)
         flat /= world_size()
         flat = flat.to(device)
         i = 0
-        for p, g in items:
-            n = g.numel()
-            p.grad = flat[i:i + n].view_as(g).clone()
+        for t in items:
+            n = t.numel()
+            t.copy_(flat[i:i + n].view_as(t))
             i += n
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """All-reduce (mean) the gradients of ``params`` over the ranks (:func:`average_tensors`). A
+    parameter without a gradient on this rank counts as zero (every rank must pass the same list)."""
+    if not is_distributed():
+        return
+    grads = []
+    for p in params:
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    average_tensors(grads)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._utils import as_float64, as_input_tuple, first_output, in_float64, relative_difference
+from ..core.averaging import cumulative_batchnorm_statistics, tracked_batchnorms
 from ..core.gating import MacsModel, prune_channels
 from ..core.targeting import NORM_TYPES, ChannelGroup, Targets, find_channel_groups
 
@@ -489,17 +490,11 @@ def recalibrate_bn(supernet: Supernet, batches: Iterable[tuple], widths: Optiona
     current one) from ``batches`` (tuples of generator inputs): statistics reset, then a cumulative
     average over the batches in train mode, no gradients. Returns the number of BatchNorm layers
     recalibrated (0 for instance-norm networks: nothing to do)."""
-    bns = [m for m in supernet.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = tracked_batchnorms(supernet.model)
     if not bns:
         return 0
     if widths is not None:
         supernet.set_widths(widths)
-    was_training = supernet.model.training
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    supernet.model.train()
     # Only the statistics are wanted: once the forward has made as many BatchNorm calls as a whole
     # forward makes, the rest of the network (e.g. the output conv) is skipped. Same statistics, less
     # work. A width never removes a layer, so the count is kept from one sub-network to the next (a
@@ -517,27 +512,25 @@ def recalibrate_bn(supernet: Supernet, batches: Iterable[tuple], widths: Optiona
             raise _StatisticsDone
 
     batches = list(batches)
-    hooks = [m.register_forward_hook(count) for m in bns]
-    try:
-        for inputs in batches:
-            calls[0] = 0
-            seen.clear()
-            try:
-                supernet.model(*inputs)
-            except _StatisticsDone:
-                pass
-            if not expected:
-                expected.append(calls[0])
-                supernet._bn_calls = (calls[0], frozenset(seen))
-            elif cached and seen != cached[1]:
-                mismatch = True
-                break
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        supernet.model.train(was_training)
+    with cumulative_batchnorm_statistics(supernet.model):
+        hooks = [m.register_forward_hook(count) for m in bns]
+        try:
+            for inputs in batches:
+                calls[0] = 0
+                seen.clear()
+                try:
+                    supernet.model(*inputs)
+                except _StatisticsDone:
+                    pass
+                if not expected:
+                    expected.append(calls[0])
+                    supernet._bn_calls = (calls[0], frozenset(seen))
+                elif cached and seen != cached[1]:
+                    mismatch = True
+                    break
+        finally:
+            for h in hooks:
+                h.remove()
     if mismatch:
         supernet._bn_calls = None
         return recalibrate_bn(supernet, batches)
