@@ -2,8 +2,8 @@
 
 :class:`CompressConfig` holds the options every run uses (budget, schedule, data, run) and one
 section per concern: ``loss`` (:class:`LossOptions`), one per strategy (``slim``, ``ofa``, ``evolve``,
-``uniform``, ``halp``: :class:`SlimOptions`, :class:`OfaOptions`, :class:`EvolveOptions`,
-:class:`UniformOptions`, :class:`HalpOptions`) and ``quantization``
+``uniform``, ``separable``, ``halp``: :class:`SlimOptions`, :class:`OfaOptions`, :class:`EvolveOptions`,
+:class:`UniformOptions`, :class:`SeparableOptions`, :class:`HalpOptions`) and ``quantization``
 (:class:`QuantOptions`). Every section field also has a *flat name*, unique across the whole
 configuration (``gate_lr`` is ``slim.gate_lr``, ``search_population`` is ``ofa.population``,
 ``quant`` is ``quantization.mode``): ``compress(..., gate_lr=1e-2)``, ``CompressConfig(gate_lr=1e-2)``,
@@ -124,6 +124,14 @@ class UniformOptions:
 
 
 @dataclass
+class SeparableOptions:
+    """``strategy="separable"``: depthwise + pointwise factorisation, then the uniform cut."""
+
+    init: str = _opt("teacher", flat="separable_init")  # "teacher": rank-1 SVD of its kernels; "scratch": fresh
+    exclude: Sequence[str] = _opt((), flat="separable_exclude")  # conv name globs never factorised
+
+
+@dataclass
 class HalpOptions:
     """``strategy="halp"``: channels chosen under a latency budget with a per-layer latency table of the device."""
 
@@ -134,7 +142,8 @@ class HalpOptions:
 
 # CompressConfig's sections: attribute name -> options class
 SECTIONS: dict[str, type] = {"loss": LossOptions, "slim": SlimOptions, "ofa": OfaOptions, "evolve": EvolveOptions,
-                             "uniform": UniformOptions, "halp": HalpOptions, "quantization": QuantOptions}
+                             "uniform": UniformOptions, "separable": SeparableOptions, "halp": HalpOptions,
+                             "quantization": QuantOptions}
 _NOT_SERIALIZABLE = ("batch_fn", "eval_inputs")  # top-level objects a JSON file or the CLI cannot carry
 
 
@@ -204,6 +213,7 @@ class CompressConfig:
     ofa: OfaOptions = field(default_factory=OfaOptions)
     evolve: EvolveOptions = field(default_factory=EvolveOptions)
     uniform: UniformOptions = field(default_factory=UniformOptions)
+    separable: SeparableOptions = field(default_factory=SeparableOptions)
     halp: HalpOptions = field(default_factory=HalpOptions)
     quantization: QuantOptions = field(default_factory=QuantOptions)
 
@@ -278,6 +288,8 @@ class CompressConfig:
             raise ValueError(f"quant must be None or 'int8', got {q.mode!r}")
         if self.uniform.init not in ("teacher", "scratch"):
             raise ValueError(f"uniform_init must be 'teacher' or 'scratch', got {self.uniform.init!r}")
+        if self.separable.init not in ("teacher", "scratch"):
+            raise ValueError(f"separable_init must be 'teacher' or 'scratch', got {self.separable.init!r}")
         if self.halp.runtime not in ("onnxruntime", "eager"):
             raise ValueError(f"latency_runtime must be 'onnxruntime' or 'eager', got {self.halp.runtime!r}")
         if self.halp.step < 1:

@@ -93,7 +93,7 @@ def test_the_uniform_peer_is_the_teachers_family_made_narrower():
 
 
 def test_unknown_strategy_names_the_registered_ones():
-    with pytest.raises(ValueError, match="'slim', 'onestep', 'ofa', 'evolve', 'uniform', 'halp', 'auto'"):
+    with pytest.raises(ValueError, match="'slim', 'onestep', 'ofa', 'evolve', 'uniform', 'separable', 'halp', 'auto'"):
         get_strategy("magic")
 
 

@@ -22,7 +22,7 @@ from ganslim.zoo import ResnetGenerator, create_model
 
 from trained import briefly_trained
 
-STRATEGIES = ("slim", "onestep", "ofa", "evolve", "uniform")
+STRATEGIES = ("slim", "onestep", "ofa", "evolve", "uniform", "separable")
 TARGET = 0.2  # of the teacher's MACs
 
 

@@ -261,6 +261,11 @@ def find_channel_groups(
                 if g != 1 and not depthwise:
                     reason = f"grouped conv {mm.name} (groups={g}) couples channels in blocks"
                     break
+        if reason is None and prod_mods and all(getattr(model.get_submodule(pm.name), "groups", 1) > 1
+                                                for pm in prod_mods):
+            # a depthwise conv's channels are its input's: with no plain layer producing them in the
+            # group they are the network input's channels (a depthwise conv on the image), fixed
+            reason = f"depthwise conv {prod_mods[0].name} runs on channels no prunable layer produces (the input's)"
         if reason is None:
             reason = _unknown_channel_layer(model, members, io)
         if reason is None and include is not None and not _matches(name, m, include):

@@ -5,6 +5,8 @@
 * ``ofa`` (:mod:`.ofa`): once-for-all supernet + evolutionary search (GAN Compression);
 * ``evolve`` (:mod:`.evolve`): genetic search over channel masks (Co-Evolutionary Compression);
 * ``uniform`` (:mod:`.uniform`): the trivial peer, the teacher's family uniformly narrower;
+* ``separable`` (:mod:`.separable`): the teacher's convs factorised into depthwise + pointwise pairs
+  (the mobile ResNet of GAN Compression / CAT), then the uniform cut;
 * ``halp`` (:mod:`.halp`): the most importance per millisecond under a latency budget (HALP), from a
   per-layer latency table of the device;
 * ``auto`` (:mod:`.auto`): the measured winner of the head-to-head nearest the target.
@@ -13,7 +15,7 @@ A new strategy: a file with a :class:`Strategy` subclass decorated with :func:`r
 """
 from .base import (AUTO, SearchSummary, StageResult, Strategy, StrategyContext, get_strategy, register_strategy,
                    strategy_names, strategy_table, unregister_strategy)
-from . import slim, onestep, ofa, evolve, uniform, halp  # noqa: E402,F401  (registration, in this order)
+from . import slim, onestep, ofa, evolve, uniform, separable, halp  # noqa: E402,F401  (registration, in this order)
 from .auto import FALLBACK, RESULTS, VARIANTS, choose_strategy, winners_from_rows  # noqa: E402
 
 __all__ = ["AUTO", "SearchSummary", "StageResult", "Strategy", "StrategyContext", "get_strategy", "register_strategy",

@@ -26,6 +26,7 @@ VARIANTS = {
     "evolve": {"strategy": "evolve"},
     "uniform": {"strategy": "uniform"},
     "uniform-scratch": {"strategy": "uniform", "uniform_init": "scratch"},
+    "separable": {"strategy": "separable"},
 }
 
 

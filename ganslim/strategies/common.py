@@ -16,13 +16,14 @@ from ..core.train import LossWeights
 from .base import StrategyContext
 
 
-def resolve_mapping(ctx: StrategyContext, student: Optional[nn.Module] = None) -> dict:
+def resolve_mapping(ctx: StrategyContext, student: Optional[nn.Module] = None, teacher_points: bool = False) -> dict:
     """``{student layer: teacher layer}`` for feature distillation: ``config.distill_layers`` or the
-    automatic points (same names when the student started as a copy of the teacher)."""
+    automatic points (same names when the student started as a copy of the teacher; chosen on the
+    teacher with ``teacher_points``, for students whose layers were replaced under the same names)."""
     cfg, student = ctx.config, student if student is not None else ctx.student
     layers = cfg.loss.distill_layers
     if layers is None:
-        s_pts = auto_distill_points(student, ctx.example, cfg.loss.n_distill_layers)
+        s_pts = auto_distill_points(ctx.teacher if teacher_points else student, ctx.example, cfg.loss.n_distill_layers)
         if ctx.same_arch:
             return {n: n for n in s_pts}
         t_pts = auto_distill_points(ctx.teacher, ctx.example, cfg.loss.n_distill_layers)

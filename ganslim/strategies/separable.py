@@ -1,0 +1,62 @@
+"""``strategy="separable"``: the student of the 40x papers (GAN Compression's and CAT's mobile ResNet)
+made from the teacher itself. Its ``k x k`` convolutions become depthwise + pointwise pairs
+(:mod:`ganslim.pruning.separable`, initialised from the teacher's kernels by per-channel rank-1 SVD),
+those that save the most first and no more than the budget needs; when all of them are factorised
+and the network is still above the budget, every channel group is cut alike to it (the uniform cut);
+then compress's fine-tune."""
+from __future__ import annotations
+
+from .. import measure
+from ..pruning.onestep import onestep_prune
+from ..pruning.separable import convertible_convs, make_separable
+from ..pruning.uniform import reinitialize, uniform_masks
+from .base import StageResult, Strategy, StrategyContext, register_strategy
+from .common import loss_weights, resolve_mapping, targets_and_budget
+
+
+def plan_factorization(ctx: StrategyContext, target_abs: float) -> list[str]:
+    """Names of the convs to factorise: by MACs saved (largest first, measured at the example input),
+    stopping before the one that would take the network below ``target_abs`` (absolute MACs), so the
+    uniform cut that follows lands on the budget; all of them when even that stays above it."""
+    per_module = measure.macs_by_module(ctx.student, ctx.example, "papers")
+    total = float(sum(per_module.values()))
+    plans = convertible_convs(ctx.student, exclude=ctx.options.exclude)
+    savings = sorted(((per_module.get(p.name, 0) * (1 - p.ratio), p.name) for p in plans), reverse=True)
+    chosen = []
+    for saved, name in savings:
+        if total - saved < target_abs:
+            break
+        chosen.append(name)
+        total -= saved
+    return chosen
+
+
+@register_strategy
+class SeparableStrategy(Strategy):
+    name = "separable"
+    paper = "GAN Compression / CAT (mobile ResNet)"
+    summary = ("k x k convs factorised into depthwise + pointwise (rank-1 SVD of the teacher's kernels) "
+               "until the budget, then the uniform cut")
+    options_section = "separable"  # SeparableOptions
+
+    def run(self, ctx: StrategyContext) -> StageResult:
+        cfg, opts = ctx.config, ctx.options
+        if cfg.target_latency_ms is not None:
+            raise ValueError("strategy 'separable' takes a MACs target (target_macs); a latency target is "
+                             "calibrated on the unfactorised network: use strategy='halp' for latency budgets")
+        target_abs = cfg.target_macs * ctx.teacher_macs if cfg.target_macs <= 1 else float(cfg.target_macs)
+        replaced = make_separable(ctx.student, names=plan_factorization(ctx, target_abs), init=opts.init)
+        # the channel groups, MACs model and budget check of the factorised network
+        targets, macs_model, target_abs, _ = targets_and_budget(ctx)
+        alive, ratio = uniform_masks(targets, macs_model, target_abs, multiple=cfg.channel_multiple)
+        plain = onestep_prune(ctx.student, targets, alive, ctx.example)
+        if opts.init == "scratch":
+            reinitialize(plain, seed=cfg.seed)
+        kept = {g.root: int(a.sum()) for g, a in zip(targets.groups, alive)}
+        # distillation points chosen on the teacher: every module the factorisation did not replace
+        # keeps its name, and a replaced conv's name holds its depthwise + pointwise pair
+        mapping = resolve_mapping(ctx, plain, teacher_points=True) if cfg.loss.finetune_distill else {}
+        notes = [f"separable: {len(replaced)} convs factorised into depthwise + pointwise "
+                 f"({opts.init} init), then every channel group cut to {ratio:.3f} of its width"]
+        return StageResult(plain, kept, targets, loss_weights(ctx), mapping=mapping, target_abs=target_abs,
+                           stage_steps=0, notes=notes)
