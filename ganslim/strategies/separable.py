@@ -1,8 +1,8 @@
 """``strategy="separable"``: the student of the 40x papers (GAN Compression's and CAT's mobile ResNet)
 made from the teacher itself. Its ``k x k`` convolutions become depthwise + pointwise pairs
 (:mod:`ganslim.pruning.separable`, initialised from the teacher's kernels by per-channel rank-1 SVD),
-those that save the most first and no more than the budget needs; when all of them are factorised
-and the network is still above the budget, every channel group is cut alike to it (the uniform cut);
+those that save the most first and no more than the budget needs; then every channel group is cut
+alike to the budget (the uniform cut: a little when factorising alone nearly meets it, much at 1/40);
 then compress's fine-tune."""
 from __future__ import annotations
 
