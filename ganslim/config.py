@@ -128,7 +128,7 @@ class SeparableOptions:
     """``strategy="separable"``: depthwise + pointwise factorisation, then the uniform cut."""
 
     init: str = _opt("teacher", flat="separable_init")  # "teacher": rank-1 SVD of its kernels; "scratch": fresh
-    exclude: Sequence[str] = _opt((), flat="separable_exclude")  # conv name globs never factorised
+    exclude: Sequence[Any] = _opt((), flat="separable_exclude")  # conv name globs or types never factorised
 
 
 @dataclass

@@ -88,6 +88,7 @@ def test_what_is_left_alone():
     net = nn.Sequential(nn.Conv2d(1, 16, 7, padding=3), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
     assert [p.name for p in convertible_convs(net)] == ["2"]
     assert convertible_convs(net, exclude=["2"]) == []
+    assert convertible_convs(net, exclude=[nn.Conv2d]) == []  # module types too, as CompressConfig.exclude
     with pytest.raises(ValueError, match="cannot factorise"):
         factorize_conv(nn.Conv2d(8, 8, 1))
 

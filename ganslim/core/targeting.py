@@ -113,7 +113,8 @@ def inplace_disabled(model: nn.Module):
             p.requires_grad_(False)
 
 
-def _matches(name: str, module: nn.Module, patterns: Iterable) -> bool:
+def module_matches(name: str, module: nn.Module, patterns: Iterable) -> bool:
+    """Whether ``name`` matches a glob of ``patterns`` or ``module`` is an instance of a type in it."""
     for p in patterns:
         if isinstance(p, str) and fnmatch.fnmatchcase(name, p):
             return True
@@ -268,9 +269,9 @@ def find_channel_groups(
             reason = f"depthwise conv {prod_mods[0].name} runs on channels no prunable layer produces (the input's)"
         if reason is None:
             reason = _unknown_channel_layer(model, members, io)
-        if reason is None and include is not None and not _matches(name, m, include):
+        if reason is None and include is not None and not module_matches(name, m, include):
             reason = "not matched by include"
-        if reason is None and exclude and any(_matches(p.name, model.get_submodule(p.name), exclude) for p in prod_mods):
+        if reason is None and exclude and any(module_matches(p.name, model.get_submodule(p.name), exclude) for p in prod_mods):
             reason = "excluded by the user"
         if reason is not None:
             for pm in prod_mods or [GroupMember(name, "producer", [], [])]:

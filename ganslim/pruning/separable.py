@@ -24,12 +24,13 @@ initialisation.
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
+
+from ..core.targeting import module_matches
 
 __all__ = ["SEPARABLE_INITS", "Factorization", "separable_cost", "factorize_conv", "convertible_convs",
            "make_separable"]
@@ -125,27 +126,23 @@ def factorize_conv(conv: nn.Module, init: str = "teacher") -> nn.Sequential:
     return nn.Sequential(first, second).train(conv.training)
 
 
-def _matches(name: str, patterns: Sequence) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def convertible_convs(model: nn.Module, exclude: Sequence[str] = ()) -> list[Factorization]:
+def convertible_convs(model: nn.Module, exclude: Sequence[Any] = ()) -> list[Factorization]:
     """Every conv of ``model`` that :func:`make_separable` would factorise (cheaper after it), in
-    module order; ``exclude``: name globs to leave alone."""
+    module order; ``exclude``: name globs or module types to leave alone (as ``CompressConfig.exclude``)."""
     out = []
     for name, m in model.named_modules():
         plan = separable_cost(m, name)
-        if plan is not None and plan.ratio < 1 and not _matches(name, exclude):
+        if plan is not None and plan.ratio < 1 and not module_matches(name, m, exclude):
             out.append(plan)
     return out
 
 
-def make_separable(model: nn.Module, names: Optional[Sequence[str]] = None, exclude: Sequence[str] = (),
+def make_separable(model: nn.Module, names: Optional[Sequence[str]] = None, exclude: Sequence[Any] = (),
                    init: str = "teacher") -> list[str]:
     """Factorise ``model``'s convs in place (:func:`factorize_conv`); returns the names replaced.
 
     ``names``: the convs to factorise (default: all of :func:`convertible_convs`, the ones that get
-    cheaper); ``exclude``: name globs to leave alone. A replaced conv's name now holds an
+    cheaper); ``exclude``: name globs or module types to leave alone. A replaced conv's name now holds an
     ``nn.Sequential(first, second)``, so every other module keeps its name (distillation points,
     include/exclude globs).
     """

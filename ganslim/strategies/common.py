@@ -43,6 +43,12 @@ def loss_weights(ctx: StrategyContext) -> LossWeights:
                        (cfg.loss.adv_weight or 1.0) if ctx.discriminator is not None else 0.0, cfg.loss.mse_weight)
 
 
+def macs_target(ctx: StrategyContext) -> float:
+    """``config.target_macs`` as absolute MACs at the example input (a fraction <= 1 of the teacher's)."""
+    cfg = ctx.config
+    return cfg.target_macs * ctx.teacher_macs if cfg.target_macs <= 1 else float(cfg.target_macs)
+
+
 def budget(ctx: StrategyContext, targets, macs_model: MacsModel):
     """``(absolute MACs budget at the example input, latency calibration or None)`` from the MACs or
     the latency target, checked reachable (one channel per group must fit)."""
@@ -58,7 +64,7 @@ def budget(ctx: StrategyContext, targets, macs_model: MacsModel):
             raise ValueError(f"impossible latency target: {calibration.note}\n{calibration.table()}")
         target_abs = calibration.macs_fraction * macs_model.total
     else:
-        target_abs = cfg.target_macs * ctx.teacher_macs if cfg.target_macs <= 1 else float(cfg.target_macs)
+        target_abs = macs_target(ctx)
     floor = macs_model.macs([torch.nn.functional.one_hot(torch.tensor(0), g.size).bool() for g in targets.groups])
     if target_abs < floor:
         raise ValueError(f"impossible MACs target {target_abs / 1e9:.4g} G: keeping one channel per prunable group "

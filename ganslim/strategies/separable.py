@@ -11,7 +11,7 @@ from ..pruning.onestep import onestep_prune
 from ..pruning.separable import convertible_convs, make_separable
 from ..pruning.uniform import reinitialize, uniform_masks
 from .base import StageResult, Strategy, StrategyContext, register_strategy
-from .common import loss_weights, resolve_mapping, targets_and_budget
+from .common import loss_weights, macs_target, resolve_mapping, targets_and_budget
 
 
 def plan_factorization(ctx: StrategyContext, target_abs: float) -> list[str]:
@@ -44,8 +44,7 @@ class SeparableStrategy(Strategy):
         if cfg.target_latency_ms is not None:
             raise ValueError("strategy 'separable' takes a MACs target (target_macs); a latency target is "
                              "calibrated on the unfactorised network: use strategy='halp' for latency budgets")
-        target_abs = cfg.target_macs * ctx.teacher_macs if cfg.target_macs <= 1 else float(cfg.target_macs)
-        replaced = make_separable(ctx.student, names=plan_factorization(ctx, target_abs), init=opts.init)
+        replaced = make_separable(ctx.student, names=plan_factorization(ctx, macs_target(ctx)), init=opts.init)
         # the channel groups, MACs model and budget check of the factorised network
         targets, macs_model, target_abs, _ = targets_and_budget(ctx)
         alive, ratio = uniform_masks(targets, macs_model, target_abs, multiple=cfg.channel_multiple)
