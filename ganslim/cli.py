@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", help="folder of input images (whole images; no ground truth)")
     b.add_argument("--size", help="resize --images to H,W (default: crop to multiples of 4)")
     b.add_argument("--input-shape", help="random input of this shape, e.g. 1,3,256,256")
-    b.add_argument("--runtimes", default="eager", help="comma list of: eager, compile, onnxruntime, onnxruntime-int8")
+    b.add_argument("--runtimes", default="eager", help="comma list of: eager, eager-channels-last, compile, onnxruntime, onnxruntime-int8")
     b.add_argument("--repeats", type=int, default=10)
     b.add_argument("--paired-rounds", type=int, default=10,
                    help="time the models again in alternating turns, this many rounds (the 'paired ms' column and "

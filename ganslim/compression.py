@@ -202,7 +202,7 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
         finetune(plain, teacher, loader, cfg.finetune_steps, cfg.finetune_lr, weights, ft_distiller, discriminator,
                  cfg.loss.gan_mode, cfg.device, cfg.batch_fn, cfg.progress, callbacks, checkpoint=ctx.checkpoint("finetune.pt"),
                  checkpoint_every=cfg.checkpoint_every, d_lr=cfg.loss.d_lr, average=cfg.finetune_average,
-                 bn_batches=cfg.finetune_bn_batches)
+                 bn_batches=cfg.finetune_bn_batches, memory_format=cfg.memory_format)
         if ft_distiller is not None:
             ft_distiller.remove()
     plain.eval()

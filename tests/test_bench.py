@@ -115,6 +115,16 @@ def test_runtimes_eager_onnxruntime_and_int8(models):
     assert t_fp.psnr_to_teacher > 60 and t_i8.psnr_to_teacher > 25
 
 
+def test_the_eager_channels_last_runtime_runs_the_same_function(models):
+    p, _ = models
+    rows = bench([p["teacher"], p["student"]], eval_pairs=_pairs(), repeats=3, runtimes=("eager", "eager-channels-last"))
+    assert [r.runtime for r in rows] == ["eager", "eager-channels-last"] * 2
+    assert all(r.error is None and r.latency_ms > 0 for r in rows), [r.error for r in rows]
+    assert rows[1].psnr_to_teacher > 60  # the teacher in NHWC against itself in NCHW: summation order only
+    assert rows[3].psnr_to_gt == pytest.approx(rows[2].psnr_to_gt, abs=0.01)
+    assert rows[3].macs == rows[2].macs
+
+
 def test_fid_and_lpips_with_local_exported_networks(models, tmp_path):
     p, _ = models
     feat = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()

@@ -9,8 +9,11 @@ error and the last good weights restored.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -19,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed as dist
+from . import memory_format as layout
 from .._utils import first_output  # noqa: F401 - re-exported: the loop's callers import it from here
 
 BatchFn = Callable[[Any], tuple]
@@ -172,8 +176,11 @@ class DistillTrainer:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, param_groups: list[dict], weights: LossWeights,
                  distiller=None, discriminator: Optional[nn.Module] = None, d_lr: float = 2e-4,
-                 gan_mode: str = "lsgan", device: str = "cpu", batch_fn: Optional[BatchFn] = None):
+                 gan_mode: str = "lsgan", device: str = "cpu", batch_fn: Optional[BatchFn] = None,
+                 memory_format: str = "auto"):
         self.student, self.teacher = student, teacher
+        # channels-last training (ganslim.core.memory_format); decided in run(), after a probe forward
+        self.channels_last = layout.resolve_memory_format(memory_format, device, student)
         self.weights, self.distiller = weights, distiller
         self.device = torch.device(device)
         self.batch_fn = batch_fn
@@ -212,6 +219,8 @@ class DistillTrainer:
         inputs, target = split_batch(batch, self.batch_fn)
         pre = self._presharded
         inputs = tuple(dist.shard(t, pre).to(self.device) for t in inputs)  # this rank's rows (torchrun)
+        if self.channels_last:
+            inputs = layout.to_channels_last(inputs)
         target = dist.shard(target, pre)
         cached = dist.shard(cached_teacher_output(batch), pre)
         if cached is not None and not (self.distiller is not None and self.weights.distill):
@@ -306,18 +315,43 @@ class DistillTrainer:
         modules, random states, and the same data position: the loader is fast-forwarded)."""
         if steps <= 0:
             return
-        from tqdm.auto import tqdm
-
         start = 0
         if checkpoint is not None and os.path.exists(checkpoint):
             self.load_state_dict(load_checkpoint(checkpoint))
             start = self.state.step
-        self.student.train()
-        self.teacher.eval()
         self._presharded = dist.presharded(loader)
         it = cycle(loader)
         for _ in range(start):  # the batches the interrupted run had used
             next(it)
+        if self.channels_last:
+            first = next(it)
+            it = itertools.chain([first], it)
+            self._probe_channels_last(first)
+        with layout.channels_last(*self._trained_modules()) if self.channels_last else contextlib.nullcontext():
+            self._loop(it, start, steps, desc, progress, postfix, callbacks, checkpoint, checkpoint_every)
+
+    def _trained_modules(self) -> list:
+        mods = [self.student, self.teacher, self.discriminator, self.distiller, *self.modules.values()]
+        return [m for m in mods if isinstance(m, nn.Module)]
+
+    def _probe_channels_last(self, batch: Any) -> None:
+        """Train in NCHW after all when the student or the teacher fails on channels-last inputs."""
+        inputs, _ = split_batch(batch, self.batch_fn)
+        inputs = tuple(t.to(self.device) for t in inputs)
+        teacher_runs = cached_teacher_output(batch) is None or (self.distiller is not None and self.weights.distill)
+        for who, net in (("student", self.student), ("teacher", self.teacher))[:2 if teacher_runs else 1]:
+            why = layout.channels_last_failure(net, inputs)
+            if why is not None:
+                self.channels_last = False
+                warnings.warn(f"training in NCHW: the {who} fails on channels-last inputs ({why}); pass "
+                              "memory_format='contiguous' to skip this check", stacklevel=3)
+                return
+
+    def _loop(self, it, start, steps, desc, progress, postfix, callbacks, checkpoint, checkpoint_every) -> None:
+        from tqdm.auto import tqdm
+
+        self.student.train()
+        self.teacher.eval()
         bar = tqdm(range(start, steps), desc=desc, disable=not progress or not dist.is_main(), dynamic_ncols=True,
                    leave=True, mininterval=2.0, initial=start, total=steps)
         for _ in bar:
@@ -364,7 +398,7 @@ def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int,
              distiller=None, discriminator: Optional[nn.Module] = None, gan_mode: str = "lsgan", device: str = "cpu",
              batch_fn: Optional[BatchFn] = None, progress: bool = True, callbacks: Iterable[Callable] = (),
              desc: str = "ganslim fine-tune", checkpoint: Optional[str] = None, checkpoint_every: int = 200,
-             d_lr: float = 2e-4, average: float = 0.0, bn_batches: int = 0) -> nn.Module:
+             d_lr: float = 2e-4, average: float = 0.0, bn_batches: int = 0, memory_format: str = "auto") -> nn.Module:
     """Distillation fine-tune of a plain (already compressed) ``model`` in place: ``steps`` Adam steps
     at ``lr`` with cosine decay (to 5%); ``distiller``'s mapping layers train alongside; a
     ``discriminator`` trains at its own constant ``d_lr``. Returns ``model`` in eval mode.
@@ -372,12 +406,15 @@ def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int,
     How it ends (:mod:`ganslim.core.averaging`): ``average`` > 0 keeps an exponential moving average
     of the model's state with a horizon of ``average * steps`` steps and loads it at the end;
     ``bn_batches`` > 0 then re-estimates the BatchNorm statistics from that many batches of
-    ``loader`` (a cumulative average instead of the running one's last ~10 batches)."""
+    ``loader`` (a cumulative average instead of the running one's last ~10 batches).
+    ``memory_format``: ``"auto"`` (channels-last on CPU for a model with depthwise convs), ``"channels_last"`` or
+    ``"contiguous"`` (:mod:`ganslim.core.memory_format`); the model leaves in the layout it came in."""
     if steps > 0:
         groups = [{"params": list(model.parameters()), "lr": lr}]
         if distiller is not None:
             groups.append({"params": list(distiller.parameters()), "lr": lr})
-        tr = DistillTrainer(model, teacher, groups, weights, distiller, discriminator, d_lr, gan_mode, device, batch_fn)
+        tr = DistillTrainer(model, teacher, groups, weights, distiller, discriminator, d_lr, gan_mode, device, batch_fn,
+                            memory_format=memory_format)
         sched = torch.optim.lr_scheduler.LambdaLR(tr.opt, lambda s: lr_cosine(s, steps))
         tr.after_step.append(lambda _: sched.step())
         tr.schedulers.append(sched)

@@ -11,7 +11,8 @@ otherwise). Every cost column has its ratio to the teacher (``10.2x`` = ten time
 
 Models: ``nn.Module``; ``"default"`` (the default teacher); a ganslim ``.safetensors`` checkpoint
 (also QAT ones); a plain ``torch.save`` state dict or plain safetensors with ``factory=``; an
-``.onnx`` file (run by onnxruntime). Runtimes per PyTorch model: ``eager``, ``compile``
+``.onnx`` file (run by onnxruntime). Runtimes per PyTorch model: ``eager``, ``eager-channels-last``
+(the same module in NHWC tensors, :class:`ganslim.core.memory_format.ChannelsLast`), ``compile``
 (``torch.compile``), ``onnxruntime`` (fp32 export), ``onnxruntime-int8`` (int8 QDQ export; QAT
 models keep their trained weights). A model or runtime that fails is reported in its row with the
 reason; the other rows are still measured.
@@ -35,7 +36,7 @@ from .._utils import as_input_tuple
 
 from .stats import NOT_COMPUTED, ModelStats
 
-RUNTIMES = ("eager", "compile", "onnxruntime", "onnxruntime-int8")
+RUNTIMES = ("eager", "eager-channels-last", "compile", "onnxruntime", "onnxruntime-int8")
 
 
 # one row type for bench and the compress report (BenchRow: its earlier name)
@@ -275,6 +276,10 @@ def _prepare(model: nn.Module, rt: str, spec: Any, first: tuple, calib_loader, e
         return model, src_file
     if rt == "eager":
         return model, src_file
+    if rt == "eager-channels-last":
+        from ..core.memory_format import ChannelsLast
+
+        return ChannelsLast(model).eval(), src_file
     if rt == "compile":
         compiled = torch.compile(copy.deepcopy(model))
         with torch.no_grad():

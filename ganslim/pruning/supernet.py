@@ -17,6 +17,8 @@ groups and their candidate widths; ``ganslim search`` reads it.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import pathlib
 import random
@@ -28,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..core import distributed as dist
+from ..core import memory_format as layout
 from .slicing import SliceConfig, Supernet, make_supernet
 from ..core.train import (LossWeights, NonFiniteLossError, _finite_everywhere, atomic_torch_save, cached_teacher_output, cycle,
                     first_output, lr_cosine, output_losses, split_batch)
@@ -59,13 +62,16 @@ class SupernetConfig:
 
 def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, config: Optional[SupernetConfig] = None,
                    batch_fn: Optional[Callable] = None, device: str = "cpu", progress: bool = True,
-                   checkpoint: Optional[str | os.PathLike] = None, callbacks: Iterable[Callable] = ()) -> dict:
+                   checkpoint: Optional[str | os.PathLike] = None, callbacks: Iterable[Callable] = (),
+                   memory_format: str = "auto") -> dict:
     """Train ``supernet`` in place by distillation from ``teacher`` (sandwich rule, weight sharing).
 
     Args:
         loader: batches as for :func:`ganslim.compress` (``batch_fn`` maps anything else).
         checkpoint: resumable state file; an existing one is resumed (its step, optimizer, RNG).
         callbacks: ``fn(step, losses)`` after each optimizer step.
+        memory_format: ``"auto"`` (channels-last on CPU for a network with depthwise convs),
+            ``"channels_last"`` or ``"contiguous"`` (:mod:`ganslim.core.memory_format`).
     Returns:
         ``{"steps", "seconds", "losses" (last step, summed over sub-networks), "resumed_from"}``.
     """
@@ -98,49 +104,60 @@ def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, con
     it = cycle(loader)
     for _ in range(start):  # same data position as the interrupted run
         next(it)
-    supernet.model.train()
-    t0 = time.time()
-    losses: dict = {}
-    bar = tqdm(range(start, cfg.steps), desc="ganslim supernet", disable=not progress or not dist.is_main(), dynamic_ncols=True,
-               mininterval=2.0, initial=start, total=cfg.steps)
-    for step in bar:
-        batch = next(it)
-        inputs, target = split_batch(batch, batch_fn)
-        inputs = tuple(dist.shard(t, pre).to(dev) for t in inputs)  # this rank's rows under torchrun
-        target = dist.shard(target, pre).to(dev) if target is not None else None
-        t_out = dist.shard(cached_teacher_output(batch), pre)
-        if t_out is None:
-            with torch.no_grad():
-                t_out = first_output(teacher(*inputs))
-        t_out = t_out.to(dev)
-        configs = [supernet.largest(), supernet.smallest()] + [supernet.sample(rng) for _ in range(cfg.random_subnets)]
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        losses = {}
-        for widths in configs:
-            supernet.set_widths(widths)
-            out = output_losses(first_output(supernet.model(*inputs)), t_out, target, weights)
-            loss = sum(out.values())
-            if not _finite_everywhere(loss):
-                raise NonFiniteLossError(f"non-finite supernet loss at step {step} ({float(loss):.4g}); lower the "
-                                         "learning rate or check the inputs for NaN/inf")
-            loss.backward()
-            total += float(loss.detach())
-            for k, v in out.items():
-                losses[k] = losses.get(k, 0.0) + float(v.detach())
-        dist.average_gradients(supernet.model.parameters())
-        opt.step()
-        sched.step()
-        losses["total"] = total
-        for cb in callbacks:
-            cb(step + 1, losses)
-        if progress and step % 5 == 0:
-            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
-        if ckpt is not None and dist.is_main() and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            atomic_torch_save({"model": supernet.model.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "step": step + 1, "python_rng": rng.getstate(),
-                                "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}, ckpt)
-    bar.close()
+    channels_last = layout.resolve_memory_format(memory_format, dev, supernet.model)
+    if channels_last:  # peeked, not drawn from a new iterator: the data order and RNG stay as without it
+        first = next(it)
+        it = itertools.chain([first], it)
+        probe = tuple(t.to(dev) for t in split_batch(first, batch_fn)[0])
+        channels_last = layout.channels_last_failure(supernet.model, probe) is None
+    # the teacher too: the full-width sub-network starts as its copy, and the same kernels keep the L1
+    # to its output at exactly zero there (other kernels would make its subgradient rounding noise)
+    with layout.channels_last(supernet.model, teacher) if channels_last else contextlib.nullcontext():
+        supernet.model.train()
+        t0 = time.time()
+        losses: dict = {}
+        bar = tqdm(range(start, cfg.steps), desc="ganslim supernet", disable=not progress or not dist.is_main(), dynamic_ncols=True,
+                   mininterval=2.0, initial=start, total=cfg.steps)
+        for step in bar:
+            batch = next(it)
+            inputs, target = split_batch(batch, batch_fn)
+            inputs = tuple(dist.shard(t, pre).to(dev) for t in inputs)  # this rank's rows under torchrun
+            if channels_last:
+                inputs = layout.to_channels_last(inputs)
+            target = dist.shard(target, pre).to(dev) if target is not None else None
+            t_out = dist.shard(cached_teacher_output(batch), pre)
+            if t_out is None:
+                with torch.no_grad():
+                    t_out = first_output(teacher(*inputs))
+            t_out = t_out.to(dev)
+            configs = [supernet.largest(), supernet.smallest()] + [supernet.sample(rng) for _ in range(cfg.random_subnets)]
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            losses = {}
+            for widths in configs:
+                supernet.set_widths(widths)
+                out = output_losses(first_output(supernet.model(*inputs)), t_out, target, weights)
+                loss = sum(out.values())
+                if not _finite_everywhere(loss):
+                    raise NonFiniteLossError(f"non-finite supernet loss at step {step} ({float(loss):.4g}); lower the "
+                                             "learning rate or check the inputs for NaN/inf")
+                loss.backward()
+                total += float(loss.detach())
+                for k, v in out.items():
+                    losses[k] = losses.get(k, 0.0) + float(v.detach())
+            dist.average_gradients(supernet.model.parameters())
+            opt.step()
+            sched.step()
+            losses["total"] = total
+            for cb in callbacks:
+                cb(step + 1, losses)
+            if progress and step % 5 == 0:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
+            if ckpt is not None and dist.is_main() and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+                atomic_torch_save({"model": supernet.model.state_dict(), "optimizer": opt.state_dict(),
+                                    "scheduler": sched.state_dict(), "step": step + 1, "python_rng": rng.getstate(),
+                                    "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}, ckpt)
+        bar.close()
     supernet.set_widths(supernet.largest())  # leave the full network active (each step sets its own widths)
     supernet.model.eval()
     return {"steps": cfg.steps, "seconds": time.time() - t0, "losses": losses, "resumed_from": start}
