@@ -166,7 +166,7 @@ class CompressConfig:
     # The default is "uniform" (the teacher's leading channels, every group cut alike, then the
     # distillation fine-tune) because it won at this default target on the default task: +0.42 dB over
     # the teacher at 1/10 after 12800 steps where slim reached -0.26 dB and onestep -0.39 dB
-    # (benchmarks/bench_peer.py); onestep wins at 1/20 ("auto" takes it there).
+    # (benchmarks/bench_peer.py); onestep wins at 1/20, separable at 1/40 ("auto" takes them there).
     strategy: str = "uniform"
     # options of a plug-in strategy's own dataclass (its ``options_class``), by field name
     strategy_options: Optional[Mapping[str, Any]] = None
