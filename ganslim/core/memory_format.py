@@ -40,8 +40,9 @@ def has_depthwise_conv(model: nn.Module) -> bool:
 
 def resolve_memory_format(setting: str, device: str | torch.device = "cpu", model: Optional[nn.Module] = None) -> bool:
     """Whether to train ``model`` in channels-last: ``"channels_last"`` yes, ``"contiguous"`` no,
-    ``"auto"`` yes on CPU for a network with depthwise convs (training steps 1.3-1.8x faster there),
-    no otherwise (plain-conv generators trained within -16% to +10% of NCHW; CUDA not measured)."""
+    ``"auto"`` yes on CPU for a network with depthwise convs (the 1/40 separable student's training
+    steps 1.33x faster, ``benchmarks/bench_layout.py``), no otherwise (plain-conv generators trained
+    within -16% to +10% of NCHW there; CUDA not measured)."""
     if setting not in MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {setting!r}")
     if setting == "auto":
