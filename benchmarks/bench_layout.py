@@ -15,6 +15,7 @@ median step of each layout is reported. Inference: eager, batch 1, no gradients,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -64,7 +65,7 @@ def _train_step_ms(model: torch.nn.Module, inputs: tuple, channels_last: bool, s
     if channels_last:
         inputs = mf.to_channels_last(inputs)
     times = []
-    with mf.channels_last(model) if channels_last else _null():
+    with mf.channels_last(model) if channels_last else contextlib.nullcontext():
         model.train()
         for _ in range(steps + 1):  # the first step of a round warms the caches up
             t0 = time.perf_counter()
@@ -81,21 +82,13 @@ def _eval_ms(model: torch.nn.Module, inputs: tuple, channels_last: bool, repeats
     if channels_last:
         inputs = mf.to_channels_last(inputs)
     times = []
-    with mf.channels_last(model) if channels_last else _null(), torch.no_grad():
+    with mf.channels_last(model) if channels_last else contextlib.nullcontext(), torch.no_grad():
         model.eval()
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
             model(*inputs)
             times.append((time.perf_counter() - t0) * 1e3)
     return times[1:]
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def paired(fn, model, inputs, rounds: int, per_round: int) -> tuple[float, float]:

@@ -279,8 +279,10 @@ class CompressConfig:
             raise ValueError(f"checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
         if self.strategy not in strategy_names():
             raise ValueError(f"unknown strategy {self.strategy!r}; available: {', '.join(map(repr, strategy_names()))}")
-        if self.memory_format not in ("auto", "channels_last", "contiguous"):
-            raise ValueError(f"memory_format must be auto, channels_last or contiguous, got {self.memory_format!r}")
+        from .core.memory_format import MEMORY_FORMATS
+
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}")
         if self.target_latency_ms is not None and not self.target_latency_ms > 0:
             raise ValueError(f"target_latency_ms must be > 0 ms, got {self.target_latency_ms}")
         loss, q = self.loss, self.quantization

@@ -20,13 +20,14 @@ teacher's copy then computes bit-identical outputs, and the L1 to the teacher's 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+import warnings
+from typing import Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
 __all__ = ["MEMORY_FORMATS", "has_depthwise_conv", "resolve_memory_format", "channels_last", "to_channels_last", "channels_last_failure",
-           "ChannelsLast"]
+           "runs_channels_last", "ChannelsLast"]
 
 # "auto": channels-last where it was measured to help (CPU, a network with depthwise convs), NCHW elsewhere
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
@@ -101,6 +102,19 @@ def channels_last_failure(model: nn.Module, inputs: tuple) -> Optional[str]:
     finally:
         model.train(was_training)
     return None
+
+
+def runs_channels_last(nets: Mapping[str, nn.Module], inputs: tuple) -> bool:
+    """Whether every network of ``nets`` (name -> module) runs channels-last ``inputs``
+    (:func:`channels_last_failure`); when one does not, warns naming it and returns False (the
+    caller trains in NCHW)."""
+    for who, net in nets.items():
+        why = channels_last_failure(net, inputs)
+        if why is not None:
+            warnings.warn(f"training in NCHW: the {who} fails on channels-last inputs ({why}); pass "
+                          "memory_format='contiguous' to skip this check", stacklevel=3)
+            return False
+    return True
 
 
 class ChannelsLast(nn.Module):

@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -339,13 +338,8 @@ class DistillTrainer:
         inputs, _ = split_batch(batch, self.batch_fn)
         inputs = tuple(t.to(self.device) for t in inputs)
         teacher_runs = cached_teacher_output(batch) is None or (self.distiller is not None and self.weights.distill)
-        for who, net in (("student", self.student), ("teacher", self.teacher))[:2 if teacher_runs else 1]:
-            why = layout.channels_last_failure(net, inputs)
-            if why is not None:
-                self.channels_last = False
-                warnings.warn(f"training in NCHW: the {who} fails on channels-last inputs ({why}); pass "
-                              "memory_format='contiguous' to skip this check", stacklevel=3)
-                return
+        nets = {"student": self.student, "teacher": self.teacher} if teacher_runs else {"student": self.student}
+        self.channels_last = layout.runs_channels_last(nets, inputs)
 
     def _loop(self, it, start, steps, desc, progress, postfix, callbacks, checkpoint, checkpoint_every) -> None:
         from tqdm.auto import tqdm

@@ -109,7 +109,7 @@ def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, con
         first = next(it)
         it = itertools.chain([first], it)
         probe = tuple(t.to(dev) for t in split_batch(first, batch_fn)[0])
-        channels_last = layout.channels_last_failure(supernet.model, probe) is None
+        channels_last = layout.runs_channels_last({"supernet": supernet.model}, probe)
     # the teacher too: the full-width sub-network starts as its copy, and the same kernels keep the L1
     # to its output at exactly zero there (other kernels would make its subgradient rounding noise)
     with layout.channels_last(supernet.model, teacher) if channels_last else contextlib.nullcontext():
