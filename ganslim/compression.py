@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from .core import distributed as dist
+from .core import budget, distributed as dist
 from . import measure
 from .config import CompressConfig
 from .core.distill import FeatureDistiller
@@ -187,6 +187,13 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     plain, targets, mapping = st.plain, st.targets, st.mapping
     target_abs, calibration, weights = st.target_abs, st.calibration, st.weights
 
+    # the teacher's report first: it does not change, and under a time budget its cost stands for the
+    # student's (a smaller network), which comes after the fine-tune
+    threads = torch.get_num_threads()
+    report_start = time.time()
+    t_stats = model_stats(teacher, stat_input, eval_pairs, None, cfg, threads)
+    report_s = time.time() - report_start
+
     # fine-tune the plain smaller network (cheaper per step than the gated one)
     if cfg.finetune_steps > 0:
         ft_distiller = None
@@ -199,10 +206,24 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
                 teacher(*batch_inputs)
             ft_distiller.fit_maps()  # least-squares start for the 1x1 maps (nothing to fit for gka)
             ft_distiller.to(device)
-        finetune(plain, teacher, loader, cfg.finetune_steps, cfg.finetune_lr, weights, ft_distiller, discriminator,
-                 cfg.loss.gan_mode, cfg.device, cfg.batch_fn, cfg.progress, callbacks, checkpoint=ctx.checkpoint("finetune.pt"),
-                 checkpoint_every=cfg.checkpoint_every, d_lr=cfg.loss.d_lr, average=cfg.finetune_average,
-                 bn_batches=cfg.finetune_bn_batches, memory_format=cfg.memory_format)
+
+        def run_finetune(steps, callbacks=callbacks, checkpoint=ctx.checkpoint("finetune.pt"), progress=cfg.progress,
+                         bn_batches=cfg.finetune_bn_batches, deadline=None):
+            finetune(plain, teacher, loader, steps, cfg.finetune_lr, weights, ft_distiller, discriminator,
+                     cfg.loss.gan_mode, cfg.device, cfg.batch_fn, progress, callbacks, checkpoint=checkpoint,
+                     checkpoint_every=cfg.checkpoint_every, d_lr=cfg.loss.d_lr, average=cfg.finetune_average,
+                     bn_batches=bn_batches, memory_format=cfg.memory_format, deadline=deadline)
+
+        if cfg.time_budget_min is None:
+            run_finetune(cfg.finetune_steps)
+        else:
+            fit, deadline = _fit_time_budget(cfg, ctx, t0, report_s, run_finetune, (plain, ft_distiller, discriminator))
+            if fit.steps == 0:
+                warnings.warn(f"{fit.note()}: the first stage used the whole time budget, the student is not "
+                              "fine-tuned; raise time_budget_min", stacklevel=3)
+            run_finetune(fit.steps, deadline=deadline)
+            cfg = cfg.replace(finetune_steps=fit.steps)  # what ran: the report and the result's config say so
+            notes.append(fit.note())
         if ft_distiller is not None:
             ft_distiller.remove()
     plain.eval()
@@ -219,8 +240,6 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
                   callbacks=callbacks)
 
     # ----------------------------------------------------------------- report
-    threads = torch.get_num_threads()
-    t_stats = model_stats(teacher, stat_input, eval_pairs, None, cfg, threads)
     s_stats = model_stats(plain, stat_input, eval_pairs, teacher, cfg, threads)
     target_fraction = None if target_abs is None else target_abs / teacher_macs
     if target_fraction is not None:
@@ -262,6 +281,35 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     if qmodel is not None:
         return CompressResult(qmodel, report, cfg, float_model=plain, supernet=st.supernet)
     return CompressResult(plain, report, cfg, float_model=plain, supernet=st.supernet)
+
+
+def _fit_time_budget(cfg: CompressConfig, ctx: StrategyContext, t0: float, report_s: float,
+                     run_finetune: Callable, trained: tuple) -> tuple:
+    """``(fit, deadline)``: how many of ``cfg.finetune_steps`` fit in what is left of
+    ``cfg.time_budget_min`` (:mod:`ganslim.core.budget`; a few steps of the real fine-tune timed, then
+    undone), and the :class:`~ganslim.core.budget.Deadline` that re-fits it from the fine-tune's own
+    pace. A resumed run reads the number its first part ended with and keeps it (no deadline)."""
+    record = ctx.checkpoint("time_budget.json")
+    fit = budget.load_fit(record, cfg.finetune_steps)
+    if fit is not None:
+        return fit, None
+    started = ctx.checkpoint("finetune.pt")
+    if started and os.path.exists(started):
+        raise ValueError(f"{started} is a fine-tune started without a time budget; resume it without "
+                         "time_budget_min, or delete it to start the fine-tune afresh")
+    with budget.preserved_state(trained):
+        step_s, overhead_s = budget.time_steps(
+            lambda n, cb: run_finetune(n, callbacks=[cb], checkpoint=None, progress=False, bn_batches=0))
+    # after the fine-tune: the report (its teacher half timed above) and the BatchNorm re-estimation
+    # (forward passes only, so at most a training step each)
+    tail_s = overhead_s + report_s + cfg.finetune_bn_batches * step_s
+    budget_s = cfg.time_budget_min * 60
+    left_s = budget_s - (time.time() - t0)
+    steps = budget.agree_on_steps(budget.fit_steps(budget_s, time.time() - t0, step_s, tail_s, cfg.finetune_steps))
+    fit = budget.BudgetFit(steps=steps, requested=cfg.finetune_steps, step_ms=step_s * 1e3, budget_s=budget_s,
+                           left_s=left_s, tail_s=tail_s)
+    budget.save_fit(record, fit)
+    return fit, budget.Deadline(t0 + budget_s, tail_s, fit, record)
 
 
 def _save_stage(path: str, st: StageResult, cfg: CompressConfig) -> None:

@@ -188,6 +188,10 @@ class CompressConfig:
     # ... then its BatchNorm statistics re-estimated from this many training batches (0: the running
     # ones). Off: on the same runs, on top of the average, it lost 0 to 0.48 dB.
     finetune_bn_batches: int = 0
+    # Wall-clock minutes for the whole compress call (ganslim.core.budget): a few fine-tune steps are
+    # timed, then the fine-tune runs finetune_steps steps or as many as fit, whichever is fewer, with its
+    # schedule built for that many (None: no budget; steps alone decide). QAT (quant) comes on top.
+    time_budget_min: Optional[float] = None
     channel_multiple: int = 1  # round kept widths up to a multiple (8 helps CPU/GPU kernels)
     # --- targeting
     include: Optional[Sequence[Any]] = None
@@ -273,6 +277,8 @@ class CompressConfig:
             raise ValueError("steps and finetune_steps must be >= 0")
         if not 0 <= self.finetune_average <= 1:
             raise ValueError(f"finetune_average is a fraction of the fine-tune steps in [0, 1], got {self.finetune_average}")
+        if self.time_budget_min is not None and not self.time_budget_min > 0:
+            raise ValueError(f"time_budget_min must be > 0 minutes, got {self.time_budget_min}")
         if self.finetune_bn_batches < 0:
             raise ValueError(f"finetune_bn_batches must be >= 0, got {self.finetune_bn_batches}")
         if self.checkpoint_every < 1:

@@ -1,4 +1,5 @@
 """torchrun / DDP: two CPU processes on gloo give the one-process result for the same global batch."""
+import json
 import os
 import subprocess
 import sys
@@ -64,6 +65,19 @@ def test_batchnorm_recalibration_agrees_across_ranks(tmp_path):
     for key in ("mean", "var"):
         assert torch.equal(two[0][key], two[1][key])
         torch.testing.assert_close(two[0][key], (alone[0][key] + alone[1][key]) / 2, rtol=1e-6, atol=1e-6)
+
+
+def test_ranks_that_fit_different_step_counts_into_a_time_budget_all_run_the_fewest(tmp_path):
+    worker = os.path.join(HERE, "ddp_budget_worker.py")
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,
+              str(tmp_path / "budget")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / f"budget.{rank}")) for rank in (0, 1)]
+    alone = [rk["alone"][0] for rk in ranks]
+    assert alone[0] > alone[1] > 0  # 1 s vs 3 s per step claimed: each fitted its own number
+    for rk in ranks:  # every rank ran the fewest, so none waited alone in an all-reduce
+        assert rk["ran"] == rk["reported"] == alone[1]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # and they trained the same weights
 
 
 def test_a_global_batch_that_does_not_split_evenly_is_a_clear_error():

@@ -346,18 +346,24 @@ class DistillTrainer:
 
         self.student.train()
         self.teacher.eval()
-        bar = tqdm(range(start, steps), desc=desc, disable=not progress or not dist.is_main(), dynamic_ncols=True,
+        # an after_step callback may move the end (ganslim.core.budget.Deadline re-fits it to a time budget)
+        self.total_steps = steps
+        bar = tqdm(desc=desc, disable=not progress or not dist.is_main(), dynamic_ncols=True,
                    leave=True, mininterval=2.0, initial=start, total=steps)
-        for _ in bar:
+        while self.state.step < self.total_steps:
             losses = self.step(next(it))
             for cb in callbacks:
                 cb(self, losses)
+            if bar.total != self.total_steps:
+                bar.total = self.total_steps
+            bar.update(1)
             if progress and (self.state.step % 5 == 0):
                 info = {k: f"{v:.3f}" for k, v in losses.items() if k != "total"}
                 if postfix is not None:
                     info.update(postfix())
                 bar.set_postfix(info, refresh=False)
-            if checkpoint is not None and (self.state.step % checkpoint_every == 0 or self.state.step == steps):
+            if checkpoint is not None and (self.state.step % checkpoint_every == 0
+                                           or self.state.step == self.total_steps):
                 self.save_checkpoint(checkpoint)
         bar.close()
 
@@ -392,7 +398,8 @@ def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int,
              distiller=None, discriminator: Optional[nn.Module] = None, gan_mode: str = "lsgan", device: str = "cpu",
              batch_fn: Optional[BatchFn] = None, progress: bool = True, callbacks: Iterable[Callable] = (),
              desc: str = "ganslim fine-tune", checkpoint: Optional[str] = None, checkpoint_every: int = 200,
-             d_lr: float = 2e-4, average: float = 0.0, bn_batches: int = 0, memory_format: str = "auto") -> nn.Module:
+             d_lr: float = 2e-4, average: float = 0.0, bn_batches: int = 0, memory_format: str = "auto",
+             deadline=None) -> nn.Module:
     """Distillation fine-tune of a plain (already compressed) ``model`` in place: ``steps`` Adam steps
     at ``lr`` with cosine decay (to 5%); ``distiller``'s mapping layers train alongside; a
     ``discriminator`` trains at its own constant ``d_lr``. Returns ``model`` in eval mode.
@@ -402,14 +409,17 @@ def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int,
     ``bn_batches`` > 0 then re-estimates the BatchNorm statistics from that many batches of
     ``loader`` (a cumulative average instead of the running one's last ~10 batches).
     ``memory_format``: ``"auto"`` (channels-last on CPU for a model with depthwise convs), ``"channels_last"`` or
-    ``"contiguous"`` (:mod:`ganslim.core.memory_format`); the model leaves in the layout it came in."""
+    ``"contiguous"`` (:mod:`ganslim.core.memory_format`); the model leaves in the layout it came in.
+    ``deadline``: a :class:`ganslim.core.budget.Deadline` that may change the number of steps while
+    they run (the cosine decay and the average's horizon follow the new number)."""
     if steps > 0:
         groups = [{"params": list(model.parameters()), "lr": lr}]
         if distiller is not None:
             groups.append({"params": list(distiller.parameters()), "lr": lr})
         tr = DistillTrainer(model, teacher, groups, weights, distiller, discriminator, d_lr, gan_mode, device, batch_fn,
                             memory_format=memory_format)
-        sched = torch.optim.lr_scheduler.LambdaLR(tr.opt, lambda s: lr_cosine(s, steps))
+        plan = {"steps": steps}  # a deadline may move it
+        sched = torch.optim.lr_scheduler.LambdaLR(tr.opt, lambda s: lr_cosine(s, plan["steps"]))
         tr.after_step.append(lambda _: sched.step())
         tr.schedulers.append(sched)
         if distiller is not None:
@@ -421,6 +431,15 @@ def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int,
             avg = WeightAverage(model, max(1.0, average * steps))
             tr.after_step.append(lambda _: avg.update())
             tr.modules["average"] = avg
+        if deadline is not None:
+            def refit(trainer: DistillTrainer) -> None:
+                total = deadline(trainer.state.step, trainer.total_steps)
+                if total != trainer.total_steps:
+                    trainer.total_steps = plan["steps"] = total
+                    if avg is not None:
+                        avg.decay = 1.0 - 1.0 / max(1.0, average * total)
+
+            tr.after_step.append(refit)
         tr.run(loader, steps, desc=desc, progress=progress, callbacks=callbacks, checkpoint=checkpoint,
                checkpoint_every=checkpoint_every)
         if avg is not None:
