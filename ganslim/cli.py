@@ -71,6 +71,16 @@ def _cmd_compress(args) -> int:
                                      seed=cfg.seed, teacher=teacher)
         eval_inputs = [tuple(p) for p in data.test_pairs()]
     cfg = cfg.replace(progress=not args.no_progress, eval_inputs=eval_inputs).validate()
+    if cfg.time_budget_min is not None:  # the budget is the command's: start-up and the data count too
+        from .core.budget import process_age_s
+
+        spent = process_age_s() / 60
+        if spent >= cfg.time_budget_min:
+            raise ValueError(f"--time-budget-min {cfg.time_budget_min:g}: {spent:.2f} min went to start-up, the "
+                             "teacher and the data already")
+        print(f"time budget: {spent * 60:.0f} s of {cfg.time_budget_min:g} min went to start-up, the teacher and "
+              "the data; compress gets the rest", flush=True)
+        cfg = cfg.replace(time_budget_min=cfg.time_budget_min - spent)
     os.makedirs(args.out, exist_ok=True)
     if cfg.strategy == "ofa" and cfg.ofa.checkpoint is None:  # resumable: a rerun with the same --out continues
         cfg.ofa.checkpoint = os.path.join(args.out, "supernet.state.pt")

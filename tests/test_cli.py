@@ -135,3 +135,17 @@ def test_compress_on_the_embedded_photos_does_not_run_the_teacher_per_step(tiny_
     crops = [s for s in calls if s == (2, 3, 32, 32)]
     assert len(crops) <= 1, calls
     assert any(s[0] == 1 and s[2] > 32 for s in calls)  # the whole photos, once each
+
+
+def test_the_time_budget_counts_the_commands_start_up_too(tiny_teacher, tmp_path, capsys, monkeypatch):
+    from ganslim.core import budget
+
+    monkeypatch.setattr(budget, "process_age_s", lambda: 90.0)  # as if start-up and the data took 1.5 min
+    args = ["compress", "--teacher", tiny_teacher, "--strategy", "uniform", "--target-macs", "0.5", "--finetune-steps",
+            "3", "--crop", "32", "--batch-size", "2", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(args + ["--time-budget-min", "30"]) == 0
+    assert "time budget: 90 s of 30 min went to start-up" in capsys.readouterr().out
+    notes = json.loads((tmp_path / "run" / "report.json").read_text())["notes"]
+    assert any(n.startswith("time budget 28.5 min: all 3 fine-tune steps fit") for n in notes), notes
+    assert main(args + ["--time-budget-min", "1"]) == 2  # nothing left for compress: an error, nothing written
+    assert "1.50 min went to start-up" in capsys.readouterr().err

@@ -31,7 +31,7 @@ from torch import nn
 from . import distributed as dist
 
 __all__ = ["BudgetFit", "Deadline", "fit_steps", "time_steps", "preserved_state", "agree_on_steps",
-           "load_fit", "save_fit"]
+           "process_age_s", "load_fit", "save_fit"]
 
 
 @dataclass
@@ -155,6 +155,19 @@ class Deadline:
         self.fit.steps, self.fit.run_step_ms = new, step_s * 1e3
         save_fit(self.record, self.fit)
         return new
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: ``/proc``; 0.0 where that cannot be read), so a
+    command's budget counts its start-up (imports, loading the teacher, preparing the data) too."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command name
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def agree_on_steps(steps: int) -> int:
