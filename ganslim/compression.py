@@ -303,11 +303,10 @@ def _fit_time_budget(cfg: CompressConfig, ctx: StrategyContext, t0: float, repor
     # after the fine-tune: the report (its teacher half timed above) and the BatchNorm re-estimation
     # (forward passes only, so at most a training step each)
     tail_s = overhead_s + report_s + cfg.finetune_bn_batches * step_s
-    budget_s = cfg.time_budget_min * 60
-    left_s = budget_s - (time.time() - t0)
-    steps = budget.agree_on_steps(budget.fit_steps(budget_s, time.time() - t0, step_s, tail_s, cfg.finetune_steps))
+    budget_s, elapsed_s = cfg.time_budget_min * 60, time.time() - t0
+    steps = budget.agree_on_steps(budget.fit_steps(budget_s, elapsed_s, step_s, tail_s, cfg.finetune_steps))
     fit = budget.BudgetFit(steps=steps, requested=cfg.finetune_steps, step_ms=step_s * 1e3, budget_s=budget_s,
-                           left_s=left_s, tail_s=tail_s)
+                           left_s=budget_s - elapsed_s, tail_s=tail_s)
     budget.save_fit(record, fit)
     return fit, budget.Deadline(t0 + budget_s, tail_s, fit, record)
 
