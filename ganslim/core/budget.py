@@ -6,7 +6,7 @@ fine-tune, compress times a few fine-tune steps of the real student on the real 
 everything those steps changed: weights, buffers, random states), and runs ``finetune_steps`` steps
 or as many as fit in what is left of the budget, whichever is fewer. The schedule is built for that
 number of steps; while it runs, :class:`Deadline` re-fits the number from the fine-tune's own pace a
-few times (a short burst misjudges a long run by up to ~10%), and the cosine decay and the weight
+few times (a short burst misjudged a long run's pace by 10-20% here), and the cosine decay and the weight
 average's horizon follow. A resumed run reads the number its first part ended with (it is saved
 beside the other checkpoints) and keeps it.
 
@@ -124,7 +124,7 @@ class preserved_state:
 
 class Deadline:
     """Keeps a running fine-tune inside its budget: a short burst of timed steps misjudges a long
-    run's pace by up to ~10% on a shared CPU (seen: 66 ms per step timed, 75 ms run), so at the
+    run's pace by 10-20% on a shared CPU (seen: 66 ms per step timed, 75 ms run), so at the
     ``refit_at`` fractions of its planned steps the fine-tune's own mean step time so far re-fits the
     total (seen: 84 ms per step over the first 30% of a 3-minute run timed at 70 ms). Mostly early, so
     the schedule bends little: at 10% of a cosine decay the learning rate is within 1% of the same
