@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from ..measure.report import write_json
 from . import distributed as dist
 
 __all__ = ["BudgetFit", "Deadline", "fit_steps", "time_steps", "preserved_state", "agree_on_steps",
@@ -182,10 +183,7 @@ def agree_on_steps(steps: int) -> int:
 def save_fit(path: Optional[str], fit: BudgetFit) -> None:
     """Record ``fit`` beside the checkpoints (rank 0), so a resumed run keeps its schedule."""
     if path and dist.is_main():
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(asdict(fit), f, indent=1)
-        os.replace(tmp, path)
+        write_json(asdict(fit), path)
 
 
 def load_fit(path: Optional[str], requested: int) -> Optional[BudgetFit]:

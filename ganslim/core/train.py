@@ -418,8 +418,8 @@ def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int,
             groups.append({"params": list(distiller.parameters()), "lr": lr})
         tr = DistillTrainer(model, teacher, groups, weights, distiller, discriminator, d_lr, gan_mode, device, batch_fn,
                             memory_format=memory_format)
-        plan = {"steps": steps}  # a deadline may move it
-        sched = torch.optim.lr_scheduler.LambdaLR(tr.opt, lambda s: lr_cosine(s, plan["steps"]))
+        tr.total_steps = steps  # run() sets it too; a deadline may move it, and the decay follows
+        sched = torch.optim.lr_scheduler.LambdaLR(tr.opt, lambda s: lr_cosine(s, tr.total_steps))
         tr.after_step.append(lambda _: sched.step())
         tr.schedulers.append(sched)
         if distiller is not None:
@@ -435,7 +435,7 @@ def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int,
             def refit(trainer: DistillTrainer) -> None:
                 total = deadline(trainer.state.step, trainer.total_steps)
                 if total != trainer.total_steps:
-                    trainer.total_steps = plan["steps"] = total
+                    trainer.total_steps = total
                     if avg is not None:
                         avg.decay = 1.0 - 1.0 / max(1.0, average * total)
 
