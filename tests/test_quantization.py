@@ -168,3 +168,26 @@ def test_activation_ranges_are_unsigned_after_relu_and_robust_to_outliers(net, l
     a_max = float(dict(Q._quantizers(q_max))["model.1.input_quantizer"].amax)
     a_pct = float(dict(Q._quantizers(q_pct))["model.1.input_quantizer"].amax)
     assert a_max == pytest.approx(50.0) and a_pct <= 1.0
+
+
+@pytest.mark.parametrize("cin,cout,groups", [(6, 6, 6), (4, 6, 2), (6, 3, 3)])
+def test_fold_batchnorm_after_a_grouped_transposed_conv(cin, cout, groups):
+    """A transposed conv's weight is (in, out / groups, k, k): the fold scales each group's own output
+    columns (torch's fuse_conv_bn_eval broadcasts a depthwise one to (C, C, k, k), as in the
+    separable student's upsampling)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1, groups=groups,
+                                         bias=cin != 4), nn.BatchNorm2d(cout), nn.ReLU())
+    with torch.no_grad():
+        m.train()(torch.randn(4, cin, 8, 8) * 3)
+        m[1].weight.uniform_(0.5, 1.5)
+        m[1].bias.uniform_(-0.2, 0.2)
+    m.eval()
+    folded = Q.fold_batchnorm(m)
+    assert not any(isinstance(b, nn.BatchNorm2d) for b in folded.modules())
+    conv = next(c for c in folded.modules() if isinstance(c, nn.ConvTranspose2d))
+    assert conv.weight.shape == m[0].weight.shape and conv.groups == groups
+    x = torch.randn(2, cin, 8, 8)
+    with torch.no_grad():
+        ref = m(x)
+        assert (folded(x) - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -107,6 +107,31 @@ def _mtq():
 # BatchNorm folding
 # --------------------------------------------------------------------------------------------------
 
+def _fuse_grouped_transposed_conv_bn(conv: nn.modules.conv._ConvTransposeNd,
+                                     bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """``conv`` followed by ``bn`` (eval mode) as one transposed conv, for ``groups > 1``.
+
+    A transposed conv's weight is ``(in, out / groups, *k)``: output channel ``j`` of group ``g`` is
+    column ``j`` of the rows of group ``g``. torch's ``fuse_conv_bn_eval`` scales dimension 1 as if it
+    held every output channel, which for a depthwise transposed conv (``(C, 1, *k)``) broadcasts the
+    weight to ``(C, C, *k)`` and breaks the layer."""
+    fused = copy.deepcopy(conv)
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        g, w = conv.groups, conv.weight
+        per_group = w.reshape(g, w.shape[0] // g, *w.shape[1:])  # (groups, in / groups, out / groups, *k)
+        per_group = per_group * scale.reshape(g, 1, w.shape[1], *([1] * (w.dim() - 2)))
+        fused.weight = nn.Parameter(per_group.reshape(w.shape).to(w.dtype), w.requires_grad)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+        fused.bias = nn.Parameter((bias * scale + shift).to(w.dtype), w.requires_grad)
+    return fused
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Return a copy of ``model`` (eval mode) with every ``Conv -> BatchNorm`` pair folded into one conv.
 
@@ -138,7 +163,10 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             continue
         if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == prev.target) != 1:
             continue  # a conv module called twice cannot absorb one call's norm
-        fused = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
+        if isinstance(conv, nn.modules.conv._ConvTransposeNd) and conv.groups > 1:
+            fused = _fuse_grouped_transposed_conv_bn(conv, bn)
+        else:
+            fused = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
         parent, _, name = prev.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, fused)
         node.replace_all_uses_with(prev)
