@@ -358,6 +358,34 @@ def test_paired_latency_alternates_the_models_and_takes_ratios_within_rounds():
         paired_latency([a, b], torch.zeros(1), rounds=2)
     with pytest.raises(ValueError, match="passes must be >= 1"):
         paired_latency([a, b], torch.zeros(1), passes=0)
+    with pytest.raises(ValueError, match="settle_ms must be >= 0"):
+        paired_latency([a, b], torch.zeros(1), settle_ms=-1)
+
+
+def test_paired_latency_pauses_before_every_turn_outside_the_timing(monkeypatch):
+    """The pause that lets the previous model's worker threads wind down comes before each turn's
+    untimed pass and is not in the times: with a 500 ms pause the 20 ms model still times ~20 ms."""
+    import time as time_module
+
+    from ganslim.measure import paired_latency
+
+    log: list = []
+    real_sleep = time_module.sleep
+    pauses: list = []
+
+    def sleep(seconds):
+        if seconds >= 0.5:  # the pause (the models' own sleeps are shorter): recorded, then slept
+            pauses.append(len(log))
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time_module, "sleep", sleep)
+    a, b = _Sleeper(20.0, log, "a"), _Sleeper(40.0, log, "b")
+    res = paired_latency([a, b], torch.zeros(1, 1), rounds=3, passes=1, warmup=0, threads=1, settle_ms=500.0)
+    assert pauses == [0, 2, 4, 6, 8, 10]  # before every turn (2 passes each), 2 turns x 3 rounds
+    assert 20.0 <= res.median_ms[0] < 200.0 and 40.0 <= res.median_ms[1] < 220.0
+    pauses.clear()
+    paired_latency([a, b], torch.zeros(1, 1), rounds=3, passes=1, warmup=0, threads=1, settle_ms=0)
+    assert pauses == []
 
 
 def test_peak_memory_scales_with_width():

@@ -218,7 +218,7 @@ class PairedLatency:
 
 def paired_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, rounds: int = 30, passes: int = 2,
                    warmup: int = 1, threads: Optional[int] = None,
-                   device: Union[str, torch.device, None] = None) -> PairedLatency:
+                   device: Union[str, torch.device, None] = None, settle_ms: float = 25.0) -> PairedLatency:
     """Time ``models`` side by side on one input: ``rounds`` rounds, in each of which every model takes a
     turn (the order rotated from round to round) of one untimed pass and ``passes`` timed ones; a
     model's time in a round is the mean of its timed passes, the ratios are taken within each round,
@@ -227,9 +227,12 @@ def paired_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, round
     On a shared machine the speed drifts over seconds (other tenants, clocks): timing one model's
     repeats and then the other's puts that drift into their ratio (the int8 / fp32 ratio of one
     student measured 0.53 and 0.84 minutes apart). Short alternating turns put both under the same
-    conditions. The untimed pass opening each turn is needed: right after another model, the first
-    pass shares the cores with that model's still-spinning worker threads (onnxruntime, OpenMP); timed
-    pass by pass, a 57 ms student measured 102 ms. Models run in ``eval()`` mode under
+    conditions. Right after another model, the next one shares the cores with that model's
+    still-spinning worker threads (onnxruntime, OpenMP): timed pass by pass, a 57 ms student measured
+    102 ms. So each turn opens with a pause of ``settle_ms`` (the timing thread sleeps, the other
+    model's threads get the cores to wind down and block) and one untimed pass. The untimed pass alone
+    was not enough on 2 cores after a 250 ms onnxruntime teacher: an int8 student timed 18 ms alone
+    measured 25 ms paired, and 18-20 ms with a 20-100 ms pause. Models run in ``eval()`` mode under
     ``torch.inference_mode()`` on ``device`` (default: the first model's), with ``threads`` CPU
     threads (flags, devices and threads restored after).
 
@@ -237,6 +240,7 @@ def paired_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, round
         models: two or more networks taking the same inputs (e.g. an fp32 and an int8 ``OnnxModule``).
         example_inputs: a tensor ``(N, C, H, W)`` or a tuple of tensors.
         rounds: timed rounds (>= 3); passes: timed passes per turn (>= 1); warmup: untimed rounds first.
+        settle_ms: pause (ms) before each turn, not timed (>= 0).
     Returns:
         :class:`PairedLatency` (ms per forward pass of the whole batch; ratios to ``models[0]``).
     """
@@ -247,6 +251,8 @@ def paired_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, round
         raise ValueError(f"rounds must be >= 3, got {rounds}")
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
+    if not settle_ms >= 0:
+        raise ValueError(f"settle_ms must be >= 0, got {settle_ms}")
     dev, sync, inputs, input_shape = _timing_setup(models[0], device, example_inputs)
     n = len(models)
     times = np.zeros((rounds, n))
@@ -259,7 +265,9 @@ def paired_latency(models: Sequence[nn.Module], example_inputs: Inputs, *, round
         for r in range(-warmup, rounds):
             for k in range(n):
                 i = (r + k) % n  # rotated: no model always runs right after the same other one
-                models[i](*inputs)  # the turn's untimed pass: the previous model's threads wind down
+                if settle_ms > 0:
+                    time.sleep(settle_ms / 1000.0)  # the previous model's threads wind down
+                models[i](*inputs)  # the turn's untimed pass
                 sync()
                 total = 0.0
                 for _ in range(passes):
