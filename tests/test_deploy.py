@@ -274,3 +274,23 @@ def test_int8_weights_use_seven_bits_where_the_cpu_would_saturate(net, loader, x
         assert int8_saturates()
     with torch.no_grad():  # the 7-bit file stays close to the float model on every CPU
         assert measure.psnr(OnnxModule(seven)(x), net(x)) > 25
+
+
+def test_a_depthwise_separable_student_runs_int8(loader, x, tmp_path):
+    """strategy="separable"'s students (depthwise + pointwise pairs, a depthwise transposed conv whose
+    BatchNorm folds per group) quantize, export and run with integer kernels, close to their float self."""
+    from ganslim.pruning.separable import make_separable
+
+    def separable_resnet():
+        m = create_model("resnet_6blocks", ngf=16, norm="batch")
+        make_separable(m)
+        return m
+
+    net = briefly_trained(separable_resnet, loader)
+    depthwise = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.groups > 1]
+    assert any(isinstance(m, nn.ConvTranspose2d) for m in depthwise)
+    q = Q.quantize(net, loader)
+    om = OnnxModule(export(q, tmp_path / "sep.int8.onnx", "onnx-int8", example_inputs=x, calib_loader=loader))
+    assert om.op_types().get("QLinearConv", 0) >= len(depthwise)
+    with torch.no_grad():
+        assert measure.psnr(om(x), net(x)) > 30.0
