@@ -41,7 +41,7 @@ def main() -> None:
     groups = find_channel_groups(copy.deepcopy(teacher), x[:, :, :64, :64])
     gates = GateSet(groups)
     gates.set_masks(uniform_alive(groups.groups, args.uniform_width))
-    uniform, _ = export_pruned(teacher, gates, x[:, :, :64, :64], atol=float("inf"))
+    uniform, _ = export_pruned(teacher, gates, x[:, :, :64, :64], tol=float("inf"))
     tmp = "runs/latency_scaling"
     os.makedirs(tmp, exist_ok=True)
     onnx = {n: OnnxModule(export(m, f"{tmp}/{n}.onnx", example_inputs=x)) for n, m in

@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="benchmarks/results/quant.json")
     ap.add_argument("--paired-rounds", type=int, default=20, help="rounds of the paired timing (alternating turns)")
+    ap.add_argument("--int8-ends", action="store_true",
+                    help="QAT quantizes the first and last conv too (default: they stay in float, QuantConfig's skip_first/skip_last)")
     ap.add_argument("--keep-dir", default="runs/quant", help="where the QAT checkpoint and its int8 ONNX are saved")
     args = ap.parse_args()
     if not os.path.exists(args.student):
@@ -53,7 +55,7 @@ def main() -> None:
     loader = data.default_loader(batch_size=args.batch_size, crop=64, length=max(args.qat_steps, 8) * args.batch_size,
                                  seed=1, teacher=teacher)  # batches carry the teacher's outputs (offline distillation)
     t0 = time.time()
-    qcfg = QuantConfig(steps=args.qat_steps, lr=args.qat_lr)
+    qcfg = QuantConfig(steps=args.qat_steps, lr=args.qat_lr, skip_first=not args.int8_ends, skip_last=not args.int8_ends)
     qat = quantize(student, loader, qcfg)
     with torch.no_grad():
         fq_before = measure.fidelity_to_target(qat, pairs)["psnr"]
@@ -72,7 +74,8 @@ def main() -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, onnxruntime threads {args.threads}"
     x = pairs[0][0]
     print(f"{machine}; input {tuple(x.shape)} (held-out photo); student {args.student}; "
-          f"QAT {args.qat_steps} steps in {qat_seconds / 60:.1f} min")
+          f"QAT {args.qat_steps} steps in {qat_seconds / 60:.1f} min"
+          f"{'; QAT quantizes the first and last conv too' if args.int8_ends else ''}")
     print(format_deploy_table(rows + t_rows, args.threads))
     summary = {
         "int8_qat_latency_over_fp32": q.latency_ms / fp32.latency_ms,
@@ -85,6 +88,7 @@ def main() -> None:
         "fake_quant_psnr_gt_before_after_qat": [fq_before, fq_after],
         "teacher_int8_latency_over_fp32": t_rows[1].latency_ms / t_rows[0].latency_ms,
         "qat_seconds": qat_seconds,
+        "qat_int8_first_last_conv": args.int8_ends,
     }
     print(f"int8 QAT / fp32: latency {summary['int8_qat_latency_over_fp32']:.2f}x, file "
           f"{summary['int8_qat_size_over_fp32']:.2f}x; PSNR to ground truth {summary['psnr_gt_change_qat_vs_fp32']:+.2f} dB "
