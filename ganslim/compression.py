@@ -169,13 +169,17 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
         cfg = cfg.replace(**settings)
         notes.append(f"strategy auto -> {why}")
     strategy = get_strategy(cfg.strategy)
+    default_multiple = cfg.channel_multiple is None
+    if default_multiple:  # the strategy's own rounding (8 for separable, else 1)
+        cfg = cfg.replace(channel_multiple=strategy.default_channel_multiple)
     if strategy.needs_target and cfg.target_macs is None and cfg.target_latency_ms is None:
         raise ValueError(f"strategy={cfg.strategy!r} needs target_macs or target_latency_ms")
     if discriminator is not None and not strategy.accepts_discriminator:
         raise ValueError(f"strategy={cfg.strategy!r} trains with distillation losses only; drop discriminator= or "
                          "use strategy='slim' or 'evolve'")
     ctx = StrategyContext(cfg, student, teacher, loader, example, inputs, teacher_macs, eval_pairs, stat_input,
-                          same_arch, discriminator, callbacks, hooks, options=strategy.options(cfg))
+                          same_arch, discriminator, callbacks, hooks, options=strategy.options(cfg),
+                          default_channel_multiple=default_multiple)
     stage_file = ctx.checkpoint("stage.pt")
     st = _load_stage(stage_file, cfg) if stage_file and os.path.exists(stage_file) else None
     if st is None:

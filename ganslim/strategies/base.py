@@ -86,6 +86,9 @@ class StrategyContext:
     callbacks: Iterable[Callable] = ()
     hooks: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     options: Any = None  # the strategy's own options (Strategy.options): a config section or its dataclass
+    # config.channel_multiple is the strategy's default (the user left it None): a strategy may then
+    # round less finely where its default would cost the budget
+    default_channel_multiple: bool = False
 
     def checkpoint(self, name: str) -> Optional[str]:
         """Path of a resumable state file in ``config.checkpoint_dir`` (None without one)."""
@@ -113,6 +116,8 @@ class Strategy:
     accepts_discriminator: ClassVar[bool] = True
     options_section: ClassVar[Optional[str]] = None  # a CompressConfig section ("slim", "ofa", "evolve")
     options_class: ClassVar[Optional[type]] = None  # a plug-in's own options dataclass
+    # widths rounded up to this multiple when CompressConfig.channel_multiple is None
+    default_channel_multiple: ClassVar[int] = 1
 
     def options(self, config) -> Any:
         """This strategy's options from ``config``: its section, its ``options_class`` filled from

@@ -38,6 +38,11 @@ class SeparableStrategy(Strategy):
     summary = ("k x k convs factorised into depthwise + pointwise (rank-1 SVD of the teacher's kernels) "
                "until the budget, then the uniform cut")
     options_section = "separable"  # SeparableOptions
+    # MobileNet's rounding. At widths like 13 / 26 / 51 a depthwise conv and a channels-last BatchNorm
+    # fall off the CPU's 8-float vector blocks: at 1/40 of the default teacher the student with
+    # 16 / 24 / 48 trained at 50 ms per step instead of ~80 (all 12000 steps in 11.1 min, +0.05 dB, where
+    # 13 / 26 / 51 fitted 11120 in the 15-minute budget, -0.28 dB) and runs 1.45x faster in onnxruntime.
+    default_channel_multiple = 8
 
     def run(self, ctx: StrategyContext) -> StageResult:
         cfg, opts = ctx.config, ctx.options
@@ -47,7 +52,14 @@ class SeparableStrategy(Strategy):
         replaced = make_separable(ctx.student, names=plan_factorization(ctx, macs_target(ctx)), init=opts.init)
         # the channel groups, MACs model and budget check of the factorised network
         targets, macs_model, target_abs, _ = targets_and_budget(ctx)
-        alive, ratio = uniform_masks(targets, macs_model, target_abs, multiple=cfg.channel_multiple)
+        multiple = cfg.channel_multiple
+        alive, ratio = uniform_masks(targets, macs_model, target_abs, multiple=multiple)
+        # The default rounding gives way where it would cost the budget (a narrow network): over it,
+        # or more than 5% under it. A multiple the user asked for is kept.
+        while (ctx.default_channel_multiple and multiple > 1
+               and not 0.95 * target_abs <= macs_model.macs(alive) <= target_abs):
+            multiple //= 2
+            alive, ratio = uniform_masks(targets, macs_model, target_abs, multiple=multiple)
         plain = onestep_prune(ctx.student, targets, alive, ctx.example)
         if opts.init == "scratch":
             reinitialize(plain, seed=cfg.seed)
@@ -56,6 +68,10 @@ class SeparableStrategy(Strategy):
         # keeps its name, and a replaced conv's name holds its depthwise + pointwise pair
         mapping = resolve_mapping(ctx, plain, teacher_points=True) if cfg.loss.finetune_distill else {}
         notes = [f"separable: {len(replaced)} convs factorised into depthwise + pointwise "
-                 f"({opts.init} init), then every channel group cut to {ratio:.3f} of its width"]
+                 f"({opts.init} init), then every channel group cut to {ratio:.3f} of its width"
+                 + (f", widths rounded up to multiples of {multiple}" if multiple > 1 else "")]
+        if multiple != cfg.channel_multiple:
+            notes.append(f"separable: widths in multiples of {cfg.channel_multiple} would miss the MACs budget by "
+                         f"more than 5% on this network; multiples of {multiple} instead")
         return StageResult(plain, kept, targets, loss_weights(ctx), mapping=mapping, target_abs=target_abs,
                            stage_steps=0, notes=notes)
