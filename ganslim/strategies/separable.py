@@ -41,7 +41,8 @@ class SeparableStrategy(Strategy):
     # MobileNet's rounding. At widths like 13 / 26 / 51 a depthwise conv and a channels-last BatchNorm
     # fall off the CPU's 8-float vector blocks: at 1/40 of the default teacher the student with
     # 16 / 24 / 48 trained at 50 ms per step instead of ~80 (all 12000 steps in 11.1 min, +0.05 dB, where
-    # 13 / 26 / 51 fitted 11120 in the 15-minute budget, -0.28 dB) and runs 1.45x faster in onnxruntime.
+    # 13 / 26 / 51 fitted 11120 in the 15-minute budget, -0.28 dB) and runs in 15.7 instead of 41.9 ms
+    # in onnxruntime (batch 1, 256x384; benchmarks/results/bench_40x_multiple8.json).
     default_channel_multiple = 8
 
     def run(self, ctx: StrategyContext) -> StageResult:
