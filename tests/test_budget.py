@@ -128,6 +128,33 @@ def test_the_deadline_refits_the_total_from_the_runs_own_pace(monkeypatch, tmp_p
     assert total == 120
 
 
+def test_a_pace_that_slows_late_still_ends_near_the_budget(monkeypatch):
+    """The run keeps its planned 100 ms per step for 75% of its steps, then slows to 150 ms. The re-fits
+    on the mean pace alone (10/30/60%, as before) let it run all 400 steps, 5 s over; the re-fit at 85%
+    on the pace since the previous re-fit ends it within a second of the budget."""
+    clock = FakeClock()
+    monkeypatch.setattr(budget.time, "perf_counter", clock)
+    monkeypatch.setattr(budget.time, "time", clock)
+
+    def run(**kw) -> tuple:
+        start = clock()
+        deadline = Deadline(end_time=start + 45.0, tail_s=5.0, fit=_fit(400, 400), **kw)
+        total, step = 400, 0
+        while step < total:
+            clock.advance(0.1 if step < 300 else 0.15)
+            step += 1
+            total = deadline(step, total)
+        return total, clock() - start, deadline
+
+    total, elapsed, deadline = run()
+    assert [at for at, _, _ in deadline.refits] == [40, 120, 240, 340] and total < 400
+    # at 85%: 120 ms per step since the re-fit at 60% (the mean since the start: 106 ms)
+    assert deadline.refits[-1][2] == pytest.approx(120.0)
+    assert elapsed <= 40.0 + 1.0  # the 40 s before the tail, within a second
+    old_total, old_elapsed, _ = run(refit_at=(0.1, 0.3, 0.6))
+    assert old_total == 400 and old_elapsed >= 44.9
+
+
 def test_the_trainer_stops_where_the_deadline_moves_the_end_and_checkpoints_there(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1))
