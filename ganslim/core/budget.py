@@ -141,20 +141,20 @@ class Deadline:
         self.end_time, self.tail_s, self.fit, self.record = end_time, tail_s, fit, record
         self.refit_at = sorted(refit_at)
         self.first: Optional[tuple[int, float]] = None  # (step, time) after the first step: set-up excluded
-        self.last: Optional[tuple[int, float]] = None  # (step, time) of the previous re-fit
+        self.last: Optional[tuple[int, float]] = None  # (step, time) of the previous re-fit (at first: self.first)
         self.refits: list[tuple[int, int, float]] = []  # (at step, new total, ms per step)
 
     def __call__(self, step: int, total: int) -> int:
         now = time.perf_counter()
         if self.first is None:
-            self.first = (step, now)
+            self.first = self.last = (step, now)
             return total
         if not self.refit_at or step < self.refit_at[0] * total or step <= self.first[0]:
             return total
         self.refit_at.pop(0)
-        step_s = (now - self.first[1]) / (step - self.first[0])
-        if self.last is not None and step > self.last[0]:  # a pace that slowed since the last re-fit counts
-            step_s = max(step_s, (now - self.last[1]) / (step - self.last[0]))
+        # the mean pace since the first step, or the pace since the previous re-fit where that is slower
+        # (a re-fit pops its fraction, so each comes at least one step after the last)
+        step_s = max((now - self.first[1]) / (step - self.first[0]), (now - self.last[1]) / (step - self.last[0]))
         self.last = (step, now)
         left = self.end_time - time.time() - self.tail_s
         new = agree_on_steps(step + max(0, min(self.fit.requested - step, int(math.floor(left / step_s)))))
