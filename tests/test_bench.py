@@ -148,6 +148,20 @@ def test_fid_and_lpips_with_local_exported_networks(models, tmp_path):
         bench([p["teacher"]], eval_pairs=_pairs(), fid_features=str(tmp_path / "missing.pt"))
 
 
+def test_bad_arguments_fail_before_anything_is_timed(models, monkeypatch):
+    p, _ = models
+    import ganslim.measure.benchmarking as benchmarking
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(benchmarking, "resolve_model", no_loading)
+    with pytest.raises(ValueError, match="paired_rounds must be 0"):
+        bench([p["teacher"], p["student"]], eval_pairs=_pairs(), paired_rounds=2)
+    with pytest.raises(ValueError, match="unknown runtime"):
+        bench([p["teacher"], p["student"]], eval_pairs=_pairs(), runtimes=("tensorrt",))
+
+
 def test_outputs_json_markdown_pareto_png_and_grid(models, tmp_path):
     p, _ = models
     rows = bench([p["teacher"], p["student"], p["onnx"]], eval_pairs=_pairs(), repeats=3)

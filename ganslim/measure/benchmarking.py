@@ -172,6 +172,8 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
     bad = [r for r in runtimes if r not in RUNTIMES]
     if bad:
         raise ValueError(f"unknown runtime(s) {bad}; choose from {', '.join(RUNTIMES)}")
+    if paired_rounds and paired_rounds < 3:  # checked before minutes of timing, not after
+        raise ValueError(f"paired_rounds must be 0 (no paired timing) or >= 3, got {paired_rounds}")
     if eval_pairs is None:
         if inputs is None:
             from .. import data
