@@ -1,0 +1,165 @@
+"""The headline in one run: what ``ganslim compress --strategy auto`` gives in a fixed CPU budget at 1/10,
+1/20 and 1/40 of the teacher's MACs, beside the trivial peer under the same budget, then every student
+and the teacher in one onnxruntime run (issue 17's numbers 1 and 2, measured side by side).
+
+    python benchmarks/bench_frontier.py                       # default teacher, 15 min per command
+    python benchmarks/bench_frontier.py --resume              # keep the commands already run (their report.json)
+    python benchmarks/bench_frontier.py --teacher runs/teacher_instance.safetensors --out-dir runs/frontier_in \\
+        --out benchmarks/results/frontier_instance.json
+
+Each cell is the command a user types, run as its own process with its wall clock (start-up, the
+teacher's outputs and saving included; ``--time-budget-min`` covers all of it):
+
+    ganslim compress --teacher T --strategy S --target-macs F --time-budget-min B --out DIR --no-progress
+
+with S = ``auto`` (the measured winner for the target, ``ganslim/assets/strategy_results.json``) and
+S = ``uniform`` (the peer: the teacher's own channels cut uniformly to the same MACs and fine-tuned with
+the same losses, data and time). Where ``auto`` picks ``uniform`` the two are the same command, run
+once. Then ``ganslim bench T <students> --runtimes onnxruntime --paired-rounds R`` times the teacher and
+all students at batch 1 on the held-out 256x384 photo, in alternating turns, in one process of its own
+(onnxruntime rows only: mixed with eager rows their paired times came out inflated, benchmarks/README).
+
+Writes ``--out`` (JSON), a markdown table beside it, the onnxruntime table, a Pareto plot and an
+image grid. One seed per cell: on the default task runs of the same command have moved by up to
+0.3 dB, on the weaker instance-norm teacher by 3 dB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from ganslim.strategies.auto import choose_strategy  # noqa: E402
+
+
+def _cell_dir(out_dir: str, target: float, strategy: str) -> str:
+    return os.path.join(out_dir, f"{target:g}_{strategy}")
+
+
+def run_cell(teacher: str, strategy: str, target: float, budget_min: float, out: str, resume: bool) -> dict:
+    """One ``ganslim compress`` command in its own process -> its report plus the wall time (s)."""
+    report_path = os.path.join(out, "report.json")
+    timing_path = os.path.join(out, "wall_s.txt")
+    if resume and os.path.exists(report_path) and os.path.exists(timing_path):
+        print(f"  kept {out} (--resume)", flush=True)
+    else:
+        os.makedirs(out, exist_ok=True)
+        cmd = [sys.executable, "-m", "ganslim", "compress", "--teacher", teacher, "--strategy", strategy,
+               "--target-macs", f"{target:g}", "--time-budget-min", f"{budget_min:g}", "--out", out, "--no-progress"]
+        print("  $ " + " ".join(["ganslim"] + cmd[3:]), flush=True)
+        t0 = time.time()
+        with open(os.path.join(out, "log.txt"), "w") as log:
+            rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        wall = time.time() - t0
+        if rc != 0:
+            raise RuntimeError(f"the command failed (exit {rc}); its output: {os.path.join(out, 'log.txt')}")
+        with open(timing_path, "w") as f:
+            f.write(f"{wall}\n")
+    with open(report_path) as f:
+        report = json.load(f)
+    with open(timing_path) as f:
+        wall = float(f.read())
+    return {"report": report, "wall_s": wall, "student": os.path.join(out, "student.safetensors")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="default", help="'default' or a ganslim .safetensors teacher")
+    ap.add_argument("--targets", default="0.1,0.05,0.025", help="comma-separated fractions of the teacher's MACs")
+    ap.add_argument("--budget-min", type=float, default=15.0, help="--time-budget-min of every command")
+    ap.add_argument("--paired-rounds", type=int, default=10)
+    ap.add_argument("--out-dir", default=os.path.join(ROOT, "runs", "frontier"), help="the commands' --out folders")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "frontier.json"))
+    ap.add_argument("--resume", action="store_true", help="keep cells whose report.json is already in --out-dir")
+    ap.add_argument("--no-deploy", action="store_true", help="skip the onnxruntime run")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    print(f"machine: {machine}", flush=True)
+    targets = [float(t) for t in args.targets.split(",")]
+    cells = []
+    for target in targets:
+        settings, reason = choose_strategy(target)
+        picked = settings["strategy"]
+        print(f"target {target:g}: auto -> {picked} ({reason})", flush=True)
+        auto = run_cell(args.teacher, "auto", target, args.budget_min, _cell_dir(args.out_dir, target, "auto"),
+                        args.resume)
+        cells.append({"target": target, "variant": "auto", "strategy": auto["report"]["strategy"], **auto})
+        if picked != "uniform" or len(settings) > 1:
+            peer = run_cell(args.teacher, "uniform", target, args.budget_min,
+                            _cell_dir(args.out_dir, target, "uniform"), args.resume)
+            cells.append({"target": target, "variant": "uniform", "strategy": "uniform", **peer})
+
+    ort = []
+    if not args.no_deploy:
+        stem = os.path.splitext(args.out)[0]
+        ort_json = stem + "_onnxruntime.json"
+        cmd = [sys.executable, "-m", "ganslim", "bench", args.teacher, *[c["student"] for c in cells],
+               "--runtimes", "onnxruntime", "--paired-rounds", str(args.paired_rounds), "--json", ort_json,
+               "--markdown", stem + "_onnxruntime.md", "--plot", stem + ".png", "--grid", stem + "_grid.png"]
+        print("  $ " + " ".join(["ganslim"] + cmd[3:]), flush=True)
+        subprocess.check_call(cmd, cwd=ROOT)
+        with open(ort_json) as f:
+            ort = json.load(f)
+        if len(ort) != len(cells) + 1:
+            raise RuntimeError(f"expected {len(cells) + 1} onnxruntime rows in {ort_json}, got {len(ort)}")
+
+    teacher_psnr = cells[0]["report"]["teacher"]["psnr_to_gt"]
+    rows = []
+    for i, c in enumerate(cells):
+        rep = c["report"]
+        row = {"target": c["target"], "variant": c["variant"], "strategy": c["strategy"],
+               "macs_reduction": rep["macs_reduction"], "psnr_gt": rep["student"]["psnr_to_gt"],
+               "teacher_psnr_gt": rep["teacher"]["psnr_to_gt"],
+               "delta_db": rep["student"]["psnr_to_gt"] - rep["teacher"]["psnr_to_gt"],
+               "finetune_steps": rep["finetune_steps"], "gated_steps": rep["steps"], "wall_min": c["wall_s"] / 60,
+               "command_dir": os.path.relpath(os.path.dirname(c["student"]), ROOT)}
+        if ort:
+            t, s = ort[0], ort[i + 1]
+            row.update(ort_ms=s["latency_ms"], ort_teacher_ms=t["latency_ms"], ort_speedup=t["latency_ms"] / s["latency_ms"],
+                       ort_speedup_paired=s["speedup_paired"],
+                       ort_speedup_over_macs=t["latency_ms"] / s["latency_ms"] / rep["macs_reduction"])
+        rows.append(row)
+
+    head = ("| target | ganslim `auto` (strategy) | MACs reduction | PSNR-GT (teacher "
+            f"{teacher_psnr:.2f} dB) | vs teacher | vs peer | steps (gated + fine-tune) | wall min |")
+    lines = [head + (" onnxruntime ms | speed-up (paired) | / MACs red. |" if ort else ""),
+             "|---" * (8 + (3 if ort else 0)) + "|"]
+    for r in rows:
+        peer = next((p for p in rows if p["target"] == r["target"] and p["variant"] == "uniform"), None)
+        name = f"auto ({r['strategy']})" if r["variant"] == "auto" else "peer (uniform)"
+        if r["variant"] == "auto" and peer is None:
+            name += " = peer"
+        vs = f"{r['psnr_gt'] - peer['psnr_gt']:+.2f} dB" if peer is not None and peer is not r else ""
+        line = (f"| 1/{1 / r['target']:.0f} | {name} | {r['macs_reduction']:.2f}x | {r['psnr_gt']:.2f} dB | "
+                f"{r['delta_db']:+.2f} dB | {vs} | {r['gated_steps']} + {r['finetune_steps']} | {r['wall_min']:.1f} |")
+        if ort:
+            line += (f" {r['ort_ms']:.1f} | {r['ort_speedup']:.1f}x ({r['ort_speedup_paired']:.1f}x) | "
+                     f"{r['ort_speedup_over_macs']:.2f} |")
+        lines.append(line)
+    if ort:
+        lines.append(f"\nteacher in onnxruntime: {ort[0]['latency_ms']:.1f} ms one after another, "
+                     f"{ort[0]['latency_paired_ms']:.1f} ms in alternating turns")
+    table = "\n".join(lines)
+    print("\n" + table)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"machine": machine, "teacher": args.teacher, "budget_min": args.budget_min, "rows": rows}, f, indent=2)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(table + "\n")
+    print(f"\nwritten {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
