@@ -8,7 +8,7 @@ import torch.nn as nn
 import ganslim
 from ganslim import data
 from ganslim.deployment import quantization as Q
-from ganslim.measure.benchmarking import NOT_COMPUTED, _fid, bench, format_markdown, format_table, image_grid, write_outputs
+from ganslim.measure.benchmarking import NOT_COMPUTED, _fid, _labels, bench, format_markdown, format_table, image_grid, write_outputs
 from ganslim.cli import main
 from ganslim.deployment.deploy import export
 from ganslim.zoo import create_model
@@ -146,6 +146,12 @@ def test_fid_and_lpips_with_local_exported_networks(models, tmp_path):
     assert "needs at least 2" in _fid(feat, a[:1], a[:1])
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         bench([p["teacher"]], eval_pairs=_pairs(), fid_features=str(tmp_path / "missing.pt"))
+
+
+def test_rows_are_named_by_folder_where_file_names_repeat():
+    # every `ganslim compress --out DIR` writes DIR/student.safetensors: a table of several is unreadable by file name
+    names = _labels(["default", "runs/a/student.safetensors", "runs/b/student.safetensors", "x/teacher.onnx", nn.Identity()])
+    assert names == ["default teacher", "a/student.safetensors", "b/student.safetensors", "teacher.onnx", "Identity#4"]
 
 
 def test_bad_arguments_fail_before_anything_is_timed(models, monkeypatch):

@@ -111,6 +111,18 @@ def _label(m: Any, i: int) -> str:
     return f"{type(m).__name__}#{i}"
 
 
+def _labels(models_or_paths: Sequence[Any]) -> list[str]:
+    """A name per model: the file name, or ``folder/file`` where file names repeat (every
+    ``ganslim compress --out DIR`` writes ``DIR/student.safetensors``)."""
+    base = [_label(m, i) for i, m in enumerate(models_or_paths)]
+    names = list(base)
+    for i, m in enumerate(models_or_paths):
+        if isinstance(m, str) and m != "default" and base.count(base[i]) > 1:
+            folder = os.path.basename(os.path.dirname(os.path.abspath(m)))
+            names[i] = f"{folder}/{base[i]}"
+    return names
+
+
 def _fid(feature_net: nn.Module, a: list[torch.Tensor], b: list[torch.Tensor]) -> Any:
     """Fréchet distance between feature statistics of two image sets (``feature_net``: images ->
     (N, D) features, e.g. a TorchScript Inception pool3)."""
@@ -195,8 +207,9 @@ def bench(models_or_paths: Sequence[Any], inputs: Optional[torch.Tensor] = None,
     teacher_row: Optional[ModelStats] = None
     timed: list[tuple[ModelStats, nn.Module]] = []  # measured rows and their runners, for the paired timing
     with tempfile.TemporaryDirectory(prefix="ganslim-bench-") as tmpdir:
+        names = _labels(models_or_paths)
         for i, spec in enumerate(models_or_paths):
-            name = _label(spec, i)
+            name = names[i]
             try:
                 model = resolve_model(spec, factory)
             except Exception as e:  # noqa: BLE001 - reported in the row
@@ -469,9 +482,10 @@ def image_grid(models_or_paths: Sequence[Any], path: str, eval_pairs: Optional[l
     if eval_pairs is None:
         eval_pairs = [((x,), y) for x, y in data.test_pairs()]
     models = []
+    names = list(labels) if labels else _labels(models_or_paths)
     for i, m in enumerate(models_or_paths):
         try:
-            models.append((labels[i] if labels else _label(m, i), resolve_model(m, factory)))
+            models.append((names[i], resolve_model(m, factory)))
         except Exception:  # noqa: BLE001 - the table reports why; the grid shows what loads
             continue
     grid_rows = []
