@@ -386,3 +386,65 @@ def test_cli_compress_ofa_then_search_several_budgets(tmp_path, capsys):
     assert main(["search", str(out / "supernet.safetensors"), "--teacher", str(teacher), "--target-macs", "0.0001",
                  "--out", str(tmp_path / "s2"), "--no-progress"]) == 2
     assert "achievable range" in capsys.readouterr().err
+
+
+def test_forwards_follow_weight_updates_and_width_changes():
+    # set_widths keeps each layer's channel indices per combination of widths: other widths, an
+    # in-place weight update or a new Parameter must all be seen by the next forward, with or without
+    # gradients
+    torch.manual_seed(0)
+    sn = make_supernet(create_model("resnet_6blocks", ngf=8, norm="batch"), torch.randn(1, 3, 32, 32),
+                       SliceConfig(ratios=(0.5, 1.0), multiple=1))
+    sn.eval()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+
+    def rel(a, b) -> float:
+        return float((a - b).abs().max() / b.abs().max())
+
+    def both():  # (kept weights, views as autograd sees them)
+        with torch.no_grad():
+            kept = sn(x)
+        with torch.enable_grad():
+            views = sn(x).detach()
+        return kept, views
+
+    sn.set_widths(sn.smallest())
+    first, views = both()
+    assert rel(first, views) < 1e-5
+    conv = next(sn.model.get_submodule(n) for n, st in sn._states.items()
+                if isinstance(sn.model.get_submodule(n), nn.Conv2d) and st["out"] is not None and st["in"] is not None)
+    with torch.no_grad():
+        conv.weight.mul_(0.5)
+    halved, views = both()
+    assert rel(halved, views) < 1e-5 and rel(halved, first) > 1e-3
+    conv.weight = nn.Parameter(conv.weight.detach() * 4)
+    replaced, views = both()
+    assert rel(replaced, views) < 1e-5 and rel(replaced, halved) > 1e-3
+    sn.set_widths(sn.largest())
+    wide, views = both()
+    assert rel(wide, views) < 1e-5 and wide.shape == first.shape and rel(wide, replaced) > 1e-3
+    # with gradients the sliced weight is a view: the gradient reaches the shared weight
+    sn.set_widths(sn.smallest())
+    sn(x).square().mean().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def _count(idx, n: int) -> int:
+    return n if idx is None else (len(range(n)[idx]) if isinstance(idx, slice) else int(idx.numel()))
+
+
+def test_set_widths_reuses_the_indices_it_computed_and_matches_the_masks():
+    # the indices set_widths keeps per combination of widths are those the group masks give
+    teacher, sn, _, _ = _searchable()
+    rng = random.Random(0)
+    for _ in range(20):
+        w = sn.sample(rng)
+        sn.set_widths(w)
+        kept = sn._macs.kept_channels(sn.alive(w))
+        for name, state in sn._states.items():
+            mod = sn.model.get_submodule(name)
+            if isinstance(mod, nn.Conv2d | nn.ConvTranspose2d):
+                assert (_count(state["in"], mod.in_channels), _count(state["out"], mod.out_channels)) == kept[name], (name, w)
+    hits = len(sn._index_cache)
+    sn.set_widths(w)
+    assert len(sn._index_cache) == hits  # nothing computed again

@@ -268,6 +268,8 @@ class Supernet(nn.Module):
         self._macs = MacsModel(model, targets, base)
         self._states: dict[str, dict] = {}
         self._bn_calls: Optional[tuple] = None  # BatchNorm calls per forward (recalibrate_bn's early stop)
+        self._touching: Optional[dict] = None  # layer -> the groups touching it (set_widths' index cache)
+        self._index_cache: dict = {}
         self.last_export_diff: Optional[float] = None
         self._widths: Widths = self.largest()
         self.attach()
@@ -368,24 +370,46 @@ class Supernet(nn.Module):
         self._widths = widths
         if not self._states:
             return self
-        keep_in: dict[str, torch.Tensor] = {}
-        keep_out: dict[str, torch.Tensor] = {}
-        for g, a in zip(self.groups, self.alive(widths)):
-            for mem in g.members:
-                mod = self.model.get_submodule(mem.name)
-                side = keep_in if mem.role == "consumer" else keep_out
-                if mem.name not in side:
-                    side[mem.name] = torch.ones(_channels(mod, "in" if mem.role == "consumer" else "out"), dtype=torch.bool)
-                side[mem.name][mem.channels] = a[mem.positions]
+        # A layer's kept channels depend only on the widths of the groups that touch it, and a search
+        # sets hundreds of configurations drawn from a few widths per group: each layer's indices are
+        # computed once per combination of those widths and kept.
+        if getattr(self, "_touching", None) is None:
+            touching: dict[str, list[int]] = {}
+            for gi, g in enumerate(self.groups):
+                for mem in g.members:
+                    if gi not in touching.setdefault(mem.name, []):
+                        touching[mem.name].append(gi)
+            self._touching, self._index_cache = touching, {}
         for name, st in self._states.items():
-            mod = self.model.get_submodule(name)
-            kin, kout = keep_in.get(name), keep_out.get(name)
-            if _depthwise(mod):  # the in and out channels of a depthwise conv are one set
-                kout = kin if kout is None else (kout if kin is None else kout & kin)
-                kin = None
-            st["in"] = None if kin is None or bool(kin.all()) else _as_index(kin)
-            st["out"] = None if kout is None or bool(kout.all()) else _as_index(kout)
+            gis = self._touching.get(name, [])
+            key = (name, tuple(widths[self.groups[gi].root] for gi in gis))
+            idx = self._index_cache.get(key)
+            if idx is None:
+                idx = self._index_cache[key] = self._layer_index(name, gis, widths)
+            st["in"], st["out"] = idx
         return self
+
+    def _layer_index(self, name: str, gis: list[int], widths: Widths) -> tuple:
+        """``(in, out)`` channel indices (None = all, a slice for a leading run) of layer ``name`` at ``widths``."""
+        mod = self.model.get_submodule(name)
+        kin = kout = None
+        for gi in gis:
+            g = self.groups[gi]
+            alive = torch.arange(g.size) < int(widths[g.root])
+            for mem in g.members:
+                if mem.name != name:
+                    continue
+                if mem.role == "consumer":
+                    kin = torch.ones(_channels(mod, "in"), dtype=torch.bool) if kin is None else kin
+                    kin[mem.channels] = alive[mem.positions]
+                else:
+                    kout = torch.ones(_channels(mod, "out"), dtype=torch.bool) if kout is None else kout
+                    kout[mem.channels] = alive[mem.positions]
+        if _depthwise(mod):  # the in and out channels of a depthwise conv are one set
+            kout = kin if kout is None else (kout if kin is None else kout & kin)
+            kin = None
+        return (None if kin is None or bool(kin.all()) else _as_index(kin),
+                None if kout is None or bool(kout.all()) else _as_index(kout))
 
     @property
     def widths(self) -> Widths:
