@@ -401,12 +401,12 @@ def test_forwards_follow_weight_updates_and_width_changes():
     def rel(a, b) -> float:
         return float((a - b).abs().max() / b.abs().max())
 
-    def both():  # (kept weights, views as autograd sees them)
+    def both():  # (without gradients, with gradients)
         with torch.no_grad():
-            kept = sn(x)
+            plain = sn(x)
         with torch.enable_grad():
-            views = sn(x).detach()
-        return kept, views
+            graded = sn(x).detach()
+        return plain, graded
 
     sn.set_widths(sn.smallest())
     first, views = both()
@@ -423,7 +423,7 @@ def test_forwards_follow_weight_updates_and_width_changes():
     sn.set_widths(sn.largest())
     wide, views = both()
     assert rel(wide, views) < 1e-5 and wide.shape == first.shape and rel(wide, replaced) > 1e-3
-    # with gradients the sliced weight is a view: the gradient reaches the shared weight
+    # with gradients the sliced weight is a view of the shared one: the gradient reaches it
     sn.set_widths(sn.smallest())
     sn(x).square().mean().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0

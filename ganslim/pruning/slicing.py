@@ -268,7 +268,12 @@ class Supernet(nn.Module):
         self._macs = MacsModel(model, targets, base)
         self._states: dict[str, dict] = {}
         self._bn_calls: Optional[tuple] = None  # BatchNorm calls per forward (recalibrate_bn's early stop)
-        self._touching: Optional[dict] = None  # layer -> the groups touching it (set_widths' index cache)
+        # set_widths' cache: layer -> indices of the groups touching it; (layer, their widths) -> indices
+        self._touching: dict[str, list[int]] = {}
+        for gi, g in enumerate(self.groups):
+            for mem in g.members:
+                if gi not in self._touching.setdefault(mem.name, []):
+                    self._touching[mem.name].append(gi)
         self._index_cache: dict = {}
         self.last_export_diff: Optional[float] = None
         self._widths: Widths = self.largest()
@@ -373,13 +378,6 @@ class Supernet(nn.Module):
         # A layer's kept channels depend only on the widths of the groups that touch it, and a search
         # sets hundreds of configurations drawn from a few widths per group: each layer's indices are
         # computed once per combination of those widths and kept.
-        if getattr(self, "_touching", None) is None:
-            touching: dict[str, list[int]] = {}
-            for gi, g in enumerate(self.groups):
-                for mem in g.members:
-                    if gi not in touching.setdefault(mem.name, []):
-                        touching[mem.name].append(gi)
-            self._touching, self._index_cache = touching, {}
         for name, st in self._states.items():
             gis = self._touching.get(name, [])
             key = (name, tuple(widths[self.groups[gi].root] for gi in gis))
