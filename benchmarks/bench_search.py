@@ -8,15 +8,22 @@ that both choose the same sub-network for every budget.
 "before" is the evaluation as it was: every BatchNorm re-estimation forward ran to the output layer,
 SSIM was computed for every candidate whatever the metric, and a candidate's MACs were recounted
 from boolean channel masks each time the search asked (thousands of times while sampling). "now" is
-:class:`ganslim.pruning.search.Evaluator`: the re-estimation forward stops after the last BatchNorm
-call (the number of calls per forward counted once, not per candidate), SSIM only when it is the
-metric, MACs counted from the widths without masks (the same float) and cached, images in
-channels-last order (oneDNN skips reordering every activation); "parallel" adds ``workers``
-evaluation processes. Both run
-the same search (3 budgets sharing one evaluator, as ``ganslim search`` and bench_ofa do: BatchNorm
-re-estimated on 4 training batches of 8x3x64x64, fitness on the held-out photo (1, 3, 256, 384)).
-Throughput counts fresh evaluations over the wall time of the search calls (sampling included). Each
-evaluation runs in a fresh process, so neither reuses the other's warmed-up kernels.
+:class:`ganslim.pruning.search.Evaluator` as configured by default: the re-estimation forward stops
+after the last BatchNorm call (the number of calls per forward counted once, not per candidate),
+SSIM only when it is the metric, MACs counted from the widths without masks (the same float) and
+cached, images in channels-last order (oneDNN skips reordering every activation), float32; it must
+choose the same sub-network as "before" for every budget (the run fails otherwise). "parallel" adds
+``workers`` evaluation processes. All run the same search (3 budgets sharing one evaluator, as
+``ganslim search`` and bench_ofa do: BatchNorm re-estimated on 4 training batches of 8x3x64x64,
+fitness on the held-out photo (1, 3, 256, 384)). Throughput counts fresh evaluations over the wall
+time of the search calls (sampling included). Each row runs in a fresh process, so none reuses
+another's warmed-up kernels.
+
+On a CPU with native bf16 (AMX or AVX512-BF16), "bf16" and "bf16_parallel" are "now" and
+"parallel" with ``precision="bf16"``. A fitness then moves by hundredths of a dB, which is enough to
+send the evolution elsewhere: their winners are reported, not required to match. To show whether
+they are worse, each budget's winner of the float32 and the bf16 search is measured in float32, for
+the seeds in ``--seeds`` (the evolution's seed; seed 0 is the rows above).
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ganslim import data, measure  # noqa: E402
 from ganslim._utils import first_output  # noqa: E402
 from ganslim.core.train import input_batches  # noqa: E402
-from ganslim.pruning.search import Candidate, Evaluator, SearchConfig, _key, search  # noqa: E402
+from ganslim.pruning.search import Candidate, Evaluator, SearchConfig, _key, native_bf16_cpu, search  # noqa: E402
 from ganslim.pruning.slicing import SliceConfig, make_supernet  # noqa: E402
 from ganslim.pruning.supernet import SupernetConfig, load_supernet, save_supernet, train_supernet  # noqa: E402
 
@@ -45,7 +52,7 @@ class BeforeEvaluator(Evaluator):
     """The evaluation as it was before the throughput work (same numbers, more work)."""
 
     def __init__(self, supernet, teacher, eval_pairs, bn_inputs, metric):
-        super().__init__(supernet, teacher, eval_pairs, bn_inputs, metric)
+        super().__init__(supernet, teacher, eval_pairs, bn_inputs, metric, precision="fp32")
         self.eval_pairs = [(tuple(i), t) for i, t in eval_pairs]  # the images as given (no channels-last copy)
         self.bn_inputs = list(bn_inputs)
 
@@ -82,7 +89,9 @@ class BeforeEvaluator(Evaluator):
         return cand
 
 
-VARIANTS = ("before", "now", "parallel")  # the third: now, with --workers processes
+# name: (evaluator, precision, processes)
+VARIANTS = {"before": ("before", "fp32", 1), "now": ("now", "fp32", 1), "parallel": ("now", "fp32", "workers"),
+            "bf16": ("now", "bf16", 1), "bf16_parallel": ("now", "bf16", "workers")}
 
 
 def run(evaluator: Evaluator, teacher, pairs, bn_inputs, budgets, cfg) -> dict:
@@ -105,8 +114,10 @@ def main() -> None:
     ap.add_argument("--population", type=int, default=24)
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/search.json")
-    ap.add_argument("--workers", type=int, default=2, help="evaluation processes of the third row")
-    ap.add_argument("--only", choices=list(VARIANTS), help=argparse.SUPPRESS)  # one evaluation, in this process
+    ap.add_argument("--workers", type=int, default=2, help="evaluation processes of the parallel rows")
+    ap.add_argument("--seeds", default="0,1,2", help="evolution seeds of the float32 vs bf16 winners comparison")
+    ap.add_argument("--only", choices=list(VARIANTS), help=argparse.SUPPRESS)  # one row, in this process
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--row-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -122,60 +133,92 @@ def main() -> None:
             save_supernet(sn, args.supernet)
             print(f"supernet: {args.supernet_steps} steps in {info['seconds'] / 60:.1f} min -> {args.supernet}")
     if args.only is None:
-        rows = {}
-        for name in VARIANTS:
-            row_out = os.path.splitext(args.out)[0] + f".{name}.json"
-            cmd = [sys.executable, __file__, "--only", name, "--row-out", row_out, "--supernet", args.supernet,
-                   "--budgets", args.budgets, "--population", str(args.population), "--generations", str(args.generations),
-                   "--workers", str(args.workers)]
+        native = native_bf16_cpu()
+        names = [n for n, (_, prec, _) in VARIANTS.items() if prec == "fp32" or native]
+        if not native:
+            print("this CPU has no native bf16 (AMX / AVX512-BF16): the bf16 rows are left out")
+        seeds = [int(s) for s in args.seeds.split(",")] if native else []
+        runs = [(n, 0) for n in names] + [(n, s) for s in seeds if s != 0 for n in ("now", "bf16")]
+        rows, seeded = {}, {}
+        for name, seed in runs:
+            row_out = os.path.splitext(args.out)[0] + f".{name}.{seed}.json"
+            cmd = [sys.executable, __file__, "--only", name, "--seed", str(seed), "--row-out", row_out,
+                   "--supernet", args.supernet, "--budgets", args.budgets, "--population", str(args.population),
+                   "--generations", str(args.generations), "--workers", str(args.workers)]
             subprocess.run(cmd, check=True)
             with open(row_out) as f:
-                rows[name] = json.load(f)
+                row = json.load(f)
             os.remove(row_out)
-        report(args, budgets, rows)
+            if seed == 0:
+                rows[name] = row
+            if name in ("now", "bf16"):
+                seeded.setdefault(name, {})[str(seed)] = row["best"]
+        report(args, budgets, rows, seeded)
         return
     bn_loader = data.default_loader(batch_size=8, crop=64, length=64, seed=0, teacher=teacher)
     bn_inputs = input_batches(bn_loader, 4, None)
     pairs = [((x,), y) for x, y in data.test_pairs()]
     sn = load_supernet(args.supernet)
-    cfg = SearchConfig(population=args.population, generations=args.generations)
-    if args.only == "before":
+    kind, precision, procs = VARIANTS[args.only]
+    cfg = SearchConfig(population=args.population, generations=args.generations, seed=args.seed)
+    if kind == "before":
         ev = BeforeEvaluator(sn, teacher, pairs, bn_inputs, cfg.metric)
     else:
-        ev = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, workers=args.workers if args.only == "parallel" else 1)
+        ev = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, workers=args.workers if procs == "workers" else 1,
+                       precision=precision)
     try:
         row = run(ev, teacher, pairs, bn_inputs, budgets, cfg)
     finally:
         ev.close()
+    if ev.precision != "fp32":  # the winners measured as the float32 search measures them (not timed)
+        ev32 = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, precision="fp32")
+        for b in row["best"].values():
+            b["fitness_fp32"] = ev32(b["widths"]).fitness
+    else:
+        for b in row["best"].values():
+            b["fitness_fp32"] = b["fitness"]
     row["workers"] = ev.workers
+    row["precision"] = ev.precision
     row["total_macs"] = sn.total_macs
-    print(f"{args.only:>6}: {row['evaluations']} sub-networks in {row['wall_s']:.1f} s = {row['per_minute']:.0f} per "
+    print(f"{args.only:>6} (seed {args.seed}): {row['evaluations']} sub-networks in {row['wall_s']:.1f} s = {row['per_minute']:.0f} per "
           f"minute (evaluator {row['evaluator_s']:.1f} s)", flush=True)
     with open(args.row_out, "w") as f:
         json.dump(row, f)
 
 
-def report(args, budgets, rows: dict) -> None:
+def report(args, budgets, rows: dict, seeded: dict) -> None:
     ref = rows["before"]["best"]
     # the choice is the widths; the fitness may differ in the last bits where the thread count differs
     same = {name: all(r["best"][k]["widths"] == ref[k]["widths"] for k in ref) for name, r in rows.items()}
     dfit = {name: max(abs(r["best"][k]["fitness"] - ref[k]["fitness"]) for k in ref) for name, r in rows.items()}
     speedup = {name: r["per_minute"] / rows["before"]["per_minute"] for name, r in rows.items()}
     for name, r in rows.items():
-        print(f"{name:>8}: {r['per_minute']:6.0f} sub-networks per minute ({r['evaluations']} in {r['wall_s']:.1f} s, "
-              f"{r['workers']} process(es)), {speedup[name]:.2f}x; the same sub-network as before for every budget: "
-              f"{same[name]} (fitness within {dfit[name]:.1e} dB)")
+        print(f"{name:>13}: {r['per_minute']:6.0f} sub-networks per minute ({r['evaluations']} in {r['wall_s']:.1f} s, "
+              f"{r['workers']} process(es), {r['precision']}), {speedup[name]:.2f}x; the same sub-network as before "
+              f"for every budget: {same[name]} (fitness within {dfit[name]:.1e} dB)")
     for k, b in rows["now"]["best"].items():
         print(f"  budget {k}: {b['macs'] / rows['now']['total_macs']:.4f} of the MACs, PSNR-GT {b['fitness']:.3f} dB")
+    winners = {}
+    if "bf16" in seeded:
+        print("each budget's winner measured in float32 (PSNR-GT dB): float32 search vs bf16 search")
+        for k in ref:
+            a = [seeded["now"][s][k]["fitness_fp32"] for s in sorted(seeded["now"])]
+            b = [seeded["bf16"][s][k]["fitness_fp32"] for s in sorted(seeded["bf16"])]
+            winners[k] = {"seeds": sorted(seeded["now"]), "fp32": a, "bf16": b}
+            print(f"  budget {k}: float32 {' '.join(f'{v:.3f}' for v in a)} (mean {sum(a) / len(a):.3f}); "
+                  f"bf16 {' '.join(f'{v:.3f}' for v in b)} (mean {sum(b) / len(b):.3f}); "
+                  f"bf16 - float32 {sum(b) / len(b) - sum(a) / len(a):+.3f} dB")
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-                       f"torch {torch.__version__}", "supernet": args.supernet, "budgets": budgets,
-            "population": args.population, "generations": args.generations}
+                       f"torch {torch.__version__}, native bf16: {native_bf16_cpu()}", "supernet": args.supernet,
+            "budgets": budgets, "population": args.population, "generations": args.generations}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({**meta, "rows": rows, "speedup": speedup, "same_choice": same, "max_fitness_diff_db": dfit}, f, indent=1)
+        json.dump({**meta, "rows": rows, "speedup": speedup, "same_choice": same, "max_fitness_diff_db": dfit,
+                   "winners_fp32": winners}, f, indent=1)
     print(f"wrote {args.out}")
-    if not all(same.values()):
-        raise SystemExit("the two evaluations chose different sub-networks")
+    exact = [n for n, (_, prec, _) in VARIANTS.items() if prec == "fp32"]
+    if not all(same[n] for n in exact):
+        raise SystemExit("the float32 evaluations chose different sub-networks")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ class SlimOptions:
     target_reach: float = 0.6  # fraction of ``steps`` by which the MACs schedule reaches the target
 
 
+SEARCH_PRECISIONS = ("auto", "fp32", "bf16")  # the search's arithmetic (ganslim.pruning.search.SearchConfig)
+
+
 @dataclass
 class OfaOptions:
     """``strategy="ofa"`` (once-for-all): ``steps`` are supernet steps, each over the largest, the
@@ -88,6 +91,8 @@ class OfaOptions:
     bn_batches: int = _opt(4, flat="search_bn_batches")  # batches that re-estimate each candidate's BatchNorm statistics
     metric: Any = _opt("psnr_gt", flat="search_metric")  # "psnr_gt" | "psnr_teacher" | "ssim_gt" | callable(model) -> float
     workers: int = _opt(1, flat="search_workers")  # evaluation processes (CPU; forked, the threads shared out)
+    # the search's arithmetic: "fp32", "bf16", or "auto" = bf16 on a CPU with native bf16 (AMX / AVX512-BF16)
+    precision: str = _opt("fp32", flat="search_precision")
     checkpoint: Optional[str] = _opt(None, flat="supernet_checkpoint")  # resumable supernet state (every 200 steps)
 
 
@@ -314,6 +319,8 @@ class CompressConfig:
             raise ValueError(f"latency_runtime must be 'onnxruntime' or 'eager', got {self.halp.runtime!r}")
         if self.halp.step < 1:
             raise ValueError(f"latency_step must be >= 1, got {self.halp.step}")
+        if self.ofa.precision not in SEARCH_PRECISIONS:
+            raise ValueError(f"search_precision must be one of {SEARCH_PRECISIONS}, got {self.ofa.precision!r}")
         if self.ofa.bn_batches < 1:
             raise ValueError(f"search_bn_batches must be >= 1, got {self.ofa.bn_batches}")
         if self.strategy_options is not None and not isinstance(self.strategy_options, Mapping):

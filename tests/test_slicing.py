@@ -1,5 +1,5 @@
-import copy
 """Once-for-all: width slicing on any generator, supernet training (resumable), search under budgets, export."""
+import copy
 import json
 import random
 
@@ -13,7 +13,8 @@ import ganslim
 from ganslim import measure
 from ganslim.deployment.checkpoint import CheckpointError
 from ganslim.cli import main
-from ganslim.pruning.search import BudgetError, Evaluator, SearchConfig, pareto_front, search
+from ganslim.pruning import search as search_module
+from ganslim.pruning.search import BudgetError, Evaluator, SearchConfig, pareto_front, resolve_precision, search
 from ganslim.pruning.slicing import SliceConfig, SliceError, make_supernet, recalibrate_bn, width_choices
 from ganslim.pruning.supernet import SupernetConfig, load_supernet, save_supernet, train_supernet
 from ganslim.zoo import create_model
@@ -210,6 +211,76 @@ def test_parallel_evaluation_gives_the_numbers_of_one_process_and_the_same_winne
     assert two._pool is None and not any(p.is_alive() for p in procs)
     with pytest.raises(ValueError, match="workers"):
         SearchConfig(workers=0).validate()
+
+
+def test_bf16_evaluation_is_close_to_float32_and_gives_the_supernet_back_as_it_was():
+    teacher, sn, pairs, bn = _searchable()
+    before = {k: v.clone() for k, v in sn.model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    params = {k: p for k, p in sn.model.named_parameters()}
+    exact = Evaluator(sn, teacher, pairs, bn, "psnr_gt", precision="fp32")
+    low = Evaluator(sn, teacher, pairs, bn, "psnr_gt", precision="bf16")
+    assert (exact.precision, low.precision) == ("fp32", "bf16")
+    rng = random.Random(2)
+    for _ in range(4):
+        w = {k: rng.choice(v) for k, v in sn.choices.items()}
+        a, b = exact(w), low(w)
+        # measured: within 0.01 dB of ~12 dB; 0.05 dB is far below the fitness gaps a search decides on
+        assert b.fitness == pytest.approx(a.fitness, abs=0.05) and b.fitness != a.fitness
+        assert b.metrics["psnr_teacher"] == pytest.approx(a.metrics["psnr_teacher"], abs=0.05)
+    assert not low._bf16_autocast  # the plain bf16 path ran: a ResNet's arithmetic is all in its layers
+    after = dict(sn.model.named_parameters())
+    assert all(after[k] is params[k] and after[k].dtype == torch.float32 for k in params)
+    assert all(torch.equal(sn.model.state_dict()[k], v) for k, v in before.items())  # bit for bit
+
+
+def test_bf16_evaluation_notices_changed_weights_and_falls_back_to_autocast_for_mixed_arithmetic():
+    teacher, sn, pairs, bn = _searchable()
+    low = Evaluator(sn, teacher, pairs, bn, "psnr_teacher", precision="bf16")
+    w = sn.smallest()
+    first = low(w).fitness
+    with torch.no_grad():  # an optimizer step between two searches
+        for p in sn.model.parameters():
+            p.mul_(0.9)
+    low.cache.clear()
+    fresh = Evaluator(sn, teacher, pairs, bn, "psnr_teacher", precision="bf16")
+    assert low(w).fitness == fresh(w).fitness != first  # the kept bf16 copies were made again
+
+    class Gained(nn.Module):  # a float32 buffer multiplies the activations: bf16 in, float32 out
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Conv2d(16, 3, 3, padding=1)
+            self.register_buffer("gain", torch.full((1, 1, 1, 1), 0.5))
+
+        def forward(self, x):
+            return torch.tanh(self.conv2(torch.relu(self.bn(self.conv1(x))) * self.gain))
+
+    torch.manual_seed(0)
+    net = _bn_stats(Gained(), torch.randn(4, 3, 16, 16))
+    gsn = make_supernet(net, torch.randn(1, 3, 16, 16), SliceConfig(ratios=(0.5, 1.0), multiple=1))
+    gpairs = [((torch.rand(2, 3, 16, 16) * 2 - 1,), None)]
+    gbn = [(torch.randn(4, 3, 16, 16),)]
+    exact = Evaluator(gsn, net, gpairs, gbn, "psnr_teacher", precision="fp32")
+    mixed = Evaluator(gsn, net, gpairs, gbn, "psnr_teacher", precision="bf16")
+    half = {k: min(v) for k, v in gsn.choices.items()}
+    assert mixed(half).fitness == pytest.approx(exact(half).fitness, abs=0.05)
+    assert mixed._bf16_autocast  # the conv met a float32 input: autocast took over
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(search_module, "native_bf16_cpu", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp32"
+    monkeypatch.setattr(search_module, "native_bf16_cpu", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert SearchConfig().precision == "fp32" and ganslim.CompressConfig().ofa.precision == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        SearchConfig(precision="fp16").validate()
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("half", cpu)
+    with pytest.raises(ValueError, match="search_precision"):
+        ganslim.CompressConfig().replace(search_precision="int8").validate()
 
 
 def _tiny_task(n_batches: int = 6, seed: int = 0):

@@ -24,12 +24,35 @@ import torch
 import torch.nn as nn
 
 from .. import measure
+from ..config import SEARCH_PRECISIONS
 from .._utils import as_input_tuple, first_output
 from ..core.genetic import evolve_population
 from .slicing import Supernet, recalibrate_bn
 
 __all__ = ["SearchConfig", "Candidate", "SearchResult", "Evaluator", "evolve", "search", "BudgetError", "pareto_front",
-           "budget_range", "resolve_budget"]
+           "budget_range", "resolve_budget", "native_bf16_cpu", "resolve_precision", "PRECISIONS"]
+
+
+PRECISIONS = SEARCH_PRECISIONS
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 convolutions natively (AMX tiles or AVX512-BF16) and this torch's
+    oneDNN uses them; elsewhere bf16 is emulated and slower than float32."""
+    try:
+        return bool((torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # torch builds without the private probes: assume not
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"bf16"`` on a CPU with native bf16, else ``"fp32"``; others as given."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cpu" and native_bf16_cpu() else "fp32"
+    return precision
 
 
 class BudgetError(ValueError):
@@ -42,7 +65,13 @@ class SearchConfig:
     ``parents`` fraction survives, ``crossover`` fraction of the children come from crossover
     (the rest from mutation), each width redrawn with ``mutation_prob``. ``bn_batches`` training
     batches re-estimate BatchNorm statistics per candidate. ``metric``: ``"psnr_gt"``,
-    ``"psnr_teacher"``, ``"ssim_gt"`` or a callable ``model -> float`` (higher is better)."""
+    ``"psnr_teacher"``, ``"ssim_gt"`` or a callable ``model -> float`` (higher is better).
+    ``precision``: the arithmetic of the candidates' forwards: ``"fp32"`` (default: the same winner
+    on every machine up to float rounding), ``"bf16"`` (autocast; BatchNorm statistics kept in
+    float32) or ``"auto"``: bf16 on a CPU that computes it natively (AMX or AVX512-BF16), fp32
+    elsewhere. bf16 evaluates faster and moves a fitness by hundredths of a dB, enough to send the
+    evolution down another path to another (not a worse) winner: bench_search.py measures both. The
+    exported sub-network and everything measured after the search are float32 either way."""
 
     population: int = 24
     generations: int = 8
@@ -54,6 +83,7 @@ class SearchConfig:
     latency_repeats: int = 5
     seed: int = 0
     workers: int = 1  # evaluation processes (forked, threads shared out); 2 on 2 cores: bench_search.py
+    precision: str = "fp32"  # "fp32" | "bf16" | "auto" (bf16 where the CPU has native bf16)
 
     def validate(self) -> "SearchConfig":
         if self.population < 2 or self.generations < 1:
@@ -64,6 +94,8 @@ class SearchConfig:
             raise ValueError(f"metric must be 'psnr_gt', 'psnr_teacher', 'ssim_gt' or a callable, got {self.metric!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         return self
 
 
@@ -114,14 +146,17 @@ class Evaluator:
     """Measures candidates on ``eval_pairs`` ([(inputs tuple, target or None)]), caching by widths.
 
     ``bn_inputs``: input tuples for BatchNorm re-estimation; ``latency_input``: input tuple timed for
-    a latency budget (default: the first evaluation input)."""
+    a latency budget (default: the first evaluation input). ``precision``: see :class:`SearchConfig`
+    (the resolved one is ``self.precision``; latency is always timed in float32, as deployed)."""
 
     def __init__(self, supernet: Supernet, teacher: Optional[nn.Module], eval_pairs: Sequence[tuple],
                  bn_inputs: Sequence[tuple] = (), metric: Any = "psnr_gt", latency_input: Optional[tuple] = None,
-                 latency_repeats: int = 5, threads: Optional[int] = None, workers: int = 1):
+                 latency_repeats: int = 5, threads: Optional[int] = None, workers: int = 1, precision: str = "fp32"):
         if not eval_pairs:
             raise ValueError("search needs at least one evaluation input")
         self.supernet, self.metric = supernet, metric
+        self.device = next(supernet.parameters()).device
+        self.precision = resolve_precision(precision, self.device)
         pairs = [(as_input_tuple(i), t) for i, t in eval_pairs]
         self.latency_input = latency_input or pairs[0][0]  # timed as the user deploys it
         # Images in channels-last order: oneDNN's convolutions then skip the reordering of every
@@ -145,6 +180,7 @@ class Evaluator:
         self.latency_cache: dict[tuple, float] = {}
         self.macs_cache: dict[tuple, float] = {}
         self.workers = max(1, int(workers))
+        self._bf16_inputs, self._bf16_copies, self._bf16_stamp, self._bf16_autocast = None, [], None, False
         self._pool = None
         self.evaluations = 0
         self.seconds = 0.0
@@ -163,9 +199,10 @@ class Evaluator:
         """BatchNorm re-estimated, then the held-out metrics of one sub-network: ``(metrics, fitness)``."""
         sn = self.supernet
         sn.set_widths(widths)
-        recalibrate_bn(sn, self.bn_inputs)
-        sn.model.eval()
-        outs = [first_output(sn.model(*i)) for i, _ in self.eval_pairs]
+        if self.precision == "bf16":
+            outs = self._forwards_bf16()
+        else:
+            outs = self._forwards(self.bn_inputs, [i for i, _ in self.eval_pairs])
         metrics = {}
         gts = [t for _, t in self.eval_pairs]
         if all(t is not None for t in gts):
@@ -176,6 +213,47 @@ class Evaluator:
             metrics["psnr_teacher"] = sum(measure.psnr(o, t) for o, t in zip(outs, self.teacher_out)) / len(outs)
         fitness = float(self.metric(sn.model)) if callable(self.metric) else float(metrics[self.metric])
         return metrics, fitness
+
+    def _forwards(self, bn_inputs: Sequence[tuple], eval_inputs: Sequence[tuple]) -> list[torch.Tensor]:
+        recalibrate_bn(self.supernet, bn_inputs)
+        self.supernet.model.eval()
+        return [first_output(self.supernet.model(*i)).float() for i in eval_inputs]
+
+    def _forwards_bf16(self) -> list[torch.Tensor]:
+        """:meth:`_forwards` in bf16: the convolutions' and linear layers' weights swapped for bf16
+        copies for the duration (made once and kept: like the fitness cache, the evaluator takes the
+        supernet's weights as fixed while it lives; an optimizer step on them is noticed and the copies
+        made again), inputs in bf16, normalisation parameters and statistics in float32. This runs
+        faster than autocast, which casts every weight on every forward; a model whose own arithmetic
+        mixes float32 tensors back in (an error on the first try) runs under autocast instead."""
+        if self._bf16_inputs is None:
+            low = lambda t: t.to(torch.bfloat16) if torch.is_floating_point(t) else t  # noqa: E731
+            self._bf16_inputs = ([tuple(low(t) for t in b) for b in self.bn_inputs],
+                                 [tuple(low(t) for t in i) for i, _ in self.eval_pairs])
+        swapped = []
+        try:
+            for p, low_weight in self._bf16_weights():
+                swapped.append((p, p.data))
+                p.data = low_weight
+            if not self._bf16_autocast:
+                try:
+                    return self._forwards(*self._bf16_inputs)
+                except RuntimeError:  # e.g. "Input type (float) and bias type (BFloat16) should be the same"
+                    self._bf16_autocast = True
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return self._forwards(*self._bf16_inputs)
+        finally:
+            for p, d in swapped:
+                p.data = d
+
+    def _bf16_weights(self) -> list[tuple]:
+        params = [p for m in self.supernet.model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+                  for p in m.parameters(recurse=False) if p.is_floating_point()]
+        stamp = [(p.data_ptr(), p._version) for p in params]
+        if self._bf16_stamp != stamp:
+            self._bf16_copies = [(p, p.detach().to(torch.bfloat16)) for p in params]
+            self._bf16_stamp = stamp
+        return self._bf16_copies
 
     def _store(self, widths: dict, metrics: dict, fitness: float, seconds: float) -> Candidate:
         k = _key(widths)
@@ -477,7 +555,7 @@ def search(supernet: Supernet, teacher: Optional[nn.Module], eval_pairs: Sequenc
     if target_latency_ms is not None and not target_latency_ms > 0:
         raise BudgetError(f"target_latency_ms must be > 0, got {target_latency_ms}")
     ev = evaluator or Evaluator(supernet, teacher, eval_pairs, bn_inputs, cfg.metric, latency_repeats=cfg.latency_repeats,
-                                threads=threads, workers=cfg.workers)
+                                threads=threads, workers=cfg.workers, precision=cfg.precision)
     prev = supernet.widths
     try:
         return evolve(supernet, ev, budget, target_latency_ms, cfg, reference_macs, progress)
@@ -543,12 +621,13 @@ def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: S
                    finetune_lr: float = 2e-3, population: int = 24, generations: int = 8, seed: int = 0,
                    bn_batches: int = 4, progress: bool = True, plot: Optional[str] = None,
                    batch_fn=None, threads: Optional[int] = None, workers: int = 1,
-                   finetune_average: Optional[float] = None) -> BudgetRows:
+                   finetune_average: Optional[float] = None, precision: str = "fp32") -> BudgetRows:
     """One supernet, several budgets, no retraining: for each ``("macs", fraction)`` or
     ``("latency", ms)`` in ``budgets``: search, re-estimate BatchNorm, export a plain module,
     optionally fine-tune it (``finetune_steps`` distillation steps, ending with the weight average of
     ``finetune_average``, default compress's), measure it, and save it to
-    ``out_dir/subnet_<budget>.safetensors``. Evaluations are shared between budgets.
+    ``out_dir/subnet_<budget>.safetensors``. Evaluations are shared between budgets. ``precision``:
+    the search's arithmetic (:class:`SearchConfig`); the rows are measured in float32.
     ``plot``: PNG of every evaluated sub-network (MACs vs fitness) with each budget's choice."""
     from ..deployment.checkpoint import save
     from ..config import CompressConfig, LossOptions
@@ -559,11 +638,12 @@ def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: S
     if finetune_average is None:
         finetune_average = CompressConfig().finetune_average
 
-    cfg = SearchConfig(population=population, generations=generations, seed=seed, bn_batches=bn_batches, workers=workers)
+    cfg = SearchConfig(population=population, generations=generations, seed=seed, bn_batches=bn_batches, workers=workers,
+                       precision=precision).validate()
     bn_inputs = input_batches(loader, bn_batches, batch_fn)
     pairs = [(as_input_tuple(i), t) for i, t in eval_pairs]
     ev = Evaluator(supernet, teacher, pairs, bn_inputs, cfg.metric, latency_repeats=cfg.latency_repeats, threads=threads,
-                   workers=workers)
+                   workers=workers, precision=cfg.precision)
     stat_input = pairs[0][0]
     teacher_macs_eval = measure.count_macs(teacher, stat_input, "papers")
     gt_pairs = [(i, t) for i, t in pairs if t is not None]
