@@ -425,8 +425,10 @@ def test_compress_with_the_ofa_strategy_returns_a_plain_smaller_model():
     teacher = create_model("resnet_6blocks", ngf=8, norm="instance").eval()
     loader = _tiny_task(4)
     res = ganslim.compress(teacher, teacher, loader, strategy="ofa", target_macs=0.3, steps=6, finetune_steps=4,
-                           search_population=6, search_generations=2, progress=False, measure_latency=False)
-    assert res.report.strategy == "ofa" and res.supernet is not None
+                           search_population=6, search_generations=2, search_precision="bf16", progress=False,
+                           measure_latency=False)
+    assert res.report.strategy == "ofa" and res.supernet is not None and res.report.search["precision"] == "bf16"
+    assert all(p.dtype == torch.float32 for p in res.model.parameters())
     assert res.report.student.macs <= 0.3 * res.report.teacher.macs * 1.01
     assert res.report.search["evaluations"] >= 6
     assert not any(isinstance(m, type(res.supernet)) for m in res.model.modules())
@@ -445,7 +447,7 @@ def test_cli_compress_ofa_then_search_several_budgets(tmp_path, capsys):
                  "1", "--out", str(out), "--no-progress"]) == 0
     assert (out / "supernet.safetensors").exists() and (out / "supernet.state.pt").exists()
     rc = main(["search", str(out / "supernet.safetensors"), "--teacher", str(teacher), "--target-macs", "0.6", "0.4",
-               "--population", "4", "--generations", "1", "--crop", "32", "--batch-size", "2",
+               "--population", "4", "--generations", "1", "--crop", "32", "--batch-size", "2", "--precision", "auto",
                "--out", str(tmp_path / "s"), "--no-progress"])
     assert rc == 0
     rows = json.loads((tmp_path / "s" / "search.json").read_text())["rows"]

@@ -37,6 +37,7 @@ class SearchSummary:
     supernet_seconds: Optional[float] = None
     resumed_from: Optional[int] = None
     pareto: list = field(default_factory=list)  # [(MACs fraction, fitness)]
+    precision: Optional[str] = None  # the arithmetic the candidates were measured in: "fp32" | "bf16"
 
     @property
     def per_minute(self) -> float:

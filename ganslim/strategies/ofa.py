@@ -54,7 +54,7 @@ class OfaStrategy(Strategy):
             generations=list(result.generations), best_macs_fraction=result.best.macs / ctx.teacher_macs,
             best_latency_ms=result.best.latency_ms, supernet_steps=sinfo["steps"],
             supernet_seconds=sinfo["seconds"], resumed_from=sinfo["resumed_from"],
-            pareto=[[c.macs / ctx.teacher_macs, c.fitness] for c in result.pareto()])
+            pareto=[[c.macs / ctx.teacher_macs, c.fitness] for c in result.pareto()], precision=evaluator.precision)
         weights = LossWeights(cfg.loss.recon_weight, cfg.loss.gt_weight, 0.0, 0.0, cfg.loss.mse_weight)
         return StageResult(plain, dict(result.best.widths), supernet.targets, weights,
                            rel_diff=supernet.last_export_diff, target_abs=budget, search=search, supernet=supernet)
