@@ -67,8 +67,8 @@ class SearchConfig:
     batches re-estimate BatchNorm statistics per candidate. ``metric``: ``"psnr_gt"``,
     ``"psnr_teacher"``, ``"ssim_gt"`` or a callable ``model -> float`` (higher is better).
     ``precision``: the arithmetic of the candidates' forwards: ``"fp32"`` (default: the same winner
-    on every machine up to float rounding), ``"bf16"`` (autocast; BatchNorm statistics kept in
-    float32) or ``"auto"``: bf16 on a CPU that computes it natively (AMX or AVX512-BF16), fp32
+    on every machine up to float rounding), ``"bf16"`` (the convolutions' weights and the inputs in
+    bf16, normalisation and its statistics in float32: :meth:`Evaluator._forwards_bf16`) or ``"auto"``: bf16 on a CPU that computes it natively (AMX or AVX512-BF16), fp32
     elsewhere. bf16 evaluates faster and moves a fitness by hundredths of a dB, enough to send the
     evolution down another path to another (not a worse) winner: bench_search.py measures both. The
     exported sub-network and everything measured after the search are float32 either way."""
