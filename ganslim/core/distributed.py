@@ -18,6 +18,7 @@ BatchNorm uses each rank's local statistics (as DDP does without SyncBatchNorm, 
 """
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any, Iterable, Optional
 
@@ -53,15 +54,23 @@ def init_from_env(backend: Optional[str] = None, device: "str | torch.device" = 
     """Initialise the default process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``...) when present. ``backend`` defaults to what ``device`` (the device the run trains
     on, ``CompressConfig.device``) needs: nccl for a CUDA device (each process on GPU ``LOCAL_RANK``),
-    gloo otherwise, whether or not the machine has CUDA. Returns whether a multi-process group is active."""
+    gloo otherwise, whether or not the machine has CUDA. Returns whether a multi-process group is active.
+    A group started here is destroyed at exit: left to interpreter shutdown, gloo's worker threads can
+    abort the process ("terminate called without an active exception", pytorch/pytorch#190489)."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
         return False
     if not torch.distributed.is_initialized():
         backend = backend or ("nccl" if torch.device(device).type == "cuda" else "gloo")
         torch.distributed.init_process_group(backend)
+        atexit.register(_destroy_at_exit)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return is_distributed()
+
+
+def _destroy_at_exit() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def collective_device(device: "str | torch.device") -> torch.device:
