@@ -30,10 +30,7 @@ from ..core.genetic import evolve_population
 from .slicing import Supernet, recalibrate_bn
 
 __all__ = ["SearchConfig", "Candidate", "SearchResult", "Evaluator", "evolve", "search", "BudgetError", "pareto_front",
-           "budget_range", "resolve_budget", "native_bf16_cpu", "resolve_precision", "PRECISIONS"]
-
-
-PRECISIONS = SEARCH_PRECISIONS
+           "budget_range", "resolve_budget", "native_bf16_cpu", "resolve_precision"]
 
 
 def native_bf16_cpu() -> bool:
@@ -46,10 +43,14 @@ def native_bf16_cpu() -> bool:
         return False
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in SEARCH_PRECISIONS:
+        raise ValueError(f"precision must be one of {SEARCH_PRECISIONS}, got {precision!r}")
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``"auto"`` -> ``"bf16"`` on a CPU with native bf16, else ``"fp32"``; others as given."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    _check_precision(precision)
     if precision == "auto":
         return "bf16" if device.type == "cpu" and native_bf16_cpu() else "fp32"
     return precision
@@ -94,8 +95,7 @@ class SearchConfig:
             raise ValueError(f"metric must be 'psnr_gt', 'psnr_teacher', 'ssim_gt' or a callable, got {self.metric!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _check_precision(self.precision)
         return self
 
 
