@@ -216,7 +216,8 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
             finetune(plain, teacher, loader, steps, cfg.finetune_lr, weights, ft_distiller, discriminator,
                      cfg.loss.gan_mode, cfg.device, cfg.batch_fn, progress, callbacks, checkpoint=checkpoint,
                      checkpoint_every=cfg.checkpoint_every, d_lr=cfg.loss.d_lr, average=cfg.finetune_average,
-                     bn_batches=bn_batches, memory_format=cfg.memory_format, deadline=deadline)
+                     bn_batches=bn_batches, memory_format=cfg.memory_format, deadline=deadline,
+                     precision=cfg.train_precision)
 
         if cfg.time_budget_min is None:
             run_finetune(cfg.finetune_steps)
@@ -272,7 +273,8 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
         export_rel_diff=st.rel_diff, notes=notes, quant=q.mode,
         quant_steps=q.steps if q.mode else 0, latency_target_ms=cfg.target_latency_ms,
         latency_calibration=[list(p) for p in calibration.points] if calibration is not None else [],
-        strategy=cfg.strategy, search=st.search.to_dict() if st.search is not None else {})
+        strategy=cfg.strategy, search=st.search.to_dict() if st.search is not None else {},
+        train_precision=cfg.train_precision)
     if qmodel is not None and q.deploy_check and eval_pairs:
         from .deployment.deploy import measure_deployment
 

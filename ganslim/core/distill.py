@@ -209,8 +209,9 @@ class FeatureDistiller(nn.Module):
         residual trunks grow large, and unnormalised they drown the output losses)."""
         total = 0.0
         for s_name, t_name in self.mapping.items():
-            fs = self.student_rec.features[s_name]
-            ft = self.teacher_rec.features[t_name]
+            # float32 whatever the forward's arithmetic (bf16 autocast records bf16 features)
+            fs = self.student_rec.features[s_name].float()
+            ft = self.teacher_rec.features[t_name].float()
             if self.kind == "gka":
                 total = total + (1.0 - kernel_alignment(fs, ft))
             else:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import distributed as dist
 from . import memory_format as layout
+from .precision import autocast, check_train_precision
 from .._utils import first_output  # noqa: F401 - re-exported: the loop's callers import it from here
 
 BatchFn = Callable[[Any], tuple]
@@ -176,10 +177,12 @@ class DistillTrainer:
     def __init__(self, student: nn.Module, teacher: nn.Module, param_groups: list[dict], weights: LossWeights,
                  distiller=None, discriminator: Optional[nn.Module] = None, d_lr: float = 2e-4,
                  gan_mode: str = "lsgan", device: str = "cpu", batch_fn: Optional[BatchFn] = None,
-                 memory_format: str = "auto"):
+                 memory_format: str = "auto", precision: str = "fp32"):
         self.student, self.teacher = student, teacher
         # channels-last training (ganslim.core.memory_format); decided in run(), after a probe forward
         self.channels_last = layout.resolve_memory_format(memory_format, device, student)
+        # the convolutions' arithmetic (ganslim.core.precision): "fp32" or "bf16"
+        self.precision = check_train_precision(precision)
         self.weights, self.distiller = weights, distiller
         self.device = torch.device(device)
         self.batch_fn = batch_fn
@@ -222,12 +225,15 @@ class DistillTrainer:
             inputs = layout.to_channels_last(inputs)
         target = dist.shard(target, pre)
         cached = dist.shard(cached_teacher_output(batch), pre)
-        if cached is not None and not (self.distiller is not None and self.weights.distill):
-            t_out = cached.to(self.device)  # offline distillation: no teacher forward this step
-        else:  # feature distillation needs the teacher's activations: run it
-            with torch.no_grad():
-                t_out = first_output(_run_on_batch(self.teacher, inputs, "teacher", self.state.step))
-        s_out = first_output(_run_on_batch(self.student, inputs, "student", self.state.step))
+        # bf16: the convolutions only; normalisations, additions, losses and updates in float32
+        with autocast(self.precision, self.device, (self.student, self.teacher)):
+            if cached is not None and not (self.distiller is not None and self.weights.distill):
+                t_out = cached.to(self.device)  # offline distillation: no teacher forward this step
+            else:  # feature distillation needs the teacher's activations: run it
+                with torch.no_grad():
+                    t_out = first_output(_run_on_batch(self.teacher, inputs, "teacher", self.state.step))
+            s_out = first_output(_run_on_batch(self.student, inputs, "student", self.state.step))
+        s_out, t_out = s_out.float(), t_out.float()
         if s_out.shape != t_out.shape:
             raise ValueError(f"student output {tuple(s_out.shape)} and teacher output {tuple(t_out.shape)} differ in shape")
         w = self.weights
@@ -399,7 +405,7 @@ def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int,
              batch_fn: Optional[BatchFn] = None, progress: bool = True, callbacks: Iterable[Callable] = (),
              desc: str = "ganslim fine-tune", checkpoint: Optional[str] = None, checkpoint_every: int = 200,
              d_lr: float = 2e-4, average: float = 0.0, bn_batches: int = 0, memory_format: str = "auto",
-             deadline=None) -> nn.Module:
+             deadline=None, precision: str = "fp32") -> nn.Module:
     """Distillation fine-tune of a plain (already compressed) ``model`` in place: ``steps`` Adam steps
     at ``lr`` with cosine decay (to 5%); ``distiller``'s mapping layers train alongside; a
     ``discriminator`` trains at its own constant ``d_lr``. Returns ``model`` in eval mode.
@@ -411,13 +417,15 @@ def finetune(model: nn.Module, teacher: nn.Module, loader: Iterable, steps: int,
     ``memory_format``: ``"auto"`` (channels-last on CPU for a model with depthwise convs), ``"channels_last"`` or
     ``"contiguous"`` (:mod:`ganslim.core.memory_format`); the model leaves in the layout it came in.
     ``deadline``: a :class:`ganslim.core.budget.Deadline` that may change the number of steps while
-    they run (the cosine decay and the average's horizon follow the new number)."""
+    they run (the cosine decay and the average's horizon follow the new number).
+    ``precision``: the convolutions' arithmetic, ``"fp32"`` or ``"bf16"`` (:mod:`ganslim.core.precision`:
+    faster where the CPU has AMX, at a measured cost in fidelity); weights, norms and losses stay float32."""
     if steps > 0:
         groups = [{"params": list(model.parameters()), "lr": lr}]
         if distiller is not None:
             groups.append({"params": list(distiller.parameters()), "lr": lr})
         tr = DistillTrainer(model, teacher, groups, weights, distiller, discriminator, d_lr, gan_mode, device, batch_fn,
-                            memory_format=memory_format)
+                            memory_format=memory_format, precision=precision)
         tr.total_steps = steps  # run() sets it too; a deadline may move it, and the decay follows
         sched = torch.optim.lr_scheduler.LambdaLR(tr.opt, lambda s: lr_cosine(s, tr.total_steps))
         tr.after_step.append(lambda _: sched.step())

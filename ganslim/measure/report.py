@@ -58,6 +58,7 @@ class CompressReport:
     latency_calibration: list = field(default_factory=list)  # [(width, MACs fraction, ms)] measured
     strategy: str = "uniform"
     search: dict = field(default_factory=dict)  # strategy "ofa": supernet training and search figures
+    train_precision: str = "fp32"  # the training convolutions' arithmetic ("fp32" or "bf16")
 
     @property
     def macs_reduction(self) -> float:
@@ -108,7 +109,7 @@ class CompressReport:
         first_stage = {"ofa": "supernet steps", "slim": "gated steps"}.get(self.strategy, "training steps")
         stages = f"{self.steps} {first_stage} + " if self.steps else ""  # onestep, evolve, uniform: no first stage
         lines.append(f"input {tuple(self.input_shape)}; strategy {self.strategy}: {stages}"
-                     f"{self.finetune_steps} fine-tune steps in {self.seconds / 60:.1f} min; export |diff| / output scale (float64) "
+                     f"{self.finetune_steps} fine-tune steps{' (convolutions in bf16)' if self.train_precision == 'bf16' else ''} in {self.seconds / 60:.1f} min; export |diff| / output scale (float64) "
                      f"{fmt(self.export_rel_diff, '', 7)}")
         if self.widths:
             lines.append("widths kept: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in list(self.widths.items())))

@@ -27,20 +27,11 @@ from .. import measure
 from ..config import SEARCH_PRECISIONS
 from .._utils import as_input_tuple, first_output
 from ..core.genetic import evolve_population
+from ..core.precision import native_bf16_cpu
 from .slicing import Supernet, recalibrate_bn
 
 __all__ = ["SearchConfig", "Candidate", "SearchResult", "Evaluator", "evolve", "search", "BudgetError", "pareto_front",
            "budget_range", "resolve_budget", "native_bf16_cpu", "resolve_precision"]
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 convolutions natively (AMX tiles or AVX512-BF16) and this torch's
-    oneDNN uses them; elsewhere bf16 is emulated and slower than float32."""
-    try:
-        return bool((torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # torch builds without the private probes: assume not
-        return False
 
 
 def _check_precision(precision: str) -> None:

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from ..core import distributed as dist
 from ..core import memory_format as layout
+from ..core.precision import autocast, check_train_precision
 from .slicing import SliceConfig, Supernet, make_supernet
 from ..core.train import (LossWeights, NonFiniteLossError, _finite_everywhere, atomic_torch_save, cached_teacher_output, cycle,
                     first_output, lr_cosine, output_losses, split_batch)
@@ -63,7 +64,7 @@ class SupernetConfig:
 def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, config: Optional[SupernetConfig] = None,
                    batch_fn: Optional[Callable] = None, device: str = "cpu", progress: bool = True,
                    checkpoint: Optional[str | os.PathLike] = None, callbacks: Iterable[Callable] = (),
-                   memory_format: str = "auto") -> dict:
+                   memory_format: str = "auto", precision: str = "fp32") -> dict:
     """Train ``supernet`` in place by distillation from ``teacher`` (sandwich rule, weight sharing).
 
     Args:
@@ -72,6 +73,8 @@ def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, con
         callbacks: ``fn(step, losses)`` after each optimizer step.
         memory_format: ``"auto"`` (channels-last on CPU for a network with depthwise convs),
             ``"channels_last"`` or ``"contiguous"`` (:mod:`ganslim.core.memory_format`).
+        precision: the convolutions' arithmetic, ``"fp32"`` or ``"bf16"`` (weights, optimizer, norms and
+            losses stay float32; :mod:`ganslim.core.precision`).
     Returns:
         ``{"steps", "seconds", "losses" (last step, summed over sub-networks), "resumed_from"}``.
     """
@@ -105,6 +108,7 @@ def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, con
     for _ in range(start):  # same data position as the interrupted run
         next(it)
     channels_last = layout.resolve_memory_format(memory_format, dev, supernet.model)
+    check_train_precision(precision)
     if channels_last:  # peeked, not drawn from a new iterator: the data order and RNG stay as without it
         first = next(it)
         it = itertools.chain([first], it)
@@ -127,16 +131,18 @@ def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, con
             target = dist.shard(target, pre).to(dev) if target is not None else None
             t_out = dist.shard(cached_teacher_output(batch), pre)
             if t_out is None:
-                with torch.no_grad():
+                with torch.no_grad(), autocast(precision, dev, (teacher,)):
                     t_out = first_output(teacher(*inputs))
-            t_out = t_out.to(dev)
+            t_out = t_out.to(dev).float()
             configs = [supernet.largest(), supernet.smallest()] + [supernet.sample(rng) for _ in range(cfg.random_subnets)]
             opt.zero_grad(set_to_none=True)
             total = 0.0
             losses = {}
             for widths in configs:
                 supernet.set_widths(widths)
-                out = output_losses(first_output(supernet.model(*inputs)), t_out, target, weights)
+                with autocast(precision, dev, (supernet.model,)):
+                    s_out = first_output(supernet.model(*inputs))
+                out = output_losses(s_out.float(), t_out, target, weights)
                 loss = sum(out.values())
                 if not _finite_everywhere(loss):
                     raise NonFiniteLossError(f"non-finite supernet loss at step {step} ({float(loss):.4g}); lower the "

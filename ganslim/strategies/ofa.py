@@ -30,7 +30,7 @@ class OfaStrategy(Strategy):
                               recon_weight=cfg.loss.recon_weight, gt_weight=cfg.loss.gt_weight, mse_weight=cfg.loss.mse_weight)
         callbacks = list(ctx.callbacks)
         sinfo = train_supernet(supernet, ctx.teacher, ctx.loader, scfg, batch_fn=cfg.batch_fn, device=cfg.device,
-                               memory_format=cfg.memory_format,
+                               memory_format=cfg.memory_format, precision=cfg.train_precision,
                                progress=cfg.progress, checkpoint=opts.checkpoint or ctx.checkpoint("supernet.pt"),
                                callbacks=[lambda step, losses: [cb(None, losses) for cb in callbacks]] if callbacks else ())
         bn_inputs = [tuple(t.to(cfg.device) for t in b) for b in input_batches(ctx.loader, opts.bn_batches, cfg.batch_fn)]

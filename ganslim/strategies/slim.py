@@ -45,7 +45,8 @@ class SlimStrategy(Strategy):
         if distiller is not None and any(True for _ in distiller.parameters()):
             groups.append({"params": list(distiller.parameters()), "lr": cfg.lr})
         trainer = DistillTrainer(student, ctx.teacher, groups, weights, distiller, ctx.discriminator, cfg.loss.d_lr,
-                                 cfg.loss.gan_mode, cfg.device, cfg.batch_fn, memory_format=cfg.memory_format)
+                                 cfg.loss.gan_mode, cfg.device, cfg.batch_fn, memory_format=cfg.memory_format,
+                                 precision=cfg.train_precision)
         shown = {"macs": macs_model.total}  # for the progress bar
 
         def control(tr: DistillTrainer) -> None:
