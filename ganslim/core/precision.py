@@ -8,8 +8,8 @@ no loss scaling is needed.
 
 Why opt-in, not the default: ``benchmarks/bench_precision.py`` on a 2-core CPU with AMX measured
 training steps 1.7-1.9x faster for teacher-sized ResNets and CartoonGAN (SPADE 1.45x, U-Net 0.91x)
-but only 1.07-1.30x for the default teacher's plain students (0.79x: the separable one), and every compression it ran in bf16 ended below float32 at the same seed:
--0.14 dB (uniform 1/10), -0.27 dB (onestep 1/20), -1.43 dB (slim 1/10, whose gated first stage trains
+but only 1.07-1.30x for the default teacher's plain students (0.79x: the separable one), and every
+compression it ran in bf16 ended below float32 at the same seed: -0.14 dB (uniform 1/10), -0.27 dB (onestep 1/20), -1.43 dB (slim 1/10, whose gated first stage trains
 the full-width network), for 0.71-0.98x of the wall time. Use it where time matters more than the
 last tenths of a dB, and measure.
 """
@@ -51,11 +51,12 @@ IMAGE_CHANNELS = 4
 @contextlib.contextmanager
 def autocast(precision: str, device: str | torch.device = "cpu", modules: Iterable[Optional[nn.Module]] = ()) -> Iterator[None]:
     """Within the block, the convolutions and linear layers of ``modules`` compute in bf16 when
-    ``precision`` is ``"bf16"`` (a resolved setting); nothing changes for ``"fp32"``.
+    ``precision`` is ``"bf16"``; nothing changes for ``"fp32"``.
 
     Only their arithmetic is bf16 (torch.autocast casts their inputs and weights): each hands its
     output back in float32, so the normalisations, residual additions and activations between them
-    stay float32 (in bf16 a residual trunk's sum rounds away the small corrections each block adds),
+    stay float32 (a residual trunk summed in bf16 can round away the small corrections each block
+    adds; a variant with everything in bf16 lost more fidelity in bench_precision.py),
     and the image-facing convs (``IMAGE_CHANNELS`` or fewer channels in or out) run in float32."""
     if precision != "bf16":
         yield
