@@ -44,16 +44,17 @@ def _cell_dir(out_dir: str, target: float, strategy: str) -> str:
     return os.path.join(out_dir, f"{target:g}_{strategy}")
 
 
-def run_cell(teacher: str, strategy: str, target: float, budget_min: float, out: str, resume: bool) -> dict:
-    """One ``ganslim compress`` command in its own process -> its report plus the wall time (s)."""
+def run_compress(options: list, out: str, resume: bool) -> tuple[dict, float]:
+    """``ganslim compress OPTIONS --out OUT --no-progress`` in its own process (its output in
+    ``OUT/log.txt``) -> ``(report, wall seconds)``; with ``resume``, a command that already wrote its
+    report and wall time is not run again."""
     report_path = os.path.join(out, "report.json")
     timing_path = os.path.join(out, "wall_s.txt")
     if resume and os.path.exists(report_path) and os.path.exists(timing_path):
         print(f"  kept {out} (--resume)", flush=True)
     else:
         os.makedirs(out, exist_ok=True)
-        cmd = [sys.executable, "-m", "ganslim", "compress", "--teacher", teacher, "--strategy", strategy,
-               "--target-macs", f"{target:g}", "--time-budget-min", f"{budget_min:g}", "--out", out, "--no-progress"]
+        cmd = [sys.executable, "-m", "ganslim", "compress", *options, "--out", out, "--no-progress"]
         print("  $ " + " ".join(["ganslim"] + cmd[3:]), flush=True)
         t0 = time.time()
         with open(os.path.join(out, "log.txt"), "w") as log:
@@ -66,7 +67,13 @@ def run_cell(teacher: str, strategy: str, target: float, budget_min: float, out:
     with open(report_path) as f:
         report = json.load(f)
     with open(timing_path) as f:
-        wall = float(f.read())
+        return report, float(f.read())
+
+
+def run_cell(teacher: str, strategy: str, target: float, budget_min: float, out: str, resume: bool) -> dict:
+    """One ``ganslim compress`` command in its own process -> its report plus the wall time (s)."""
+    report, wall = run_compress(["--teacher", teacher, "--strategy", strategy, "--target-macs", f"{target:g}",
+                                 "--time-budget-min", f"{budget_min:g}"], out, resume)
     return {"report": report, "wall_s": wall, "student": os.path.join(out, "student.safetensors")}
 
 

@@ -60,6 +60,22 @@ def _students(teacher: torch.nn.Module) -> dict:
     return out
 
 
+def training_cases(teacher: torch.nn.Module, students: dict) -> list[tuple]:
+    """``(name, network, input tuple, batch shape)``: the default teacher, its ``students`` and the
+    field's generators, each with the batch it is timed on."""
+    photo8 = _photos(8, 64)
+    cases = [("default teacher (ResNet-9 BN, ngf 32)", teacher, photo8, "8x64x64")]
+    cases += [(f"  its student {k}", m, photo8, "8x64x64") for k, m in students.items()]
+    return cases + [
+        ("ResNet-9 instance norm, ngf 64 (CycleGAN)", create_model("resnet_9blocks", ngf=64, norm="instance"),
+         _photos(4, 64), "4x64x64"),
+        ("U-Net 256, ngf 64 (pix2pix)", create_model("unet_256", ngf=64, norm="batch"), _photos(1, 256), "1x256x256"),
+        ("SPADE, ngf 32, 8 classes", create_model("spade", label_nc=8, ngf=32, crop_size=64, no_instance=True),
+         _labels(4, 64, 8), "4x8x64x64"),
+        ("CartoonGAN", create_model("cartoongan"), _photos(4, 64), "4x64x64"),
+    ]
+
+
 def _train_step_ms(model: torch.nn.Module, inputs: tuple, channels_last: bool, steps: int) -> list[float]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
     if channels_last:
@@ -113,17 +129,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     teacher = data.default_teacher()
     students = _students(teacher)
-    photo8 = _photos(8, 64)
-    cases = [("default teacher (ResNet-9 BN, ngf 32)", teacher, photo8, "8x64x64")]
-    cases += [(f"  its student {k}", m, photo8, "8x64x64") for k, m in students.items()]
-    cases += [
-        ("ResNet-9 instance norm, ngf 64 (CycleGAN)", create_model("resnet_9blocks", ngf=64, norm="instance"),
-         _photos(4, 64), "4x64x64"),
-        ("U-Net 256, ngf 64 (pix2pix)", create_model("unet_256", ngf=64, norm="batch"), _photos(1, 256), "1x256x256"),
-        ("SPADE, ngf 32, 8 classes", create_model("spade", label_nc=8, ngf=32, crop_size=64, no_instance=True),
-         _labels(4, 64, 8), "4x8x64x64"),
-        ("CartoonGAN", create_model("cartoongan"), _photos(4, 64), "4x64x64"),
-    ]
+    cases = training_cases(teacher, students)
     rows = []
     print(f"\ntraining step (forward + backward + Adam), median of {args.rounds} x {args.steps} steps per layout")
     print(f"{'model':44s} {'batch':>10s} {'NCHW ms':>9s} {'NHWC ms':>9s} {'speed-up':>8s}")

@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -49,10 +48,10 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from bench_layout import _labels, _photos, _students  # noqa: E402
+from bench_frontier import run_compress  # noqa: E402
+from bench_layout import _students, training_cases  # noqa: E402
 from ganslim import data  # noqa: E402
 from ganslim.core.precision import autocast, native_bf16_cpu  # noqa: E402
-from ganslim.zoo import create_model  # noqa: E402
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -77,17 +76,7 @@ def _train_step_ms(model: torch.nn.Module, inputs: tuple, precision: str, steps:
 def step_rows(rounds: int, steps: int) -> list[dict]:
     torch.manual_seed(0)
     teacher = data.default_teacher()
-    photo8 = _photos(8, 64)
-    cases = [("default teacher (ResNet-9 BN, ngf 32)", teacher, photo8, "8x64x64")]
-    cases += [(f"  its student {k}", m, photo8, "8x64x64") for k, m in _students(teacher).items()]
-    cases += [
-        ("ResNet-9 instance norm, ngf 64 (CycleGAN)", create_model("resnet_9blocks", ngf=64, norm="instance"),
-         _photos(4, 64), "4x64x64"),
-        ("U-Net 256, ngf 64 (pix2pix)", create_model("unet_256", ngf=64, norm="batch"), _photos(1, 256), "1x256x256"),
-        ("SPADE, ngf 32, 8 classes", create_model("spade", label_nc=8, ngf=32, crop_size=64, no_instance=True),
-         _labels(4, 64, 8), "4x8x64x64"),
-        ("CartoonGAN", create_model("cartoongan"), _photos(4, 64), "4x64x64"),
-    ]
+    cases = training_cases(teacher, _students(teacher))
     rows = []
     print(f"\ntraining step (forward + backward + Adam), median of {rounds} x {steps} steps per precision")
     print(f"{'model':44s} {'batch':>10s} {'fp32 ms':>9s} {'bf16 ms':>9s} {'speed-up':>8s}")
@@ -104,25 +93,10 @@ def step_rows(rounds: int, steps: int) -> list[dict]:
 
 
 def run_cell(strategy: str, target: float, steps: int, seed: int, precision: str, out: str, resume: bool) -> dict:
-    """One ``ganslim compress`` command in its own process -> its report and wall time (s)."""
-    report_path, timing_path = os.path.join(out, "report.json"), os.path.join(out, "wall_s.txt")
-    if not (resume and os.path.exists(report_path) and os.path.exists(timing_path)):
-        os.makedirs(out, exist_ok=True)
-        cmd = [sys.executable, "-m", "ganslim", "compress", "--teacher", "default", "--strategy", strategy,
-               "--target-macs", f"{target:g}", "--finetune-steps", str(steps), "--seed", str(seed),
-               "--train-precision", precision, "--out", out, "--no-progress"]
-        print("  $ " + " ".join(["ganslim"] + cmd[3:]), flush=True)
-        t0 = time.time()
-        with open(os.path.join(out, "log.txt"), "w") as log:
-            rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        if rc != 0:
-            raise RuntimeError(f"the command failed (exit {rc}); its output: {os.path.join(out, 'log.txt')}")
-        with open(timing_path, "w") as f:
-            f.write(f"{time.time() - t0}\n")
-    with open(report_path) as f:
-        report = json.load(f)
-    with open(timing_path) as f:
-        wall = float(f.read())
+    """One ``ganslim compress`` command in its own process -> its figures and wall time (s)."""
+    report, wall = run_compress(["--teacher", "default", "--strategy", strategy, "--target-macs", f"{target:g}",
+                                 "--finetune-steps", str(steps), "--seed", str(seed), "--train-precision", precision],
+                                out, resume)
     return {"strategy": strategy, "target": target, "seed": seed, "precision": precision,
             "psnr_gt": report["student"]["psnr_to_gt"],
             "teacher_psnr_gt": report["teacher"]["psnr_to_gt"], "macs_reduction": report["macs_reduction"],

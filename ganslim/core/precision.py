@@ -9,9 +9,9 @@ no loss scaling is needed.
 Why opt-in, not the default: ``benchmarks/bench_precision.py`` on a 2-core CPU with AMX measured
 training steps 1.7-1.9x faster for teacher-sized ResNets and CartoonGAN (SPADE 1.45x, U-Net 0.91x)
 but only 1.07-1.30x for the default teacher's plain students (0.79x: the separable one), and every
-compression it ran in bf16 ended below float32 at the same seed: -0.14 dB (uniform 1/10), -0.27 dB (onestep 1/20), -1.43 dB (slim 1/10, whose gated first stage trains
-the full-width network), for 0.71-0.98x of the wall time. Use it where time matters more than the
-last tenths of a dB, and measure.
+compression it ran in bf16 ended below float32 at the same seed: -0.14 dB (uniform 1/10), -0.27 dB
+(onestep 1/20), -1.43 dB (slim 1/10, whose gated first stage trains the full-width network), for
+0.71-0.98x of the wall time. Use it where time matters more than the last tenths of a dB, and measure.
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ IMAGE_CHANNELS = 4
 
 
 @contextlib.contextmanager
-def autocast(precision: str, device: str | torch.device = "cpu", modules: Iterable[Optional[nn.Module]] = ()) -> Iterator[None]:
+def autocast(precision: str, device: str | torch.device = "cpu",
+             modules: Iterable[Optional[nn.Module]] = ()) -> Iterator[None]:
     """Within the block, the convolutions and linear layers of ``modules`` compute in bf16 when
     ``precision`` is ``"bf16"``; nothing changes for ``"fp32"``.
 
@@ -64,19 +65,18 @@ def autocast(precision: str, device: str | torch.device = "cpu", modules: Iterab
     dev = torch.device(device).type
     layers = [m for mod in modules if mod is not None for m in mod.modules()
               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    thin = [m for m in layers if isinstance(m, nn.modules.conv._ConvNd)
-            and min(m.in_channels, m.out_channels) <= IMAGE_CHANNELS]
+    thin = {m for m in layers if isinstance(m, nn.modules.conv._ConvNd)
+            and min(m.in_channels, m.out_channels) <= IMAGE_CHANNELS}
 
     def float32_in(module, inputs):
         torch.set_autocast_enabled(dev, False)  # back on after the layer (below), and at the block's end
         return tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
 
     def float32_out(module, inputs, output):
-        if module in thin_set:
+        if module in thin:
             torch.set_autocast_enabled(dev, True)
         return output.float() if isinstance(output, torch.Tensor) and output.dtype == torch.bfloat16 else output
 
-    thin_set = set(thin)
     hooks = [m.register_forward_pre_hook(float32_in) for m in thin]
     hooks += [m.register_forward_hook(float32_out) for m in layers]
     try:

@@ -79,6 +79,7 @@ def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, con
         ``{"steps", "seconds", "losses" (last step, summed over sub-networks), "resumed_from"}``.
     """
     cfg = (config or SupernetConfig()).validate()
+    check_train_precision(precision)
     dev = torch.device(device)
     supernet.to(dev)
     teacher.to(dev).eval()
@@ -108,7 +109,6 @@ def train_supernet(supernet: Supernet, teacher: nn.Module, loader: Iterable, con
     for _ in range(start):  # same data position as the interrupted run
         next(it)
     channels_last = layout.resolve_memory_format(memory_format, dev, supernet.model)
-    check_train_precision(precision)
     if channels_last:  # peeked, not drawn from a new iterator: the data order and RNG stay as without it
         first = next(it)
         it = itertools.chain([first], it)
