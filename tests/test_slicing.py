@@ -521,3 +521,75 @@ def test_set_widths_reuses_the_indices_it_computed_and_matches_the_masks():
     hits = len(sn._index_cache)
     sn.set_widths(w)
     assert len(sn._index_cache) == hits  # nothing computed again
+
+
+def _merge_cases():
+    """(supernet, bn batches) of the field's generators that have BatchNorm: ResNet (NCHW and
+    channels-last inputs), U-Net, SPADE (parameter-free BatchNorm inside its SPADE blocks), mobile ResNet."""
+    from test_targets_per_generator import _label_batches, _spectral_norm_baked
+
+    torch.manual_seed(0)
+    cases = {}
+    photos = [(torch.randn(2, 3, 32, 32),) for _ in range(3)]
+    cfg = SliceConfig(ratios=(0.5, 1.0), multiple=1)
+    cases["resnet-batch"] = (make_supernet(create_model("resnet_6blocks", ngf=8, norm="batch"), photos[0][0][:1], cfg),
+                             photos)
+    cases["resnet-batch-channels-last"] = (copy.deepcopy(cases["resnet-batch"][0]),
+                                           [(x.contiguous(memory_format=torch.channels_last),) for x, in photos])
+    big = [(torch.randn(2, 3, 128, 128),) for _ in range(3)]
+    cases["unet-batch"] = (make_supernet(create_model("unet_128", ngf=8, norm="batch"), big[0][0][:1], cfg), big)
+    spade = _spectral_norm_baked(create_model("spade", label_nc=3, ngf=4, crop_size=32, no_instance=True))
+    labels = [(seg[:2],) for seg, _ in _label_batches(3, 2, 32, 3)]
+    cases["spade"] = (make_supernet(spade, labels[0][0][:1], cfg), labels)
+    mobile = create_model("mobile_resnet_9blocks", ngf=8, norm="batch")
+    cases["mobile-resnet-batch"] = (make_supernet(mobile, photos[0][0][:1], cfg), photos)
+    return cases
+
+
+@pytest.mark.parametrize("name", ["resnet-batch", "resnet-batch-channels-last", "unet-batch", "spade",
+                                  "mobile-resnet-batch"])
+def test_merged_recalibration_gives_the_statistics_of_one_forward_per_batch_bit_for_bit(name, monkeypatch):
+    from ganslim.pruning import slicing
+
+    sn, batches = _merge_cases()[name]
+    merged_forwards = []
+    real = slicing._merged_inputs
+    monkeypatch.setattr(slicing, "_merged_inputs", lambda *a: merged_forwards.append(real(*a)) or merged_forwards[-1])
+    rng = random.Random(0)
+    for widths in (sn.smallest(), sn.largest(), {k: rng.choice(v) for k, v in sn.choices.items()}):
+        stats = {}
+        for merge in (False, True):
+            recalibrate_bn(sn, batches, widths, merge=merge)
+            stats[merge] = {k: v.clone() for k, v in sn.model.state_dict().items() if "running" in k or "num_batches" in k}
+        assert stats[True].keys() == stats[False].keys() and stats[True]
+        for k in stats[False]:
+            assert torch.equal(stats[True][k], stats[False][k]), (name, k)
+        # every BatchNorm counted 3 batches (not one of 6), as the separate forwards count them
+        assert {int(v) for k, v in stats[True].items() if k.endswith("num_batches_tracked")} <= {0, 3}
+    merged = [m for m in merged_forwards if m is not None]
+    assert merged and merged[0][0].shape[0] == 3 * batches[0][0].shape[0], name  # the merged path really ran
+    if name.endswith("channels-last"):  # the layout the caller chose is kept
+        assert merged[0][0].is_contiguous(memory_format=torch.channels_last) and not merged[0][0].is_contiguous()
+
+
+def test_recalibration_runs_one_forward_per_batch_where_merging_would_not_be_exact():
+    from ganslim.pruning.slicing import _merged_inputs
+
+    torch.manual_seed(0)
+    x = [(torch.randn(2, 3, 32, 32),) for _ in range(3)]
+    sn = make_supernet(create_model("resnet_6blocks", ngf=8, norm="batch"), x[0][0][:1],
+                       SliceConfig(ratios=(0.5, 1.0), multiple=1))
+    assert _merged_inputs(sn, x) is not None
+    assert _merged_inputs(sn, x[:1]) is None  # one batch: nothing to merge
+    assert _merged_inputs(sn, x + [(torch.randn(1, 3, 32, 32),)]) is None  # unequal batch sizes
+    assert _merged_inputs(sn, [(t, 1.0) for t, in x]) is not None  # the same non-tensor argument
+    assert _merged_inputs(sn, [(t, float(i)) for i, (t,) in enumerate(x)]) is None  # different ones
+    big = [(torch.randn(64, 3, 256, 256),) for _ in range(2)]  # beyond MERGE_MAX_ELEMENTS
+    assert _merged_inputs(sn, big) is None
+    # a U-Net with dropout (pix2pix's option): its random draws would differ from separate forwards
+    unet = make_supernet(create_model("unet_128", ngf=8, norm="batch", use_dropout=True),
+                         torch.randn(1, 3, 128, 128), SliceConfig(ratios=(0.5, 1.0), multiple=1))
+    assert _merged_inputs(unet, [(torch.randn(2, 3, 128, 128),) for _ in range(2)]) is None
+    # a BatchNorm outside the supernet's channel groups would normalise the merged batch as one
+    sn.model.extra = nn.BatchNorm2d(3)
+    assert _merged_inputs(sn, x) is None
