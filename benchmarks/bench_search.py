@@ -9,7 +9,9 @@ that both choose the same sub-network for every budget.
 SSIM was computed for every candidate whatever the metric, and a candidate's MACs were recounted
 from boolean channel masks each time the search asked (thousands of times while sampling). "now" is
 :class:`ganslim.pruning.search.Evaluator` as configured by default: the re-estimation forward stops
-after the last BatchNorm call (the number of calls per forward counted once, not per candidate),
+after the last BatchNorm call (the number of calls per forward counted once, not per candidate), the
+re-estimation batches run as one forward of their concatenation, each BatchNorm keeping them apart
+(``recalibrate_bn(merge=True)``: the same statistics bit for bit, a quarter of the convolution calls),
 SSIM only when it is the metric, MACs counted from the widths without masks (the same float) and
 cached, images in channels-last order (oneDNN skips reordering every activation), float32; it must
 choose the same sub-network as "before" for every budget (the run fails otherwise). "parallel" adds
