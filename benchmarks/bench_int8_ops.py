@@ -1,6 +1,8 @@
 """Which operators of an int8 generator stay in float, and what they cost: onnxruntime's own profile
 of the fp32 and int8 exports, side by side in one run (issue 17, item 4); for the default student
-also both files without ganslim's exact ONNX rewrites (``rewrites=False``), which they are measured against.
+also both files without ganslim's exact ONNX rewrites (``rewrites=False``), which they are measured against,
+and the int8 file with its RGB input and output convs kept in float (``keep_first_float=True,
+keep_last_float=True``; by default they run as integer convs in their space-to-depth form).
 
     make demo                                      # writes runs/demo/student.safetensors
     python benchmarks/bench_int8_ops.py            # default student + a GroupNorm / depthwise generator
@@ -93,7 +95,11 @@ def main() -> None:
             if trained:  # the same two files without ganslim's exact ONNX rewrites: what they are worth
                 plain = (export(model, os.path.join(d, f"{i}.plain.onnx"), "onnx", example_inputs=x, rewrites=False),
                          export(model, os.path.join(d, f"{i}.plain.int8.onnx"), "onnx-int8", example_inputs=x,
-                                calib_loader=calib, rewrites=False))
+                                calib_loader=calib, rewrites=False),
+                         # and the int8 file with its RGB input and output convs kept float (the default
+                         # until the ends ran as integer space-to-depth convs): what the int8 ends are worth
+                         export(model, os.path.join(d, f"{i}.ends.int8.onnx"), "onnx-int8", example_inputs=x,
+                                calib_loader=calib, keep_first_float=True, keep_last_float=True))
             files.append((name, model, trained, fp32, int8, plain))
         best: dict[str, object] = {}
         wall: dict[str, float] = {}  # without the profiler: the latency figure
@@ -127,10 +133,13 @@ def main() -> None:
                 list(paired.median_ms), list(paired.ratio), [list(v) for v in paired.ratio_iqr])
             row["paired_int8_over_fp32"] = paired.ratio[1]
             if plain:
-                row["no_rewrites_fp32_ms"], row["no_rewrites_int8_ms"] = (wall[str(p)] for p in plain)
+                row["no_rewrites_fp32_ms"], row["no_rewrites_int8_ms"], row["float_ends_int8_ms"] = (
+                    wall[str(p)] for p in plain)
             if trained:
                 row["psnr_gt_fp32"] = measure.fidelity_to_target(om32, [((x,), gt)])["psnr"]
                 row["psnr_gt_int8"] = measure.fidelity_to_target(om8, [((x,), gt)])["psnr"]
+                row["psnr_gt_int8_float_ends"] = measure.fidelity_to_target(
+                    OnnxModule(plain[2], threads=args.threads), [((x,), gt)])["psnr"]
             results.append(row)
             gtxt = (f"; PSNR to ground truth fp32 {row['psnr_gt_fp32']:.2f} dB, int8 {row['psnr_gt_int8']:.2f} dB"
                     if trained else "")
@@ -144,6 +153,9 @@ def main() -> None:
                 r = row["paired_ratio"]
                 print(f"paired, without the rewrites (rewrites=False): fp32 {r[2]:.2f}x of the fp32 file, int8 "
                       f"{r[3]:.2f}x of it (rewrites: fp32 {1 / r[2]:.2f}x, int8 {r[1] / r[3]:.2f}x of the plain files)")
+                print(f"paired, int8 with the RGB input and output convs in float (keep_first_float / keep_last_float):"
+                      f" {r[4]:.2f}x of the fp32 file (integer ends: {r[1] / r[4]:.2f}x of it); PSNR to ground truth "
+                      f"{row['psnr_gt_int8_float_ends']:.2f} dB (integer ends {row['psnr_gt_int8']:.2f} dB)")
             print("int8 file (profiled: times per operator under onnxruntime's profiler, which adds its own cost):")
             print(pq.table(top=14))
             print("slowest int8-file nodes: " + ", ".join(f"{op} {tuple(sh)} {ms:.2f} ms"

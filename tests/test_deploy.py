@@ -190,30 +190,34 @@ def test_subpixel_rewrite_of_conv_transpose_is_exact(k, s, p, op, bias, tmp_path
             assert out.shape == ref.shape and (out - ref).abs().max() < 1e-5
 
 
-def test_int8_upsampling_runs_as_qlinearconv_and_pads_on_uint8(tmp_path):
+def test_int8_upsampling_and_the_rgb_ends_run_as_qlinearconv_and_data_movement_on_uint8(tmp_path):
     import onnx
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
                       nn.ReflectionPad2d(1), nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
                       nn.ConvTranspose2d(16, 8, 3, 2, 1, 1), nn.BatchNorm2d(8), nn.ReLU(),
-                      nn.Conv2d(8, 3, 3, padding=1), nn.Tanh()).eval()
+                      nn.ReflectionPad2d(1), nn.Conv2d(8, 3, 3), nn.Tanh()).eval()
     x = torch.rand(1, 3, 32, 48) * 2 - 1
     calib = [(torch.rand(2, 3, 32, 48) * 2 - 1, None) for _ in range(2)]
     kw = dict(example_inputs=x, calib_loader=calib, batch_fn=lambda b: b)
     p8 = export(m, tmp_path / "m8.onnx", "onnx-int8", **kw)
     ops = OnnxModule(p8).op_types()
-    assert "ConvTranspose" not in ops and ops.get("QLinearConv", 0) == 3  # middle conv, strided conv, upsampling
+    # all five convs integer: the 3-channel input and output convs in their space-to-depth form (12 in /
+    # 32 out and 32 in / 12 out), the upsampling in its sub-pixel form; no float conv left
+    assert "ConvTranspose" not in ops and "Conv" not in ops and ops.get("QLinearConv", 0) == 5
     g = onnx.load(str(p8)).graph
     producer = {o: n.op_type for n in g.node for o in n.output}
-    s2d_inputs = {n.input[0] for n in g.node if n.op_type == "SpaceToDepth"}
-    # every pad runs on uint8, but the zero pad of the float output conv's space-to-depth form
-    pads = [n for n in g.node if n.op_type == "Pad" and n.output[0] not in s2d_inputs]
-    assert pads and all(producer.get(n.input[0]) != "DequantizeLinear" for n in pads)
-    plain = OnnxModule(export(m, tmp_path / "plain.onnx", "onnx-int8", rewrites=False, **kw)).op_types()
-    assert plain.get("ConvTranspose", 0) == 1 and plain.get("QLinearConv", 0) == 2
+    moves = [n for n in g.node if n.op_type in ("Pad", "SpaceToDepth")]
+    assert len(moves) >= 4 and all(producer.get(n.input[0]) != "DequantizeLinear" for n in moves)  # on uint8
     with torch.no_grad():
         assert measure.psnr(OnnxModule(p8)(x), m(x)) > 30
+    # the ends kept float as asked: three integer convs, the output conv in its float space-to-depth form
+    ends = OnnxModule(export(m, tmp_path / "ends.onnx", "onnx-int8", keep_first_float=True, keep_last_float=True,
+                             **kw)).op_types()
+    assert ends.get("QLinearConv", 0) == 3 and ends.get("Conv", 0) == 2
+    plain = OnnxModule(export(m, tmp_path / "plain.onnx", "onnx-int8", rewrites=False, **kw)).op_types()
+    assert plain.get("ConvTranspose", 0) == 1 and plain.get("QLinearConv", 0) == 2  # ends float without rewrites
 
 
 def test_thin_output_conv_runs_as_a_strided_conv_with_four_times_the_channels(tmp_path):
@@ -294,3 +298,31 @@ def test_a_depthwise_separable_student_runs_int8(loader, x, tmp_path):
     assert om.op_types().get("QLinearConv", 0) >= len(depthwise)
     with torch.no_grad():
         assert measure.psnr(om(x), net(x)) > 30.0
+
+
+@pytest.mark.parametrize("generator", ["resnet9-batch", "resnet9-instance", "resnet9-instance-affine", "unet256",
+                                       "spade", "cartoongan"])
+def test_int8_runs_the_rgb_ends_as_integer_convs_on_each_generator(generator, tmp_path):
+    """The image-facing convs (3 channels in or out) become integer convs in their space-to-depth (or
+    sub-pixel) form by default; only what the rewrites cannot widen stays float (U-Net's input conv
+    has stride 2). Fidelity to the float file stays close to that of the file with float ends."""
+    from test_targets_per_generator import _teacher_and_loader
+
+    teacher, train = _teacher_and_loader(generator)
+    x = train[0][0][:1]
+    calib = [(b[0], None) for b in train[:4]]
+    kw = dict(example_inputs=x, calib_loader=calib, batch_fn=lambda b: b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp32 = OnnxModule(export(teacher, tmp_path / "f.onnx", "onnx", example_inputs=x))
+        int8 = OnnxModule(export(teacher, tmp_path / "q.onnx", "onnx-int8", **kw))
+        ends = OnnxModule(export(teacher, tmp_path / "e.onnx", "onnx-int8", keep_first_float=True,
+                                 keep_last_float=True, **kw))
+    float_convs = int8.op_types().get("Conv", 0) + int8.op_types().get("ConvTranspose", 0)
+    assert float_convs == (1 if generator == "unet256" else 0), int8.op_types()
+    assert ends.op_types().get("Conv", 0) == 2
+    assert int8.op_types()["QLinearConv"] == ends.op_types()["QLinearConv"] + 2 - float_convs
+    xs = torch.cat([b[0] for b in train[4:6]])
+    ref = fp32(xs)
+    p_int8, p_ends = measure.psnr(int8(xs), ref), measure.psnr(ends(xs), ref)
+    assert p_int8 > 30 and p_int8 > p_ends - 4, (generator, p_int8, p_ends)

@@ -237,10 +237,37 @@ def _float_ends(path: pathlib.Path, keep_first: bool, keep_last: bool) -> list[s
     return out
 
 
-def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: bool) -> list[str]:
+THIN_CHANNELS = 4  # a conv with at most this many channels in or out: int8 kernels run it slower than float
+
+
+def _weighted_ends(path: pathlib.Path) -> list[tuple[str, str, int, int]]:
+    """``(name, op type, C_in, C_out)`` of the first and the last weighted node of an exported float
+    graph (graph order is topological in exported files); channels 0 where the weight is not a
+    constant 4-D tensor."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name: i for i in g.initializer}
+    weighted = [n for n in g.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    out = []
+    for n in weighted[:1] + weighted[-1:] if len(weighted) > 1 else weighted:
+        c_in = c_out = 0
+        if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1 and n.input[1] in inits:
+            w = numpy_helper.to_array(inits[n.input[1]])
+            group = next((a.i for a in n.attribute if a.name == "group"), 1) or 1
+            if w.ndim == 4:
+                c_out, c_in = (w.shape[0], w.shape[1] * group) if n.op_type == "Conv" else (w.shape[1] * group, w.shape[0])
+        out.append((n.name, n.op_type, int(c_in), int(c_out)))
+    return out
+
+
+def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: bool,
+                   int8_ends: Sequence[str] = ()) -> list[str]:
     """Write ``fp32`` with the exact rewrites of :mod:`ganslim.deployment.onnx_rewrite` applied to ``out``: the
-    thin output conv as a space-to-depth conv (fp32 and int8) and, for ``int8``, each ConvTranspose
-    in its sub-pixel form. Returns what was rewritten (empty: nothing to do, ``out`` not written).
+    thin output conv as a space-to-depth conv (fp32) or, for ``int8``, each ConvTranspose in its
+    sub-pixel form and the thin end convs named in ``int8_ends`` (those to be quantized) as
+    space-to-depth convs. Returns what was rewritten (empty: nothing to do, ``out`` not written).
     The result is run in onnxruntime against the original on ``example``; if it differs (max |diff|
     above 1e-4 of the output's range) the rewrite is dropped with a warning."""
     import onnx
@@ -248,9 +275,16 @@ def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: 
     from .onnx_rewrite import space_to_depth_thin_conv, subpixel_conv_transpose
 
     m = onnx.load(str(fp32))
-    # int8: the thin conv stays float and is rewritten after quantization (the quantizer's pre-processing
-    # would fold its compact weight construction into a 4x larger stored weight)
-    done = subpixel_conv_transpose(m) if int8 else space_to_depth_thin_conv(m)
+    if int8:
+        # thin ends kept in float are rewritten after quantization instead (the quantizer's pre-processing
+        # folds the compact weight construction into a 4x larger stored weight: for int8 ends that is the
+        # weight it quantizes, for float ones 4x the float bytes)
+        done = subpixel_conv_transpose(m)
+        if int8_ends:
+            done += space_to_depth_thin_conv(m, max_out_channels=THIN_CHANNELS, max_in_channels=THIN_CHANNELS,
+                                             only=set(int8_ends))
+    else:
+        done = space_to_depth_thin_conv(m)
     if not done:
         return []
     onnx.save(m, str(out))
@@ -265,6 +299,40 @@ def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: 
         out.unlink(missing_ok=True)
         return []
     return done
+
+
+def _made_wide(end: tuple[str, str, int, int], rewritten: Sequence[str]) -> bool:
+    """Whether the exact rewrites turned end layer ``end`` (see :func:`_weighted_ends`) into a conv
+    that is not thin: a thin conv in its space-to-depth form (4x the channels in and out), a transposed
+    conv (stride 2) in its sub-pixel form (4x the outputs), or a layer that was never thin."""
+    name, op, c_in, c_out = end
+    if op not in ("Conv", "ConvTranspose") or not c_in:
+        return False  # Gemm / MatMul, or a weight computed in the graph: kept as the old default did
+    if min(c_in, c_out) > THIN_CHANNELS:
+        return False  # never thin: the image-facing default (float) stays
+    if name not in rewritten:
+        return False
+    grow_in, grow_out = (4, 4) if op == "Conv" else (1, 4)
+    return min(c_in * grow_in, c_out * grow_out) > THIN_CHANNELS
+
+
+@contextlib.contextmanager
+def _shared_quantization(op_types: Sequence[str]):
+    """Inside: onnxruntime's QDQ quantizer gives these data-movement ops' outputs their input's scale
+    and zero point (as it does for Reshape and Transpose) instead of calibrating them on their own, so
+    that :func:`onnx_rewrite.integer_pads` can run them on the integer tensor. Calibrated apart, a
+    space-to-depth's output (the same values, reordered) came out with a scale 0.6% off its input's,
+    which left the op in float between a dequantize and a quantize pass."""
+    from onnxruntime.quantization import registry
+    from onnxruntime.quantization.operators.direct_q8 import QDQDirect8BitOp
+
+    added = [op for op in op_types if op not in registry.QDQRegistry]
+    registry.QDQRegistry.update({op: QDQDirect8BitOp for op in added})
+    try:
+        yield
+    finally:
+        for op in added:
+            registry.QDQRegistry.pop(op, None)
 
 
 def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple], names: Sequence[str],
@@ -284,7 +352,7 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
     exclude = _float_ends(src, keep_first, keep_last)
     if act_calib == "percentile":
         extra["CalibPercentile"] = float(act_percentile)
-    with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints calibration chatter
+    with contextlib.redirect_stdout(io.StringIO()), _shared_quantization(("SpaceToDepth", "DepthToSpace")):
         quantize_static(str(src), str(out), _CalibReader(batches, names), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
@@ -364,7 +432,7 @@ def _minify(path: pathlib.Path) -> None:
 def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", example_inputs: Any = None,
            calib_loader: Optional[Iterable] = None, batch_fn: Optional[Callable] = None, calib_batches: int = 8,
            opset: int = 17, verify: bool = True, act_calib: str = "percentile", act_percentile: float = 99.9,
-           keep_first_float: bool = True, keep_last_float: bool = True, rewrites: bool = True,
+           keep_first_float: Optional[bool] = None, keep_last_float: Optional[bool] = None, rewrites: bool = True,
            reduce_range: Optional[bool] = None) -> pathlib.Path:
     """Write ``model`` to ``path`` for deployment; returns the path.
 
@@ -379,15 +447,20 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
         act_calib, act_percentile: activation ranges for int8 (``"percentile"`` of |x|, or
             ``"max"``); a QAT model uses the settings it was calibrated with.
         keep_first_float, keep_last_float: leave the first / last weighted layer in float in the
-            int8 file (a QAT model uses its ``skip_first`` / ``skip_last``).
+            int8 file (a QAT model uses its ``skip_first`` / ``skip_last``). ``None`` (default): int8
+            where ``rewrites`` turn a thin image-facing conv (<= 4 channels in or out, e.g. the RGB
+            input and output layers) into a wide one (its space-to-depth form, or a transposed conv's
+            sub-pixel form), which integer kernels run faster than float ones; float otherwise (a thin
+            conv runs slower in int8, and the image-facing layers are the most sensitive).
         rewrites: exact graph rewrites for onnxruntime's CPU kernels (:mod:`ganslim.deployment.onnx_rewrite`):
             a thin output conv (<= 4 channels, e.g. the RGB layer) as a stride-2 conv with 4x the
             channels, itself run as a stride-1 conv on the space-to-depth of its input, +
-            depth-to-space (fp32 and int8); for int8 also each ConvTranspose as its
-            sub-pixel form (stride-1 Conv + depth-to-space), which runs as an integer QLinearConv
-            where a ConvTranspose stays float, and the pads between quantized layers on the uint8
-            tensors instead of DequantizeLinear -> Pad -> QuantizeLinear. Each is verified in
-            onnxruntime against the plain export; ``False`` writes the graph as torch exports it.
+            depth-to-space (fp32 and int8; for int8 the thin input conv too, when it is quantized); for
+            int8 also each ConvTranspose as its sub-pixel form (stride-1 Conv + depth-to-space), which
+            runs as an integer QLinearConv where a ConvTranspose stays float, and the pads,
+            space-to-depth and depth-to-space between quantized layers on the uint8 tensors instead of
+            DequantizeLinear -> op -> QuantizeLinear. Each is verified in onnxruntime against the plain
+            export; ``False`` writes the graph as torch exports it (and keeps the ends float by default).
         verify: run the written file in onnxruntime and check its output is finite and close to
             the PyTorch model's (float: max |diff| <= 1e-3; int8: PSNR >= 20 dB).
         reduce_range: int8 weights on 7 bits. x86 CPUs without VNNI multiply uint8 activations by
@@ -449,14 +522,23 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
                 batches = _calibration_batches(calib_loader, example, calib_batches, batch_fn)
                 result = tmp / "model.int8.onnx"
                 qcfg = Q.config_of(model) if Q.is_quantized(model) else None
+                keep = [qcfg.skip_first, qcfg.skip_last] if qcfg else [keep_first_float, keep_last_float]
                 src = fp32
-                if rewrites and _rewrite_float(fp32, tmp / "model.fp32.rewritten.onnx", example, True):
-                    src = tmp / "model.fp32.rewritten.onnx"
+                if rewrites:
+                    ends = _weighted_ends(fp32)
+                    # ends to quantize, rewritten first where thin: asked for (False), or left to the
+                    # rewrite (None): quantized if it makes them wide, else float as before
+                    thin_int8 = [name for (name, op, c_in, c_out), k in zip(ends, keep)
+                                 if k is not True and op == "Conv" and 0 < min(c_in, c_out) <= THIN_CHANNELS]
+                    done = _rewrite_float(fp32, tmp / "model.fp32.rewritten.onnx", example, True, thin_int8)
+                    if done:
+                        src = tmp / "model.fp32.rewritten.onnx"
+                    keep = [k if k is not None else not _made_wide(end, done) for end, k in zip(ends, keep)]
+                keep = [True if k is None else bool(k) for k in keep]
                 _quantize_static(src, result, batches, names,
                                  act_calib=qcfg.act_calib if qcfg else act_calib,
                                  act_percentile=qcfg.act_percentile if qcfg else act_percentile,
-                                 keep_first=qcfg.skip_first if qcfg else keep_first_float,
-                                 keep_last=qcfg.skip_last if qcfg else keep_last_float,
+                                 keep_first=keep[0], keep_last=keep[-1],
                                  integer_pads=rewrites,
                                  reduce_range=int8_saturates() if reduce_range is None else bool(reduce_range))
             _minify(result)

@@ -27,10 +27,17 @@ stride-1 conv on the space-to-depth of its (zero-padded) input, ``4*C_in`` chann
 the size, the same multiply-adds: its 10 or 20 input channels no longer leave the kernels' input
 blocks of 8 or 16 partly empty.
 
+The same rewrite widens a thin *input* conv (the RGB input layer, 3 channels in): ``4*C_in`` inputs
+and ``4*C_out`` outputs at half the resolution. ``export`` uses both for the int8 ends: in their
+space-to-depth form the image-facing convs run as integer ``QLinearConv`` faster than in float,
+where with 3 channels they ran slower.
+
 ``integer_pads`` (QDQ graph, after quantization): onnxruntime keeps ``DequantizeLinear -> Pad ->
 QuantizeLinear`` (the reflection pads in front of every residual-block conv) as three float passes
 over the feature map; a pad only copies values, so the same Pad on the uint8 tensor (constant pads
 filled with the zero point, i.e. the quantized 0) gives bit-identical results in one integer pass.
+``SpaceToDepth`` and ``DepthToSpace`` between quantized layers likewise (``export`` has the quantizer
+give their outputs their input's scale, so the pair around them matches).
 
 ``shape_of_quantized`` (QDQ graph, after quantization): a ``Shape`` of a dequantized tensor (the
 exporter's GroupNorm reads its input's shape to reshape back) keeps a whole ``DequantizeLinear`` pass
@@ -264,17 +271,29 @@ def _subpixel_nodes(model, node, inits, bn=None, act=None):
     return new
 
 
-def space_to_depth_thin_conv(model, max_out_channels: int = 4, stride: int = 2) -> list[str]:
-    """Rewrite (in place) every float 2-D ``Conv`` with at most ``max_out_channels`` outputs (group 1,
-    stride 1, dilation 1, explicit pads, constant weights, kernel >= 2) as ``Conv(stride) ->
-    [activation] -> DepthToSpace -> Slice``; returns the rewritten node names. An elementwise
-    activation reading only the conv's output (the generator's Tanh) moves in front of the
-    depth-to-space. The crop is computed from the input's shape, so dynamic sizes (odd ones too) work."""
-    return _rewrite_each(model, lambda node, inits, consumers, outputs: _thin_conv_nodes(
-        model, node, inits, consumers, outputs, max_out_channels, int(stride)))
+def space_to_depth_thin_conv(model, max_out_channels: int = 4, stride: int = 2, max_in_channels: int = 0,
+                             only: Optional[set] = None) -> list[str]:
+    """Rewrite (in place) every float 2-D ``Conv`` with at most ``max_out_channels`` outputs, or at most
+    ``max_in_channels`` inputs (group 1, stride 1, dilation 1, explicit pads, constant weights, kernel
+    >= 2) as ``Conv(stride) -> [activation] -> DepthToSpace -> Slice``; returns the rewritten node
+    names. An elementwise activation reading only the conv's output (the generator's Tanh) moves in
+    front of the depth-to-space. The crop is computed from the input's shape, so dynamic sizes (odd
+    ones too) work. ``only``: restrict to these node names.
+
+    A thin *input* conv (the generator's RGB input layer, 3 channels in) becomes a conv with ``4*C_in``
+    inputs and ``4*C_out`` outputs at half the resolution: that is what lets an int8 file run it as an
+    integer ``QLinearConv`` (with 3 input channels int8 is slower than float). In float the same form is
+    not faster (the depth-to-space of its wide output costs what the conv saves), so ``export`` uses it
+    for int8 only."""
+    def rewrite(node, inits, consumers, outputs):
+        if only is not None and node.name not in only:
+            return None
+        return _thin_conv_nodes(model, node, inits, consumers, outputs, max_out_channels, int(stride), max_in_channels)
+
+    return _rewrite_each(model, rewrite)
 
 
-def _thin_conv_nodes(model, node, inits, consumers, outputs, max_out_channels: int, s: int):
+def _thin_conv_nodes(model, node, inits, consumers, outputs, max_out_channels: int, s: int, max_in_channels: int = 0):
     """``(new nodes, [moved activation])`` replacing thin Conv ``node``, or None when it is not eligible."""
     from onnx import helper, numpy_helper
 
@@ -285,7 +304,8 @@ def _thin_conv_nodes(model, node, inits, consumers, outputs, max_out_channels: i
     w = numpy_helper.to_array(inits[node.input[1]])
     k = list(a.get("kernel_shape", w.shape[2:]))
     pads = list(a.get("pads", [0, 0, 0, 0]))
-    if not (w.ndim == 4 and w.dtype == np.float32 and w.shape[0] <= max_out_channels and a.get("group", 1) == 1
+    if not (w.ndim == 4 and w.dtype == np.float32 and (w.shape[0] <= max_out_channels or w.shape[1] <= max_in_channels)
+            and a.get("group", 1) == 1
             and all(v == 1 for v in a.get("strides", [1, 1])) and all(v == 1 for v in a.get("dilations", [1, 1]))
             and a.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET") and len(k) == 2 and min(k) >= 2):
         return None
@@ -411,10 +431,15 @@ def _depth_to_space(model, x: str, y: str, s: int, c: int, base: str) -> list:
     ]
 
 
+# operators that only move values: the same operator on the integer tensor gives the same result
+_DATA_MOVEMENT = ("Pad", "SpaceToDepth", "DepthToSpace")
+
+
 def integer_pads(model) -> int:
-    """Run every ``DequantizeLinear -> Pad -> QuantizeLinear`` with one scale and zero point (per
-    tensor) as a ``Pad`` of the integer tensor (in place); returns how many. Bit-exact: a pad copies
-    values, and the constant 0 of a zero pad quantizes to the zero point."""
+    """Run every ``DequantizeLinear -> op -> QuantizeLinear`` with one scale and zero point (per
+    tensor), ``op`` a ``Pad``, ``SpaceToDepth`` or ``DepthToSpace``, as that op on the integer tensor
+    (in place); returns how many. Bit-exact: these ops copy values, and the constant 0 of a zero pad
+    quantizes to the zero point."""
     from onnx import numpy_helper
 
     g = model.graph
@@ -432,7 +457,7 @@ def integer_pads(model) -> int:
     drop: set = set()  # (op type, output name) of the Q/DQ nodes made redundant
     count = 0
     for pad in g.node:
-        if pad.op_type != "Pad" or len(pad.input) > 3 and pad.input[3]:
+        if pad.op_type not in _DATA_MOVEMENT or pad.op_type == "Pad" and len(pad.input) > 3 and pad.input[3]:
             continue
         dq = producer.get(pad.input[0])
         users = consumers.get(pad.output[0], [])
@@ -450,7 +475,9 @@ def integer_pads(model) -> int:
             continue
         mode = _attrs(pad).get("mode", b"constant")
         mode = mode.decode() if isinstance(mode, bytes) else mode
-        if mode == "constant":
+        if pad.op_type != "Pad":
+            new_inputs = [dq.input[0]]
+        elif mode == "constant":
             value = const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros((), np.float32)
             if value is None or float(value) != 0.0:
                 continue
