@@ -10,8 +10,8 @@ student quantized after training (PTQ: onnxruntime ``quantize_static``, the base
 fp32 and PTQ int8 rows are given for scale. Printed ratios: int8 latency / fp32 latency, int8 file /
 fp32 file, PSNR-to-ground-truth change vs the fp32 student, and QAT's gain over PTQ; then the fp32
 student, the QAT int8 file and the fp32 teacher timed again in alternating short turns
-(``measure.paired_latency``): the int8 / fp32 and teacher / int8 ratios the machine's drift does not
-move. Results also go to ``benchmarks/results/quant.json``.
+(``measure.paired_latency``, the PTQ int8 file too): the int8 / fp32 and teacher / int8 ratios the
+machine's drift does not move. Results also go to ``benchmarks/results/quant.json``.
 """
 from __future__ import annotations
 
@@ -104,14 +104,19 @@ def main() -> None:
     qat_onnx = export(qat, os.path.join(args.keep_dir, "student_qat.int8.onnx"), "onnx-int8", example_inputs=x,
                       calib_loader=loader)
     print(f"saved {qat_ckpt} and {qat_onnx}")
-    # The ratios again, the three files in alternating short turns (measure.paired_latency): the rows
+    # The ratios again, the four files in alternating short turns (measure.paired_latency): the rows
     # above time each file on its own, and this machine's speed drifts between them
     student_onnx = export(student, os.path.join(args.keep_dir, "student.onnx"), "onnx", example_inputs=x)
     teacher_onnx = export(teacher, os.path.join(args.keep_dir, "teacher.onnx"), "onnx", example_inputs=x)
-    paired = measure.paired_latency([OnnxModule(p, threads=args.threads) for p in (student_onnx, qat_onnx, teacher_onnx)],
+    ptq_onnx = export(student, os.path.join(args.keep_dir, "student_ptq.int8.onnx"), "onnx-int8", example_inputs=x,
+                      calib_loader=loader)
+    paired = measure.paired_latency([OnnxModule(p, threads=args.threads)
+                                     for p in (student_onnx, qat_onnx, teacher_onnx, ptq_onnx)],
                                     (x,), rounds=args.paired_rounds)
     summary["paired_ms"] = {"student fp32": paired.median_ms[0], "student int8 QAT": paired.median_ms[1],
-                            "teacher fp32": paired.median_ms[2]}
+                            "teacher fp32": paired.median_ms[2], "student int8 PTQ": paired.median_ms[3]}
+    summary["paired_int8_ptq_latency_over_fp32"] = paired.ratio[3]
+    summary["paired_teacher_fp32_over_int8_ptq"] = paired.ratio[2] / paired.ratio[3]
     summary["paired_int8_qat_latency_over_fp32"] = paired.ratio[1]
     summary["paired_int8_qat_latency_over_fp32_iqr"] = list(paired.ratio_iqr[1])
     summary["paired_teacher_fp32_over_int8_qat"] = paired.ratio[2] / paired.ratio[1]
@@ -119,6 +124,9 @@ def main() -> None:
           f"{paired.ratio[1]:.2f}x (IQR {paired.ratio_iqr[1][0]:.2f}-{paired.ratio_iqr[1][1]:.2f}); fp32 teacher / int8 "
           f"QAT student {summary['paired_teacher_fp32_over_int8_qat']:.1f}x ({paired.median_ms[2]:.1f} ms vs "
           f"{paired.median_ms[1]:.1f} ms)")
+    print(f"paired, the same rounds: int8 PTQ / fp32 student {paired.ratio[3]:.2f}x (IQR {paired.ratio_iqr[3][0]:.2f}-"
+          f"{paired.ratio_iqr[3][1]:.2f}); fp32 teacher / int8 PTQ student {summary['paired_teacher_fp32_over_int8_ptq']:.1f}x "
+          f"({paired.median_ms[3]:.1f} ms)")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": machine, "student": args.student, "qat_steps": args.qat_steps,

@@ -526,6 +526,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
                 src = fp32
                 if rewrites:
                     ends = _weighted_ends(fp32)
+                    ends = ends * 2 if len(ends) == 1 else ends  # one weighted layer: the first and the last
                     # ends to quantize, rewritten first where thin: asked for (False), or left to the
                     # rewrite (None): quantized if it makes them wide, else float as before
                     thin_int8 = [name for (name, op, c_in, c_out), k in zip(ends, keep)
@@ -533,7 +534,8 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
                     done = _rewrite_float(fp32, tmp / "model.fp32.rewritten.onnx", example, True, thin_int8)
                     if done:
                         src = tmp / "model.fp32.rewritten.onnx"
-                    keep = [k if k is not None else not _made_wide(end, done) for end, k in zip(ends, keep)]
+                    if ends:
+                        keep = [k if k is not None else not _made_wide(end, done) for end, k in zip(ends, keep)]
                 keep = [True if k is None else bool(k) for k in keep]
                 _quantize_static(src, result, batches, names,
                                  act_calib=qcfg.act_calib if qcfg else act_calib,
