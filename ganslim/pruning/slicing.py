@@ -543,8 +543,10 @@ def make_supernet(model: nn.Module, example_inputs: Any, config: Optional[SliceC
 
 
 # recalibrate_bn merges equal batches into one forward up to this many input elements (4 batches of
-# 8x3x64x64 are 0.4M): beyond it the per-call costs merging saves are small beside the work
-MERGE_MAX_ELEMENTS = 1 << 22
+# 8x3x64x64 are 0.4M). The merged forward holds all the batches' activations at once (at the cap, a
+# 64-channel full-resolution activation of 3-channel images is 90 MB in float32); past it the per-call
+# costs merging saves are small beside the work anyway.
+MERGE_MAX_ELEMENTS = 1 << 20
 
 
 def _merged_inputs(supernet: Supernet, batches: list) -> Optional[tuple]:
