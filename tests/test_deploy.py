@@ -116,10 +116,11 @@ def test_compress_with_quant_int8_reports_the_deployment(net, loader, tmp_path):
     assert qat_weights == [(2.0, 10.0, 7.0)] * 10
     assert Q.is_quantized(res.model) and not Q.is_quantized(res.float_model)
     rep = res.report
-    assert rep.quant == "int8" and [r.runtime for r in rep.deployment] == ["onnxruntime", "onnxruntime-int8"]
-    fp32, int8 = rep.deployment
-    assert fp32.int8_ops == 0 and int8.int8_ops > 0
-    assert fp32.psnr_to_float > 60 and int8.psnr_to_float > 25
+    assert rep.quant == "int8" and [r.runtime for r in rep.deployment] == ["onnxruntime"] + ["onnxruntime-int8"] * 2
+    fp32, int8, ptq = rep.deployment
+    assert fp32.int8_ops == 0 and int8.int8_ops > 0 and ptq.int8_ops > int8.int8_ops  # PTQ: the RGB ends too
+    assert fp32.psnr_to_float > 60 and int8.psnr_to_float > 25 and ptq.psnr_to_float > 25
+    assert "PTQ, no QAT" in str(rep)
     assert int8.size_mb < 0.35 * fp32.size_mb
     assert fp32.latency_ms > 0 and int8.latency_ms > 0 and int8.psnr_to_gt is not None
     assert "int8 (QAT)" in str(rep) and rep.to_dict()["deployment"][1]["runtime"] == "onnxruntime-int8"
