@@ -32,6 +32,7 @@ import platform
 import subprocess
 import sys
 import time
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -70,10 +71,12 @@ def run_compress(options: list, out: str, resume: bool) -> tuple[dict, float]:
         return report, float(f.read())
 
 
-def run_cell(teacher: str, strategy: str, target: float, budget_min: float, out: str, resume: bool) -> dict:
+def run_cell(teacher: str, strategy: str, target: float, budget_min: float, out: str, resume: bool,
+             seed: Optional[int] = None) -> dict:
     """One ``ganslim compress`` command in its own process -> its report plus the wall time (s)."""
     report, wall = run_compress(["--teacher", teacher, "--strategy", strategy, "--target-macs", f"{target:g}",
-                                 "--time-budget-min", f"{budget_min:g}"], out, resume)
+                                 "--time-budget-min", f"{budget_min:g}"]
+                                + (["--seed", str(seed)] if seed is not None else []), out, resume)
     return {"report": report, "wall_s": wall, "student": os.path.join(out, "student.safetensors")}
 
 
@@ -87,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "frontier.json"))
     ap.add_argument("--resume", action="store_true", help="keep cells whose report.json is already in --out-dir")
     ap.add_argument("--no-deploy", action="store_true", help="skip the onnxruntime run")
+    ap.add_argument("--seed", type=int, default=None, help="--seed of every command (default: compress's, 0)")
     args = ap.parse_args(argv)
 
     import torch
@@ -100,11 +104,11 @@ def main(argv=None) -> int:
         picked = settings["strategy"]
         print(f"target {target:g}: auto -> {picked} ({reason})", flush=True)
         auto = run_cell(args.teacher, "auto", target, args.budget_min, _cell_dir(args.out_dir, target, "auto"),
-                        args.resume)
+                        args.resume, args.seed)
         cells.append({"target": target, "variant": "auto", "strategy": auto["report"]["strategy"], **auto})
         if picked != "uniform" or len(settings) > 1:
             peer = run_cell(args.teacher, "uniform", target, args.budget_min,
-                            _cell_dir(args.out_dir, target, "uniform"), args.resume)
+                            _cell_dir(args.out_dir, target, "uniform"), args.resume, args.seed)
             cells.append({"target": target, "variant": "uniform", "strategy": "uniform", **peer})
 
     ort = []
@@ -161,7 +165,8 @@ def main(argv=None) -> int:
     print("\n" + table)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"machine": machine, "teacher": args.teacher, "budget_min": args.budget_min, "rows": rows}, f, indent=2)
+        json.dump({"machine": machine, "teacher": args.teacher, "budget_min": args.budget_min, "seed": args.seed,
+                   "rows": rows}, f, indent=2)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write(table + "\n")
     print(f"\nwritten {args.out}")
