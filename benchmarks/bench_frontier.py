@@ -80,6 +80,37 @@ def run_cell(teacher: str, strategy: str, target: float, budget_min: float, out:
     return {"report": report, "wall_s": wall, "student": os.path.join(out, "student.safetensors")}
 
 
+def write_winners(paths: list, out: str) -> dict:
+    """strategy="auto"'s table (:func:`ganslim.strategies.winners_from_rows`) from this script's result
+    JSONs: per target and strategy the mean PSNR to ground truth and wall minutes over the files (seeds)."""
+    sys.path.insert(0, ROOT)
+    from ganslim.strategies import winners_from_rows
+
+    cells: dict = {}
+    teachers = set()
+    for path in paths:
+        with open(path) as f:
+            saved = json.load(f)
+        teachers.add(saved["teacher"])
+        for r in saved["rows"]:
+            cells.setdefault((r["target"], r["strategy"]), []).append(r)
+    if len(teachers) != 1:
+        raise SystemExit(f"--winners-from takes the runs of one teacher, got {sorted(teachers)}")
+    rows = [{"target": t, "strategy": strat, "psnr_gt": sum(r["psnr_gt"] for r in rs) / len(rs),
+             "minutes": sum(r["wall_min"] for r in rs) / len(rs), "seeds": len(rs)}
+            for (t, strat), rs in sorted(cells.items())]
+    table = winners_from_rows(rows)
+    seeds = ", ".join(f"1/{round(1 / r['target'])} {r['strategy']}: {r['seeds']}" for r in rows)
+    table["source"] = f"benchmarks/bench_frontier.py, mean over seeds ({seeds}): {', '.join(paths)}"
+    table["task"] = f"the teacher {teachers.pop()}"
+    with open(out, "w") as f:
+        json.dump(table, f, indent=2)
+    for t, w in table["winners"].items():
+        print(f"auto at {t}: {w['variant']} ({w['psnr_gt']:.2f} dB mean, {w['minutes']:.1f} min)")
+    print(f"wrote {out}")
+    return table
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="default", help="'default' or a ganslim .safetensors teacher")
@@ -91,7 +122,17 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep cells whose report.json is already in --out-dir")
     ap.add_argument("--no-deploy", action="store_true", help="skip the onnxruntime run")
     ap.add_argument("--seed", type=int, default=None, help="--seed of every command (default: compress's, 0)")
+    ap.add_argument("--winners-from", help="no measurement: comma-separated result JSONs of this script (seeds of one "
+                                           "teacher), their mean PSNR per target and strategy -> strategy='auto''s "
+                                           "table at --winners")
+    ap.add_argument("--winners", help="with --winners-from: the table to write (e.g. "
+                                      "ganslim/assets/strategy_results_instance.json)")
     args = ap.parse_args(argv)
+    if args.winners_from:
+        if not args.winners:
+            raise SystemExit("--winners-from needs --winners PATH")
+        write_winners([p for p in args.winners_from.split(",") if p], args.winners)
+        return 0
 
     import torch
 

@@ -200,3 +200,37 @@ def test_auto_takes_the_trivial_peer_comparison_at_its_longest_budget(tmp_path):
     assert "12800 steps at 1/10" in table["source"] and "3000 steps at 1/20" in table["source"]
     assert choose_strategy(0.1, path)[0] == {"strategy": "uniform"}
     assert choose_strategy(0.05, path)[0] == {"strategy": "onestep"}
+
+
+def test_auto_reads_the_instance_norm_table_for_an_instance_norm_teacher(tmp_path):
+    """On the instance-norm teacher one-step pruning lost to the uniform peer at 1/20 in every seed
+    (bench_frontier.py, 3 seeds): auto picks the peer there, and keeps the default task's winner for a
+    BatchNorm teacher. The table is written from bench_frontier's result files (mean over seeds)."""
+    import importlib.util
+    import pathlib
+
+    from ganslim.strategies.auto import RESULTS_INSTANCE, instance_norm_only
+
+    instance = create_model("resnet_6blocks", ngf=8, norm="instance")
+    batch = create_model("resnet_6blocks", ngf=8, norm="batch")
+    assert instance_norm_only(instance) and not instance_norm_only(batch)
+    assert RESULTS_INSTANCE.exists()  # shipped with the package (assets/*.json)
+    settings, why = choose_strategy(0.05, teacher=instance)
+    assert settings == {"strategy": "uniform"} and "teacher_instance" in why
+    assert choose_strategy(0.025, teacher=instance)[0] == {"strategy": "separable"}
+    assert choose_strategy(0.05, teacher=batch)[0] == {"strategy": "onestep"}  # the default task's table
+    # bench_frontier --winners-from: per target and strategy the mean over the seeds' files
+    spec = importlib.util.spec_from_file_location(
+        "bench_frontier", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_frontier.py")
+    bench_frontier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_frontier)
+    paths = []
+    for seed, (a, u) in enumerate([(17.6, 17.8), (19.1, 20.6), (18.3, 21.9)]):
+        rows = [{"target": 0.05, "strategy": "onestep", "psnr_gt": a, "wall_min": 7.6},
+                {"target": 0.05, "strategy": "uniform", "psnr_gt": u, "wall_min": 7.2}]
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(json.dumps({"teacher": "t.safetensors", "rows": rows}))
+    table = bench_frontier.write_winners([str(p) for p in paths], str(tmp_path / "auto.json"))
+    assert table["winners"]["0.05"]["variant"] == "uniform"
+    assert abs(table["winners"]["0.05"]["psnr_gt"] - (17.8 + 20.6 + 21.9) / 3) < 1e-9
+    assert choose_strategy(0.05, tmp_path / "auto.json")[0] == {"strategy": "uniform"}
