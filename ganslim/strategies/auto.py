@@ -4,8 +4,10 @@
 its strategies-against-the-trivial-peer grid on the default teacher: per MACs target, the best PSNR
 to ground truth at the largest training budget measured there (ties within 0.05 dB broken by CPU
 time); ``bench_strategies.py --winners`` can write a table of the same form from its rows. ``auto`` takes the winner at the measured
-target nearest (in log scale) to the one asked for. Measured on one task and machine: a default,
-not a law; pass ``strategy=`` explicitly to override.
+target nearest (in log scale) to the one asked for. A teacher with instance norm and no BatchNorm
+gets the table ``bench_frontier.py --winners-from`` wrote from the instance-norm teacher's seeds
+(``RESULTS_INSTANCE``): there the uniform peer beat one-step pruning at 1/20 in every seed. Measured
+on one task and machine: a default, not a law; pass ``strategy=`` explicitly to override.
 """
 from __future__ import annotations
 
