@@ -84,7 +84,7 @@ def write_winners(paths: list, out: str) -> dict:
     """strategy="auto"'s table (:func:`ganslim.strategies.winners_from_rows`) from this script's result
     JSONs: per target and strategy the mean PSNR to ground truth and wall minutes over the files (seeds)."""
     sys.path.insert(0, ROOT)
-    from ganslim.strategies import winners_from_rows
+    from ganslim.strategies import winners_from_rows, write_table
 
     cells: dict = {}
     teachers = set()
@@ -103,11 +103,7 @@ def write_winners(paths: list, out: str) -> dict:
     seeds = ", ".join(f"1/{round(1 / r['target'])} {r['strategy']}: {r['seeds']}" for r in rows)
     table["source"] = f"benchmarks/bench_frontier.py, mean over seeds ({seeds}): {', '.join(paths)}"
     table["task"] = f"the teacher {teachers.pop()}"
-    with open(out, "w") as f:
-        json.dump(table, f, indent=2)
-    for t, w in table["winners"].items():
-        print(f"auto at {t}: {w['variant']} ({w['psnr_gt']:.2f} dB mean, {w['minutes']:.1f} min)")
-    print(f"wrote {out}")
+    print("\n".join(write_table(table, out)))
     return table
 
 

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ganslim import data, measure  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
 from ganslim.config import CompressConfig  # noqa: E402
-from ganslim.strategies import VARIANTS, winners_from_rows  # noqa: E402
+from ganslim.strategies import VARIANTS, winners_from_rows, write_table  # noqa: E402
 
 DEFAULT = CompressConfig()
 GATED_SHARE = DEFAULT.steps / (DEFAULT.steps + DEFAULT.finetune_steps)  # the demo's 800 of 12800
@@ -154,11 +154,7 @@ def write_winners(rows: list, path: str) -> dict:
     out = winners_from_rows(chosen)
     steps = ", ".join(f"{longest[t]} steps at 1/{round(1 / t)}" for t in sorted(longest, reverse=True))
     out["source"] = f"benchmarks/bench_peer.py ({steps})"
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-    for t, w in out["winners"].items():
-        print(f"auto at {t}: {w['variant']} ({w['psnr_gt']:.2f} dB, {w['minutes']:.1f} min)")
-    print(f"auto without a MACs fraction (latency budget): {out['overall']}; wrote {path}")
+    print("\n".join(write_table(out, path)))
     return out
 
 

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ganslim import data, measure  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
 from ganslim.pruning.search import search_budgets  # noqa: E402
-from ganslim.strategies import VARIANTS, winners_from_rows  # noqa: E402
+from ganslim.strategies import VARIANTS, winners_from_rows, write_table  # noqa: E402
 from ganslim.pruning.supernet import load_supernet  # noqa: E402
 
 # the variants of ganslim.strategies.VARIANTS, with this benchmark's schedules
@@ -65,9 +65,8 @@ def main() -> None:
     if args.rewrite_winners:
         saved = json.load(open(args.out))
         table = winners_from_rows(saved["rows"])
-        with open(args.winners, "w") as f:
-            json.dump(dict(table, source=f"benchmarks/bench_strategies.py, {saved['finetune_steps']} fine-tune steps"),
-                      f, indent=2)
+        write_table(dict(table, source=f"benchmarks/bench_strategies.py, {saved['finetune_steps']} fine-tune steps"),
+                    args.winners)
         print(json.dumps(table, indent=2))
         return
     torch.manual_seed(0)
@@ -145,9 +144,8 @@ def main() -> None:
     if args.teacher or not args.winners:  # strategy="auto" is tuned on the default teacher only
         print(f"wrote {args.out}, {png}")
         return
-    with open(args.winners, "w") as f:
-        json.dump({"winners": winners, "overall": overall,
-                   "source": f"benchmarks/bench_strategies.py, {args.finetune_steps} fine-tune steps"}, f, indent=2)
+    write_table({"winners": winners, "overall": overall,
+                 "source": f"benchmarks/bench_strategies.py, {args.finetune_steps} fine-tune steps"}, args.winners)
     print(f"wrote {args.out}, {args.winners}, {png}")
 
 

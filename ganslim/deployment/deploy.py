@@ -220,6 +220,9 @@ def _calibration_batches(calib_loader: Optional[Iterable], example: tuple, batch
     return out
 
 
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the layers "first" and "last" count
+
+
 def _float_ends(path: pathlib.Path, keep_first: bool, keep_last: bool) -> list[str]:
     """Node names to leave in float: everything up to and including the first weighted node (the
     input's pads too, or onnxruntime would still run that conv on quantized input) and/or the last
@@ -227,7 +230,7 @@ def _float_ends(path: pathlib.Path, keep_first: bool, keep_last: bool) -> list[s
     import onnx
 
     nodes = onnx.load(str(path), load_external_data=False).graph.node
-    idx = [i for i, n in enumerate(nodes) if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    idx = [i for i, n in enumerate(nodes) if n.op_type in WEIGHTED_OPS]
     if not idx:
         return []
     out = []
@@ -250,7 +253,7 @@ def _weighted_ends(path: pathlib.Path) -> list[tuple[str, str, int, int]]:
 
     g = onnx.load(str(path), load_external_data=False).graph
     inits = {i.name: i for i in g.initializer}
-    weighted = [n for n in g.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    weighted = [n for n in g.node if n.op_type in WEIGHTED_OPS]
     out = []
     for n in weighted[:1] + weighted[-1:] if len(weighted) > 1 else weighted:
         c_in = c_out = 0
@@ -387,10 +390,9 @@ def clip_saturated_ranges(model) -> int:
             node.input[1], node.input[2] = names
         changed += 1
     if changed:
-        used = {i for n in g.node for i in n.input}
-        keep = [i for i in g.initializer if i.name in used or i.name in {x.name for x in g.input}]
-        del g.initializer[:]
-        g.initializer.extend(keep)
+        from .onnx_rewrite import drop_unused_initializers
+
+        drop_unused_initializers(g)  # the scales and zero points replaced
     return changed
 
 
@@ -419,13 +421,12 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
                         extra_options=extra, nodes_to_exclude=exclude)
     import onnx
 
-    quantized = onnx.load(str(out))
-    if clip_saturated_ranges(quantized):
-        onnx.save(quantized, str(out))
+    m = onnx.load(str(out))
+    if clip_saturated_ranges(m):
+        onnx.save(m, str(out))
     if integer_pads:
         from . import onnx_rewrite
 
-        m = onnx.load(str(out))
         done = onnx_rewrite.integer_pads(m)
         thin = onnx_rewrite.space_to_depth_thin_conv(m)  # the float RGB layer of the int8 graph
         done += onnx_rewrite.shape_of_quantized(m)  # last: the thin conv's crop reads a shape too

@@ -183,8 +183,13 @@ def _replace_nodes(g, nodes: list) -> None:
     """Give graph ``g`` the node list ``nodes`` and drop the initializers no node reads any more."""
     del g.node[:]
     g.node.extend(nodes)
-    used = {i for n in g.node for i in n.input}
-    keep = [i for i in g.initializer if i.name in used or i.name in {x.name for x in g.input}]
+    drop_unused_initializers(g)
+
+
+def drop_unused_initializers(g) -> None:
+    """Remove from graph ``g`` (in place) the initializers that no node reads and that are not graph inputs."""
+    used = {i for n in g.node for i in n.input} | {x.name for x in g.input}
+    keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
 

@@ -52,6 +52,17 @@ def winners_from_rows(rows: list, tie_db: float = 0.05) -> dict:
     return {"winners": winners, "overall": max(complete, key=complete.get) if complete else None}
 
 
+def write_table(table: dict, path) -> list[str]:
+    """Write a table of the form ``choose_strategy`` reads (:func:`winners_from_rows`' ``winners`` and
+    ``overall``, plus ``source`` and optionally ``task``) to ``path`` as JSON; returns one line per
+    choice, for the writing script to print."""
+    with open(path, "w") as f:
+        json.dump(table, f, indent=2)
+    lines = [f"auto at {t}: {w['variant']} ({w['psnr_gt']:.2f} dB, {w['minutes']:.1f} min)"
+             for t, w in table["winners"].items()]
+    return lines + [f"auto without a MACs fraction (latency budget): {table['overall']}; wrote {path}"]
+
+
 def instance_norm_only(model) -> bool:
     """Whether ``model`` normalises with instance norm and has no BatchNorm (CycleGAN's generators)."""
     import torch.nn as nn
