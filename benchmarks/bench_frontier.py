@@ -15,8 +15,9 @@ teacher's outputs and saving included; ``--time-budget-min`` covers all of it):
 with S = ``auto`` (the measured winner for the target, ``ganslim/assets/strategy_results.json``) and
 S = ``uniform`` (the peer: the teacher's own channels cut uniformly to the same MACs and fine-tuned with
 the same losses, data and time). Where ``auto`` picks ``uniform`` the two are the same command, run
-once. Then ``ganslim bench T <students> --runtimes onnxruntime --paired-rounds R`` times the teacher and
-all students at batch 1 on the held-out 256x384 photo, in alternating turns, in one process of its own
+once. ``--variants`` adds head-to-head variants (``ganslim.strategies.VARIANTS``) at every target.
+Then ``ganslim bench T <students> --runtimes onnxruntime --paired-rounds R`` times the teacher and all
+students at batch 1 on the held-out 256x384 photo, in alternating turns, in one process of its own
 (onnxruntime rows only: mixed with eager rows their paired times came out inflated, benchmarks/README).
 
 Writes ``--out`` (JSON), a markdown table beside it, the onnxruntime table, a Pareto plot and an
@@ -71,11 +72,25 @@ def run_compress(options: list, out: str, resume: bool) -> tuple[dict, float]:
         return report, float(f.read())
 
 
+def variant_flags(name: str) -> list:
+    """The ``ganslim compress`` flags of a head-to-head variant (``ganslim.strategies.VARIANTS``), e.g.
+    ``uniform-latency`` -> ``--strategy uniform --uniform-widths latency``."""
+    from ganslim.strategies import VARIANTS
+
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    flags = []
+    for key, value in VARIANTS[name].items():
+        flags += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return flags
+
+
 def run_cell(teacher: str, strategy: str, target: float, budget_min: float, out: str, resume: bool,
-             seed: Optional[int] = None) -> dict:
-    """One ``ganslim compress`` command in its own process -> its report plus the wall time (s)."""
-    report, wall = run_compress(["--teacher", teacher, "--strategy", strategy, "--target-macs", f"{target:g}",
-                                 "--time-budget-min", f"{budget_min:g}"]
+             seed: Optional[int] = None, flags: Optional[list] = None) -> dict:
+    """One ``ganslim compress`` command in its own process -> its report plus the wall time (s).
+    ``flags``: instead of ``--strategy STRATEGY`` (a variant's, :func:`variant_flags`)."""
+    report, wall = run_compress(["--teacher", teacher, *(flags or ["--strategy", strategy]), "--target-macs",
+                                 f"{target:g}", "--time-budget-min", f"{budget_min:g}"]
                                 + (["--seed", str(seed)] if seed is not None else []), out, resume)
     return {"report": report, "wall_s": wall, "student": os.path.join(out, "student.safetensors")}
 
@@ -118,6 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep cells whose report.json is already in --out-dir")
     ap.add_argument("--no-deploy", action="store_true", help="skip the onnxruntime run")
     ap.add_argument("--seed", type=int, default=None, help="--seed of every command (default: compress's, 0)")
+    ap.add_argument("--variants", default="", help="comma-separated head-to-head variants run beside auto and the "
+                                                   "peer at every target (ganslim.strategies.VARIANTS, e.g. "
+                                                   "uniform-latency)")
     ap.add_argument("--winners-from", help="no measurement: comma-separated result JSONs of this script (seeds of one "
                                            "teacher), their mean PSNR per target and strategy -> strategy='auto''s "
                                            "table at --winners")
@@ -147,6 +165,10 @@ def main(argv=None) -> int:
             peer = run_cell(args.teacher, "uniform", target, args.budget_min,
                             _cell_dir(args.out_dir, target, "uniform"), args.resume, args.seed)
             cells.append({"target": target, "variant": "uniform", "strategy": "uniform", **peer})
+        for name in [v for v in args.variants.split(",") if v]:
+            extra = run_cell(args.teacher, "", target, args.budget_min, _cell_dir(args.out_dir, target, name),
+                             args.resume, args.seed, flags=variant_flags(name))
+            cells.append({"target": target, "variant": name, "strategy": name, **extra})
 
     ort = []
     if not args.no_deploy:
@@ -185,7 +207,7 @@ def main(argv=None) -> int:
              "|---" * (8 + (3 if ort else 0)) + "|"]
     for r in rows:
         peer = next((p for p in rows if p["target"] == r["target"] and p["variant"] == "uniform"), None)
-        name = f"auto ({r['strategy']})" if r["variant"] == "auto" else "peer (uniform)"
+        name = {"auto": f"auto ({r['strategy']})", "uniform": "peer (uniform)"}.get(r["variant"], r["variant"])
         if r["variant"] == "auto" and peer is None:
             name += " = peer"
         vs = f"{r['psnr_gt'] - peer['psnr_gt']:+.2f} dB" if peer is not None and peer is not r else ""

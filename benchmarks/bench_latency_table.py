@@ -1,5 +1,5 @@
 """A measured latency model of this device against whole-network timings, and channels chosen with it
-(``strategy="halp"``) against the uniform peer at equal latency and at equal MACs.
+(``strategy="halp"``, ``uniform_widths="latency"``) against the uniform peer at equal latency and at equal MACs.
 
     python benchmarks/bench_latency_table.py                          # onnxruntime, 2 threads, 256x384
     python benchmarks/bench_latency_table.py --runtime eager --finetune-steps 0
@@ -12,9 +12,11 @@
 3. halp at the peer's latency (more MACs for the same time) and halp at the peer's MACs (found by
    bisection on the latency budget: less time for the same MACs), each exported and timed in the
    runtime beside the teacher. The speed-up / MACs reduction ratio is the issue's measure (>= 0.6).
-4. With ``--finetune-steps N`` both halp students and the peer are fine-tuned by ``compress`` (the
-   default recipe, N steps) and their PSNR to ground truth is given: does the latency-shaped student
-   keep the fidelity?
+4. The peer's widths moved by ``uniform_widths="latency"`` (:mod:`ganslim.pruning.latency_widths`:
+   nearby widths ranked by the table, the best few timed whole, MACs within 85-100% of the peer's).
+5. With ``--finetune-steps N`` both halp students, the latency-shaped widths and the peer are
+   fine-tuned by ``compress`` (the default recipe, N steps) and their PSNR to ground truth is given:
+   does the latency-shaped student keep the fidelity?
 
 Latencies are the fastest pass (the table's convention) over 4 interleaved rounds of fresh sessions
 (3 passes each), the whole run in one process. The fine-tuned students' latencies are timed after
@@ -38,6 +40,7 @@ from ganslim.core.gating import MacsModel  # noqa: E402
 from ganslim.core.targeting import find_channel_groups  # noqa: E402
 from ganslim.measure.latency_table import LatencyModel, LatencyTable, runtime_ms  # noqa: E402
 from ganslim.pruning.latency_select import latency_masks  # noqa: E402
+from ganslim.pruning.latency_widths import latency_widths, leading_masks  # noqa: E402
 from ganslim.pruning.onestep import onestep_masks  # noqa: E402
 from ganslim.pruning.uniform import uniform_alive, uniform_masks  # noqa: E402
 from ganslim.strategies.halp import FIT_RATIOS, measured_ms  # noqa: E402
@@ -115,6 +118,13 @@ def main() -> None:
         else:
             hi = mid
     held += [("halp at the peer's latency", halp_lat), ("halp at the peer's MACs", halp_macs)]
+    # the peer's widths moved to where this device is fast, within 85-100% of its MACs budget
+    t3 = time.time()
+    shaped = latency_widths(targets.groups, macs_model, [int(a.sum()) for a in peer], args.target * total,
+                            lambda a: measured_ms(teacher, targets, a, example, stat, args.runtime, threads, repeats=3),
+                            model.predict)
+    shape_s = time.time() - t3
+    held.append(("uniform_widths='latency'", leading_masks(targets.groups, shaped.counts)))
     rows = []
     # every network timed again, interleaved with the teacher (the speed-ups' reference) in one set of rounds
     measured = timed_all([a for _, a in fit_nets + held])
@@ -138,7 +148,9 @@ def main() -> None:
         t_psnr = measure.fidelity_to_target(teacher, pairs)["psnr"]
         for name, kw in (("uniform (the peer)", dict(strategy="uniform", target_macs=args.target)),
                          ("halp at the peer's latency", dict(strategy="halp", target_macs=args.target)),
-                         ("halp at the peer's MACs", dict(strategy="halp", target_latency_ms=None))):
+                         ("halp at the peer's MACs", dict(strategy="halp", target_latency_ms=None)),
+                         ("uniform_widths='latency'", dict(strategy="uniform", uniform_widths="latency",
+                                                           target_macs=args.target))):
             if name == "halp at the peer's MACs":
                 # the budget found above, in the model's units (compress re-fits the same model)
                 kw = dict(strategy="halp", target_latency_ms=model.predict(halp_macs))
@@ -160,6 +172,7 @@ def main() -> None:
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}",
            "runtime": args.runtime, "fingerprint": table.fingerprint, "input": list(x_eval.shape), "target": args.target,
            "table_entries": len(table), "table_timed": table.timed, "build_seconds": build_s, "select_seconds": select_s,
+           "shape_seconds": shape_s, "shape_timed": shaped.timed,
            "table_scale": scale, "remainder_ms": [c0, c1], "teacher_ms": teacher_ms, "rows": rows, "trained": trained,
            "held_out_mean_abs_error": sum(held_err) / len(held_err), "held_out_max_abs_error": max(held_err)}
     from ganslim.measure.report import write_json

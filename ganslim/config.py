@@ -126,6 +126,10 @@ class UniformOptions:
     """``strategy="uniform"``: the teacher's family uniformly narrower (the trivial peer)."""
 
     init: str = _opt("teacher", flat="uniform_init")  # "teacher": its leading channels' weights; "scratch": fresh
+    # "proportional": every group the same fraction; "latency": then each set of like groups moved to
+    # nearby widths the device runs faster per MAC, timed whole in halp's latency_runtime
+    # (ganslim.pruning.latency_widths), MACs kept within [0.85, 1] of the budget
+    widths: str = _opt("proportional", flat="uniform_widths")
 
 
 @dataclass
@@ -138,7 +142,8 @@ class SeparableOptions:
 
 @dataclass
 class HalpOptions:
-    """``strategy="halp"``: channels chosen under a latency budget with a per-layer latency table of the device."""
+    """``strategy="halp"``: channels chosen under a latency budget with a per-layer latency table of the device
+    (the table's runtime, step and cache are also those of ``uniform_widths="latency"``)."""
 
     runtime: str = _opt("onnxruntime", flat="latency_runtime")  # what the table times: "onnxruntime" | "eager"
     step: int = _opt(8, flat="latency_step")  # channels removed per greedy move
@@ -320,6 +325,8 @@ class CompressConfig:
             raise ValueError(f"quant must be None or 'int8', got {q.mode!r}")
         if self.uniform.init not in ("teacher", "scratch"):
             raise ValueError(f"uniform_init must be 'teacher' or 'scratch', got {self.uniform.init!r}")
+        if self.uniform.widths not in ("proportional", "latency"):
+            raise ValueError(f"uniform_widths must be 'proportional' or 'latency', got {self.uniform.widths!r}")
         if self.separable.init not in ("teacher", "scratch"):
             raise ValueError(f"separable_init must be 'teacher' or 'scratch', got {self.separable.init!r}")
         if self.halp.runtime not in ("onnxruntime", "eager"):

@@ -31,6 +31,7 @@ VARIANTS = {
     "evolve": {"strategy": "evolve"},
     "uniform": {"strategy": "uniform"},
     "uniform-scratch": {"strategy": "uniform", "uniform_init": "scratch"},
+    "uniform-latency": {"strategy": "uniform", "uniform_widths": "latency"},
     "separable": {"strategy": "separable"},
 }
 

@@ -2,11 +2,17 @@
 teacher's architecture made uniformly narrower at the budget (:mod:`ganslim.pruning.uniform`), then
 compress's fine-tune. ``uniform_init="teacher"`` starts from the teacher's leading channels,
 ``"scratch"`` from PyTorch's default initialisation (a small network of the same family trained with
-ganslim's losses, data and steps)."""
+ganslim's losses, data and steps). ``uniform_widths="latency"`` then moves each set of like groups to
+nearby widths this device runs faster per MAC (:mod:`ganslim.pruning.latency_widths`): no longer the
+trivial peer, but the same family at about the same MACs, shaped for the runtime."""
 from __future__ import annotations
 
+import torch
+
+from ..measure.latency_table import LatencyModel, LatencyTable
+from ..pruning.latency_widths import latency_widths, leading_masks
 from ..pruning.onestep import onestep_prune
-from ..pruning.uniform import reinitialize, uniform_masks
+from ..pruning.uniform import reinitialize, uniform_alive, uniform_masks
 from .base import StageResult, Strategy, StrategyContext, register_strategy
 from .common import loss_weights, resolve_mapping, targets_and_budget
 
@@ -22,10 +28,47 @@ class UniformStrategy(Strategy):
         cfg = ctx.config
         targets, macs_model, target_abs, calibration = targets_and_budget(ctx)
         alive, _ = uniform_masks(targets, macs_model, target_abs, multiple=cfg.channel_multiple)
+        notes = []
+        if ctx.options.widths == "latency":
+            alive, note = device_widths(ctx, targets, macs_model, target_abs, alive)
+            notes.append(note)
         plain = onestep_prune(ctx.student, targets, alive, ctx.example)
         if ctx.options.init == "scratch":
             reinitialize(plain, seed=cfg.seed)
         kept = {g.root: int(a.sum()) for g, a in zip(targets.groups, alive)}
         mapping = resolve_mapping(ctx, plain) if cfg.loss.finetune_distill else {}
         return StageResult(plain, kept, targets, loss_weights(ctx), mapping=mapping, target_abs=target_abs,
-                           calibration=calibration, stage_steps=0)
+                           calibration=calibration, stage_steps=0, notes=notes)
+
+
+def device_widths(ctx: StrategyContext, targets, macs_model, target_abs: float, alive: list) -> tuple[list, str]:
+    """``(keep-masks, note)``: ``alive`` (leading channels per group) moved to the widths
+    :func:`ganslim.pruning.latency_widths.latency_widths` finds on this device, in halp's
+    ``latency_runtime`` (its latency table ranks, whole networks timed on ``ctx.stat_input`` decide)."""
+    from .halp import FIT_RATIOS, measured_ms  # halp's whole-network timing and fit cuts
+
+    cfg, opts = ctx.config, ctx.config.halp
+    if str(cfg.device) != "cpu" and opts.runtime == "onnxruntime":
+        raise ValueError("uniform_widths='latency' with latency_runtime='onnxruntime' times the CPU; use "
+                         "latency_runtime='eager' to shape the widths for the GPU")
+    student = ctx.student.eval()
+    stat_input = tuple(t.cpu() for t in ctx.stat_input)
+    example = tuple(t.cpu() for t in ctx.example)
+    threads = torch.get_num_threads()
+    table = LatencyTable(runtime=opts.runtime, threads=threads, path=opts.table)
+    cached = len(table)
+    model = LatencyModel(student, targets, stat_input, table, macs_model=macs_model)
+
+    def time_ms(masks) -> float:
+        return measured_ms(student, targets, masks, example, stat_input, opts.runtime, threads, repeats=3)
+
+    model.fit([(a, time_ms(a)) for a in [uniform_alive(targets.groups, r) for r in FIT_RATIOS] + [alive]])
+    step = cfg.channel_multiple if (cfg.channel_multiple or 1) > 1 else opts.step
+    found = latency_widths(targets.groups, macs_model, [int(a.sum()) for a in alive], target_abs, time_ms,
+                           model.predict, step=step)
+    table.save()
+    note = (f"uniform_widths='latency' ({opts.runtime}): widths {found.start} -> {found.counts}, "
+            f"{macs_model.total / found.start_macs:.2f}x -> {macs_model.total / found.macs:.2f}x fewer MACs, "
+            f"{found.start_ms:.2f} -> {found.ms:.2f} ms timed side by side; {found.timed} networks timed, "
+            f"latency table {table.path} ({cached} entries cached, {table.timed} timed), {found.seconds:.0f} s")
+    return leading_masks(targets.groups, found.counts), note
