@@ -100,7 +100,8 @@ def _options(groups, macs_model, classes, start, step, spread, max_combinations)
 def latency_widths(groups, macs_model, counts: Sequence[int], target_macs: float,
                    time_ms: Callable[[list[torch.Tensor]], float],
                    predict_ms: Optional[Callable[[list[torch.Tensor]], float]] = None, *, step: int = 8,
-                   min_fraction: float = 0.85, spread: float = 1.6, top: int = 8, max_combinations: int = 5000,
+                   min_fraction: float = 0.85, spread: float = 1.6, top: int = 8, tie: float = 0.03,
+                   max_combinations: int = 5000,
                    progress: Optional[Callable[[str], None]] = None) -> WidthSearch:
     """Move the keep-counts ``counts`` (one per group of ``groups``, leading channels) to widths on
     which the device does more MACs per millisecond, within the MACs budget.
@@ -116,9 +117,10 @@ def latency_widths(groups, macs_model, counts: Sequence[int], target_macs: float
     (its width in ``counts`` and the multiples of ``step`` within a factor ``spread`` of it; fewer
     where that makes more than ``max_combinations`` combinations, :func:`_options`); of the
     combinations whose MACs lie in ``[min_fraction * target_macs, target_macs]``, the ``top`` with
-    the most MACs per predicted ms are timed whole, and the one with the most MACs per measured ms
-    (speed-up per MACs reduction, up to a constant) is timed again beside ``counts``,
-    alternately, 3 times each; ``counts`` is kept unless the choice does more MACs per ms there.
+    the most MACs per predicted ms are timed whole. Of those within ``tie`` (a fraction) of the most
+    MACs per measured ms (speed-up per MACs reduction, up to a constant), the one with the most MACs
+    (capacity; nearer rates than that are timing noise) is timed again beside ``counts``, alternately,
+    3 times each; ``counts`` is kept unless the choice does more MACs per ms there.
     """
     if not 0 < min_fraction <= 1:
         raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
@@ -154,7 +156,9 @@ def latency_widths(groups, macs_model, counts: Sequence[int], target_macs: float
         if any(c == t[0] for t in trace):
             continue
         trace.append((c, macs_of(c), float(time_ms(leading_masks(groups, c)))))
-    best = max(trace, key=lambda t: t[1] / t[2])[0]
+    top_rate = max(m / ms for _, m, ms in trace)
+    # within ``tie`` of the best rate the timings cannot tell the networks apart: keep the most MACs
+    best = max((t for t in trace if t[1] / t[2] >= top_rate * (1 - tie)), key=lambda t: t[1])[0]
     start_ms = end_ms = trace[0][2]
     if best != start:  # the two again, side by side: a session's speed drifts on a shared machine
         start_ms = end_ms = float("inf")
