@@ -67,6 +67,24 @@ def test_batchnorm_recalibration_agrees_across_ranks(tmp_path):
         torch.testing.assert_close(two[0][key], (alone[0][key] + alone[1][key]) / 2, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["uniform-latency", "halp"])
+def test_widths_chosen_from_timings_are_the_same_on_every_rank(tmp_path, variant):
+    """Each rank's device favours other widths (the worker's timers differ by rank on purpose): alone,
+    the two ranks choose differently; under torchrun both train rank 0's choice."""
+    worker = os.path.join(HERE, "ddp_widths_worker.py")
+    alone = []
+    for rank in (0, 1):
+        r = _run([sys.executable, worker, str(tmp_path / "alone"), variant, str(rank)])
+        assert r.returncode == 0, r.stderr[-2000:]
+        alone.append(json.load(open(tmp_path / f"alone.{rank}")))
+    assert alone[0] != alone[1]  # the check below can fail: the ranks' timings do disagree
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,
+              str(tmp_path / "two"), variant])
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = [json.load(open(tmp_path / f"two.{rank}")) for rank in (0, 1)]
+    assert two[0] == two[1] == alone[0]
+
+
 def test_ranks_that_fit_different_step_counts_into_a_time_budget_all_run_the_fewest(tmp_path):
     worker = os.path.join(HERE, "ddp_budget_worker.py")
     r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,

@@ -17,6 +17,7 @@ import torch
 from ..pruning.latency_select import LatencySelection, latency_masks
 from ..pruning.onestep import onestep_prune
 from ..pruning.uniform import uniform_alive, uniform_masks
+from ..core import distributed as dist
 from .base import StageResult, Strategy, StrategyContext, register_strategy
 from .common import budget, loss_weights, resolve_mapping, targets_and_macs
 from ..measure.latency_table import LatencyModel, LatencyTable, runtime_ms
@@ -79,6 +80,7 @@ class HalpStrategy(Strategy):
             alive.predicted_ms = target_ms
             notes.append("halp: the latency model is inconsistent on this device (the uniform cut is predicted "
                          "faster than every group at its floor); kept the uniform cut")
+        alive = dist.broadcast_object(alive)  # timings differ per process: rank 0's selection for every rank
         table.save()
         errors = ", ".join(f"{e:+.1%}" for e in model.errors(fit))
         notes.append(f"halp: {why}; latency table {table.path} ({cached} entries cached, {table.timed} timed), "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core import distributed as dist
 from ..measure.latency_table import LatencyModel, LatencyTable
 from ..pruning.latency_widths import latency_widths, leading_masks
 from ..pruning.onestep import onestep_prune
@@ -51,24 +52,29 @@ def device_widths(ctx: StrategyContext, targets, macs_model, target_abs: float, 
     if str(cfg.device) != "cpu" and opts.runtime == "onnxruntime":
         raise ValueError("uniform_widths='latency' with latency_runtime='onnxruntime' times the CPU; use "
                          "latency_runtime='eager' to shape the widths for the GPU")
-    student = ctx.student.eval()
-    stat_input = tuple(t.cpu() for t in ctx.stat_input)
-    example = tuple(t.cpu() for t in ctx.example)
-    threads = torch.get_num_threads()
-    table = LatencyTable(runtime=opts.runtime, threads=threads, path=opts.table)
-    cached = len(table)
-    model = LatencyModel(student, targets, stat_input, table, macs_model=macs_model)
+    found = table = cached = None
+    if dist.is_main():  # timings differ per process: rank 0 searches, every rank takes its widths
+        student = ctx.student.eval()
+        stat_input = tuple(t.cpu() for t in ctx.stat_input)
+        example = tuple(t.cpu() for t in ctx.example)
+        threads = torch.get_num_threads()
+        table = LatencyTable(runtime=opts.runtime, threads=threads, path=opts.table)
+        cached = len(table)
+        model = LatencyModel(student, targets, stat_input, table, macs_model=macs_model)
 
-    def time_ms(masks) -> float:
-        return measured_ms(student, targets, masks, example, stat_input, opts.runtime, threads, repeats=3)
+        def time_ms(masks) -> float:
+            return measured_ms(student, targets, masks, example, stat_input, opts.runtime, threads, repeats=3)
 
-    model.fit([(a, time_ms(a)) for a in [uniform_alive(targets.groups, r) for r in FIT_RATIOS] + [alive]])
-    step = cfg.channel_multiple if (cfg.channel_multiple or 1) > 1 else opts.step
-    found = latency_widths(targets.groups, macs_model, [int(a.sum()) for a in alive], target_abs, time_ms,
-                           model.predict, step=step)
-    table.save()
+        model.fit([(a, time_ms(a)) for a in [uniform_alive(targets.groups, r) for r in FIT_RATIOS] + [alive]])
+        step = cfg.channel_multiple if (cfg.channel_multiple or 1) > 1 else opts.step
+        found = latency_widths(targets.groups, macs_model, [int(a.sum()) for a in alive], target_abs, time_ms,
+                               model.predict, step=step)
+        table.save()
+    found = dist.broadcast_object(found)
+    where = (f"latency table {table.path} ({cached} entries cached, {table.timed} timed)" if table is not None
+             else "searched by rank 0")
     note = (f"uniform_widths='latency' ({opts.runtime}): widths {found.start} -> {found.counts}, "
             f"{macs_model.total / found.start_macs:.2f}x -> {macs_model.total / found.macs:.2f}x fewer MACs, "
             f"{found.start_ms:.2f} -> {found.ms:.2f} ms timed side by side; {found.timed} networks timed, "
-            f"latency table {table.path} ({cached} entries cached, {table.timed} timed), {found.seconds:.0f} s")
+            f"{where}, {found.seconds:.0f} s")
     return leading_masks(targets.groups, found.counts), note
