@@ -31,6 +31,29 @@ def measured_ms(model, targets, alive, example, stat_input, runtime: str, thread
     return runtime_ms(onestep_prune(model, targets, alive, example), stat_input, runtime, threads, repeats=repeats)
 
 
+def fitted_latency_model(ctx: StrategyContext, targets, macs_model, extra=(), fit_repeats: int = 7):
+    """The device's latency model of ``ctx.student`` in halp's runtime and table (``ctx.config.halp``):
+    ``(table, entries cached before, model, fit, time_ms)``. ``model`` is fitted on whole-network
+    timings (``fit``: ``[(keep-masks, ms)]``) of the uniform cuts at ``FIT_RATIOS`` of the widths and
+    the ``extra`` keep-masks; ``time_ms(masks, repeats=7)`` times the network ``masks`` leave (ms,
+    fastest pass) on ``ctx.stat_input``, exported as deployed (:func:`measured_ms`)."""
+    opts = ctx.config.halp
+    student = ctx.student.eval()
+    stat_input = tuple(t.cpu() for t in ctx.stat_input)
+    example = tuple(t.cpu() for t in ctx.example)
+    threads = torch.get_num_threads()
+    table = LatencyTable(runtime=opts.runtime, threads=threads, path=opts.table)
+    cached = len(table)
+    model = LatencyModel(student, targets, stat_input, table, macs_model=macs_model)
+
+    def time_ms(masks, repeats: int = 7) -> float:
+        return measured_ms(student, targets, masks, example, stat_input, opts.runtime, threads, repeats=repeats)
+
+    fit = [(a, time_ms(a, fit_repeats)) for a in [uniform_alive(targets.groups, r) for r in FIT_RATIOS] + list(extra)]
+    model.fit(fit)
+    return table, cached, model, fit, time_ms
+
+
 @register_strategy
 class HalpStrategy(Strategy):
     name = "halp"
@@ -45,21 +68,13 @@ class HalpStrategy(Strategy):
                              "latency_runtime='eager' to select for the GPU")
         student = ctx.student.eval()
         targets, macs_model = targets_and_macs(ctx)
-        stat_input = tuple(t.cpu() for t in ctx.stat_input)
-        example = tuple(t.cpu() for t in ctx.example)
-        threads = torch.get_num_threads()
         t0 = time.time()
-        table = LatencyTable(runtime=opts.runtime, threads=threads, path=opts.table)
-        cached = len(table)
-        model = LatencyModel(student, targets, stat_input, table, macs_model=macs_model)
-        nets = [uniform_alive(targets.groups, r) for r in FIT_RATIOS]
         peer = None
         if cfg.target_latency_ms is None:
             target_abs, _ = budget(ctx, targets, macs_model)
             peer, _ = uniform_masks(targets, macs_model, target_abs, multiple=cfg.channel_multiple)
-            nets.append(peer)
-        fit = [(a, measured_ms(student, targets, a, example, stat_input, opts.runtime, threads)) for a in nets]
-        scale, c0, c1 = model.fit(fit)
+        table, cached, model, fit, _ = fitted_latency_model(ctx, targets, macs_model, [peer] if peer else [])
+        scale, c0, c1 = model.scale, model.c0, model.c1
         if peer is None:
             target_ms = float(cfg.target_latency_ms)
             why = f"latency target {target_ms:g} ms"

@@ -7,15 +7,13 @@ nearby widths this device runs faster per MAC (:mod:`ganslim.pruning.latency_wid
 trivial peer, but the same family at about the same MACs, shaped for the runtime."""
 from __future__ import annotations
 
-import torch
-
 from ..core import distributed as dist
-from ..measure.latency_table import LatencyModel, LatencyTable
 from ..pruning.latency_widths import latency_widths, leading_masks
 from ..pruning.onestep import onestep_prune
-from ..pruning.uniform import reinitialize, uniform_alive, uniform_masks
+from ..pruning.uniform import reinitialize, uniform_masks
 from .base import StageResult, Strategy, StrategyContext, register_strategy
 from .common import loss_weights, resolve_mapping, targets_and_budget
+from .halp import fitted_latency_model
 
 
 @register_strategy
@@ -46,29 +44,16 @@ def device_widths(ctx: StrategyContext, targets, macs_model, target_abs: float, 
     """``(keep-masks, note)``: ``alive`` (leading channels per group) moved to the widths
     :func:`ganslim.pruning.latency_widths.latency_widths` finds on this device, in halp's
     ``latency_runtime`` (its latency table ranks, whole networks timed on ``ctx.stat_input`` decide)."""
-    from .halp import FIT_RATIOS, measured_ms  # halp's whole-network timing and fit cuts
-
     cfg, opts = ctx.config, ctx.config.halp
     if str(cfg.device) != "cpu" and opts.runtime == "onnxruntime":
         raise ValueError("uniform_widths='latency' with latency_runtime='onnxruntime' times the CPU; use "
                          "latency_runtime='eager' to shape the widths for the GPU")
     found = table = cached = None
     if dist.is_main():  # timings differ per process: rank 0 searches, every rank takes its widths
-        student = ctx.student.eval()
-        stat_input = tuple(t.cpu() for t in ctx.stat_input)
-        example = tuple(t.cpu() for t in ctx.example)
-        threads = torch.get_num_threads()
-        table = LatencyTable(runtime=opts.runtime, threads=threads, path=opts.table)
-        cached = len(table)
-        model = LatencyModel(student, targets, stat_input, table, macs_model=macs_model)
-
-        def time_ms(masks) -> float:
-            return measured_ms(student, targets, masks, example, stat_input, opts.runtime, threads, repeats=3)
-
-        model.fit([(a, time_ms(a)) for a in [uniform_alive(targets.groups, r) for r in FIT_RATIOS] + [alive]])
+        table, cached, model, _, time_ms = fitted_latency_model(ctx, targets, macs_model, [alive], fit_repeats=3)
         step = cfg.channel_multiple if (cfg.channel_multiple or 1) > 1 else opts.step
-        found = latency_widths(targets.groups, macs_model, [int(a.sum()) for a in alive], target_abs, time_ms,
-                               model.predict, step=step)
+        found = latency_widths(targets.groups, macs_model, [int(a.sum()) for a in alive], target_abs,
+                               lambda masks: time_ms(masks, 3), model.predict, step=step)
         table.save()
     found = dist.broadcast_object(found)
     where = (f"latency table {table.path} ({cached} entries cached, {table.timed} timed)" if table is not None
