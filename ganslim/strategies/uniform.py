@@ -13,7 +13,6 @@ from ..pruning.onestep import onestep_prune
 from ..pruning.uniform import reinitialize, uniform_masks
 from .base import StageResult, Strategy, StrategyContext, register_strategy
 from .common import loss_weights, resolve_mapping, targets_and_budget
-from .halp import fitted_latency_model
 
 
 @register_strategy
@@ -44,6 +43,10 @@ def device_widths(ctx: StrategyContext, targets, macs_model, target_abs: float, 
     """``(keep-masks, note)``: ``alive`` (leading channels per group) moved to the widths
     :func:`ganslim.pruning.latency_widths.latency_widths` finds on this device, in halp's
     ``latency_runtime`` (its latency table ranks, whole networks timed on ``ctx.stat_input`` decide)."""
+    # imported here: importing halp when this module loads would register it before uniform, and the
+    # registry's order is the order the strategies are listed in
+    from .halp import fitted_latency_model
+
     cfg, opts = ctx.config, ctx.config.halp
     if str(cfg.device) != "cpu" and opts.runtime == "onnxruntime":
         raise ValueError("uniform_widths='latency' with latency_runtime='onnxruntime' times the CPU; use "
