@@ -1,0 +1,74 @@
+"""benchmarks/bench_all_rows.py: the issue's verdicts come from the step JSONs, and a missing or failing
+figure is said so (never a 'met' from a row that is not there)."""
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def all_rows():
+    spec = importlib.util.spec_from_file_location(
+        "bench_all_rows", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_all_rows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _frontier_row(target, variant, strategy, macs_reduction, delta_db, wall_min=9.0, over_macs=0.45):
+    return {"target": target, "variant": variant, "strategy": strategy, "macs_reduction": macs_reduction,
+            "delta_db": delta_db, "wall_min": wall_min, "ort_speedup_over_macs": over_macs,
+            "ort_speedup_paired": over_macs * macs_reduction}
+
+
+def _write(folder, name, data):
+    (folder / name).write_text(json.dumps(data))
+
+
+def test_verdicts_follow_the_issue_targets(all_rows, tmp_path, capsys):
+    _write(tmp_path, "frontier.json", {"budget_min": 15.0, "rows": [
+        _frontier_row(0.1, "auto", "uniform", 10.2, +0.7),
+        _frontier_row(0.05, "auto", "onestep", 20.2, -0.4),       # within 0.5 dB: met
+        _frontier_row(0.05, "uniform", "uniform", 20.3, -0.6),    # auto only 0.2 dB over the peer: not met
+        _frontier_row(0.025, "auto", "separable", 40.8, -1.6),   # outside 1.5 dB: not met
+        _frontier_row(0.025, "uniform", "uniform", 41.4, -4.0),
+    ]})
+    _write(tmp_path, "frontier_latency_widths.json", {"budget_min": 15.0, "rows": [
+        _frontier_row(0.1, "auto", "uniform", 10.2, 0.7, over_macs=0.49),
+        _frontier_row(0.1, "uniform-latency", "uniform-latency", 10.4, 0.1, over_macs=0.66)]})
+    _write(tmp_path, "search.json", {"rows": {"now": {"per_minute": 880.0}, "parallel": {"per_minute": 1010.0}},
+                                     "same_choice": {"now": True, "parallel": False}})
+    table = all_rows.report(str(tmp_path), instance=False)
+    by = {(r["item"], r["figure"].split(":")[0]): r["status"] for r in table}
+    assert by[("1", "default teacher 1/20")] == "met"
+    assert by[("1", "default teacher 1/40")] == "not met"
+    assert by[("2", "default teacher 1/10")] == "-"  # auto is the peer there: nothing to beat
+    assert by[("2", "default teacher 1/20")] == "not met" and by[("2", "default teacher 1/40")] == "met"
+    assert by[("3", "1/10 auto (uniform)")] == "not met" and by[("3", "1/10 uniform-latency (uniform-latency)")] == "met"
+    assert by[("5", "search, 1 process")] == "not met"  # under 1000 / min
+    assert by[("5", "search, 2 processes")] == "not met"  # fast enough, but the winners changed
+    missing = [r for r in table if "not measured" in r["figure"]]
+    assert {r["source"] for r in missing} == {"latency_table.json", "quant_10x.json", "quant_20x.json",
+                                              "int8_ops.json", "scaling.json"}
+    assert all(r["status"] == "-" for r in missing)
+    assert [r["item"] for r in table] == sorted(r["item"] for r in table)
+    assert "| 1 | default teacher 1/20: auto (onestep) 20.20x, -0.40 dB" in capsys.readouterr().out
+
+
+def test_a_command_over_its_budget_does_not_count(all_rows, tmp_path):
+    _write(tmp_path, "frontier.json", {"budget_min": 15.0, "rows": [
+        _frontier_row(0.05, "auto", "onestep", 20.2, +0.3, wall_min=16.0)]})
+    (row,) = [r for r in all_rows.report(str(tmp_path), instance=False) if r["item"] == "1"]
+    assert row["status"] == "not met" and "16.0 min" in row["figure"]
+
+
+def test_steps_resume_from_their_json(all_rows):
+    steps = all_rows.steps("res", "runs/x", instance="t.safetensors")
+    outs = [path for path, _ in steps]
+    assert len(outs) == len(set(outs)) == 9  # every step writes its own JSON
+    for path, argv in steps:
+        assert argv[-2:] == ["--out", path] and argv[0].startswith("benchmarks")
+    quant = [argv for _, argv in steps if argv[0].endswith("bench_quant.py")]
+    assert [a[a.index("--student") + 1] for a in quant] == ["runs/x/0.1_auto/student.safetensors",
+                                                             "runs/x/0.05_auto/student.safetensors"]
