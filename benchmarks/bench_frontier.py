@@ -39,6 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from ganslim.measure.benchmarking import resolve_model  # noqa: E402
 from ganslim.strategies.auto import choose_strategy  # noqa: E402
 
 
@@ -153,9 +154,12 @@ def main(argv=None) -> int:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     print(f"machine: {machine}", flush=True)
     targets = [float(t) for t in args.targets.split(",")]
+    # the table compress reads for this teacher (an instance-norm teacher has its own): where auto picks
+    # the peer, the peer's command is not run a second time
+    teacher_model = resolve_model(args.teacher)
     cells = []
     for target in targets:
-        settings, reason = choose_strategy(target)
+        settings, reason = choose_strategy(target, teacher=teacher_model)
         picked = settings["strategy"]
         print(f"target {target:g}: auto -> {picked} ({reason})", flush=True)
         auto = run_cell(args.teacher, "auto", target, args.budget_min, _cell_dir(args.out_dir, target, "auto"),
