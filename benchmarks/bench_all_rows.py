@@ -1,7 +1,7 @@
 """Issue 17's rows in one session: every benchmark the performance frontier is judged by, run one after
 another on one machine, then one table of the issue's numbers beside their targets.
 
-    python benchmarks/bench_all_rows.py                 # run the missing steps, then the table (~2 h)
+    python benchmarks/bench_all_rows.py                 # run the missing steps, then the table (~2.5 h)
     python benchmarks/bench_all_rows.py --instance runs/teacher_instance.safetensors   # + its 1/20, 1/40 (~40 min)
     python benchmarks/bench_all_rows.py --report        # the table only, from the JSONs already written
 
@@ -19,7 +19,9 @@ broken run resumes where it stopped; delete the folder to measure everything aga
    PSNR, the end-to-end figure against the fp32 teacher;
 7. ``bench_int8_ops.py`` on the 1/10 student: which operators stay in float, with the GroupNorm and
    depthwise mobile ResNet beside it;
-8. with ``--instance T``: ``bench_frontier.py --teacher T --targets 0.05,0.025``.
+8. ``bench_peer.py --budgets 1000,3000 --variants uniform,onestep,separable``: the strategies auto picks
+   beside the peer with short budgets (the frontier is the long one);
+9. with ``--instance T``: ``bench_frontier.py --teacher T --targets 0.05,0.025``.
 
 Nothing else should run on the machine meanwhile: the latency rows are ratios timed side by side, but
 the compress commands have a wall-clock budget.
@@ -53,6 +55,8 @@ def steps(results: str, runs: str, instance: Optional[str]) -> list[tuple[str, l
         (out("quant_10x.json"), [b("bench_quant.py"), "--student", student("0.1"), "--keep-dir", runs + "_quant10"]),
         (out("quant_20x.json"), [b("bench_quant.py"), "--student", student("0.05"), "--keep-dir", runs + "_quant20"]),
         (out("int8_ops.json"), [b("bench_int8_ops.py"), "--student", student("0.1")]),
+        (out("peer_budgets.json"),
+         [b("bench_peer.py"), "--budgets", "1000,3000", "--variants", "uniform,onestep,separable"]),
     ]
     if instance:
         rows.append((out("frontier_instance.json"),
@@ -134,6 +138,22 @@ def report(results: str, instance: bool) -> list[dict]:
     frontier_rows("frontier.json", "default teacher")
     if instance or os.path.exists(os.path.join(ROOT, results, "frontier_instance.json")):
         frontier_rows("frontier_instance.json", "instance-norm teacher")
+
+    peer = load("peer_budgets.json", "2", "the strategies beside the peer at 1k and 3k steps")
+    if peer is not None:
+        from ganslim.strategies.auto import choose_strategy  # the default task's table: what auto runs there
+
+        for budget, target in sorted({(r["budget"], r["target"]) for r in peer["rows"]}, key=lambda bt: (bt[0], -bt[1])):
+            cell = {r["variant"]: r for r in peer["rows"] if r["budget"] == budget and r["target"] == target}
+            pick = choose_strategy(target)[0]["strategy"]
+            each = ", ".join(f"{v} {r['vs_teacher_db']:+.2f}" for v, r in cell.items())
+            if pick == "uniform" or pick not in cell or "uniform" not in cell:
+                add("2", f"{budget} steps, 1/{round(1 / target)}: {each} dB to the teacher; auto runs {pick}",
+                    ">= 0.5 dB over the peer where ganslim's default is not the peer", None, "peer_budgets.json")
+            else:
+                gain = cell[pick]["psnr_gt"] - cell["uniform"]["psnr_gt"]
+                add("2", f"{budget} steps, 1/{round(1 / target)}: {each} dB to the teacher; auto's {pick} "
+                    f"{gain:+.2f} dB over the peer", ">= 0.5 dB over the peer", gain >= 0.5, "peer_budgets.json")
 
     widths = load("frontier_latency_widths.json", "3", "1/10 widths shaped for the device")
     if widths is not None:

@@ -49,11 +49,23 @@ def test_verdicts_follow_the_issue_targets(all_rows, tmp_path, capsys):
     assert by[("5", "search, 1 process")] == "not met"  # under 1000 / min
     assert by[("5", "search, 2 processes")] == "not met"  # fast enough, but the winners changed
     missing = [r for r in table if "not measured" in r["figure"]]
-    assert {r["source"] for r in missing} == {"latency_table.json", "quant_10x.json", "quant_20x.json",
-                                              "int8_ops.json", "scaling.json"}
+    assert {r["source"] for r in missing} == {"peer_budgets.json", "latency_table.json", "quant_10x.json",
+                                              "quant_20x.json", "int8_ops.json", "scaling.json"}
     assert all(r["status"] == "-" for r in missing)
     assert [r["item"] for r in table] == sorted(r["item"] for r in table)
     assert "| 1 | default teacher 1/20: auto (onestep) 20.20x, -0.40 dB" in capsys.readouterr().out
+
+
+def test_short_budgets_judge_the_strategy_auto_runs(all_rows, tmp_path):
+    row = lambda t, v, db: {"budget": 1000, "target": t, "variant": v, "psnr_gt": 29.8 + db,  # noqa: E731
+                            "vs_teacher_db": db}
+    _write(tmp_path, "peer_budgets.json", {"rows": [
+        row(0.1, "uniform", -1.0), row(0.1, "onestep", -0.2),     # auto runs the peer at 1/10: no verdict
+        row(0.05, "uniform", -1.0), row(0.05, "onestep", -0.3),   # auto's onestep 0.7 dB over the peer
+        row(0.025, "uniform", -3.0), row(0.025, "separable", -2.8), row(0.025, "onestep", -1.0)]})
+    table = [r for r in all_rows.report(str(tmp_path), instance=False) if r["source"] == "peer_budgets.json"]
+    assert [r["status"] for r in table] == ["-", "met", "not met"]  # 1/40: auto's separable, not the best onestep
+    assert "auto runs uniform" in table[0]["figure"] and "auto's separable +0.20 dB" in table[2]["figure"]
 
 
 def test_a_command_over_its_budget_does_not_count(all_rows, tmp_path):
@@ -66,7 +78,7 @@ def test_a_command_over_its_budget_does_not_count(all_rows, tmp_path):
 def test_steps_resume_from_their_json(all_rows):
     steps = all_rows.steps("res", "runs/x", instance="t.safetensors")
     outs = [path for path, _ in steps]
-    assert len(outs) == len(set(outs)) == 9  # every step writes its own JSON
+    assert len(outs) == len(set(outs)) == 10  # every step writes its own JSON
     for path, argv in steps:
         assert argv[-2:] == ["--out", path] and argv[0].startswith("benchmarks")
     quant = [argv for _, argv in steps if argv[0].endswith("bench_quant.py")]
