@@ -1,7 +1,7 @@
 """Issue 17's rows in one session: every benchmark the performance frontier is judged by, run one after
 another on one machine, then one table of the issue's numbers beside their targets.
 
-    python benchmarks/bench_all_rows.py                 # run the missing steps, then the table (~2.5 h)
+    python benchmarks/bench_all_rows.py                 # run the missing steps, then the table (~2.3 h)
     python benchmarks/bench_all_rows.py --instance runs/teacher_instance.safetensors   # + its 1/20, 1/40 (~40 min)
     python benchmarks/bench_all_rows.py --report        # the table only, from the JSONs already written
 
@@ -19,8 +19,9 @@ broken run resumes where it stopped; delete the folder to measure everything aga
    PSNR, the end-to-end figure against the fp32 teacher;
 7. ``bench_int8_ops.py`` on the 1/10 student: which operators stay in float, with the GroupNorm and
    depthwise mobile ResNet beside it;
-8. ``bench_peer.py --budgets 1000,3000 --variants uniform,onestep,separable``: the strategies auto picks
-   beside the peer with short budgets (the frontier is the long one);
+8. ``bench_peer.py --budgets 1000 --variants uniform,onestep,separable``: the strategies auto picks
+   beside the peer with a short budget (the frontier is the long one; add 3000 to ``--budgets`` in
+   ``steps`` for the middle one, ~30 min more);
 9. with ``--instance T``: ``bench_frontier.py --teacher T --targets 0.05,0.025``.
 
 Nothing else should run on the machine meanwhile: the latency rows are ratios timed side by side, but
@@ -56,7 +57,7 @@ def steps(results: str, runs: str, instance: Optional[str]) -> list[tuple[str, l
         (out("quant_20x.json"), [b("bench_quant.py"), "--student", student("0.05"), "--keep-dir", runs + "_quant20"]),
         (out("int8_ops.json"), [b("bench_int8_ops.py"), "--student", student("0.1")]),
         (out("peer_budgets.json"),
-         [b("bench_peer.py"), "--budgets", "1000,3000", "--variants", "uniform,onestep,separable"]),
+         [b("bench_peer.py"), "--budgets", "1000", "--variants", "uniform,onestep,separable"]),
     ]
     if instance:
         rows.append((out("frontier_instance.json"),
@@ -139,7 +140,7 @@ def report(results: str, instance: bool) -> list[dict]:
     if instance or os.path.exists(os.path.join(ROOT, results, "frontier_instance.json")):
         frontier_rows("frontier_instance.json", "instance-norm teacher")
 
-    peer = load("peer_budgets.json", "2", "the strategies beside the peer at 1k and 3k steps")
+    peer = load("peer_budgets.json", "2", "the strategies beside the peer with a short budget")
     if peer is not None:
         from ganslim.strategies.auto import choose_strategy  # the default task's table: what auto runs there
 
