@@ -1,7 +1,7 @@
 """Issue 17's rows in one session: every benchmark the performance frontier is judged by, run one after
 another on one machine, then one table of the issue's numbers beside their targets.
 
-    python benchmarks/bench_all_rows.py                 # run the missing steps, then the table (~2.3 h)
+    python benchmarks/bench_all_rows.py                 # run the missing steps, then the table (~80 min)
     python benchmarks/bench_all_rows.py --instance runs/teacher_instance.safetensors   # + its 1/20, 1/40 (~40 min)
     python benchmarks/bench_all_rows.py --report        # the table only, from the JSONs already written
 
@@ -39,6 +39,7 @@ from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)  # --report reads auto's table from the checkout (ganslim.strategies.auto)
 
 
 def steps(results: str, runs: str, instance: Optional[str]) -> list[tuple[str, list[str]]]:
