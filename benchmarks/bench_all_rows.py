@@ -127,9 +127,12 @@ def report(results: str, instance: bool) -> list[dict]:
             auto, peer = _row(rows, target, "auto"), _row(rows, target, "uniform")
             if auto is None:
                 continue
-            if auto["strategy"] == "uniform" or peer is None:
+            if auto["strategy"] == "uniform":
                 add("2", f"{label} 1/{round(1 / target)}: auto is the peer ({auto['delta_db']:+.2f} dB to the teacher)",
                     ">= 0.5 dB over the peer where ganslim's default is not the peer", None, name)
+            elif peer is None:
+                add("2", f"{label} 1/{round(1 / target)}: auto ({auto['strategy']}), the peer not measured",
+                    ">= 0.5 dB over the peer", None, name)
             else:
                 gain = auto["delta_db"] - peer["delta_db"]
                 add("2", f"{label} 1/{round(1 / target)}: auto ({auto['strategy']}) {gain:+.2f} dB over the peer "

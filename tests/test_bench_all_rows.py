@@ -71,8 +71,11 @@ def test_short_budgets_judge_the_strategy_auto_runs(all_rows, tmp_path):
 def test_a_command_over_its_budget_does_not_count(all_rows, tmp_path):
     _write(tmp_path, "frontier.json", {"budget_min": 15.0, "rows": [
         _frontier_row(0.05, "auto", "onestep", 20.2, +0.3, wall_min=16.0)]})
-    (row,) = [r for r in all_rows.report(str(tmp_path), instance=False) if r["item"] == "1"]
+    rows = all_rows.report(str(tmp_path), instance=False)
+    (row,) = [r for r in rows if r["item"] == "1"]
     assert row["status"] == "not met" and "16.0 min" in row["figure"]
+    (peer,) = [r for r in rows if r["item"] == "2" and r["source"] == "frontier.json"]
+    assert peer["status"] == "-" and "the peer not measured" in peer["figure"]  # not "auto is the peer"
 
 
 def test_steps_resume_from_their_json(all_rows):
