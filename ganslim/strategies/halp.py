@@ -54,6 +54,42 @@ def fitted_latency_model(ctx: StrategyContext, targets, macs_model, extra=(), fi
     return table, cached, model, fit, time_ms
 
 
+def _select(ctx: StrategyContext, student, targets, macs_model, peer, target_abs) -> tuple:
+    """``(keep-masks, notes)``: the device's latency model fitted (with ``peer``, the uniform cut at the
+    MACs budget ``target_abs``, when the budget is in MACs), then the most importance per predicted ms
+    within the latency budget (the peer's predicted latency, or ``target_latency_ms``)."""
+    cfg, opts = ctx.config, ctx.options
+    t0 = time.time()
+    table, cached, model, fit, _ = fitted_latency_model(ctx, targets, macs_model, [peer] if peer is not None else [])
+    if peer is None:
+        target_ms = float(cfg.target_latency_ms)
+        why = f"latency target {target_ms:g} ms"
+    else:
+        # the peer's latency in the model's own units: the model's bias cancels between the two
+        target_ms = model.predict(peer)
+        why = (f"the uniform cut at {target_abs / ctx.teacher_macs:.3g} of the MACs measures {fit[-1][1]:.1f} ms, "
+               f"predicted {target_ms:.1f} ms ({opts.runtime}): the latency budget")
+    notes = []
+    try:
+        alive = latency_masks(student, targets, model, target_ms, step=opts.step)
+    except ValueError:
+        if peer is None:
+            raise
+        # the model ranks the peer below the narrowest widths allowed: its timings are noise
+        # (a loaded machine, a network too small to time); keep the peer rather than guess
+        alive = LatencySelection(peer)
+        alive.predicted_ms = target_ms
+        notes.append("halp: the latency model is inconsistent on this device (the uniform cut is predicted "
+                     "faster than every group at its floor); kept the uniform cut")
+    table.save()
+    errors = ", ".join(f"{e:+.1%}" for e in model.errors(fit))
+    notes.append(f"halp: {why}; latency table {table.path} ({cached} entries cached, {table.timed} timed), "
+                 f"fit {model.scale:.2f} x table + {model.c0:.2f} ms + {model.c1:.2f} ms x elementwise fraction, "
+                 f"fit errors {errors}; selected {alive.moves} moves, predicted {alive.predicted_ms:.1f} ms, "
+                 f"{time.time() - t0:.0f} s")
+    return alive, notes
+
+
 @register_strategy
 class HalpStrategy(Strategy):
     name = "halp"
@@ -68,39 +104,14 @@ class HalpStrategy(Strategy):
                              "latency_runtime='eager' to select for the GPU")
         student = ctx.student.eval()
         targets, macs_model = targets_and_macs(ctx)
-        t0 = time.time()
-        peer = None
+        peer = target_abs = None
         if cfg.target_latency_ms is None:
             target_abs, _ = budget(ctx, targets, macs_model)
             peer, _ = uniform_masks(targets, macs_model, target_abs, multiple=cfg.channel_multiple)
-        table, cached, model, fit, _ = fitted_latency_model(ctx, targets, macs_model, [peer] if peer else [])
-        scale, c0, c1 = model.scale, model.c0, model.c1
-        if peer is None:
-            target_ms = float(cfg.target_latency_ms)
-            why = f"latency target {target_ms:g} ms"
-        else:
-            # the peer's latency in the model's own units: the model's bias cancels between the two
-            target_ms = model.predict(peer)
-            why = (f"the uniform cut at {target_abs / ctx.teacher_macs:.3g} of the MACs measures {fit[-1][1]:.1f} ms, "
-                   f"predicted {target_ms:.1f} ms ({opts.runtime}): the latency budget")
-        notes = []
-        try:
-            alive = latency_masks(student, targets, model, target_ms, step=opts.step)
-        except ValueError:
-            if peer is None:
-                raise
-            # the model ranks the peer below the narrowest widths allowed: its timings are noise
-            # (a loaded machine, a network too small to time); keep the peer rather than guess
-            alive = LatencySelection(peer)
-            alive.predicted_ms = target_ms
-            notes.append("halp: the latency model is inconsistent on this device (the uniform cut is predicted "
-                         "faster than every group at its floor); kept the uniform cut")
-        alive = dist.broadcast_object(alive)  # timings differ per process: rank 0's selection for every rank
-        table.save()
-        errors = ", ".join(f"{e:+.1%}" for e in model.errors(fit))
-        notes.append(f"halp: {why}; latency table {table.path} ({cached} entries cached, {table.timed} timed), "
-                     f"fit {scale:.2f} x table + {c0:.2f} ms + {c1:.2f} ms x elementwise fraction, fit errors {errors}; selected "
-                     f"{alive.moves} moves, predicted {alive.predicted_ms:.1f} ms, {time.time() - t0:.0f} s")
+        # timings differ per process: rank 0 times and selects (and alone writes the table's cache file),
+        # every rank takes its selection and its note
+        chosen = _select(ctx, student, targets, macs_model, peer, target_abs) if dist.is_main() else None
+        alive, notes = dist.broadcast_object(chosen)
         plain = onestep_prune(student, targets, list(alive), ctx.example)
         kept = {g.root: int(a.sum()) for g, a in zip(targets.groups, alive)}
         mapping = resolve_mapping(ctx, plain) if cfg.loss.finetune_distill else {}
