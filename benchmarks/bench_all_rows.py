@@ -1,7 +1,7 @@
 """Issue 17's rows in one session: every benchmark the performance frontier is judged by, run one after
 another on one machine, then one table of the issue's numbers beside their targets.
 
-    python benchmarks/bench_all_rows.py                 # run the missing steps, then the table (~80 min)
+    python benchmarks/bench_all_rows.py                 # run the missing steps, then the table (~110 min)
     python benchmarks/bench_all_rows.py --instance runs/teacher_instance.safetensors   # + its 1/20, 1/40 (~40 min)
     python benchmarks/bench_all_rows.py --report        # the table only, from the JSONs already written
 
@@ -19,9 +19,10 @@ broken run resumes where it stopped; delete the folder to measure everything aga
    PSNR, the end-to-end figure against the fp32 teacher;
 7. ``bench_int8_ops.py`` on the 1/10 student: which operators stay in float, with the GroupNorm and
    depthwise mobile ResNet beside it;
-8. ``bench_peer.py --budgets 1000 --variants uniform,onestep,separable``: the strategies auto picks
-   beside the peer with a short budget (the frontier is the long one; add 3000 to ``--budgets`` in
-   ``steps`` for the middle one, ~30 min more);
+8. ``bench_peer.py --budgets 1000,3000 --variants uniform,onestep,separable``: the strategies beside
+   the peer with short budgets (the frontier is the long one), each budget's verdict on what auto runs
+   after that many steps (``strategy_results.json``'s ``short_budgets``, written from this file by
+   ``bench_peer.py --report --short-winners``); 1000 steps ~9 min, 3000 ~30;
 9. with ``--instance T``: ``bench_frontier.py --teacher T --targets 0.05,0.025``.
 
 Nothing else should run on the machine meanwhile: the latency rows are ratios timed side by side, but
@@ -58,7 +59,7 @@ def steps(results: str, runs: str, instance: Optional[str]) -> list[tuple[str, l
         (out("quant_20x.json"), [b("bench_quant.py"), "--student", student("0.05"), "--keep-dir", runs + "_quant20"]),
         (out("int8_ops.json"), [b("bench_int8_ops.py"), "--student", student("0.1")]),
         (out("peer_budgets.json"),
-         [b("bench_peer.py"), "--budgets", "1000", "--variants", "uniform,onestep,separable"]),
+         [b("bench_peer.py"), "--budgets", "1000,3000", "--variants", "uniform,onestep,separable"]),
     ]
     if instance:
         rows.append((out("frontier_instance.json"),
@@ -150,7 +151,7 @@ def report(results: str, instance: bool) -> list[dict]:
 
         for budget, target in sorted({(r["budget"], r["target"]) for r in peer["rows"]}, key=lambda bt: (bt[0], -bt[1])):
             cell = {r["variant"]: r for r in peer["rows"] if r["budget"] == budget and r["target"] == target}
-            pick = choose_strategy(target)[0]["strategy"]
+            pick = choose_strategy(target, steps=budget)[0]["strategy"]  # auto at this budget
             each = ", ".join(f"{v} {r['vs_teacher_db']:+.2f}" for v, r in cell.items())
             if pick == "uniform" or pick not in cell or "uniform" not in cell:
                 add("2", f"{budget} steps, 1/{round(1 / target)}: {each} dB to the teacher; auto runs {pick}",

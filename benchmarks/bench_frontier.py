@@ -157,9 +157,12 @@ def main(argv=None) -> int:
     # the table compress reads for this teacher (an instance-norm teacher has its own): where auto picks
     # the peer, the peer's command is not run a second time
     teacher_model = resolve_model(args.teacher)
+    from ganslim.config import CompressConfig
+
+    default_steps = CompressConfig().steps + CompressConfig().finetune_steps  # the commands' step budget
     cells = []
     for target in targets:
-        settings, reason = choose_strategy(target, teacher=teacher_model)
+        settings, reason = choose_strategy(target, teacher=teacher_model, steps=default_steps)
         picked = settings["strategy"]
         print(f"target {target:g}: auto -> {picked} ({reason})", flush=True)
         auto = run_cell(args.teacher, "auto", target, args.budget_min, _cell_dir(args.out_dir, target, "auto"),

@@ -11,6 +11,9 @@ teacher saw, without a single cartoon, and is judged on the held-out photo's gro
     python benchmarks/bench_peer.py                                   # 1k and 3k steps at 10x, 20x, 40x
     python benchmarks/bench_peer.py --budgets 12800 --targets 0.05 --resume   # add cells to the same table
     python benchmarks/bench_peer.py --report --winners ganslim/assets/strategy_results.json   # strategy="auto"'s table
+    # auto's winners after short budgets (1000 and 3000 steps), beside the table's own
+    python benchmarks/bench_peer.py --report --out benchmarks/results/all_rows/peer_budgets.json \
+        --short-winners ganslim/assets/strategy_results.json
     # the instance-norm teacher (CycleGAN's default norm) of train_teacher.py --norm instance
     python benchmarks/bench_peer.py --teacher runs/teacher_instance.safetensors --budgets 3000 \
         --targets 0.05,0.025 --variants onestep,uniform --out benchmarks/results/peer_instance.json
@@ -76,16 +79,20 @@ def main() -> None:
                     help="the student never sees a cartoon: the teacher's outputs are its only targets")
     ap.add_argument("--winners", help="write strategy='auto''s table here (ganslim/assets/strategy_results.json): per "
                                       "target, the best variant at the largest budget measured there")
+    ap.add_argument("--short-winners", help="add the winners of every budget of --out shorter than the table's own "
+                                            "to the table at this path (its short_budgets: auto reads the budget nearest "
+                                            "to the steps it is given); the table's main winners are kept")
     args = ap.parse_args()
     if args.report:
         saved = json.load(open(args.out))
         print(table(saved, saved["rows"]))
         plot(saved, saved["rows"], os.path.splitext(args.out)[0] + ".png")
         if args.winners:
-            if not saved.get("ground_truth", True) or not saved.get("teacher", "default").startswith("default") \
-                    or saved.get("student_photos", list(data.TRAIN_PHOTOS)) != list(data.TRAIN_PHOTOS):
-                raise SystemExit(f"--winners is strategy='auto''s table for the default teacher and task; {args.out} is another")
+            check_default_task(saved, args.out)
             write_winners(saved["rows"], args.winners)
+        if args.short_winners:
+            check_default_task(saved, args.out)
+            write_short_winners(saved["rows"], args.short_winners, args.out)
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -94,7 +101,8 @@ def main() -> None:
     targets = [float(t) for t in args.targets.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
 
-    if args.winners and (args.teacher or args.no_ground_truth or args.photos != ",".join(data.TRAIN_PHOTOS)):
+    if (args.winners or args.short_winners) and (args.teacher or args.no_ground_truth
+                                                 or args.photos != ",".join(data.TRAIN_PHOTOS)):
         raise SystemExit("--winners is strategy='auto''s table for the default teacher and task only")
     photos = tuple(p.strip() for p in args.photos.split(",") if p.strip())
     if args.teacher:
@@ -143,6 +151,37 @@ def main() -> None:
     print(f"wrote {args.out}, {png}")
     if args.winners:
         write_winners(list(rows.values()), args.winners)
+    if args.short_winners:
+        write_short_winners(list(rows.values()), args.short_winners, args.out)
+
+
+def check_default_task(saved: dict, path: str) -> None:
+    if not saved.get("ground_truth", True) or not saved.get("teacher", "default").startswith("default") \
+            or saved.get("student_photos", list(data.TRAIN_PHOTOS)) != list(data.TRAIN_PHOTOS):
+        raise SystemExit(f"--winners is strategy='auto''s table for the default teacher and task; {path} is another")
+
+
+def write_short_winners(rows: list, path: str, rows_path: str) -> dict:
+    """Add to the table at ``path`` (written by ``--winners``) the winners of each budget of ``rows``
+    shorter than the table's own (:func:`ganslim.strategies.auto.table_budget`), by PSNR to ground
+    truth per target as ``--winners`` picks; the table's main winners stay as they are."""
+    from ganslim.strategies.auto import table_budget
+
+    table = json.load(open(path))
+    main = table_budget(table)
+    short = {}
+    for budget in sorted({r["budget"] for r in rows if r["budget"] < main}):
+        chosen = [{"target": r["target"], "strategy": r["variant"], "psnr_gt": r["psnr_gt"], "minutes": r["minutes"]}
+                  for r in rows if r["budget"] == budget]
+        w = winners_from_rows(chosen)
+        variants = sorted({r["strategy"] for r in chosen})
+        short[str(budget)] = {"winners": w["winners"],
+                              "source": f"benchmarks/bench_peer.py ({budget} steps: {', '.join(variants)}; {rows_path})"}
+    if not short:
+        raise SystemExit(f"{rows_path} has no budget shorter than the table's {main} steps")
+    table["short_budgets"] = short
+    print("\n".join(write_table(table, path)))
+    return table
 
 
 def write_winners(rows: list, path: str) -> dict:
@@ -154,6 +193,7 @@ def write_winners(rows: list, path: str) -> dict:
     out = winners_from_rows(chosen)
     steps = ", ".join(f"{longest[t]} steps at 1/{round(1 / t)}" for t in sorted(longest, reverse=True))
     out["source"] = f"benchmarks/bench_peer.py ({steps})"
+    out["budget"] = min(longest.values())  # the steps of these winners (auto's budget_winners)
     print("\n".join(write_table(out, path)))
     return out
 

@@ -165,7 +165,8 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     if cfg.strategy == "auto":
         from .strategies import choose_strategy
 
-        settings, why = choose_strategy(cfg.target_macs if cfg.target_latency_ms is None else None, teacher=teacher)
+        settings, why = choose_strategy(cfg.target_macs if cfg.target_latency_ms is None else None, teacher=teacher,
+                                        steps=cfg.steps + cfg.finetune_steps)
         cfg = cfg.replace(**settings)
         notes.append(f"strategy auto -> {why}")
     strategy = get_strategy(cfg.strategy)

@@ -172,7 +172,8 @@ class CompressConfig:
     # replaces target_macs; the MACs target is found by measuring slimmed copies (ganslim.pruning.device_aware).
     target_latency_ms: Optional[float] = None
     # a registered strategy (ganslim.strategies: uniform, slim, onestep, ofa, evolve, plug-ins) or "auto":
-    # the strategy that won the measured comparison (benchmarks/bench_peer.py) nearest this target.
+    # the strategy that won the measured comparison (benchmarks/bench_peer.py) nearest this target, after
+    # the measured number of steps nearest steps + finetune_steps (1000, 3000 or 12800).
     # The default is "uniform" (the teacher's leading channels, every group cut alike, then the
     # distillation fine-tune) because it won at this default target on the default task: +0.42 dB over
     # the teacher at 1/10 after 12800 steps where slim reached -0.26 dB and onestep -0.39 dB

@@ -56,16 +56,29 @@ def test_verdicts_follow_the_issue_targets(all_rows, tmp_path, capsys):
     assert "| 1 | default teacher 1/20: auto (onestep) 20.20x, -0.40 dB" in capsys.readouterr().out
 
 
-def test_short_budgets_judge_the_strategy_auto_runs(all_rows, tmp_path):
-    row = lambda t, v, db: {"budget": 1000, "target": t, "variant": v, "psnr_gt": 29.8 + db,  # noqa: E731
-                            "vs_teacher_db": db}
+def test_short_budgets_judge_the_strategy_auto_runs(all_rows, tmp_path, monkeypatch):
+    from ganslim.strategies import auto
+
+    # auto's table: the long budget's winners, and after 1000 steps the peer at 1/10 (no verdict there),
+    # separable at 1/40; after 3000 steps separable at 1/10
+    win = lambda v: {"variant": v, "psnr_gt": 29.0, "minutes": 1.0}  # noqa: E731
+    table_path = tmp_path / "auto.json"
+    table_path.write_text(json.dumps({
+        "winners": {"0.1": win("uniform"), "0.05": win("onestep"), "0.025": win("separable")}, "budget": 12800,
+        "short_budgets": {"1000": {"winners": {"0.1": win("uniform"), "0.025": win("separable")}},
+                          "3000": {"winners": {"0.1": win("separable")}}}}))
+    monkeypatch.setattr(auto, "RESULTS", table_path)
+    row = lambda t, v, db, b=1000: {"budget": b, "target": t, "variant": v, "psnr_gt": 29.8 + db,  # noqa: E731
+                                    "vs_teacher_db": db}
     _write(tmp_path, "peer_budgets.json", {"rows": [
         row(0.1, "uniform", -1.0), row(0.1, "onestep", -0.2),     # auto runs the peer at 1/10: no verdict
         row(0.05, "uniform", -1.0), row(0.05, "onestep", -0.3),   # auto's onestep 0.7 dB over the peer
-        row(0.025, "uniform", -3.0), row(0.025, "separable", -2.8), row(0.025, "onestep", -1.0)]})
+        row(0.025, "uniform", -3.0), row(0.025, "separable", -2.8), row(0.025, "onestep", -1.0),
+        row(0.1, "uniform", -0.9, 3000), row(0.1, "separable", -0.5, 3000)]})  # 3000 steps: auto's separable
     table = [r for r in all_rows.report(str(tmp_path), instance=False) if r["source"] == "peer_budgets.json"]
-    assert [r["status"] for r in table] == ["-", "met", "not met"]  # 1/40: auto's separable, not the best onestep
+    assert [r["status"] for r in table] == ["-", "met", "not met", "not met"]  # 1/40: auto's separable, not onestep
     assert "auto runs uniform" in table[0]["figure"] and "auto's separable +0.20 dB" in table[2]["figure"]
+    assert table[3]["figure"].startswith("3000 steps, 1/10") and "auto's separable +0.40 dB" in table[3]["figure"]
 
 
 def test_a_command_over_its_budget_does_not_count(all_rows, tmp_path):

@@ -200,6 +200,49 @@ def test_auto_takes_the_trivial_peer_comparison_at_its_longest_budget(tmp_path):
     assert "12800 steps at 1/10" in table["source"] and "3000 steps at 1/20" in table["source"]
     assert choose_strategy(0.1, path)[0] == {"strategy": "uniform"}
     assert choose_strategy(0.05, path)[0] == {"strategy": "onestep"}
+    assert table["budget"] == 3000  # the shortest of the targets' longest budgets
+
+
+def test_auto_reads_the_winners_of_the_budget_it_is_given(tmp_path):
+    """At 1/10 the peer wins after 12800 steps and separable after 1000 (bench_peer): with short_budgets
+    (bench_peer --short-winners) auto takes the winner of the measured budget nearest (log scale) to the
+    steps it will train; the table's own winners for the long budget, for no steps, and for the latency
+    target (no fraction)."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_peer", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peer.py")
+    bench_peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_peer)
+    row = lambda b, t, v, p: {"budget": b, "target": t, "variant": v, "psnr_gt": p, "minutes": 1.0}  # noqa: E731
+    path = tmp_path / "auto.json"
+    bench_peer.write_winners([row(12800, 0.1, "separable", 30.1), row(12800, 0.1, "uniform", 30.5),
+                              row(12800, 0.05, "onestep", 30.2), row(12800, 0.05, "uniform", 29.3)], str(path))
+    short = [row(1000, 0.1, "separable", 28.1), row(1000, 0.1, "uniform", 27.6),
+             row(3000, 0.1, "onestep", 28.9), row(3000, 0.1, "uniform", 28.5),
+             row(3000, 0.05, "onestep", 28.4), row(3000, 0.05, "uniform", 27.7),
+             row(12800, 0.1, "separable", 20.0)]  # not shorter than the table's own: ignored
+    table = bench_peer.write_short_winners(short, str(path), "rows.json")
+    assert sorted(table["short_budgets"]) == ["1000", "3000"] and "rows.json" in table["short_budgets"]["1000"]["source"]
+    assert table["winners"]["0.1"]["variant"] == "uniform"  # the main winners are kept
+    settings, why = choose_strategy(0.1, path, steps=800)
+    assert settings == {"strategy": "separable"} and "after 1000 steps" in why
+    assert choose_strategy(0.1, path, steps=1700)[0] == {"strategy": "separable"}  # nearer 1000 than 3000
+    assert choose_strategy(0.1, path, steps=1800)[0] == {"strategy": "onestep"}
+    assert choose_strategy(0.1, path, steps=6000)[0] == {"strategy": "onestep"}
+    for steps in (6500, 12800, 50000, None):
+        settings, why = choose_strategy(0.1, path, steps=steps)
+        assert settings == {"strategy": "uniform"} and "after" not in why
+    settings, why = choose_strategy(0.05, path, steps=1000)  # 1000 steps were not measured at 1/20: the long budget
+    assert settings == {"strategy": "onestep"} and "after" not in why
+    assert choose_strategy(None, path, steps=1000)[0] == {"strategy": "uniform"}  # overall: the long budget's
+    # a table from before budgets were recorded is the demo's 12800 steps
+    legacy = json.loads(path.read_text())
+    del legacy["budget"]
+    path.write_text(json.dumps(legacy))
+    assert choose_strategy(0.1, path, steps=6500)[0] == {"strategy": "uniform"}
+    assert choose_strategy(0.1, path, steps=1000)[0] == {"strategy": "separable"}
 
 
 def test_auto_reads_the_instance_norm_table_for_an_instance_norm_teacher(tmp_path):

@@ -4,7 +4,12 @@
 its strategies-against-the-trivial-peer grid on the default teacher: per MACs target, the best PSNR
 to ground truth at the largest training budget measured there (ties within 0.05 dB broken by CPU
 time); ``bench_strategies.py --winners`` can write a table of the same form from its rows. ``auto`` takes the winner at the measured
-target nearest (in log scale) to the one asked for. A teacher with instance norm and no BatchNorm
+target nearest (in log scale) to the one asked for. The winners change with the training budget (at
+1/10 of the default teacher the uniform peer wins after 12800 steps, one-step pruning and separable
+convolutions after 1000): a table may hold winners measured at shorter budgets too (``short_budgets``,
+written by ``bench_peer.py --short-winners``), and ``auto`` then reads the budget nearest (in log
+scale) to the total optimizer steps it is given (compress: ``steps + finetune_steps``; a time budget
+that cuts the fine-tune short is not known up front and does not count). A teacher with instance norm and no BatchNorm
 gets the table ``bench_frontier.py --winners-from`` wrote from the instance-norm teacher's seeds
 (``RESULTS_INSTANCE``): there the uniform peer beat one-step pruning at 1/20 in every seed. Measured
 on one task and machine: a default, not a law; pass ``strategy=`` explicitly to override.
@@ -61,6 +66,9 @@ def write_table(table: dict, path) -> list[str]:
         json.dump(table, f, indent=2)
     lines = [f"auto at {t}: {w['variant']} ({w['psnr_gt']:.2f} dB, {w['minutes']:.1f} min)"
              for t, w in table["winners"].items()]
+    for b, v in sorted((table.get("short_budgets") or {}).items(), key=lambda kv: int(kv[0])):
+        lines += [f"auto at {t} after about {b} steps: {w['variant']} ({w['psnr_gt']:.2f} dB, {w['minutes']:.1f} min)"
+                  for t, w in v["winners"].items()]
     return lines + [f"auto without a MACs fraction (latency budget): {table['overall']}; wrote {path}"]
 
 
@@ -73,30 +81,59 @@ def instance_norm_only(model) -> bool:
             and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mods))
 
 
+def table_budget(table: dict) -> int:
+    """Total optimizer steps of a table's main ``winners``: its ``budget``, else the demo's 12800 (the
+    budget every table before ``budget`` was recorded was measured at: their ``source`` says so)."""
+    if "budget" in table:
+        return int(table["budget"])
+    from ..config import CompressConfig
+
+    d = CompressConfig()
+    return d.steps + d.finetune_steps
+
+
+def budget_winners(table: dict, steps: Optional[int]) -> tuple[dict, str, Optional[int]]:
+    """``(winners, source, budget)`` of ``table`` at the measured budget nearest (log scale) to ``steps``
+    (None: the main, longest one). ``short_budgets`` maps a budget (steps) to ``{"winners", "source"}``."""
+    main = (table["winners"], table.get("source", "bench_strategies.py"), None)
+    short = table.get("short_budgets") or {}
+    if steps is None or steps <= 0 or not short:
+        return main
+    budgets = {table_budget(table): main}
+    budgets.update({int(b): (v["winners"], v.get("source", "bench_peer.py"), int(b)) for b, v in short.items()})
+    near = min(budgets, key=lambda b: (abs(math.log(b) - math.log(steps)), -b))
+    return budgets[near]
+
+
 def choose_strategy(target_macs: Optional[float], results: Optional[pathlib.Path] = None,
-                    teacher=None) -> tuple[dict, str]:
+                    teacher=None, steps: Optional[int] = None) -> tuple[dict, str]:
     """``(CompressConfig settings, reason)`` of the measured winner for a MACs target given as a
     fraction of the teacher (None: latency target or absolute MACs, where the fraction is not known
     up front -> the variant with the best mean fidelity over the measured targets). ``results``: the
     table (default: ``RESULTS_INSTANCE`` for a ``teacher`` with instance norm and no BatchNorm, where
     the default task's winner at 1/20, one-step pruning, lost to the uniform peer in every seed;
-    ``RESULTS`` otherwise)."""
+    ``RESULTS`` otherwise). ``steps``: the total optimizer steps the compression will run: the winners
+    of the table's measured budget nearest to it (:func:`budget_winners`; None: the longest)."""
     if results is None:
         results = RESULTS_INSTANCE if (teacher is not None and instance_norm_only(teacher)
                                        and RESULTS_INSTANCE.exists()) else RESULTS
     try:
         table = json.loads(pathlib.Path(results).read_text())
-        winners = {float(k): v for k, v in table["winners"].items()}
-    except (OSError, ValueError, KeyError, TypeError):
+        main = {float(k): v for k, v in table["winners"].items()}
+        winners, src, budget = budget_winners(table, steps if target_macs is not None else None)
+        winners = {float(k): v for k, v in winners.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return dict(VARIANTS[FALLBACK]), f"no measured head-to-head at {results}; {FALLBACK} is the default"
-    if not winners:
+    if not main:
         return dict(VARIANTS[FALLBACK]), f"the head-to-head at {results} has no winners; {FALLBACK} is the default"
-    src = table.get("source", "bench_strategies.py")
     if target_macs is None or not 0 < target_macs <= 1:
-        best = table.get("overall") or winners[min(winners)]["variant"]
+        best = table.get("overall") or main[min(main)]["variant"]
         return dict(VARIANTS[best]), f"{best}: best mean fidelity over the measured targets ({src})"
-    near = min(winners, key=lambda t: abs(math.log(t) - math.log(target_macs)))
+    near = min(main, key=lambda t: abs(math.log(t) - math.log(target_macs)))
+    if near not in winners:  # that budget was not measured near this target: the main table decides
+        winners, src, budget = main, table.get("source", "bench_strategies.py"), None
     w = winners[near]
     task = table.get("task", "the default task")
-    return dict(VARIANTS[w["variant"]]), (f"{w['variant']} won at target {near:g} on {task} "
+    at = f" after {budget} steps (the measured budget nearest to {steps})" if budget is not None else ""
+    return dict(VARIANTS[w["variant"]]), (f"{w['variant']} won at target {near:g}{at} on {task} "
                                           f"({w['psnr_gt']:.2f} dB to ground truth, {w['minutes']:.1f} min; {src})")
