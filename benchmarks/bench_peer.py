@@ -14,6 +14,9 @@ teacher saw, without a single cartoon, and is judged on the held-out photo's gro
     # auto's winners after short budgets (1000 and 3000 steps), beside the table's own
     python benchmarks/bench_peer.py --report --out benchmarks/results/all_rows/peer_budgets.json \
         --short-winners ganslim/assets/strategy_results.json
+    # the same, each cell the mean over seeds (a second seed's grid: --seed 1 --out ..._seed1.json)
+    python benchmarks/bench_peer.py --report --out benchmarks/results/all_rows/peer_budgets.json \
+        --other-seeds benchmarks/results/all_rows/peer_budgets_seed1.json --short-winners ganslim/assets/strategy_results.json
     # the instance-norm teacher (CycleGAN's default norm) of train_teacher.py --norm instance
     python benchmarks/bench_peer.py --teacher runs/teacher_instance.safetensors --budgets 3000 \
         --targets 0.05,0.025 --variants onestep,uniform --out benchmarks/results/peer_instance.json
@@ -79,6 +82,11 @@ def main() -> None:
                     help="the student never sees a cartoon: the teacher's outputs are its only targets")
     ap.add_argument("--winners", help="write strategy='auto''s table here (ganslim/assets/strategy_results.json): per "
                                       "target, the best variant at the largest budget measured there")
+    ap.add_argument("--seed", type=int, default=DEFAULT.seed, help="seed of the data order and of every compress "
+                                                                  "call (a seed's rows belong in their own --out)")
+    ap.add_argument("--other-seeds", help="with --report --short-winners: comma-separated --out files of the same grid "
+                                          "at other --seed: each cell's PSNR and minutes are the mean over the "
+                                          "files that measured it")
     ap.add_argument("--short-winners", help="add the winners of every budget of --out shorter than the table's own "
                                             "to the table at this path (its short_budgets: auto reads the budget nearest "
                                             "to the steps it is given); the table's main winners are kept")
@@ -91,8 +99,11 @@ def main() -> None:
             check_default_task(saved, args.out)
             write_winners(saved["rows"], args.winners)
         if args.short_winners:
-            check_default_task(saved, args.out)
-            write_short_winners(saved["rows"], args.short_winners, args.out)
+            paths = [args.out] + [p for p in (args.other_seeds or "").split(",") if p]
+            seeds = [json.load(open(p)) for p in paths]
+            for saved_seed, p in zip(seeds, paths):
+                check_default_task(saved_seed, p)
+            write_short_winners(mean_over_seeds([sd["rows"] for sd in seeds]), args.short_winners, ", ".join(paths))
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -115,16 +126,18 @@ def main() -> None:
     (x_eval, _), = pairs
     t_psnr = measure.fidelity_to_target(teacher, pairs)["psnr"]
     saved = json.load(open(args.out)) if args.resume and os.path.exists(args.out) else {}
+    if saved and saved.get("seed", DEFAULT.seed) != args.seed:
+        raise SystemExit(f"{args.out} holds seed {saved.get('seed', DEFAULT.seed)}'s rows, not seed {args.seed}'s")
     rows = {key(r): r for r in saved.get("rows", [])}
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
                        f"torch {torch.__version__}",
             "teacher": args.teacher or "default (ResNet-9 ngf 32, batch norm)", "teacher_psnr_gt": t_psnr,
             "student_photos": list(photos), "ground_truth": not args.no_ground_truth,
             "teacher_latency_ms": measure.measure_latency(teacher, x_eval, warmup=2, repeats=5).median_ms,
-            "batch": 8, "crop": 64, "gated_share": GATED_SHARE}
+            "batch": 8, "crop": 64, "gated_share": GATED_SHARE, "seed": args.seed}
     for budget in budgets:
         # the demo's loader (teacher outputs precomputed per whole photo), long enough for the budget
-        loader = data.default_loader(batch_size=8, crop=64, length=(budget + 16) * 8, seed=DEFAULT.seed, teacher=teacher,
+        loader = data.default_loader(batch_size=8, crop=64, length=(budget + 16) * 8, seed=args.seed, teacher=teacher,
                                      photos=photos, ground_truth=not args.no_ground_truth)
         for target in targets:
             for variant in variants:
@@ -133,7 +146,7 @@ def main() -> None:
                 sched = schedule(variant, budget)
                 t0 = time.time()
                 res = compress(teacher, teacher, loader, target_macs=target, eval_inputs=pairs, measure_latency=False,
-                               progress=False, **sched, **VARIANTS[variant])
+                               progress=False, seed=args.seed, **sched, **VARIANTS[variant])
                 minutes = (time.time() - t0) / 60
                 st = res.report.student
                 row = {"budget": budget, "target": target, "variant": variant, **sched,
@@ -161,6 +174,23 @@ def check_default_task(saved: dict, path: str) -> None:
         raise SystemExit(f"--winners is strategy='auto''s table for the default teacher and task; {path} is another")
 
 
+def mean_over_seeds(seed_rows: list) -> list:
+    """Rows of several seeds' grids -> one row per (budget, target, variant): ``psnr_gt``,
+    ``vs_teacher_db`` and ``minutes`` averaged over the seeds that measured the cell, ``seeds`` counted."""
+    cells: dict = {}
+    for rows in seed_rows:
+        for r in rows:
+            cells.setdefault(key(r), []).append(r)
+    out = []
+    for rs in cells.values():
+        mean = dict(rs[0], seeds=len(rs))
+        for k in ("psnr_gt", "vs_teacher_db", "minutes"):
+            if all(k in r for r in rs):
+                mean[k] = sum(r[k] for r in rs) / len(rs)
+        out.append(mean)
+    return sorted(out, key=key)
+
+
 def write_short_winners(rows: list, path: str, rows_path: str) -> dict:
     """Add to the table at ``path`` (written by ``--winners``) the winners of each budget of ``rows``
     shorter than the table's own (:func:`ganslim.strategies.auto.table_budget`), by PSNR to ground
@@ -175,8 +205,10 @@ def write_short_winners(rows: list, path: str, rows_path: str) -> dict:
                   for r in rows if r["budget"] == budget]
         w = winners_from_rows(chosen)
         variants = sorted({r["strategy"] for r in chosen})
+        seeds = sorted({r.get("seeds", 1) for r in rows if r["budget"] == budget})
+        n = f"; mean of {'/'.join(map(str, seeds))} seed(s) per cell" if seeds != [1] else ""
         short[str(budget)] = {"winners": w["winners"],
-                              "source": f"benchmarks/bench_peer.py ({budget} steps: {', '.join(variants)}; {rows_path})"}
+                              "source": f"benchmarks/bench_peer.py ({budget} steps: {', '.join(variants)}{n}; {rows_path})"}
     if not short:
         raise SystemExit(f"{rows_path} has no budget shorter than the table's {main} steps")
     table["short_budgets"] = short

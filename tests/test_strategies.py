@@ -245,6 +245,29 @@ def test_auto_reads_the_winners_of_the_budget_it_is_given(tmp_path):
     assert choose_strategy(0.1, path, steps=1000)[0] == {"strategy": "separable"}
 
 
+def test_short_budget_winners_from_several_seeds_take_each_cells_mean(tmp_path):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_peer", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peer.py")
+    bench_peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_peer)
+    row = lambda t, v, p, m=1.0: {"budget": 1000, "target": t, "variant": v, "psnr_gt": p, "minutes": m}  # noqa: E731
+    seed0 = [row(0.1, "separable", 28.1, 2.0), row(0.1, "uniform", 27.6), row(0.05, "onestep", 27.7)]
+    seed1 = [row(0.1, "separable", 27.0, 4.0), row(0.1, "uniform", 27.8)]  # 1/20 not measured in this seed
+    rows = bench_peer.mean_over_seeds([seed0, seed1])
+    by = {(r["target"], r["variant"]): r for r in rows}
+    assert abs(by[0.1, "separable"]["psnr_gt"] - 27.55) < 1e-9 and by[0.1, "separable"]["minutes"] == 3.0
+    assert by[0.1, "separable"]["seeds"] == 2 and by[0.05, "onestep"]["seeds"] == 1
+    path = tmp_path / "auto.json"
+    bench_peer.write_winners([dict(row(0.1, "uniform", 30.5), budget=12800)], str(path))
+    table = bench_peer.write_short_winners(rows, str(path), "s0.json, s1.json")
+    # seed 0 alone ranks separable first; over both seeds the peer leads (27.70 vs 27.55 dB)
+    assert table["short_budgets"]["1000"]["winners"]["0.1"]["variant"] == "uniform"
+    assert "mean of 1/2 seed(s)" in table["short_budgets"]["1000"]["source"]
+
+
 def test_auto_reads_the_instance_norm_table_for_an_instance_norm_teacher(tmp_path):
     """On the instance-norm teacher one-step pruning lost to the uniform peer at 1/20 in every seed
     (bench_frontier.py, 3 seeds): auto picks the peer there, and keeps the default task's winner for a
