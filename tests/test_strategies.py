@@ -237,6 +237,8 @@ def test_auto_reads_the_winners_of_the_budget_it_is_given(tmp_path):
     settings, why = choose_strategy(0.05, path, steps=1000)  # 1000 steps were not measured at 1/20: the long budget
     assert settings == {"strategy": "onestep"} and "after" not in why
     assert choose_strategy(None, path, steps=1000)[0] == {"strategy": "uniform"}  # overall: the long budget's
+    settings, why = choose_strategy(5e8, path, steps=1000)  # absolute MACs: the fraction is not known up front
+    assert settings == {"strategy": "uniform"} and "rows.json" not in why
     # a table from before budgets were recorded is the demo's 12800 steps
     legacy = json.loads(path.read_text())
     del legacy["budget"]

@@ -128,7 +128,8 @@ def choose_strategy(target_macs: Optional[float], results: Optional[pathlib.Path
         return dict(VARIANTS[FALLBACK]), f"the head-to-head at {results} has no winners; {FALLBACK} is the default"
     if target_macs is None or not 0 < target_macs <= 1:
         best = table.get("overall") or main[min(main)]["variant"]
-        return dict(VARIANTS[best]), f"{best}: best mean fidelity over the measured targets ({src})"
+        return dict(VARIANTS[best]), (f"{best}: best mean fidelity over the measured targets "
+                                      f"({table.get('source', 'bench_strategies.py')})")
     near = min(main, key=lambda t: abs(math.log(t) - math.log(target_macs)))
     if near not in winners:  # that budget was not measured near this target: the main table decides
         winners, src, budget = main, table.get("source", "bench_strategies.py"), None
