@@ -102,7 +102,7 @@ def main() -> None:
             paths = [args.out] + [p for p in (args.other_seeds or "").split(",") if p]
             seeds = [json.load(open(p)) for p in paths]
             for saved_seed, p in zip(seeds, paths):
-                check_default_task(saved_seed, p)
+                check_table_task(saved_seed, p, args.short_winners)
             write_short_winners(mean_over_seeds([sd["rows"] for sd in seeds]), args.short_winners, ", ".join(paths))
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -112,8 +112,7 @@ def main() -> None:
     targets = [float(t) for t in args.targets.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
 
-    if (args.winners or args.short_winners) and (args.teacher or args.no_ground_truth
-                                                 or args.photos != ",".join(data.TRAIN_PHOTOS)):
+    if args.winners and (args.teacher or args.no_ground_truth or args.photos != ",".join(data.TRAIN_PHOTOS)):
         raise SystemExit("--winners is strategy='auto''s table for the default teacher and task only")
     photos = tuple(p.strip() for p in args.photos.split(",") if p.strip())
     if args.teacher:
@@ -165,7 +164,23 @@ def main() -> None:
     if args.winners:
         write_winners(list(rows.values()), args.winners)
     if args.short_winners:
+        check_table_task(meta, args.out, args.short_winners)
         write_short_winners(list(rows.values()), args.short_winners, args.out)
+
+
+def check_table_task(saved: dict, path: str, table_path: str) -> None:
+    """The rows of ``path`` (``saved``) measure the task of auto's table at ``table_path``: the default
+    teacher and task, or the teacher its ``task`` names (``"the teacher runs/teacher_instance.safetensors"``,
+    bench_frontier --winners-from), trained on the default photos with their ground truth."""
+    task = json.load(open(table_path)).get("task", "")
+    if not task.startswith("the teacher "):
+        check_default_task(saved, path)
+        return
+    teacher = task[len("the teacher "):]
+    if saved.get("teacher") != teacher or not saved.get("ground_truth", True) \
+            or saved.get("student_photos", list(data.TRAIN_PHOTOS)) != list(data.TRAIN_PHOTOS):
+        raise SystemExit(f"{table_path} is auto's table for {teacher} on the default photos; {path} measured "
+                         f"{saved.get('teacher')}")
 
 
 def check_default_task(saved: dict, path: str) -> None:

@@ -270,6 +270,27 @@ def test_short_budget_winners_from_several_seeds_take_each_cells_mean(tmp_path):
     assert "mean of 1/2 seed(s)" in table["short_budgets"]["1000"]["source"]
 
 
+def test_short_budget_winners_go_only_into_the_table_of_the_teacher_they_measured(tmp_path):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_peer", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peer.py")
+    bench_peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_peer)
+    default_table, instance_table = tmp_path / "default.json", tmp_path / "instance.json"
+    default_table.write_text(json.dumps({"winners": {}}))
+    instance_table.write_text(json.dumps({"winners": {}, "task": "the teacher runs/t.safetensors"}))
+    default_rows = {"teacher": "default (ResNet-9 ngf 32, batch norm)", "ground_truth": True}
+    instance_rows = {"teacher": "runs/t.safetensors", "ground_truth": True}
+    bench_peer.check_table_task(default_rows, "a.json", str(default_table))
+    bench_peer.check_table_task(instance_rows, "b.json", str(instance_table))
+    for rows, table in ((instance_rows, default_table), (default_rows, instance_table),
+                        (dict(instance_rows, ground_truth=False), instance_table)):
+        with pytest.raises(SystemExit):
+            bench_peer.check_table_task(rows, "c.json", str(table))
+
+
 def test_auto_reads_the_instance_norm_table_for_an_instance_norm_teacher(tmp_path):
     """On the instance-norm teacher one-step pruning lost to the uniform peer at 1/20 in every seed
     (bench_frontier.py, 3 seeds): auto picks the peer there, and keeps the default task's winner for a
