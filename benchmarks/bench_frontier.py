@@ -40,7 +40,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from ganslim.measure.benchmarking import resolve_model  # noqa: E402
-from ganslim.strategies.auto import choose_strategy  # noqa: E402
+from ganslim.strategies.auto import choose_strategy, default_steps  # noqa: E402
 
 
 def _cell_dir(out_dir: str, target: float, strategy: str) -> str:
@@ -157,12 +157,9 @@ def main(argv=None) -> int:
     # the table compress reads for this teacher (an instance-norm teacher has its own): where auto picks
     # the peer, the peer's command is not run a second time
     teacher_model = resolve_model(args.teacher)
-    from ganslim.config import CompressConfig
-
-    default_steps = CompressConfig().steps + CompressConfig().finetune_steps  # the commands' step budget
     cells = []
     for target in targets:
-        settings, reason = choose_strategy(target, teacher=teacher_model, steps=default_steps)
+        settings, reason = choose_strategy(target, teacher=teacher_model, steps=default_steps())  # the commands' steps
         picked = settings["strategy"]
         print(f"target {target:g}: auto -> {picked} ({reason})", flush=True)
         auto = run_cell(args.teacher, "auto", target, args.budget_min, _cell_dir(args.out_dir, target, "auto"),

@@ -41,6 +41,7 @@ import os
 import platform
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -173,20 +174,24 @@ def check_table_task(saved: dict, path: str, table_path: str) -> None:
     teacher and task, or the teacher its ``task`` names (``"the teacher runs/teacher_instance.safetensors"``,
     bench_frontier --winners-from), trained on the default photos with their ground truth."""
     task = json.load(open(table_path)).get("task", "")
-    if not task.startswith("the teacher "):
-        check_default_task(saved, path)
-        return
-    teacher = task[len("the teacher "):]
-    if saved.get("teacher") != teacher or not saved.get("ground_truth", True) \
-            or saved.get("student_photos", list(data.TRAIN_PHOTOS)) != list(data.TRAIN_PHOTOS):
-        raise SystemExit(f"{table_path} is auto's table for {teacher} on the default photos; {path} measured "
-                         f"{saved.get('teacher')}")
+    check_default_task(saved, path, task[len("the teacher "):] if task.startswith("the teacher ") else None)
 
 
-def check_default_task(saved: dict, path: str) -> None:
-    if not saved.get("ground_truth", True) or not saved.get("teacher", "default").startswith("default") \
+def check_default_task(saved: dict, path: str, teacher: Optional[str] = None) -> None:
+    """``saved`` measured the default photos with their ground truth, on ``teacher`` (None: the default one)."""
+    same_teacher = saved.get("teacher") == teacher if teacher else saved.get("teacher", "default").startswith("default")
+    if not same_teacher or not saved.get("ground_truth", True) \
             or saved.get("student_photos", list(data.TRAIN_PHOTOS)) != list(data.TRAIN_PHOTOS):
+        if teacher:
+            raise SystemExit(f"the table is auto's table for {teacher} on the default photos; {path} measured "
+                             f"{saved.get('teacher')}")
         raise SystemExit(f"--winners is strategy='auto''s table for the default teacher and task; {path} is another")
+
+
+def head_to_head(rows: list) -> list:
+    """This script's rows as the rows :func:`ganslim.strategies.winners_from_rows` ranks."""
+    return [{"target": r["target"], "strategy": r["variant"], "psnr_gt": r["psnr_gt"], "minutes": r["minutes"]}
+            for r in rows]
 
 
 def mean_over_seeds(seed_rows: list) -> list:
@@ -216,8 +221,7 @@ def write_short_winners(rows: list, path: str, rows_path: str) -> dict:
     main = table_budget(table)
     short = {}
     for budget in sorted({r["budget"] for r in rows if r["budget"] < main}):
-        chosen = [{"target": r["target"], "strategy": r["variant"], "psnr_gt": r["psnr_gt"], "minutes": r["minutes"]}
-                  for r in rows if r["budget"] == budget]
+        chosen = head_to_head([r for r in rows if r["budget"] == budget])
         w = winners_from_rows(chosen)
         variants = sorted({r["strategy"] for r in chosen})
         seeds = sorted({r.get("seeds", 1) for r in rows if r["budget"] == budget})
@@ -235,8 +239,7 @@ def write_winners(rows: list, path: str) -> dict:
     """strategy="auto"'s table from these rows: for each target, the rows of the largest budget measured
     there (the long budget decides; short budgets rank differently), winner by PSNR to ground truth."""
     longest = {t: max(r["budget"] for r in rows if r["target"] == t) for t in {r["target"] for r in rows}}
-    chosen = [{"target": r["target"], "strategy": r["variant"], "psnr_gt": r["psnr_gt"], "minutes": r["minutes"]}
-              for r in rows if r["budget"] == longest[r["target"]]]
+    chosen = head_to_head([r for r in rows if r["budget"] == longest[r["target"]]])
     out = winners_from_rows(chosen)
     steps = ", ".join(f"{longest[t]} steps at 1/{round(1 / t)}" for t in sorted(longest, reverse=True))
     out["source"] = f"benchmarks/bench_peer.py ({steps})"

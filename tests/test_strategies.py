@@ -182,14 +182,20 @@ def test_auto_picks_the_measured_winner_nearest_the_target(tmp_path):
     assert settings == {"strategy": "uniform"} and "no measured head-to-head" in why  # the default strategy
 
 
-def test_auto_takes_the_trivial_peer_comparison_at_its_longest_budget(tmp_path):
+@pytest.fixture(scope="module")
+def bench_peer():
+    """benchmarks/bench_peer.py as a module (it writes strategy='auto''s tables)."""
     import importlib.util
     import pathlib
 
     spec = importlib.util.spec_from_file_location(
         "bench_peer", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peer.py")
-    bench_peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_peer)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_auto_takes_the_trivial_peer_comparison_at_its_longest_budget(tmp_path, bench_peer):
     row = lambda b, t, v, p: {"budget": b, "target": t, "variant": v, "psnr_gt": p, "minutes": 1.0}  # noqa: E731
     rows = [row(1000, 0.1, "onestep", 27.0), row(1000, 0.1, "uniform", 26.0),  # short budget: another ranking
             row(12800, 0.1, "onestep", 29.4), row(12800, 0.1, "uniform", 30.2),
@@ -203,18 +209,11 @@ def test_auto_takes_the_trivial_peer_comparison_at_its_longest_budget(tmp_path):
     assert table["budget"] == 3000  # the shortest of the targets' longest budgets
 
 
-def test_auto_reads_the_winners_of_the_budget_it_is_given(tmp_path):
+def test_auto_reads_the_winners_of_the_budget_it_is_given(tmp_path, bench_peer):
     """At 1/10 the peer wins after 12800 steps and separable after 1000 (bench_peer): with short_budgets
     (bench_peer --short-winners) auto takes the winner of the measured budget nearest (log scale) to the
     steps it will train; the table's own winners for the long budget, for no steps, and for the latency
     target (no fraction)."""
-    import importlib.util
-    import pathlib
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_peer", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peer.py")
-    bench_peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_peer)
     row = lambda b, t, v, p: {"budget": b, "target": t, "variant": v, "psnr_gt": p, "minutes": 1.0}  # noqa: E731
     path = tmp_path / "auto.json"
     bench_peer.write_winners([row(12800, 0.1, "separable", 30.1), row(12800, 0.1, "uniform", 30.5),
@@ -247,14 +246,7 @@ def test_auto_reads_the_winners_of_the_budget_it_is_given(tmp_path):
     assert choose_strategy(0.1, path, steps=1000)[0] == {"strategy": "separable"}
 
 
-def test_short_budget_winners_from_several_seeds_take_each_cells_mean(tmp_path):
-    import importlib.util
-    import pathlib
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_peer", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peer.py")
-    bench_peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_peer)
+def test_short_budget_winners_from_several_seeds_take_each_cells_mean(tmp_path, bench_peer):
     row = lambda t, v, p, m=1.0: {"budget": 1000, "target": t, "variant": v, "psnr_gt": p, "minutes": m}  # noqa: E731
     seed0 = [row(0.1, "separable", 28.1, 2.0), row(0.1, "uniform", 27.6), row(0.05, "onestep", 27.7)]
     seed1 = [row(0.1, "separable", 27.0, 4.0), row(0.1, "uniform", 27.8)]  # 1/20 not measured in this seed
@@ -270,14 +262,7 @@ def test_short_budget_winners_from_several_seeds_take_each_cells_mean(tmp_path):
     assert "mean of 1/2 seed(s)" in table["short_budgets"]["1000"]["source"]
 
 
-def test_short_budget_winners_go_only_into_the_table_of_the_teacher_they_measured(tmp_path):
-    import importlib.util
-    import pathlib
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_peer", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peer.py")
-    bench_peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_peer)
+def test_short_budget_winners_go_only_into_the_table_of_the_teacher_they_measured(tmp_path, bench_peer):
     default_table, instance_table = tmp_path / "default.json", tmp_path / "instance.json"
     default_table.write_text(json.dumps({"winners": {}}))
     instance_table.write_text(json.dumps({"winners": {}, "task": "the teacher runs/t.safetensors"}))

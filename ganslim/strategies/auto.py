@@ -81,15 +81,19 @@ def instance_norm_only(model) -> bool:
             and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mods))
 
 
-def table_budget(table: dict) -> int:
-    """Total optimizer steps of a table's main ``winners``: its ``budget``, else the demo's 12800 (the
-    budget every table before ``budget`` was recorded was measured at: their ``source`` says so)."""
-    if "budget" in table:
-        return int(table["budget"])
+def default_steps() -> int:
+    """Total optimizer steps of a compress call with the default configuration (``steps + finetune_steps``,
+    the demo's 12800): the budget ``auto`` is asked about when nothing is changed."""
     from ..config import CompressConfig
 
     d = CompressConfig()
     return d.steps + d.finetune_steps
+
+
+def table_budget(table: dict) -> int:
+    """Total optimizer steps of a table's main ``winners``: its ``budget``, else the demo's 12800 (the
+    budget every table before ``budget`` was recorded was measured at: their ``source`` says so)."""
+    return int(table["budget"]) if "budget" in table else default_steps()
 
 
 def budget_winners(table: dict, steps: Optional[int]) -> tuple[dict, str, Optional[int]]:
@@ -120,7 +124,7 @@ def choose_strategy(target_macs: Optional[float], results: Optional[pathlib.Path
     try:
         table = json.loads(pathlib.Path(results).read_text())
         main = {float(k): v for k, v in table["winners"].items()}
-        winners, src, budget = budget_winners(table, steps if target_macs is not None else None)
+        winners, src, budget = budget_winners(table, steps)
         winners = {float(k): v for k, v in winners.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return dict(VARIANTS[FALLBACK]), f"no measured head-to-head at {results}; {FALLBACK} is the default"
