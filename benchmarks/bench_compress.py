@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ganslim.measure.machine import describe_machine  # noqa: E402
 from ganslim import data  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
 from ganslim.demo import DEMO_CONFIG, demo_loader  # noqa: E402
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     teacher = data.default_teacher()
     (x, y), = data.test_pairs()
     batch = next(iter(data.default_loader(batch_size=4, crop=64, length=4)))
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    machine = describe_machine()
     print(f"machine: {machine}")
     ov = step_overhead(teacher, batch)
     print(f"training step, batch 4x3x64x64: plain student {ov['plain_step_s'] * 1e3:.0f} ms, "

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from ganslim.measure.machine import describe_machine  # noqa: E402
 from ganslim.measure.benchmarking import resolve_model  # noqa: E402
 from ganslim.strategies.auto import choose_strategy, default_steps  # noqa: E402
 
@@ -149,9 +149,7 @@ def main(argv=None) -> int:
         write_winners([p for p in args.winners_from.split(",") if p], args.winners)
         return 0
 
-    import torch
-
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = describe_machine()
     print(f"machine: {machine}", flush=True)
     targets = [float(t) for t in args.targets.split(",")]
     # the table compress reads for this teacher (an instance-norm teacher has its own): where auto picks

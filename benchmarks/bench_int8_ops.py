@@ -33,7 +33,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import warnings
@@ -41,6 +40,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ganslim.measure.machine import describe_machine  # noqa: E402
 from ganslim import data, measure  # noqa: E402
 from ganslim.deployment.deploy import OnnxModule, export  # noqa: E402
 from ganslim.deployment.profile import profile_ops  # noqa: E402
@@ -167,7 +167,7 @@ def main() -> None:
                 print(f"without ganslim's ONNX rewrites (rewrites=False): fp32 {row['no_rewrites_fp32_ms']:.1f} ms "
                       f"(rewrites: {f_ms / row['no_rewrites_fp32_ms']:.2f}x of it), int8 "
                       f"{row['no_rewrites_int8_ms']:.1f} ms (rewrites: {q_ms / row['no_rewrites_int8_ms']:.2f}x)")
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, onnxruntime threads {args.threads}"
+    machine = describe_machine(args.threads, onnxruntime=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": machine, "input": list(x.shape), "rounds": args.rounds, "runs": args.runs,

@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ganslim.measure.machine import describe_machine  # noqa: E402
 from ganslim import data, measure  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
 from ganslim.core.gating import MacsModel  # noqa: E402
@@ -169,7 +169,7 @@ def main() -> None:
                   f"{r['speedup'] / r['macs_reduction']:.2f}), PSNR-GT {r['psnr_gt']:.2f} dB ({r['vs_teacher_db']:+.2f}), "
                   f"{minutes:.1f} min", flush=True)
 
-    out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}",
+    out = {"machine": describe_machine(threads, onnxruntime=args.runtime == "onnxruntime"),
            "runtime": args.runtime, "fingerprint": table.fingerprint, "input": list(x_eval.shape), "target": args.target,
            "table_entries": len(table), "table_timed": table.timed, "build_seconds": build_s, "select_seconds": select_s,
            "shape_seconds": shape_s, "shape_timed": shaped.timed,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -28,6 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ganslim.measure.machine import describe_machine  # noqa: E402
 from ganslim import data, measure  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
 from ganslim.pruning.search import search_budgets  # noqa: E402
@@ -112,8 +112,7 @@ def main() -> None:
                      f"{slim['psnr_gt']:8.2f} {slim['psnr_gt'] - t_psnr:+9.2f} dB {slim['latency_ms']:10.1f}  "
                      f"{slim['seconds'] / 60:.1f} (800 gated steps + {args.finetune_steps} fine-tune)")
     print("\n".join(lines))
-    out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                      f"{torch.get_num_threads()} threads",
+    out = {"machine": describe_machine(),
            "supernet": {"steps": info["steps"], "seconds": sn_seconds, "lr": args.supernet_lr, "groups": len(sn.groups),
                         "params": sn_params, "size_mb": measure.model_size_mb(sn.model), "peak_rss_mb": rss1,
                         "rss_before_mb": rss0, "smallest_macs_fraction": smallest, "path": str(sn_path)},

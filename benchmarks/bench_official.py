@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import shutil
 import sys
 import time
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import official_helpers as H  # noqa: E402  (shared with tests/test_official_*.py)
 
 import ganslim  # noqa: E402
+from ganslim.measure.machine import describe_machine  # noqa: E402
 from ganslim import measure  # noqa: E402
 from ganslim.visualize import save_image_grid  # noqa: E402
 from ganslim.zoo import create_model  # noqa: E402
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
         return 0
     pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     save_image_grid(grid, a.grid_png, labels=["input", "teacher", "student", "ground truth"])
-    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_here": torch.__version__,
+    meta = {"machine": describe_machine(), "cpus": os.cpu_count(), "torch_here": torch.__version__,
             "official_python": str(H.official_python()), "official_threads": a.threads, "total_s": total,
             "settings": {k: v for k, v in vars(a).items() if k not in ("work", "out", "grid_png")},
             "test_photos": test, "train_photos": train}

@@ -38,14 +38,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from typing import Optional
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ganslim.measure.machine import describe_machine  # noqa: E402
 from ganslim import data, measure  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
 from ganslim.config import CompressConfig  # noqa: E402
@@ -129,8 +127,7 @@ def main() -> None:
     if saved and saved.get("seed", DEFAULT.seed) != args.seed:
         raise SystemExit(f"{args.out} holds seed {saved.get('seed', DEFAULT.seed)}'s rows, not seed {args.seed}'s")
     rows = {key(r): r for r in saved.get("rows", [])}
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-                       f"torch {torch.__version__}",
+    meta = {"machine": describe_machine(),
             "teacher": args.teacher or "default (ResNet-9 ngf 32, batch norm)", "teacher_psnr_gt": t_psnr,
             "student_photos": list(photos), "ground_truth": not args.no_ground_truth,
             "teacher_latency_ms": measure.measure_latency(teacher, x_eval, warmup=2, repeats=5).median_ms,

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ganslim.measure.machine import describe_machine  # noqa: E402
 from ganslim import data, measure  # noqa: E402
 from ganslim.deployment.checkpoint import load  # noqa: E402
 from ganslim.deployment.deploy import measure_deployment  # noqa: E402
@@ -71,7 +71,7 @@ def main() -> None:
     t_rows = measure_deployment([("teacher fp32", teacher, "onnx"), ("teacher int8 PTQ", teacher, "onnx-int8")], teacher,
                                 pairs, teacher=teacher, calib_loader=loader, threads=args.threads)
     fp32, ptq, q = rows
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, onnxruntime threads {args.threads}"
+    machine = describe_machine(args.threads, onnxruntime=True)
     x = pairs[0][0]
     print(f"{machine}; input {tuple(x.shape)} (held-out photo); student {args.student}; "
           f"QAT {args.qat_steps} steps in {qat_seconds / 60:.1f} min"

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -122,12 +121,11 @@ def main() -> None:
                      f"| {r['peak_mb']:.0f} |")
     print("\n".join(lines))
     print(json.dumps(fits, indent=2))
-    import torch
-
     sys.path.insert(0, ROOT)
+    from ganslim.measure.machine import describe_machine
     from ganslim.measure.report import write_json
 
-    write_json({"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+    write_json({"machine": describe_machine(),
                 "steps_per_stage": args.steps, "rows": rows, "fits": fits}, args.out)
     print(f"wrote {args.out}")
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from ganslim.measure.machine import describe_machine  # noqa: E402
 from ganslim import data, measure  # noqa: E402
 from ganslim._utils import first_output  # noqa: E402
 from ganslim.core.train import input_batches  # noqa: E402
@@ -210,8 +210,7 @@ def report(args, budgets, rows: dict, seeded: dict) -> None:
             print(f"  budget {k}: float32 {' '.join(f'{v:.3f}' for v in a)} (mean {sum(a) / len(a):.3f}); "
                   f"bf16 {' '.join(f'{v:.3f}' for v in b)} (mean {sum(b) / len(b):.3f}); "
                   f"bf16 - float32 {sum(b) / len(b) - sum(a) / len(a):+.3f} dB")
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-                       f"torch {torch.__version__}, native bf16: {native_bf16_cpu()}", "supernet": args.supernet,
+    meta = {"machine": f"{describe_machine()}, native bf16: {native_bf16_cpu()}", "supernet": args.supernet,
             "budgets": budgets, "population": args.population, "generations": args.generations}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ganslim.measure.machine import describe_machine  # noqa: E402
 from ganslim import data, measure  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
 from ganslim.core.averaging import WeightAverage, recalibrate_batchnorm  # noqa: E402
@@ -130,7 +130,7 @@ def main() -> None:
               f"{summary['finals'][v]['vs_last_mean_db']:+.3f} dB vs the last weights (mean of per-seed differences)")
     out = args.out or f"benchmarks/results/seeds_{args.strategy}.json"
     with open(out, "w") as f:
-        json.dump({"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        json.dump({"machine": describe_machine(),
                    "strategy": args.strategy, "target": args.target, "steps": args.steps,
                    "finetune_steps": args.finetune_steps, "teacher_psnr_gt": t_psnr, "rows": rows,
                    "summary": summary}, f, indent=2)

@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ganslim.measure.machine import describe_machine  # noqa: E402
 from ganslim import data, measure  # noqa: E402
 from ganslim.compression import compress  # noqa: E402
 from ganslim.pruning.search import search_budgets  # noqa: E402
@@ -121,8 +121,7 @@ def main() -> None:
     head = (f"{'target':>6} {'strategy':<12} {'x fewer':>8} {'PSNR-GT':>8} {'vs teacher':>10} {'CPU min':>8} "
             f"{'latency ms':>10}  what")
     print(f"\nteacher: PSNR-GT {t_psnr:.2f} dB, latency {t_lat:.1f} ms; held-out photo {tuple(x_eval.shape)}; "
-          f"{args.finetune_steps} fine-tune steps for every row; {platform.machine()}, {os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} threads")
+          f"{args.finetune_steps} fine-tune steps for every row; {describe_machine()}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -133,7 +132,7 @@ def main() -> None:
     for target, w in winners.items():
         print(f"winner at {target}: {w['variant']} ({w['psnr_gt']:.2f} dB in {w['minutes']:.1f} min)")
     print(f"best mean fidelity over the targets: {overall}")
-    out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+    out = {"machine": describe_machine(),
            "teacher": args.teacher or "default (ResNet-9, batch norm)",
            "teacher_psnr_gt": t_psnr, "teacher_latency_ms": t_lat, "finetune_steps": args.finetune_steps,
            "rows": rows, "winners": winners}

@@ -18,11 +18,9 @@ error against whole-network timings of other networks.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
-import platform
 import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
@@ -123,12 +121,9 @@ def device_fingerprint(runtime: str = "eager", threads: Optional[int] = None, de
     if str(device).startswith("cuda"):
         proc = torch.cuda.get_device_name(torch.device(device))
     else:
-        proc = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    proc = line.split(":", 1)[1].strip()
-                    break
+        from .machine import cpu_model
+
+        proc = cpu_model()
     parts = [proc, f"{threads or torch.get_num_threads()}t", f"torch{torch.__version__}", runtime]
     if runtime == "onnxruntime":
         import onnxruntime
