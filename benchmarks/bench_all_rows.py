@@ -191,6 +191,11 @@ def report(results: str, instance: bool) -> list[dict]:
         add("4", f"{label} end to end: fp32 teacher / PTQ int8 student {s['paired_teacher_fp32_over_int8_ptq']:.1f}x "
             f"paired, {e2e_db:+.2f} dB to the teacher", ">= 15x within 0.5 dB",
             s["paired_teacher_fp32_over_int8_ptq"] >= 15 and e2e_db >= -0.5, name)
+        if "paired_teacher_fp32_over_int8_qat" in s:  # the QAT file, timed in the same rounds: the other int8 route
+            qat_db = psnr["student int8 QAT"] - psnr["teacher fp32"]
+            add("4", f"{label} end to end: fp32 teacher / QAT int8 student {s['paired_teacher_fp32_over_int8_qat']:.1f}x "
+                f"paired, {qat_db:+.2f} dB to the teacher", ">= 15x within 0.5 dB",
+                s["paired_teacher_fp32_over_int8_qat"] >= 15 and qat_db >= -0.5, name)
     ops = load("int8_ops.json", "4", "operators left in float")
     if ops is not None:
         for r in ops["rows"]:

@@ -100,3 +100,18 @@ def test_steps_resume_from_their_json(all_rows):
     quant = [argv for _, argv in steps if argv[0].endswith("bench_quant.py")]
     assert [a[a.index("--student") + 1] for a in quant] == ["runs/x/0.1_auto/student.safetensors",
                                                              "runs/x/0.05_auto/student.safetensors"]
+
+
+def test_int8_end_to_end_is_judged_for_ptq_and_qat(all_rows, tmp_path):
+    rows = [{"name": n, "psnr_to_gt": v} for n, v in (("student fp32", 29.7), ("student int8 PTQ", 29.2),
+                                                       ("student int8 QAT", 29.6), ("teacher fp32", 29.8))]
+    _write(tmp_path, "quant_20x.json", {"rows": rows, "summary": {
+        "paired_int8_ptq_latency_over_fp32": 0.63, "paired_int8_qat_latency_over_fp32": 0.66,
+        "psnr_gt_change_qat_vs_fp32": -0.1, "paired_teacher_fp32_over_int8_ptq": 17.2,
+        "paired_teacher_fp32_over_int8_qat": 16.3}})
+    e2e = [r for r in all_rows.report(str(tmp_path), instance=False)
+           if r["source"] == "quant_20x.json" and "end to end" in r["figure"]]
+    # PTQ is fast enough but 0.6 dB below the teacher; QAT is within 0.5 dB at 16.3x
+    assert [(r["figure"].split(":")[1].split(" int8")[0].strip(), r["status"]) for r in e2e] == [
+        ("fp32 teacher / PTQ", "not met"), ("fp32 teacher / QAT", "met")]
+    assert "16.3x paired, -0.20 dB to the teacher" in e2e[1]["figure"]
