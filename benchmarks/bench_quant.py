@@ -11,7 +11,9 @@ fp32 and PTQ int8 rows are given for scale. Printed ratios: int8 latency / fp32 
 fp32 file, PSNR-to-ground-truth change vs the fp32 student, and QAT's gain over PTQ; then the fp32
 student, the QAT int8 file and the fp32 teacher timed again in alternating short turns
 (``measure.paired_latency``, the PTQ int8 file too): the int8 / fp32 and teacher / int8 ratios the
-machine's drift does not move. Results also go to ``benchmarks/results/quant.json``.
+machine's drift does not move. ``--calib-seeds N`` adds PTQ files calibrated on N other draws of the
+training crops (their PSNR spread: how much one PTQ figure owes to its calibration draw). Results also go
+to ``benchmarks/results/quant.json``.
 """
 from __future__ import annotations
 
@@ -44,6 +46,9 @@ def main() -> None:
     ap.add_argument("--int8-ends", action="store_true",
                     help="QAT quantizes the first and last conv too (default: they stay in float, QuantConfig's skip_first/skip_last)")
     ap.add_argument("--keep-dir", default="runs/quant", help="where the QAT checkpoint and its int8 ONNX are saved")
+    ap.add_argument("--calib-seeds", type=int, default=0,
+                    help="also export PTQ int8 files calibrated on this many other draws of the training crops "
+                         "(loader seeds 0..N-1, the same batches and crop): how much PTQ's fidelity depends on them")
     args = ap.parse_args()
     if not os.path.exists(args.student):
         sys.exit(f"{args.student} not found: run `make demo` first (it writes the compressed float student), "
@@ -127,11 +132,38 @@ def main() -> None:
     print(f"paired, the same rounds: int8 PTQ / fp32 student {paired.ratio[3]:.2f}x (IQR {paired.ratio_iqr[3][0]:.2f}-"
           f"{paired.ratio_iqr[3][1]:.2f}); fp32 teacher / int8 PTQ student {summary['paired_teacher_fp32_over_int8_ptq']:.1f}x "
           f"({paired.median_ms[3]:.1f} ms)")
+    if args.calib_seeds:
+        summary["ptq_calibration_seeds"] = ptq_calibration_spread(student, teacher, pairs, x, args, float_gt=fp32.psnr_to_gt)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": machine, "student": args.student, "qat_steps": args.qat_steps,
                    "rows": [r.__dict__ for r in rows + t_rows], "summary": summary}, f, indent=2)
     print(f"wrote {args.out}")
+
+
+def ptq_calibration_spread(student, teacher, pairs, x, args, float_gt: float) -> list:
+    """PTQ int8 files of ``student`` calibrated on ``args.calib_seeds`` draws of the training crops (the
+    PTQ row's calibration: ``export``'s first 8 batches of ``--batch-size`` 64x64 crops): each file's
+    PSNR to ground truth minus the fp32 file's (dB). Printed with their mean and range."""
+    import tempfile
+
+    from ganslim.deployment.deploy import OnnxModule, export
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ganslim-calib-") as d:
+        for seed in range(args.calib_seeds):
+            calib = data.default_loader(batch_size=args.batch_size, crop=64, length=8 * args.batch_size, seed=seed,
+                                        teacher=teacher)
+            path = export(student, os.path.join(d, f"ptq{seed}.int8.onnx"), "onnx-int8", example_inputs=x,
+                          calib_loader=calib)
+            with torch.no_grad():
+                psnr = measure.fidelity_to_target(OnnxModule(path, threads=args.threads), pairs)["psnr"]
+            rows.append({"seed": seed, "psnr_gt": psnr, "psnr_gt_change_vs_fp32": psnr - float_gt})
+    changes = [r["psnr_gt_change_vs_fp32"] for r in rows]
+    print(f"PTQ over {len(rows)} calibration draws (loader seeds 0-{len(rows) - 1}): PSNR to ground truth "
+          f"{sum(changes) / len(changes):+.2f} dB on average vs the fp32 file, from {min(changes):+.2f} to "
+          f"{max(changes):+.2f} (" + ", ".join(f"{c:+.2f}" for c in changes) + ")")
+    return rows
 
 
 if __name__ == "__main__":
