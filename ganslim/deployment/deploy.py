@@ -450,16 +450,14 @@ def int8_saturates() -> bool:
     not saturate) and other machines."""
     import platform
 
+    from ..measure.machine import cpu_flags
+
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        return True
+    flags = cpu_flags()
     if flags is None:
         return True
-    return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+    return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
 
 
 def _minify(path: pathlib.Path) -> None:

@@ -11,7 +11,7 @@ import os
 import platform
 from typing import Optional
 
-__all__ = ["cpu_model", "cpu_features", "describe_machine", "KERNEL_FEATURES"]
+__all__ = ["cpu_model", "cpu_flags", "cpu_features", "describe_machine", "KERNEL_FEATURES"]
 
 # the x86 flags that change which convolution kernels run: vector width, int8 dot products
 # (VNNI; without it onnxruntime's u8 x s8 products saturate), native bf16, AMX tiles
@@ -37,10 +37,17 @@ def cpu_model(cpuinfo: str = CPUINFO) -> str:
     return _cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine()
 
 
+def cpu_flags(cpuinfo: str = CPUINFO) -> Optional[frozenset]:
+    """The CPU's feature flags (``/proc/cpuinfo``'s ``flags``), or None where they cannot be read (not
+    Linux, not x86, no such file)."""
+    flags = _cpuinfo_field("flags", cpuinfo)
+    return None if flags is None else frozenset(flags.split())
+
+
 def cpu_features(cpuinfo: str = CPUINFO) -> list[str]:
     """Which of :data:`KERNEL_FEATURES` the CPU has, in that order (empty where the flags cannot be
     read, e.g. not Linux or not x86)."""
-    flags = set((_cpuinfo_field("flags", cpuinfo) or "").split())
+    flags = cpu_flags(cpuinfo) or frozenset()
     return [f for f in KERNEL_FEATURES if f in flags]
 
 
