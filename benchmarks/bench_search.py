@@ -13,13 +13,19 @@ after the last BatchNorm call (the number of calls per forward counted once, not
 re-estimation batches run as one forward of their concatenation, each BatchNorm keeping them apart
 (``recalibrate_bn(merge=True)``: the same statistics bit for bit, a quarter of the convolution calls),
 SSIM only when it is the metric, MACs counted from the widths without masks (the same float) and
-cached, images in channels-last order (oneDNN skips reordering every activation), float32; it must
-choose the same sub-network as "before" for every budget (the run fails otherwise). "parallel" adds
-``workers`` evaluation processes. All run the same search (3 budgets sharing one evaluator, as
+cached, images in channels-last order (oneDNN skips reordering every activation), float32, and each
+sub-network started from the deepest prefix of layers it shares with one evaluated before
+(:class:`ganslim.pruning.prefix.PrefixCache`: the kept activations and BatchNorm statistics, the same
+numbers bit for bit; ``SearchConfig.prefix_cache_mb`` of memory); "whole" is "now" without that
+reuse. Every float32 row must choose the same sub-network as "before" for every budget (the run
+fails otherwise). "parallel" adds ``workers`` evaluation processes (each with its own kept prefixes). All run the same search (3 budgets sharing one evaluator, as
 ``ganslim search`` and bench_ofa do: BatchNorm re-estimated on 4 training batches of 8x3x64x64,
 fitness on the held-out photo (1, 3, 256, 384)). Throughput counts fresh evaluations over the wall
 time of the search calls (sampling included). Each row runs in a fresh process, so none reuses
-another's warmed-up kernels.
+another's warmed-up kernels. Rows in separate processes drift apart by 10% and more on a shared
+machine, more than the prefix reuse saves: a last process therefore evaluates the "now" row's
+sub-networks in its order both whole and from kept prefixes, in alternating turns, and reports the
+time per sub-network of each (and checks the fitnesses equal bit for bit).
 
 On a CPU with native bf16 (AMX or AVX512-BF16), "bf16" and "bf16_parallel" are "now" and
 "parallel" with ``precision="bf16"``. A fitness then moves by hundredths of a dB, which is enough to
@@ -54,7 +60,7 @@ class BeforeEvaluator(Evaluator):
     """The evaluation as it was before the throughput work (same numbers, more work)."""
 
     def __init__(self, supernet, teacher, eval_pairs, bn_inputs, metric):
-        super().__init__(supernet, teacher, eval_pairs, bn_inputs, metric, precision="fp32")
+        super().__init__(supernet, teacher, eval_pairs, bn_inputs, metric, precision="fp32", prefix_cache_mb=0)
         self.eval_pairs = [(tuple(i), t) for i, t in eval_pairs]  # the images as given (no channels-last copy)
         self.bn_inputs = list(bn_inputs)
 
@@ -91,9 +97,10 @@ class BeforeEvaluator(Evaluator):
         return cand
 
 
-# name: (evaluator, precision, processes)
-VARIANTS = {"before": ("before", "fp32", 1), "now": ("now", "fp32", 1), "parallel": ("now", "fp32", "workers"),
-            "bf16": ("now", "bf16", 1), "bf16_parallel": ("now", "bf16", "workers")}
+# name: (evaluator, precision, processes, prefix reuse)
+VARIANTS = {"before": ("before", "fp32", 1, False), "whole": ("now", "fp32", 1, False), "now": ("now", "fp32", 1, True),
+            "parallel": ("now", "fp32", "workers", True), "bf16": ("now", "bf16", 1, True),
+            "bf16_parallel": ("now", "bf16", "workers", True)}
 
 
 def run(evaluator: Evaluator, teacher, pairs, bn_inputs, budgets, cfg) -> dict:
@@ -105,7 +112,30 @@ def run(evaluator: Evaluator, teacher, pairs, bn_inputs, budgets, cfg) -> dict:
         best[str(b)] = {"widths": res.best.widths, "fitness": res.best.fitness, "macs": res.best.macs}
     wall = time.time() - t0
     return {"evaluations": evaluator.evaluations, "wall_s": wall, "per_minute": 60 * evaluator.evaluations / wall,
-            "evaluator_s": evaluator.seconds, "best": best}
+            "evaluator_s": evaluator.seconds, "best": best,
+            "order": [dict(c.widths) for c in evaluator.cache.values()]}  # the evaluation order
+
+
+def paired(sn, teacher, pairs, bn_inputs, cfg, order: list) -> dict:
+    """The "now" row's sub-networks in its order, each evaluated whole and from kept prefixes in
+    alternating turns in this one process (who goes first alternates too): the time per sub-network
+    of each, free of the drift between processes that the rows' separate runs carry. The fitnesses
+    must be equal bit for bit."""
+    whole = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, prefix_cache_mb=0)
+    reuse = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, prefix_cache_mb=cfg.prefix_cache_mb)
+    spent = {"whole": 0.0, "reuse": 0.0}
+    for i, w in enumerate(order):
+        fit = {}
+        for name, ev in (("whole", whole), ("reuse", reuse)) if i % 2 == 0 else (("reuse", reuse), ("whole", whole)):
+            t0 = time.perf_counter()
+            fit[name] = ev(w).fitness
+            spent[name] += time.perf_counter() - t0
+        if fit["whole"] != fit["reuse"]:
+            raise SystemExit(f"prefix reuse changed a fitness: {fit} for {w}")
+    n = len(order)
+    return {"sub_networks": n, "whole_ms": 1000 * spent["whole"] / n, "reuse_ms": 1000 * spent["reuse"] / n,
+            "time_ratio": spent["reuse"] / spent["whole"], "hits": reuse.prefix.hits if reuse.prefix else 0,
+            "max_mb": cfg.prefix_cache_mb}
 
 
 def main() -> None:
@@ -121,6 +151,7 @@ def main() -> None:
     ap.add_argument("--only", choices=list(VARIANTS), help=argparse.SUPPRESS)  # one row, in this process
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--row-out", help=argparse.SUPPRESS)
+    ap.add_argument("--paired", help=argparse.SUPPRESS)  # a JSON of widths: the paired whole / reuse timing
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     teacher = data.default_teacher().eval()
@@ -134,9 +165,9 @@ def main() -> None:
             info = train_supernet(sn, teacher, loader, SupernetConfig(steps=args.supernet_steps))
             save_supernet(sn, args.supernet)
             print(f"supernet: {args.supernet_steps} steps in {info['seconds'] / 60:.1f} min -> {args.supernet}")
-    if args.only is None:
+    if args.only is None and not args.paired:
         native = native_bf16_cpu()
-        names = [n for n, (_, prec, _) in VARIANTS.items() if prec == "fp32" or native]
+        names = [n for n, (_, prec, _, _) in VARIANTS.items() if prec == "fp32" or native]
         if not native:
             print("this CPU has no native bf16 (AMX / AVX512-BF16): the bf16 rows are left out")
         seeds = [int(s) for s in args.seeds.split(",")] if native else []
@@ -155,19 +186,36 @@ def main() -> None:
                 rows[name] = row
             if name in ("now", "bf16"):
                 seeded.setdefault(name, {})[str(seed)] = row["best"]
-        report(args, budgets, rows, seeded)
+        orders = {name: row.pop("order") for name, row in rows.items()}
+        order_file = os.path.splitext(args.out)[0] + ".order.json"
+        with open(order_file, "w") as f:
+            json.dump(orders["now"], f)
+        row_out = os.path.splitext(args.out)[0] + ".paired.json"
+        subprocess.run([sys.executable, __file__, "--paired", order_file, "--row-out", row_out, "--supernet", args.supernet],
+                       check=True)
+        with open(row_out) as f:
+            reuse = json.load(f)
+        os.remove(row_out)
+        os.remove(order_file)
+        report(args, budgets, rows, seeded, reuse)
         return
     bn_loader = data.default_loader(batch_size=8, crop=64, length=64, seed=0, teacher=teacher)
     bn_inputs = input_batches(bn_loader, 4, None)
     pairs = [((x,), y) for x, y in data.test_pairs()]
     sn = load_supernet(args.supernet)
-    kind, precision, procs = VARIANTS[args.only]
     cfg = SearchConfig(population=args.population, generations=args.generations, seed=args.seed)
+    if args.paired:
+        with open(args.paired) as f:
+            res = paired(sn, teacher, pairs, bn_inputs, cfg, json.load(f))
+        with open(args.row_out, "w") as f:
+            json.dump(res, f)
+        return
+    kind, precision, procs, reuse = VARIANTS[args.only]
     if kind == "before":
         ev = BeforeEvaluator(sn, teacher, pairs, bn_inputs, cfg.metric)
     else:
         ev = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, workers=args.workers if procs == "workers" else 1,
-                       precision=precision)
+                       precision=precision, prefix_cache_mb=cfg.prefix_cache_mb if reuse else 0)
     try:
         row = run(ev, teacher, pairs, bn_inputs, budgets, cfg)
     finally:
@@ -181,6 +229,9 @@ def main() -> None:
             b["fitness_fp32"] = b["fitness"]
     row["workers"] = ev.workers
     row["precision"] = ev.precision
+    if ev.prefix is not None:  # counted in this process (with workers, each has its own, uncounted here)
+        row["prefix"] = {"hits": ev.prefix.hits, "misses": ev.prefix.misses, "mb": ev.prefix.bytes / 2 ** 20,
+                         "max_mb": ev.prefix.max_bytes / 2 ** 20}
     row["total_macs"] = sn.total_macs
     print(f"{args.only:>6} (seed {args.seed}): {row['evaluations']} sub-networks in {row['wall_s']:.1f} s = {row['per_minute']:.0f} per "
           f"minute (evaluator {row['evaluator_s']:.1f} s)", flush=True)
@@ -188,7 +239,7 @@ def main() -> None:
         json.dump(row, f)
 
 
-def report(args, budgets, rows: dict, seeded: dict) -> None:
+def report(args, budgets, rows: dict, seeded: dict, reuse: dict) -> None:
     ref = rows["before"]["best"]
     # the choice is the widths; the fitness may differ in the last bits where the thread count differs
     same = {name: all(r["best"][k]["widths"] == ref[k]["widths"] for k in ref) for name, r in rows.items()}
@@ -198,6 +249,10 @@ def report(args, budgets, rows: dict, seeded: dict) -> None:
         print(f"{name:>13}: {r['per_minute']:6.0f} sub-networks per minute ({r['evaluations']} in {r['wall_s']:.1f} s, "
               f"{r['workers']} process(es), {r['precision']}), {speedup[name]:.2f}x; the same sub-network as before "
               f"for every budget: {same[name]} (fitness within {dfit[name]:.1e} dB)")
+    print(f"prefix reuse, paired in one process over the 'now' row's {reuse['sub_networks']} sub-networks: "
+          f"{reuse['whole_ms']:.1f} ms each whole, {reuse['reuse_ms']:.1f} ms from kept prefixes "
+          f"({reuse['time_ratio']:.2f} of the time, {reuse['hits']} started from a prefix, {reuse['max_mb']} MB); "
+          f"the same fitness bit for bit")
     for k, b in rows["now"]["best"].items():
         print(f"  budget {k}: {b['macs'] / rows['now']['total_macs']:.4f} of the MACs, PSNR-GT {b['fitness']:.3f} dB")
     winners = {}
@@ -215,9 +270,9 @@ def report(args, budgets, rows: dict, seeded: dict) -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({**meta, "rows": rows, "speedup": speedup, "same_choice": same, "max_fitness_diff_db": dfit,
-                   "winners_fp32": winners}, f, indent=1)
+                   "winners_fp32": winners, "prefix_reuse_paired": reuse}, f, indent=1)
     print(f"wrote {args.out}")
-    exact = [n for n, (_, prec, _) in VARIANTS.items() if prec == "fp32"]
+    exact = [n for n, (_, prec, _, _) in VARIANTS.items() if prec == "fp32"]
     if not all(same[n] for n in exact):
         raise SystemExit("the float32 evaluations chose different sub-networks")
 

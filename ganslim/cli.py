@@ -188,7 +188,7 @@ def _cmd_search(args) -> int:
     rows = search_budgets(supernet, teacher, loader, eval_pairs, budgets, out_dir=args.out,
                           finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
                           population=args.population, generations=args.generations, seed=args.seed,
-                          workers=args.workers, precision=args.precision,
+                          workers=args.workers, precision=args.precision, prefix_cache_mb=args.prefix_cache_mb,
                           progress=not args.no_progress, plot=os.path.join(args.out, "pareto.png"))
     print(rows.table())
     write_json(rows.to_dict(), os.path.join(args.out, "search.json"))
@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=SEARCH_PRECISIONS, default=api.ofa.precision,
                    help="the search's arithmetic (default fp32); auto = bf16 on a CPU with native bf16 (AMX, AVX512-BF16): "
                         "faster, may choose another sub-network")
+    s.add_argument("--prefix-cache-mb", type=int, default=api.ofa.prefix_cache_mb,
+                   help="memory per evaluation process for the activations of layer prefixes that sub-networks share "
+                        f"(the same numbers, less work; 0: off; default {api.ofa.prefix_cache_mb})")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--crop", type=int, default=64)
     s.add_argument("--seed", type=int, default=api.seed)

@@ -93,6 +93,9 @@ class OfaOptions:
     workers: int = _opt(1, flat="search_workers")  # evaluation processes (CPU; forked, the threads shared out)
     # the search's arithmetic: "fp32", "bf16", or "auto" = bf16 on a CPU with native bf16 (AMX / AVX512-BF16)
     precision: str = _opt("fp32", flat="search_precision")
+    # memory (MB per evaluation process) for the activations of layer prefixes sub-networks share: the
+    # same numbers, less work (ganslim.pruning.prefix); 0 turns the reuse off
+    prefix_cache_mb: int = _opt(512, flat="search_prefix_cache_mb")
     checkpoint: Optional[str] = _opt(None, flat="supernet_checkpoint")  # resumable supernet state (every 200 steps)
 
 
@@ -334,6 +337,8 @@ class CompressConfig:
             raise ValueError(f"latency_runtime must be 'onnxruntime' or 'eager', got {self.halp.runtime!r}")
         if self.halp.step < 1:
             raise ValueError(f"latency_step must be >= 1, got {self.halp.step}")
+        if self.ofa.prefix_cache_mb < 0:
+            raise ValueError(f"search_prefix_cache_mb must be >= 0, got {self.ofa.prefix_cache_mb}")
         if self.ofa.precision not in SEARCH_PRECISIONS:
             raise ValueError(f"search_precision must be one of {SEARCH_PRECISIONS}, got {self.ofa.precision!r}")
         if self.ofa.bn_batches < 1:

@@ -28,6 +28,7 @@ from ..config import SEARCH_PRECISIONS
 from .._utils import as_input_tuple, first_output
 from ..core.genetic import evolve_population
 from ..core.precision import native_bf16_cpu
+from .prefix import PrefixCache
 from .slicing import Supernet, recalibrate_bn
 
 __all__ = ["SearchConfig", "Candidate", "SearchResult", "Evaluator", "evolve", "search", "BudgetError", "pareto_front",
@@ -58,6 +59,9 @@ class SearchConfig:
     (the rest from mutation), each width redrawn with ``mutation_prob``. ``bn_batches`` training
     batches re-estimate BatchNorm statistics per candidate. ``metric``: ``"psnr_gt"``,
     ``"psnr_teacher"``, ``"ssim_gt"`` or a callable ``model -> float`` (higher is better).
+    ``prefix_cache_mb``: memory (MB, per evaluation process) for the activations of prefixes that
+    sub-networks share (:class:`~ganslim.pruning.prefix.PrefixCache`: the same numbers, less work, on a
+    chain-shaped generator such as the ResNet ones); 0 turns it off.
     ``precision``: the arithmetic of the candidates' forwards: ``"fp32"`` (default: the same winner
     on every machine up to float rounding), ``"bf16"`` (the convolutions' weights and the inputs in
     bf16, normalisation and its statistics in float32: :meth:`Evaluator._forwards_bf16`) or ``"auto"``: bf16 on a CPU that computes it natively (AMX or AVX512-BF16), fp32
@@ -76,6 +80,7 @@ class SearchConfig:
     seed: int = 0
     workers: int = 1  # evaluation processes (forked, threads shared out); 2 on 2 cores: bench_search.py
     precision: str = "fp32"  # "fp32" | "bf16" | "auto" (bf16 where the CPU has native bf16)
+    prefix_cache_mb: int = 512  # activations kept to start sub-networks from a shared prefix (0: off); per process
 
     def validate(self) -> "SearchConfig":
         if self.population < 2 or self.generations < 1:
@@ -86,6 +91,8 @@ class SearchConfig:
             raise ValueError(f"metric must be 'psnr_gt', 'psnr_teacher', 'ssim_gt' or a callable, got {self.metric!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
         _check_precision(self.precision)
         return self
 
@@ -138,11 +145,13 @@ class Evaluator:
 
     ``bn_inputs``: input tuples for BatchNorm re-estimation; ``latency_input``: input tuple timed for
     a latency budget (default: the first evaluation input). ``precision``: see :class:`SearchConfig`
-    (the resolved one is ``self.precision``; latency is always timed in float32, as deployed)."""
+    (the resolved one is ``self.precision``; latency is always timed in float32, as deployed).
+    ``prefix_cache_mb``: see :class:`SearchConfig` (``self.prefix``: the cache, None when off)."""
 
     def __init__(self, supernet: Supernet, teacher: Optional[nn.Module], eval_pairs: Sequence[tuple],
                  bn_inputs: Sequence[tuple] = (), metric: Any = "psnr_gt", latency_input: Optional[tuple] = None,
-                 latency_repeats: int = 5, threads: Optional[int] = None, workers: int = 1, precision: str = "fp32"):
+                 latency_repeats: int = 5, threads: Optional[int] = None, workers: int = 1, precision: str = "fp32",
+                 prefix_cache_mb: int = 512):
         if not eval_pairs:
             raise ValueError("search needs at least one evaluation input")
         self.supernet, self.metric = supernet, metric
@@ -173,6 +182,11 @@ class Evaluator:
         self.workers = max(1, int(workers))
         self._bf16_inputs, self._bf16_copies, self._bf16_stamp, self._bf16_autocast = None, [], None, False
         self._pool = None
+        self.prefix: Optional[PrefixCache] = None
+        if prefix_cache_mb > 0:
+            self.prefix = PrefixCache(supernet, supernet.example_inputs, int(prefix_cache_mb) << 20)
+            if not self.prefix.enabled:
+                self.prefix = None  # not a chain: whole forwards
         self.evaluations = 0
         self.seconds = 0.0
 
@@ -206,6 +220,9 @@ class Evaluator:
         return metrics, fitness
 
     def _forwards(self, bn_inputs: Sequence[tuple], eval_inputs: Sequence[tuple]) -> list[torch.Tensor]:
+        if self.prefix is not None:  # from the deepest prefix already computed: the same numbers
+            outs = self.prefix.forwards(self.supernet.widths, bn_inputs, eval_inputs)
+            return [first_output(o).float() for o in outs]
         recalibrate_bn(self.supernet, bn_inputs)
         self.supernet.model.eval()
         return [first_output(self.supernet.model(*i)).float() for i in eval_inputs]
@@ -546,7 +563,8 @@ def search(supernet: Supernet, teacher: Optional[nn.Module], eval_pairs: Sequenc
     if target_latency_ms is not None and not target_latency_ms > 0:
         raise BudgetError(f"target_latency_ms must be > 0, got {target_latency_ms}")
     ev = evaluator or Evaluator(supernet, teacher, eval_pairs, bn_inputs, cfg.metric, latency_repeats=cfg.latency_repeats,
-                                threads=threads, workers=cfg.workers, precision=cfg.precision)
+                                threads=threads, workers=cfg.workers, precision=cfg.precision,
+                                prefix_cache_mb=cfg.prefix_cache_mb)
     prev = supernet.widths
     try:
         return evolve(supernet, ev, budget, target_latency_ms, cfg, reference_macs, progress)
@@ -612,13 +630,15 @@ def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: S
                    finetune_lr: float = 2e-3, population: int = 24, generations: int = 8, seed: int = 0,
                    bn_batches: int = 4, progress: bool = True, plot: Optional[str] = None,
                    batch_fn=None, threads: Optional[int] = None, workers: int = 1,
-                   finetune_average: Optional[float] = None, precision: str = "fp32") -> BudgetRows:
+                   finetune_average: Optional[float] = None, precision: str = "fp32",
+                   prefix_cache_mb: int = 512) -> BudgetRows:
     """One supernet, several budgets, no retraining: for each ``("macs", fraction)`` or
     ``("latency", ms)`` in ``budgets``: search, re-estimate BatchNorm, export a plain module,
     optionally fine-tune it (``finetune_steps`` distillation steps, ending with the weight average of
     ``finetune_average``, default compress's), measure it, and save it to
     ``out_dir/subnet_<budget>.safetensors``. Evaluations are shared between budgets. ``precision``:
     the search's arithmetic (:class:`SearchConfig`); the rows are measured in float32.
+    ``prefix_cache_mb``: see :class:`SearchConfig`.
     ``plot``: PNG of every evaluated sub-network (MACs vs fitness) with each budget's choice."""
     from ..deployment.checkpoint import save
     from ..config import CompressConfig, LossOptions
@@ -630,11 +650,11 @@ def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: S
         finetune_average = CompressConfig().finetune_average
 
     cfg = SearchConfig(population=population, generations=generations, seed=seed, bn_batches=bn_batches, workers=workers,
-                       precision=precision).validate()
+                       precision=precision, prefix_cache_mb=prefix_cache_mb).validate()
     bn_inputs = input_batches(loader, bn_batches, batch_fn)
     pairs = [(as_input_tuple(i), t) for i, t in eval_pairs]
     ev = Evaluator(supernet, teacher, pairs, bn_inputs, cfg.metric, latency_repeats=cfg.latency_repeats, threads=threads,
-                   workers=workers, precision=cfg.precision)
+                   workers=workers, precision=cfg.precision, prefix_cache_mb=cfg.prefix_cache_mb)
     stat_input = pairs[0][0]
     teacher_macs_eval = measure.count_macs(teacher, stat_input, "papers")
     gt_pairs = [(i, t) for i, t in pairs if t is not None]

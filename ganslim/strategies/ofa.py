@@ -37,9 +37,11 @@ class OfaStrategy(Strategy):
         pairs = [(tuple(t.to(cfg.device) for t in i), None if g is None else g.to(cfg.device)) for i, g in ctx.eval_pairs]
         qcfg = SearchConfig(population=opts.population, generations=opts.generations,
                             metric=opts.metric, seed=cfg.seed, bn_batches=opts.bn_batches,
-                            workers=opts.workers if cfg.device == "cpu" else 1, precision=opts.precision)
+                            workers=opts.workers if cfg.device == "cpu" else 1, precision=opts.precision,
+                            prefix_cache_mb=opts.prefix_cache_mb)
         evaluator = Evaluator(supernet, ctx.teacher, pairs, bn_inputs, qcfg.metric, latency_input=ctx.stat_input,
-                              latency_repeats=qcfg.latency_repeats, workers=qcfg.workers, precision=qcfg.precision)
+                              latency_repeats=qcfg.latency_repeats, workers=qcfg.workers, precision=qcfg.precision,
+                              prefix_cache_mb=qcfg.prefix_cache_mb)
         try:
             result = evolve(supernet, evaluator, budget, cfg.target_latency_ms, qcfg, ctx.teacher_macs, progress=cfg.progress)
         finally:
