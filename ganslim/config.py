@@ -76,6 +76,7 @@ class SlimOptions:
 
 
 SEARCH_PRECISIONS = ("auto", "fp32", "bf16")  # the search's arithmetic (ganslim.pruning.search.SearchConfig)
+SEARCH_PREFIX_CACHE_MB = 512  # memory for the search's prefix reuse, per evaluation process (SearchConfig)
 
 
 @dataclass
@@ -95,7 +96,7 @@ class OfaOptions:
     precision: str = _opt("fp32", flat="search_precision")
     # memory (MB per evaluation process) for the activations of layer prefixes sub-networks share: the
     # same numbers, less work (ganslim.pruning.prefix); 0 turns the reuse off
-    prefix_cache_mb: int = _opt(512, flat="search_prefix_cache_mb")
+    prefix_cache_mb: int = _opt(SEARCH_PREFIX_CACHE_MB, flat="search_prefix_cache_mb")
     checkpoint: Optional[str] = _opt(None, flat="supernet_checkpoint")  # resumable supernet state (every 200 steps)
 
 

@@ -11,7 +11,7 @@ from ganslim.pruning.search import Evaluator, SearchConfig, search
 from ganslim.pruning.slicing import SliceConfig, make_supernet
 from ganslim.zoo import create_model
 
-from test_slicing import _bn_stats, _merge_cases, _searchable
+from test_slicing import _bn_stats, _fitness_across_a_weight_step, _merge_cases, _searchable
 
 
 def _family(sn, n: int, seed: int = 0) -> list[dict]:
@@ -167,16 +167,8 @@ def test_generators_without_a_chain_are_evaluated_whole():
 
 
 def test_kept_prefixes_are_dropped_when_the_weights_change():
-    teacher, sn, pairs, bn = _searchable()
-    ev = Evaluator(sn, teacher, pairs, bn, "psnr_teacher", prefix_cache_mb=64)
-    w = sn.smallest()
-    before = ev(w).fitness
-    with torch.no_grad():  # an optimizer step between two searches
-        for p in sn.model.parameters():
-            p.mul_(0.9)
-    ev.cache.clear()
-    fresh = Evaluator(sn, teacher, pairs, bn, "psnr_teacher", prefix_cache_mb=0)
-    assert ev(w).fitness == fresh(w).fitness != before
+    before, after, fresh = _fitness_across_a_weight_step({"prefix_cache_mb": 64}, {"prefix_cache_mb": 0})
+    assert after == fresh != before
 
 
 def test_the_cli_and_compress_config_pass_the_prefix_memory_through(tmp_path):

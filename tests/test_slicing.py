@@ -233,17 +233,24 @@ def test_bf16_evaluation_is_close_to_float32_and_gives_the_supernet_back_as_it_w
     assert all(torch.equal(sn.model.state_dict()[k], v) for k, v in before.items())  # bit for bit
 
 
-def test_bf16_evaluation_notices_changed_weights_and_falls_back_to_autocast_for_mixed_arithmetic():
+def _fitness_across_a_weight_step(evaluator_kw: dict, fresh_kw: dict) -> tuple[float, float, float]:
+    """The smallest sub-network's fitness by one ``Evaluator(**evaluator_kw)`` before and after an
+    optimizer-like step on the supernet's weights (its fitness cache cleared in between, whatever else
+    it keeps left as is), and by a new ``Evaluator(**fresh_kw)`` after it: ``(before, after, fresh)``."""
     teacher, sn, pairs, bn = _searchable()
-    low = Evaluator(sn, teacher, pairs, bn, "psnr_teacher", precision="bf16")
+    ev = Evaluator(sn, teacher, pairs, bn, "psnr_teacher", **evaluator_kw)
     w = sn.smallest()
-    first = low(w).fitness
+    before = ev(w).fitness
     with torch.no_grad():  # an optimizer step between two searches
         for p in sn.model.parameters():
             p.mul_(0.9)
-    low.cache.clear()
-    fresh = Evaluator(sn, teacher, pairs, bn, "psnr_teacher", precision="bf16")
-    assert low(w).fitness == fresh(w).fitness != first  # the kept bf16 copies were made again
+    ev.cache.clear()
+    return before, ev(w).fitness, Evaluator(sn, teacher, pairs, bn, "psnr_teacher", **fresh_kw)(w).fitness
+
+
+def test_bf16_evaluation_notices_changed_weights_and_falls_back_to_autocast_for_mixed_arithmetic():
+    first, after, fresh = _fitness_across_a_weight_step({"precision": "bf16"}, {"precision": "bf16"})
+    assert after == fresh != first  # the kept bf16 copies were made again
 
     class Gained(nn.Module):  # a float32 buffer multiplies the activations: bf16 in, float32 out
         def __init__(self):

@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..core.averaging import cumulative_batchnorm_statistics, tracked_batchnorms
-from .slicing import _MERGED_BATCHES, Supernet, _merged_inputs
+from ..core.averaging import tracked_batchnorms
+from .slicing import Supernet, statistics_forwards
 
 __all__ = ["PrefixCache", "chain_segments"]
 
@@ -206,12 +206,13 @@ class PrefixCache:
         return x
 
     @torch.no_grad()
-    def forwards(self, widths: dict, bn_batches: Sequence[tuple], eval_inputs: Sequence[tuple]) -> list[torch.Tensor]:
+    def forwards(self, bn_batches: Sequence[tuple], eval_inputs: Sequence[tuple]) -> list[torch.Tensor]:
         """BatchNorm statistics re-estimated on ``bn_batches`` (as :func:`~ganslim.pruning.slicing.recalibrate_bn`
-        does), then the outputs on ``eval_inputs`` in eval mode, for the sub-network ``widths``,
-        starting from the deepest kept prefix. Bit-identical to whole forwards."""
+        does), then the outputs on ``eval_inputs`` in eval mode, for the supernet's current sub-network
+        (:meth:`~ganslim.pruning.slicing.Supernet.set_widths`), starting from the deepest kept prefix.
+        Bit-identical to whole forwards."""
         sn = self.supernet
-        sn.set_widths(widths)
+        widths = sn.widths
         stamp = self._state_stamp(bn_batches, eval_inputs)
         if stamp != self._stamp:  # other inputs, or weights written since (an optimizer step): start afresh
             self.clear()
@@ -231,25 +232,17 @@ class PrefixCache:
         keep = {j for j, _ in keys if j > start}
         bn_kept: dict[int, list] = {}
         if self.bns:
-            batches = list(bn_batches)
-            merged = _merged_inputs(sn, batches)
-            runs = [merged] if merged is not None else batches
-            with cumulative_batchnorm_statistics(sn.model):
+            with statistics_forwards(sn, list(bn_batches)) as runs:
                 if entry is not None:
                     for (m, stats) in zip(self.bns, entry.bn_stats):
                         if stats is not None:
                             m.running_mean.copy_(stats[0])
                             m.running_var.copy_(stats[1])
                             m.num_batches_tracked.copy_(stats[2])
-                token = _MERGED_BATCHES.set(len(batches)) if merged is not None else None
-                try:
-                    for r, inputs in enumerate(runs if start < self.last_bn_child else ()):
-                        x = entry.bn_acts[r] if entry is not None else inputs[0]
-                        # the statistics are all that is wanted: stop after the last BatchNorm's child
-                        self._run(x, start + 1, self.last_bn_child, keep, bn_kept)
-                finally:
-                    if token is not None:
-                        _MERGED_BATCHES.reset(token)
+                for r, inputs in enumerate(runs if start < self.last_bn_child else ()):
+                    x = entry.bn_acts[r] if entry is not None else inputs[0]
+                    # the statistics are all that is wanted: stop after the last BatchNorm's child
+                    self._run(x, start + 1, self.last_bn_child, keep, bn_kept)
         sn.model.eval()
         eval_kept: dict[int, list] = {}
         outs = []

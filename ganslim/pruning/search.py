@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .. import measure
-from ..config import SEARCH_PRECISIONS
+from ..config import SEARCH_PRECISIONS, SEARCH_PREFIX_CACHE_MB
 from .._utils import as_input_tuple, first_output
 from ..core.genetic import evolve_population
 from ..core.precision import native_bf16_cpu
@@ -80,7 +80,7 @@ class SearchConfig:
     seed: int = 0
     workers: int = 1  # evaluation processes (forked, threads shared out); 2 on 2 cores: bench_search.py
     precision: str = "fp32"  # "fp32" | "bf16" | "auto" (bf16 where the CPU has native bf16)
-    prefix_cache_mb: int = 512  # activations kept to start sub-networks from a shared prefix (0: off); per process
+    prefix_cache_mb: int = SEARCH_PREFIX_CACHE_MB  # activations kept to start sub-networks from a shared prefix (0: off); per process
 
     def validate(self) -> "SearchConfig":
         if self.population < 2 or self.generations < 1:
@@ -151,7 +151,7 @@ class Evaluator:
     def __init__(self, supernet: Supernet, teacher: Optional[nn.Module], eval_pairs: Sequence[tuple],
                  bn_inputs: Sequence[tuple] = (), metric: Any = "psnr_gt", latency_input: Optional[tuple] = None,
                  latency_repeats: int = 5, threads: Optional[int] = None, workers: int = 1, precision: str = "fp32",
-                 prefix_cache_mb: int = 512):
+                 prefix_cache_mb: int = SearchConfig.prefix_cache_mb):
         if not eval_pairs:
             raise ValueError("search needs at least one evaluation input")
         self.supernet, self.metric = supernet, metric
@@ -221,7 +221,7 @@ class Evaluator:
 
     def _forwards(self, bn_inputs: Sequence[tuple], eval_inputs: Sequence[tuple]) -> list[torch.Tensor]:
         if self.prefix is not None:  # from the deepest prefix already computed: the same numbers
-            outs = self.prefix.forwards(self.supernet.widths, bn_inputs, eval_inputs)
+            outs = self.prefix.forwards(bn_inputs, eval_inputs)
             return [first_output(o).float() for o in outs]
         recalibrate_bn(self.supernet, bn_inputs)
         self.supernet.model.eval()
@@ -631,7 +631,7 @@ def search_budgets(supernet: Supernet, teacher: nn.Module, loader, eval_pairs: S
                    bn_batches: int = 4, progress: bool = True, plot: Optional[str] = None,
                    batch_fn=None, threads: Optional[int] = None, workers: int = 1,
                    finetune_average: Optional[float] = None, precision: str = "fp32",
-                   prefix_cache_mb: int = 512) -> BudgetRows:
+                   prefix_cache_mb: int = SearchConfig.prefix_cache_mb) -> BudgetRows:
     """One supernet, several budgets, no retraining: for each ``("macs", fraction)`` or
     ``("latency", ms)`` in ``budgets``: search, re-estimate BatchNorm, export a plain module,
     optionally fine-tune it (``finetune_steps`` distillation steps, ending with the weight average of

@@ -25,7 +25,7 @@ import contextvars
 import copy
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -589,6 +589,23 @@ def _merged_inputs(supernet: Supernet, batches: list) -> Optional[tuple]:
     return tuple(out)
 
 
+@contextlib.contextmanager
+def statistics_forwards(supernet: Supernet, batches: list, merge: bool = True) -> Iterator[list[tuple]]:
+    """The set-up of a BatchNorm re-estimation, shared by :func:`recalibrate_bn` and the search's
+    prefix reuse: inside, the running statistics are reset and averaged cumulatively, and the yielded
+    list holds the input tuples to run: the ``batches`` merged into one (each BatchNorm still counting
+    them as separate batches) where :func:`_merged_inputs` finds that exact and ``merge`` allows, else
+    the batches as given."""
+    merged = _merged_inputs(supernet, batches) if merge else None
+    with cumulative_batchnorm_statistics(supernet.model):
+        token = _MERGED_BATCHES.set(len(batches)) if merged is not None else None
+        try:
+            yield [merged] if merged is not None else list(batches)
+        finally:
+            if token is not None:
+                _MERGED_BATCHES.reset(token)
+
+
 @torch.no_grad()
 def recalibrate_bn(supernet: Supernet, batches: Iterable[tuple], widths: Optional[Mapping[str, int]] = None,
                    merge: bool = True) -> int:
@@ -623,12 +640,10 @@ def recalibrate_bn(supernet: Supernet, batches: Iterable[tuple], widths: Optiona
             raise _StatisticsDone
 
     batches = list(batches)
-    merged = _merged_inputs(supernet, batches) if merge else None
-    with cumulative_batchnorm_statistics(supernet.model):
+    with statistics_forwards(supernet, batches, merge) as runs:
         hooks = [m.register_forward_hook(count) for m in bns]
-        token = _MERGED_BATCHES.set(len(batches)) if merged is not None else None
         try:
-            for inputs in [merged] if merged is not None else batches:
+            for inputs in runs:
                 calls[0] = 0
                 seen.clear()
                 try:
@@ -642,8 +657,6 @@ def recalibrate_bn(supernet: Supernet, batches: Iterable[tuple], widths: Optiona
                     mismatch = True
                     break
         finally:
-            if token is not None:
-                _MERGED_BATCHES.reset(token)
             for h in hooks:
                 h.remove()
     if mismatch:
