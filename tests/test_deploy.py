@@ -365,6 +365,17 @@ def test_the_output_range_before_tanh_is_clipped_where_tanh_saturates(tmp_path, 
     scale, zero = float(inits[dq.input[1]]), float(inits[dq.input[2]])
     lo, hi = -zero * scale, (255 - zero) * scale
     assert -4.0 - scale <= lo < 0 <= hi <= 4.0 + scale  # within where Tanh still varies
+    # the output conv (3 channels: integer in its space-to-depth form) writes on that grid, and the
+    # depth-to-space and crop between it and the Tanh move its integers (one range all along)
+    node, movers = dq, []
+    while node.op_type != "Conv":  # up from the Tanh: Q/DQ pairs around the moves, then the conv
+        node = producer[node.input[0]]
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert node.input[1:3] == dq.input[1:3]  # the clipped scale and zero point, the conv's Q too
+        else:
+            movers.append(node.op_type)
+    weight = inits[producer[node.input[1]].input[0]]  # int8, dequantized for the QDQ conv
+    assert movers[0] == "Slice" and "Transpose" in movers and weight.shape[0] == 12  # 4 phases x RGB
     monkeypatch.setattr(deploy, "clip_saturated_ranges", lambda model: 0)
     wide = export(m, tmp_path / "wide.onnx", "onnx-int8", **kw)
     with torch.no_grad():

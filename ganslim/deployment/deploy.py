@@ -242,6 +242,11 @@ def _float_ends(path: pathlib.Path, keep_first: bool, keep_last: bool) -> list[s
 
 
 THIN_CHANNELS = 4  # a conv with at most this many channels in or out: int8 kernels run it slower than float
+# Activations the int8 end rewrite moves in front of its depth-to-space (next to the conv, where the
+# quantizer calibrates the conv's output over the activation's range). Not Tanh: onnxruntime has no
+# integer Tanh, so it runs in float after a DequantizeLinear wherever it is; left after the crop, the
+# depth-to-space and crop move the conv's integer output (a quarter of the bytes) instead of floats.
+INT8_MOVED_ACTIVATIONS = ("Relu", "LeakyRelu", "Sigmoid", "Clip", "HardSigmoid", "Elu", "Selu", "Softplus", "HardSwish")
 
 
 def _weighted_ends(path: pathlib.Path) -> list[tuple[str, str, int, int]]:
@@ -286,7 +291,7 @@ def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: 
         done = subpixel_conv_transpose(m)
         if int8_ends:
             done += space_to_depth_thin_conv(m, max_out_channels=THIN_CHANNELS, max_in_channels=THIN_CHANNELS,
-                                             only=set(int8_ends))
+                                             only=set(int8_ends), moved=INT8_MOVED_ACTIVATIONS)
     else:
         done = space_to_depth_thin_conv(m)
     if not done:
@@ -341,6 +346,8 @@ def _shared_quantization(op_types: Sequence[str]):
 
 # where a saturating activation stops telling inputs apart: 1 - tanh(4) = 6.7e-4, 1 - sigmoid(8) = 3.4e-4
 SATURATION = {"Tanh": 4.0, "Sigmoid": 8.0}
+# operators that only move or select values (one data input): a range that fits their output fits their input
+_VALUE_MOVES = ("Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Slice", "DepthToSpace", "SpaceToDepth")
 
 
 def clip_saturated_ranges(model) -> int:
@@ -357,20 +364,44 @@ def clip_saturated_ranges(model) -> int:
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
-    readers: dict[str, int] = {}
+    readers: dict[str, int] = {}  # readers of each tensor's values (a Shape reads only its shape)
     for n in g.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+        if n.op_type != "Shape":
+            for i in n.input:
+                readers[i] = readers.get(i, 0) + 1
+
+    def sole_pair(dq):
+        """``(q, dq)`` when ``dq`` dequantizes, for one reader, what ``q`` alone quantized, with constant
+        per-tensor parameters; else None."""
+        q = producer.get(dq.input[0])
+        if (dq.op_type != "DequantizeLinear" or readers.get(dq.output[0], 0) != 1 or q is None
+                or q.op_type != "QuantizeLinear" or readers.get(q.output[0], 0) != 1 or len(q.input) < 3
+                or len(dq.input) < 3 or any(t not in inits for t in (q.input[1], q.input[2], dq.input[1], dq.input[2]))):
+            return None
+        return q, dq
+
+    def params(node):
+        return tuple(numpy_helper.to_array(inits[t]).tobytes() for t in node.input[1:3])
+
     changed = 0
     for act in g.node:
         limit = SATURATION.get(act.op_type)
         dq = producer.get(act.input[0]) if act.input else None
-        if limit is None or dq is None or dq.op_type != "DequantizeLinear" or readers.get(dq.output[0], 0) != 1:
+        pair = sole_pair(dq) if limit is not None and dq is not None else None
+        if pair is None:
             continue
-        q = producer.get(dq.input[0])
-        if q is None or q.op_type != "QuantizeLinear" or readers.get(q.output[0], 0) != 1 or len(q.input) < 3 \
-                or len(dq.input) < 3 or any(t not in inits for t in (q.input[1], q.input[2], dq.input[1], dq.input[2])):
-            continue
+        q, dq = pair
+        # The pairs up the chain of value-moving ops in front (a depth-to-space and crop the thin output
+        # conv's rewrite put there) carry the same parameters and run on the integer tensor: they get
+        # the clipped range too, back to the layer that computes the values.
+        chain = [pair]
+        while True:
+            mover = producer.get(chain[-1][0].input[0])
+            up = producer.get(mover.input[0]) if mover is not None and mover.op_type in _VALUE_MOVES else None
+            up = sole_pair(up) if up is not None else None
+            if up is None or params(up[0]) != params(q) or params(up[1]) != params(dq):
+                break
+            chain.append(up)
         scale, zero = numpy_helper.to_array(inits[q.input[1]]), numpy_helper.to_array(inits[q.input[2]])
         if scale.size != 1 or zero.size != 1 or zero.dtype not in (np.uint8, np.int8):
             continue
@@ -386,7 +417,7 @@ def clip_saturated_ranges(model) -> int:
             name = f"{q.output[0]}_clipped_{kind}"
             g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
             names.append(name)
-        for node in (q, dq):
+        for node in (n for p in chain for n in p):
             node.input[1], node.input[2] = names
         changed += 1
     if changed:

@@ -46,7 +46,7 @@ over the feature map alive only for its shape; ``Shape`` of the integer tensor i
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -154,10 +154,11 @@ def _rewrite_each(model, rewrite) -> list[str]:
     return done
 
 
-def _sole_elementwise_user(name: str, consumers: dict, outputs: set):
-    """The elementwise activation that alone reads tensor ``name`` (not a graph output), else None."""
+def _sole_elementwise_user(name: str, consumers: dict, outputs: set, types: Optional[Sequence[str]] = None):
+    """The elementwise activation (of ``types``, default ``_ELEMENTWISE``) that alone reads tensor
+    ``name`` (not a graph output), else None."""
     users = consumers.get(name, [])
-    return users[0] if (len(users) == 1 and name not in outputs and users[0].op_type in _ELEMENTWISE
+    return users[0] if (len(users) == 1 and name not in outputs and users[0].op_type in (types or _ELEMENTWISE)
                         and users[0].input[0] == name) else None
 
 
@@ -277,13 +278,14 @@ def _subpixel_nodes(model, node, inits, bn=None, act=None):
 
 
 def space_to_depth_thin_conv(model, max_out_channels: int = 4, stride: int = 2, max_in_channels: int = 0,
-                             only: Optional[set] = None) -> list[str]:
+                             only: Optional[set] = None, moved: Sequence[str] = _ELEMENTWISE) -> list[str]:
     """Rewrite (in place) every float 2-D ``Conv`` with at most ``max_out_channels`` outputs, or at most
     ``max_in_channels`` inputs (group 1, stride 1, dilation 1, explicit pads, constant weights, kernel
     >= 2) as ``Conv(stride) -> [activation] -> DepthToSpace -> Slice``; returns the rewritten node
     names. An elementwise activation reading only the conv's output (the generator's Tanh) moves in
-    front of the depth-to-space. The crop is computed from the input's shape, so dynamic sizes (odd
-    ones too) work. ``only``: restrict to these node names.
+    front of the depth-to-space (``moved``: the activation types that may move; others stay after
+    the crop). The crop is computed from the input's shape, so dynamic sizes (odd ones too) work.
+    ``only``: restrict to these node names.
 
     A thin *input* conv (the generator's RGB input layer, 3 channels in) becomes a conv with ``4*C_in``
     inputs and ``4*C_out`` outputs at half the resolution: that is what lets an int8 file run it as an
@@ -293,12 +295,14 @@ def space_to_depth_thin_conv(model, max_out_channels: int = 4, stride: int = 2, 
     def rewrite(node, inits, consumers, outputs):
         if only is not None and node.name not in only:
             return None
-        return _thin_conv_nodes(model, node, inits, consumers, outputs, max_out_channels, int(stride), max_in_channels)
+        return _thin_conv_nodes(model, node, inits, consumers, outputs, max_out_channels, int(stride), max_in_channels,
+                                moved)
 
     return _rewrite_each(model, rewrite)
 
 
-def _thin_conv_nodes(model, node, inits, consumers, outputs, max_out_channels: int, s: int, max_in_channels: int = 0):
+def _thin_conv_nodes(model, node, inits, consumers, outputs, max_out_channels: int, s: int, max_in_channels: int = 0,
+                     moved: Sequence[str] = _ELEMENTWISE):
     """``(new nodes, [moved activation])`` replacing thin Conv ``node``, or None when it is not eligible."""
     from onnx import helper, numpy_helper
 
@@ -314,7 +318,7 @@ def _thin_conv_nodes(model, node, inits, consumers, outputs, max_out_channels: i
             and all(v == 1 for v in a.get("strides", [1, 1])) and all(v == 1 for v in a.get("dilations", [1, 1]))
             and a.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET") and len(k) == 2 and min(k) >= 2):
         return None
-    act = _sole_elementwise_user(node.output[0], consumers, outputs)
+    act = _sole_elementwise_user(node.output[0], consumers, outputs, moved)
     c_out, c_in = w.shape[:2]
     kn = [k[0] + s - 1, k[1] + s - 1]
     base = node.name or node.output[0]
