@@ -103,22 +103,29 @@ def write_winners(paths: list, out: str) -> dict:
     from ganslim.strategies import winners_from_rows, write_table
 
     cells: dict = {}
-    teachers = set()
+    teachers, seen = set(), set()
     for path in paths:
         with open(path) as f:
             saved = json.load(f)
-        teachers.add(saved["teacher"])
         for r in saved["rows"]:
+            # the teacher file and its fidelity: a file of that name trained on another machine is another teacher
+            t_psnr = r.get("teacher_psnr_gt")
+            teachers.add((saved["teacher"], None if t_psnr is None else round(t_psnr, 3)))
+            run = (r["target"], r["strategy"], r["psnr_gt"], r["wall_min"])
+            if run in seen:
+                continue  # a cell kept by --resume and written again: one run, counted once
+            seen.add(run)
             cells.setdefault((r["target"], r["strategy"]), []).append(r)
     if len(teachers) != 1:
-        raise SystemExit(f"--winners-from takes the runs of one teacher, got {sorted(teachers)}")
+        raise SystemExit(f"--winners-from takes the runs of one teacher, got {sorted(map(str, teachers))}")
     rows = [{"target": t, "strategy": strat, "psnr_gt": sum(r["psnr_gt"] for r in rs) / len(rs),
              "minutes": sum(r["wall_min"] for r in rs) / len(rs), "seeds": len(rs)}
             for (t, strat), rs in sorted(cells.items())]
     table = winners_from_rows(rows)
     seeds = ", ".join(f"1/{round(1 / r['target'])} {r['strategy']}: {r['seeds']}" for r in rows)
     table["source"] = f"benchmarks/bench_frontier.py, mean over seeds ({seeds}): {', '.join(paths)}"
-    table["task"] = f"the teacher {teachers.pop()}"
+    path, teacher_psnr = teachers.pop()
+    table["task"] = f"the teacher {path}" + (f" ({teacher_psnr:.2f} dB to ground truth)" if teacher_psnr is not None else "")
     print("\n".join(write_table(table, out)))
     return table
 

@@ -180,6 +180,15 @@ def test_auto_picks_the_measured_winner_nearest_the_target(tmp_path):
     assert choose_strategy(None, path)[0]["strategy"] == "onestep"
     settings, why = choose_strategy(0.1, tmp_path / "missing.json")
     assert settings == {"strategy": "uniform"} and "no measured head-to-head" in why  # the default strategy
+    # the separable student takes no latency target: it wins targets, never the latency budget's choice
+    sep = rows + [{"target": 0.1, "strategy": "separable", "psnr_gt": 31.0, "minutes": 9.0},
+                  {"target": 0.05, "strategy": "separable", "psnr_gt": 30.0, "minutes": 9.0}]
+    table = winners_from_rows(sep)
+    assert table["winners"]["0.05"]["variant"] == "separable" and table["overall"] == "onestep+gka"
+    path.write_text(json.dumps(dict(table, overall="separable", source="an older table")))
+    settings, why = choose_strategy(None, path)
+    assert settings == {"strategy": "uniform"} and "latency budget" in why
+    assert choose_strategy(0.05, path)[0] == {"strategy": "separable"}
 
 
 @pytest.fixture(scope="module")
@@ -300,11 +309,17 @@ def test_auto_reads_the_instance_norm_table_for_an_instance_norm_teacher(tmp_pat
     spec.loader.exec_module(bench_frontier)
     paths = []
     for seed, (a, u) in enumerate([(17.6, 17.8), (19.1, 20.6), (18.3, 21.9)]):
-        rows = [{"target": 0.05, "strategy": "onestep", "psnr_gt": a, "wall_min": 7.6},
-                {"target": 0.05, "strategy": "uniform", "psnr_gt": u, "wall_min": 7.2}]
+        rows = [{"target": 0.05, "strategy": "onestep", "psnr_gt": a, "wall_min": 7.6, "teacher_psnr_gt": 18.17},
+                {"target": 0.05, "strategy": "uniform", "psnr_gt": u, "wall_min": 7.2, "teacher_psnr_gt": 18.17}]
         paths.append(tmp_path / f"s{seed}.json")
         paths[-1].write_text(json.dumps({"teacher": "t.safetensors", "rows": rows}))
-    table = bench_frontier.write_winners([str(p) for p in paths], str(tmp_path / "auto.json"))
-    assert table["winners"]["0.05"]["variant"] == "uniform"
+    again = tmp_path / "resumed.json"  # a later run that kept seed 0's cells (--resume): counted once
+    again.write_text(paths[0].read_text())
+    table = bench_frontier.write_winners([str(p) for p in paths + [again]], str(tmp_path / "auto.json"))
+    assert table["winners"]["0.05"]["variant"] == "uniform" and "18.17 dB" in table["task"]
     assert abs(table["winners"]["0.05"]["psnr_gt"] - (17.8 + 20.6 + 21.9) / 3) < 1e-9
+    other = tmp_path / "other_machine.json"  # the same file name, trained elsewhere: another teacher
+    other.write_text(json.dumps({"teacher": "t.safetensors", "rows": [dict(rows[0], teacher_psnr_gt=18.95)]}))
+    with pytest.raises(SystemExit, match="one teacher"):
+        bench_frontier.write_winners([str(paths[0]), str(other)], str(tmp_path / "mixed.json"))
     assert choose_strategy(0.05, tmp_path / "auto.json")[0] == {"strategy": "uniform"}

@@ -41,10 +41,23 @@ VARIANTS = {
 }
 
 
+def takes_latency_target(variant: str) -> bool:
+    """Whether the strategy of ``variant`` (a :data:`VARIANTS` name, or a strategy name) accepts
+    ``target_latency_ms`` (``separable`` does not)."""
+    from .base import get_strategy
+
+    name = VARIANTS.get(variant, {"strategy": variant})["strategy"]
+    try:
+        return get_strategy(name).accepts_latency_target
+    except (KeyError, ValueError):
+        return True  # not a registered strategy: nothing known against it
+
+
 def winners_from_rows(rows: list, tie_db: float = 0.05) -> dict:
     """From head-to-head rows (``target``, ``strategy`` = variant name, ``psnr_gt``, ``minutes``): per
     target the best PSNR (ties within ``tie_db`` go to the faster), and ``overall``: the variant with
-    the best mean PSNR over the targets (used when the target fraction is not known up front)."""
+    the best mean PSNR over the targets among those that accept a latency target (it is used when the
+    target fraction is not known up front: a latency budget)."""
     winners = {}
     for target in sorted({r["target"] for r in rows}, reverse=True):
         cands = [r for r in rows if r["target"] == target]
@@ -54,7 +67,7 @@ def winners_from_rows(rows: list, tie_db: float = 0.05) -> dict:
     means = {}
     for r in rows:
         means.setdefault(r["strategy"], []).append(r["psnr_gt"])
-    complete = {k: sum(v) / len(v) for k, v in means.items() if len(v) == len(winners)}
+    complete = {k: sum(v) / len(v) for k, v in means.items() if len(v) == len(winners) and takes_latency_target(k)}
     return {"winners": winners, "overall": max(complete, key=complete.get) if complete else None}
 
 
@@ -132,6 +145,9 @@ def choose_strategy(target_macs: Optional[float], results: Optional[pathlib.Path
         return dict(VARIANTS[FALLBACK]), f"the head-to-head at {results} has no winners; {FALLBACK} is the default"
     if target_macs is None or not 0 < target_macs <= 1:
         best = table.get("overall") or main[min(main)]["variant"]
+        if best not in VARIANTS or not takes_latency_target(best):  # a table written before the check
+            return dict(VARIANTS[FALLBACK]), (f"the head-to-head at {results} names no strategy for a latency "
+                                              f"budget; {FALLBACK} is the default")
         return dict(VARIANTS[best]), (f"{best}: best mean fidelity over the measured targets "
                                       f"({table.get('source', 'bench_strategies.py')})")
     near = min(main, key=lambda t: abs(math.log(t) - math.log(target_macs)))

@@ -115,6 +115,7 @@ class Strategy:
     summary: ClassVar[str] = ""
     needs_target: ClassVar[bool] = True  # needs target_macs or target_latency_ms
     accepts_discriminator: ClassVar[bool] = True
+    accepts_latency_target: ClassVar[bool] = True  # False: target_latency_ms is refused (a MACs target only)
     options_section: ClassVar[Optional[str]] = None  # a CompressConfig section ("slim", "ofa", "evolve")
     options_class: ClassVar[Optional[type]] = None  # a plug-in's own options dataclass
     # widths rounded up to this multiple when CompressConfig.channel_multiple is None
