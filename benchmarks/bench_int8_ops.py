@@ -142,7 +142,6 @@ def main() -> None:
                                              (x,), rounds=args.paired_rounds)
                 row["rotation_ms"], row["rotation_ratio"], row["rotation_ratio_iqr"] = (
                     list(rot.median_ms), list(rot.ratio), [list(v) for v in rot.ratio_iqr])
-            if plain:
                 row["no_rewrites_fp32_ms"], row["no_rewrites_int8_ms"], row["float_ends_int8_ms"] = (
                     wall[str(p)] for p in plain)
             if trained:

@@ -242,11 +242,11 @@ def _float_ends(path: pathlib.Path, keep_first: bool, keep_last: bool) -> list[s
 
 
 THIN_CHANNELS = 4  # a conv with at most this many channels in or out: int8 kernels run it slower than float
-# Activations the int8 end rewrite moves in front of its depth-to-space (next to the conv, where the
-# quantizer calibrates the conv's output over the activation's range). Not Tanh: onnxruntime has no
-# integer Tanh, so it runs in float after a DequantizeLinear wherever it is; left after the crop, the
-# depth-to-space and crop move the conv's integer output (a quarter of the bytes) instead of floats.
-INT8_MOVED_ACTIVATIONS = ("Relu", "LeakyRelu", "Sigmoid", "Clip", "HardSigmoid", "Elu", "Selu", "Softplus", "HardSwish")
+# Activations the int8 end rewrite leaves after its depth-to-space and crop (the others move in front,
+# next to the conv, where the quantizer calibrates the conv's output over the activation's range).
+# onnxruntime has no integer Tanh, so it runs in float after a DequantizeLinear wherever it is; left
+# after the crop, the depth-to-space and crop move the conv's integer output (a quarter of the bytes).
+INT8_UNMOVED_ACTIVATIONS = ("Tanh",)
 
 
 def _weighted_ends(path: pathlib.Path) -> list[tuple[str, str, int, int]]:
@@ -281,7 +281,7 @@ def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: 
     above 1e-4 of the output's range) the rewrite is dropped with a warning."""
     import onnx
 
-    from .onnx_rewrite import space_to_depth_thin_conv, subpixel_conv_transpose
+    from .onnx_rewrite import ELEMENTWISE, space_to_depth_thin_conv, subpixel_conv_transpose
 
     m = onnx.load(str(fp32))
     if int8:
@@ -291,7 +291,8 @@ def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: 
         done = subpixel_conv_transpose(m)
         if int8_ends:
             done += space_to_depth_thin_conv(m, max_out_channels=THIN_CHANNELS, max_in_channels=THIN_CHANNELS,
-                                             only=set(int8_ends), moved=INT8_MOVED_ACTIVATIONS)
+                                             only=set(int8_ends),
+                                             moved=tuple(a for a in ELEMENTWISE if a not in INT8_UNMOVED_ACTIVATIONS))
     else:
         done = space_to_depth_thin_conv(m)
     if not done:

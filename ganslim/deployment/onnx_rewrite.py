@@ -51,7 +51,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = ["subpixel_conv_transpose", "integer_pads", "axis_plan", "subpixel_weight", "space_to_depth_thin_conv",
-           "shape_of_quantized"]
+           "shape_of_quantized", "ELEMENTWISE"]
 
 
 def axis_plan(k: int, s: int, p: int, op: int) -> tuple[int, int, int, int, list[list[tuple[int, int]]]]:
@@ -155,10 +155,11 @@ def _rewrite_each(model, rewrite) -> list[str]:
 
 
 def _sole_elementwise_user(name: str, consumers: dict, outputs: set, types: Optional[Sequence[str]] = None):
-    """The elementwise activation (of ``types``, default ``_ELEMENTWISE``) that alone reads tensor
+    """The elementwise activation (of ``types``, default ``ELEMENTWISE``) that alone reads tensor
     ``name`` (not a graph output), else None."""
     users = consumers.get(name, [])
-    return users[0] if (len(users) == 1 and name not in outputs and users[0].op_type in (types or _ELEMENTWISE)
+    types = ELEMENTWISE if types is None else types
+    return users[0] if (len(users) == 1 and name not in outputs and users[0].op_type in types
                         and users[0].input[0] == name) else None
 
 
@@ -202,7 +203,7 @@ def _foldable_batchnorm(node, inits) -> bool:
 
 
 # elementwise activations that commute with DepthToSpace (moved in front of it, next to the conv)
-_ELEMENTWISE = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "Elu", "Selu", "Softplus", "HardSwish")
+ELEMENTWISE = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "Elu", "Selu", "Softplus", "HardSwish")
 
 
 def _subpixel_nodes(model, node, inits, bn=None, act=None):
@@ -278,7 +279,7 @@ def _subpixel_nodes(model, node, inits, bn=None, act=None):
 
 
 def space_to_depth_thin_conv(model, max_out_channels: int = 4, stride: int = 2, max_in_channels: int = 0,
-                             only: Optional[set] = None, moved: Sequence[str] = _ELEMENTWISE) -> list[str]:
+                             only: Optional[set] = None, moved: Sequence[str] = ELEMENTWISE) -> list[str]:
     """Rewrite (in place) every float 2-D ``Conv`` with at most ``max_out_channels`` outputs, or at most
     ``max_in_channels`` inputs (group 1, stride 1, dilation 1, explicit pads, constant weights, kernel
     >= 2) as ``Conv(stride) -> [activation] -> DepthToSpace -> Slice``; returns the rewritten node
@@ -302,7 +303,7 @@ def space_to_depth_thin_conv(model, max_out_channels: int = 4, stride: int = 2, 
 
 
 def _thin_conv_nodes(model, node, inits, consumers, outputs, max_out_channels: int, s: int, max_in_channels: int = 0,
-                     moved: Sequence[str] = _ELEMENTWISE):
+                     moved: Sequence[str] = ELEMENTWISE):
     """``(new nodes, [moved activation])`` replacing thin Conv ``node``, or None when it is not eligible."""
     from onnx import helper, numpy_helper
 

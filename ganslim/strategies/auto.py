@@ -50,7 +50,7 @@ def takes_latency_target(variant: str) -> bool:
     name = VARIANTS.get(variant, {"strategy": variant})["strategy"]
     try:
         return get_strategy(name).accepts_latency_target
-    except (KeyError, ValueError):
+    except ValueError:
         return True  # not a registered strategy: nothing known against it
 
 
