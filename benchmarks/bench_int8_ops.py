@@ -26,7 +26,9 @@ and int8 files of one network in alternating short turns (``--paired-rounds``), 
 fp32 ratio within each round: the figure the machine's drift does not move. For the default student the
 five files (fp32, int8, both without the rewrites, int8 with float ends) then run in one rotation of the
 same kind, each against the fp32 file; in that rotation the int8 file's ratio comes out higher than in
-its pair (both are printed). Printed: the int8 / fp32 latency ratio and, per int8 file, time per operator type classed ``int8`` (integer kernels),
+its pair (both are printed); and the int8 file runs in a pair with the same export whose depth-to-space and
+space-to-depth shuffles are written in NCHW order (``deploy.INT8_CHANNELS_LAST_SHUFFLES`` off, the form
+before): what the channels-last form saves. Printed: the int8 / fp32 latency ratio and, per int8 file, time per operator type classed ``int8`` (integer kernels),
 ``convert`` (QuantizeLinear / DequantizeLinear), ``float`` (operators left in float) and ``layout``
 (transposes / reorders). Results: ``benchmarks/results/int8_ops.json``.
 """
@@ -45,9 +47,16 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ganslim.measure.machine import describe_machine  # noqa: E402
 from ganslim import data, measure  # noqa: E402
+from ganslim.deployment import deploy  # noqa: E402
 from ganslim.deployment.deploy import OnnxModule, export  # noqa: E402
 from ganslim.deployment.profile import profile_ops  # noqa: E402
 from ganslim.zoo.mobile_resnet import MobileResnetGenerator  # noqa: E402
+
+
+def _transposes(prof) -> list:
+    """``[Transpose nodes, their ms per run]`` in an onnxruntime profile."""
+    rows = [r for r in prof.by_op_type() if r[0] == "Transpose"]
+    return [sum(r[2] for r in rows), sum(r[3] for r in rows)]
 
 
 def main() -> None:
@@ -103,6 +112,15 @@ def main() -> None:
                          # until the ends ran as integer space-to-depth convs): what the int8 ends are worth
                          export(model, os.path.join(d, f"{i}.ends.int8.onnx"), "onnx-int8", example_inputs=x,
                                 calib_loader=calib, keep_first_float=True, keep_last_float=True))
+                # and the int8 file with its depth-to-space / space-to-depth shuffles in NCHW order (the
+                # form before deploy.INT8_CHANNELS_LAST_SHUFFLES): what the channels-last form is worth
+                deploy.INT8_CHANNELS_LAST_SHUFFLES = False
+                try:
+                    nchw_shuffles = export(model, os.path.join(d, f"{i}.nchw.int8.onnx"), "onnx-int8",
+                                           example_inputs=x, calib_loader=calib)
+                finally:
+                    deploy.INT8_CHANNELS_LAST_SHUFFLES = True
+                plain += (nchw_shuffles,)
             files.append((name, model, trained, fp32, int8, plain))
         best: dict[str, object] = {}
         wall: dict[str, float] = {}  # without the profiler: the latency figure
@@ -138,12 +156,22 @@ def main() -> None:
                 # then with the files without the rewrites and with float ends in the same rotation (what
                 # the rewrites are worth, each file against the fp32 one); with more files in the rotation
                 # the int8 file's own ratio comes out higher than in the pair above, reported beside it
-                rot = measure.paired_latency([om32, om8, *(OnnxModule(p, threads=args.threads) for p in plain)],
+                rot = measure.paired_latency([om32, om8, *(OnnxModule(p, threads=args.threads) for p in plain[:3])],
                                              (x,), rounds=args.paired_rounds)
                 row["rotation_ms"], row["rotation_ratio"], row["rotation_ratio_iqr"] = (
                     list(rot.median_ms), list(rot.ratio), [list(v) for v in rot.ratio_iqr])
                 row["no_rewrites_fp32_ms"], row["no_rewrites_int8_ms"], row["float_ends_int8_ms"] = (
-                    wall[str(p)] for p in plain)
+                    wall[str(p)] for p in plain[:3])
+                # the int8 file beside its NCHW-shuffle form, the two alone in alternating turns; two files
+                # of nearly one speed: 20 rounds of 2 passes put their ratio anywhere in 0.8-1.2, 60 of 5
+                # within a few percent
+                shuffles = measure.paired_latency([om8, OnnxModule(plain[3], threads=args.threads)], (x,),
+                                                  rounds=3 * args.paired_rounds, passes=5)
+                row["nchw_shuffles_paired_ms"] = list(shuffles.median_ms)
+                row["channels_last_over_nchw_shuffles"] = 1.0 / shuffles.ratio[1]
+                row["nchw_shuffles_ratio_iqr"] = list(shuffles.ratio_iqr[1])
+                row["nchw_shuffles_transposes"] = _transposes(best[str(plain[3])])
+                row["int8_transposes"] = _transposes(pq)
             if trained:
                 row["psnr_gt_fp32"] = measure.fidelity_to_target(om32, [((x,), gt)])["psnr"]
                 row["psnr_gt_int8"] = measure.fidelity_to_target(om8, [((x,), gt)])["psnr"]
@@ -167,6 +195,13 @@ def main() -> None:
                 print(f"the same rotation, int8 with the RGB input and output convs in float (keep_first_float / keep_last_float):"
                       f" {r[4]:.2f}x of the fp32 file (integer ends: {r[1] / r[4]:.2f}x of it); PSNR to ground truth "
                       f"{row['psnr_gt_int8_float_ends']:.2f} dB (integer ends {row['psnr_gt_int8']:.2f} dB)")
+                lo, hi = (1.0 / v for v in reversed(row["nchw_shuffles_ratio_iqr"]))
+                print(f"paired with the int8 file whose depth-to-space / space-to-depth shuffles are in NCHW order "
+                      f"(INT8_CHANNELS_LAST_SHUFFLES off): channels-last {row['channels_last_over_nchw_shuffles']:.2f}x "
+                      f"of its time (IQR {lo:.2f}-{hi:.2f}; {row['nchw_shuffles_paired_ms'][0]:.1f} vs "
+                      f"{row['nchw_shuffles_paired_ms'][1]:.1f} ms); Transpose nodes {row['int8_transposes'][0]} taking "
+                      f"{row['int8_transposes'][1]:.2f} ms vs {row['nchw_shuffles_transposes'][0]} taking "
+                      f"{row['nchw_shuffles_transposes'][1]:.2f} ms (profiled)")
             print("int8 file (profiled: times per operator under onnxruntime's profiler, which adds its own cost):")
             print(pq.table(top=14))
             print("slowest int8-file nodes: " + ", ".join(f"{op} {tuple(sh)} {ms:.2f} ms"

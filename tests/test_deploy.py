@@ -164,9 +164,10 @@ def test_several_inputs_export_and_run(tmp_path):
         assert measure.psnr(om8(x, c), m(x, c)) > 25
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("k,s,p,op,bias", [(3, 2, 1, 1, False), (4, 2, 1, 0, True), (3, 2, 1, 0, True), (3, 2, 0, 0, True),
                                           (5, 3, 2, 1, True), (2, 2, 0, 1, False), (3, 1, 1, 0, True), (1, 2, 0, 1, True)])
-def test_subpixel_rewrite_of_conv_transpose_is_exact(k, s, p, op, bias, tmp_path):
+def test_subpixel_rewrite_of_conv_transpose_is_exact(k, s, p, op, bias, channels_last, tmp_path):
     import onnx
 
     from ganslim.deployment.deploy import _export_float
@@ -180,7 +181,7 @@ def test_subpixel_rewrite_of_conv_transpose_is_exact(k, s, p, op, bias, tmp_path
     x = torch.randn(1, 3, 5, 7)
     _export_float(m, (x,), tmp_path / "m.onnx", 17)
     g = onnx.load(str(tmp_path / "m.onnx"))
-    assert len(subpixel_conv_transpose(g)) == 1
+    assert len(subpixel_conv_transpose(g, channels_last=channels_last)) == 1
     assert {n.op_type for n in g.graph.node}.isdisjoint({"ConvTranspose", "BatchNormalization", "DepthToSpace"})
     onnx.save(g, str(tmp_path / "r.onnx"))
     om = OnnxModule(tmp_path / "r.onnx", threads=1)
@@ -222,6 +223,82 @@ def test_int8_upsampling_and_the_rgb_ends_run_as_qlinearconv_and_data_movement_o
     assert ends.get("QLinearConv", 0) == 3 and ends.get("Conv", 0) == 2
     plain = OnnxModule(export(m, tmp_path / "plain.onnx", "onnx-int8", rewrites=False, **kw)).op_types()
     assert plain.get("ConvTranspose", 0) == 1 and plain.get("QLinearConv", 0) == 2  # ends float without rewrites
+
+
+@pytest.mark.parametrize("thin", ["output", "input", "even kernel"])
+def test_channels_last_shuffles_of_the_thin_conv_rewrite_are_exact(thin, tmp_path):
+    """The int8 file's form of the thin-conv rewrite (space-to-depth and depth-to-space written in
+    channels-last order between transposes, phase-major output channels) computes the same function
+    as the conv it replaces, at dynamic and odd sizes, and leaves no SpaceToDepth / DepthToSpace op."""
+    import onnx
+
+    from ganslim.deployment.deploy import _export_float
+    from ganslim.deployment.onnx_rewrite import space_to_depth_thin_conv
+
+    torch.manual_seed(0)
+    conv = {"output": nn.Conv2d(10, 3, 7, padding=3), "input": nn.Conv2d(3, 6, 7, padding=3),
+            "even kernel": nn.Conv2d(10, 3, 4, padding=(1, 2))}[thin]
+    m = nn.Sequential(conv, nn.Tanh()).eval()
+    x = torch.randn(1, conv.in_channels, 24, 40)
+    _export_float(m, (x,), tmp_path / "m.onnx", 17)
+    g = onnx.load(str(tmp_path / "m.onnx"))
+    assert len(space_to_depth_thin_conv(g, max_out_channels=4, max_in_channels=4, channels_last=True)) == 1
+    ops = [n.op_type for n in g.graph.node]
+    assert "SpaceToDepth" not in ops and "DepthToSpace" not in ops and "Transpose" in ops
+    onnx.save(g, str(tmp_path / "r.onnx"))
+    om = OnnxModule(tmp_path / "r.onnx", threads=1)
+    with torch.no_grad():
+        for xi in (x, torch.randn(2, conv.in_channels, 17, 9), torch.randn(1, conv.in_channels, 33, 64)):
+            ref = m(xi)
+            out = om(xi)
+            assert out.shape == ref.shape and (out - ref).abs().max() < 1e-5
+
+
+def _optimized_transposes(path, tmp_path) -> list[list[int]]:
+    """The perms of the Transpose nodes left in onnxruntime's own optimized form of ``path`` (CPU)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    g = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    return [list(next(a.ints for a in n.attribute if a.name == "perm")) for n in g.node if n.op_type == "Transpose"]
+
+
+def test_int8_shuffles_leave_onnxruntime_one_block_copy_each(monkeypatch, tmp_path):
+    """onnxruntime runs integer convs in NHWC with a transpose on each side. The int8 file's
+    depth-to-space and space-to-depth (the sub-pixel upsampling, the integer RGB ends) are written in
+    channels-last order between transposes that cancel against those: what remains are the block
+    copies inside the shuffles (the last axis stays in place) and the two image-facing layout changes,
+    where the NCHW forms left element-by-element transposes around every shuffle. Same outputs."""
+    from ganslim.deployment import deploy
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 7, padding=3), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+                      nn.ConvTranspose2d(16, 8, 3, 2, 1, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.ReflectionPad2d(3), nn.Conv2d(8, 3, 7), nn.Tanh()).eval()
+    with torch.no_grad():  # trained statistics (a fresh norm's equal tensors are exported as one, unfoldable)
+        m[5].running_mean.uniform_(-1, 1), m[5].running_var.uniform_(0.5, 2), m[5].weight.uniform_(0.5, 2)
+    x = torch.rand(1, 3, 32, 48) * 2 - 1
+    calib = [(torch.rand(2, 3, 32, 48) * 2 - 1, None) for _ in range(2)]
+    kw = dict(example_inputs=x, calib_loader=calib, batch_fn=lambda b: b)
+    nhwc = export(m, tmp_path / "nhwc.onnx", "onnx-int8", **kw)
+    monkeypatch.setattr(deploy, "INT8_CHANNELS_LAST_SHUFFLES", False)
+    nchw = export(m, tmp_path / "nchw.onnx", "onnx-int8", **kw)
+    assert OnnxModule(nhwc).op_types().get("QLinearConv", 0) == 4  # both ends and the upsampling integer
+
+    def elementwise(perms):  # transposes that move the last axis: one element at a time
+        return [p for p in perms if p[-1] != len(p) - 1]
+
+    new, old = _optimized_transposes(nhwc, tmp_path), _optimized_transposes(nchw, tmp_path)
+    # five shuffles (input space-to-depth, its depth-to-space, the upsampling's, the output conv's two)
+    assert len(new) - len(elementwise(new)) == 5
+    assert len(elementwise(new)) <= 2 < len(elementwise(old))  # the image in and out only
+    with torch.no_grad():
+        assert (OnnxModule(nhwc)(x) - OnnxModule(nchw)(x)).abs().max() <= 1e-6
 
 
 def test_thin_output_conv_runs_as_a_strided_conv_with_four_times_the_channels(tmp_path):

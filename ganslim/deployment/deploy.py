@@ -247,6 +247,10 @@ THIN_CHANNELS = 4  # a conv with at most this many channels in or out: int8 kern
 # onnxruntime has no integer Tanh, so it runs in float after a DequantizeLinear wherever it is; left
 # after the crop, the depth-to-space and crop move the conv's integer output (a quarter of the bytes).
 INT8_UNMOVED_ACTIVATIONS = ("Tanh",)
+# The int8 file's depth-to-space and space-to-depth shuffles (sub-pixel transposed convs, integer ends)
+# written in channels-last order between two transposes (onnx_rewrite._depth_to_space): onnxruntime
+# runs integer convs in NHWC, and those transposes cancel against the ones it puts around them.
+INT8_CHANNELS_LAST_SHUFFLES = True
 
 
 def _weighted_ends(path: pathlib.Path) -> list[tuple[str, str, int, int]]:
@@ -288,11 +292,14 @@ def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: 
         # thin ends kept in float are rewritten after quantization instead (the quantizer's pre-processing
         # folds the compact weight construction into a 4x larger stored weight: for int8 ends that is the
         # weight it quantizes, for float ones 4x the float bytes)
-        done = subpixel_conv_transpose(m)
+        # channels_last: onnxruntime runs integer convs in NHWC; shuffles written in NHWC between
+        # transposes that cancel against its own leave one block copy each instead of four transposes
+        done = subpixel_conv_transpose(m, channels_last=INT8_CHANNELS_LAST_SHUFFLES)
         if int8_ends:
             done += space_to_depth_thin_conv(m, max_out_channels=THIN_CHANNELS, max_in_channels=THIN_CHANNELS,
                                              only=set(int8_ends),
-                                             moved=tuple(a for a in ELEMENTWISE if a not in INT8_UNMOVED_ACTIVATIONS))
+                                             moved=tuple(a for a in ELEMENTWISE if a not in INT8_UNMOVED_ACTIVATIONS),
+                                             channels_last=INT8_CHANNELS_LAST_SHUFFLES)
     else:
         done = space_to_depth_thin_conv(m)
     if not done:
