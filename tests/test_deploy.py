@@ -299,6 +299,16 @@ def test_int8_shuffles_leave_onnxruntime_one_block_copy_each(monkeypatch, tmp_pa
     assert len(elementwise(new)) <= 2 < len(elementwise(old))  # the image in and out only
     with torch.no_grad():
         assert (OnnxModule(nhwc)(x) - OnnxModule(nchw)(x)).abs().max() <= 1e-6
+    # with an instance norm (float, NCHW-only in onnxruntime) next to the shuffles the layout changes
+    # stay anyway: such a graph keeps the NCHW shuffles
+    monkeypatch.setattr(deploy, "INT8_CHANNELS_LAST_SHUFFLES", True)
+    m[5] = nn.InstanceNorm2d(8)
+    inorm = export(m, tmp_path / "inorm.onnx", "onnx-int8", **kw)
+    import onnx
+
+    perms = [list(next(a.ints for a in n.attribute if a.name == "perm"))
+             for n in onnx.load(str(inorm)).graph.node if n.op_type == "Transpose"]
+    assert perms and [0, 2, 3, 1] not in perms and [0, 1, 3, 4, 2] in perms  # the NCHW depth-to-space form
 
 
 def test_thin_output_conv_runs_as_a_strided_conv_with_four_times_the_channels(tmp_path):
