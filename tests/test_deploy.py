@@ -311,6 +311,28 @@ def test_int8_shuffles_leave_onnxruntime_one_block_copy_each(monkeypatch, tmp_pa
     assert perms and [0, 2, 3, 1] not in perms and [0, 1, 3, 4, 2] in perms  # the NCHW depth-to-space form
 
 
+def test_int8_keeps_the_depthwise_half_of_a_separable_image_facing_layer_float(tmp_path):
+    """A depthwise-separable student's image-facing layers are a thin 1x1 conv (kept float: no wide
+    form for a 1x1) and a full-resolution depthwise conv. onnxruntime's int8 depthwise kernels run
+    slower than its float ones, so that depthwise conv stays float with its 1x1 neighbour; the convs
+    in between are integer."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 8, 1, bias=False), nn.Conv2d(8, 8, 7, groups=8, bias=False),
+                      nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                      nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.ReflectionPad2d(3),
+                      nn.Conv2d(8, 8, 7, groups=8, bias=False), nn.Conv2d(8, 3, 1), nn.Tanh()).eval()
+    with torch.no_grad():
+        m[3].running_mean.uniform_(-0.5, 0.5), m[3].running_var.uniform_(0.5, 2)
+    x = torch.rand(1, 3, 32, 48) * 2 - 1
+    calib = [(torch.rand(2, 3, 32, 48) * 2 - 1, None) for _ in range(2)]
+    p8 = export(m, tmp_path / "sep.onnx", "onnx-int8", example_inputs=x, calib_loader=calib, batch_fn=lambda b: b)
+    ops = OnnxModule(p8).op_types()
+    # float: both 1x1 ends and both 7x7 depthwise convs; integer: the two dense 3x3 convs between
+    assert ops.get("QLinearConv", 0) == 2 and ops.get("Conv", 0) + ops.get("FusedConv", 0) == 4
+    with torch.no_grad():
+        assert measure.psnr(OnnxModule(p8)(x), m(x)) > 30
+
+
 def test_thin_output_conv_runs_as_a_strided_conv_with_four_times_the_channels(tmp_path):
     import onnx
 
