@@ -1,4 +1,5 @@
 """ONNX export (fp32 and int8 QDQ) verified in onnxruntime; compress(quant="int8"); `ganslim export`."""
+import copy
 import os
 import subprocess
 import sys
@@ -164,10 +165,11 @@ def test_several_inputs_export_and_run(tmp_path):
         assert measure.psnr(om8(x, c), m(x, c)) > 25
 
 
+@pytest.mark.parametrize("groups", [1, 4])  # dense; depthwise (one conv per output phase)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("k,s,p,op,bias", [(3, 2, 1, 1, False), (4, 2, 1, 0, True), (3, 2, 1, 0, True), (3, 2, 0, 0, True),
                                           (5, 3, 2, 1, True), (2, 2, 0, 1, False), (3, 1, 1, 0, True), (1, 2, 0, 1, True)])
-def test_subpixel_rewrite_of_conv_transpose_is_exact(k, s, p, op, bias, channels_last, tmp_path):
+def test_subpixel_rewrite_of_conv_transpose_is_exact(k, s, p, op, bias, channels_last, groups, tmp_path):
     import onnx
 
     from ganslim.deployment.deploy import _export_float
@@ -177,16 +179,24 @@ def test_subpixel_rewrite_of_conv_transpose_is_exact(k, s, p, op, bias, channels
     bn = nn.BatchNorm2d(4)
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
-    m = nn.Sequential(nn.ConvTranspose2d(3, 4, k, s, p, op, bias=bias), bn, nn.ReLU()).eval()
-    x = torch.randn(1, 3, 5, 7)
+    c_in = 3 if groups == 1 else 4
+    m = nn.Sequential(nn.ConvTranspose2d(c_in, 4, k, s, p, op, bias=bias, groups=groups), bn, nn.ReLU()).eval()
+    x = torch.randn(1, c_in, 5, 7)
     _export_float(m, (x,), tmp_path / "m.onnx", 17)
     g = onnx.load(str(tmp_path / "m.onnx"))
-    assert len(subpixel_conv_transpose(g, channels_last=channels_last)) == 1
-    assert {n.op_type for n in g.graph.node}.isdisjoint({"ConvTranspose", "BatchNormalization", "DepthToSpace"})
+    if groups > 1:
+        assert subpixel_conv_transpose(copy.deepcopy(g)) == []  # only when asked
+    assert len(subpixel_conv_transpose(g, channels_last=channels_last, depthwise=True)) == 1
+    ops = [n.op_type for n in g.graph.node]
+    assert not {"ConvTranspose", "BatchNormalization"} & set(ops)
+    # the depthwise form's NCHW shuffle is onnxruntime's DepthToSpace (DCR); every other form reshapes
+    assert ("DepthToSpace" in ops) == (groups > 1 and not channels_last and s > 1)
+    if groups > 1:
+        assert ops.count("Conv") == s * s  # one depthwise conv per output phase
     onnx.save(g, str(tmp_path / "r.onnx"))
     om = OnnxModule(tmp_path / "r.onnx", threads=1)
     with torch.no_grad():
-        for xi in (x, torch.randn(2, 3, 6, 3)):  # odd and even sizes, batch 2 (dynamic axes)
+        for xi in (x, torch.randn(2, c_in, 6, 3)):  # odd and even sizes, batch 2 (dynamic axes)
             ref = m(xi)
             out = om(xi)
             assert out.shape == ref.shape and (out - ref).abs().max() < 1e-5
@@ -311,24 +321,29 @@ def test_int8_shuffles_leave_onnxruntime_one_block_copy_each(monkeypatch, tmp_pa
     assert perms and [0, 2, 3, 1] not in perms and [0, 1, 3, 4, 2] in perms  # the NCHW depth-to-space form
 
 
-def test_int8_keeps_the_depthwise_half_of_a_separable_image_facing_layer_float(tmp_path):
+def test_int8_separable_student_ends_float_and_depthwise_upsampling_integer(tmp_path):
     """A depthwise-separable student's image-facing layers are a thin 1x1 conv (kept float: no wide
     form for a 1x1) and a full-resolution depthwise conv. onnxruntime's int8 depthwise kernels run
-    slower than its float ones, so that depthwise conv stays float with its 1x1 neighbour; the convs
-    in between are integer."""
+    slower than its float ones, so that depthwise conv stays float with its 1x1 neighbour. Its
+    depthwise transposed conv (no integer ConvTranspose kernel) runs as one integer depthwise conv
+    per output phase; the convs in between are integer."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 8, 1, bias=False), nn.Conv2d(8, 8, 7, groups=8, bias=False),
-                      nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                      nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.ReflectionPad2d(3),
+                      nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+                      nn.ConvTranspose2d(16, 16, 3, 2, 1, 1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                      nn.Conv2d(16, 8, 1), nn.ReLU(), nn.ReflectionPad2d(3),
                       nn.Conv2d(8, 8, 7, groups=8, bias=False), nn.Conv2d(8, 3, 1), nn.Tanh()).eval()
     with torch.no_grad():
-        m[3].running_mean.uniform_(-0.5, 0.5), m[3].running_var.uniform_(0.5, 2)
+        for bn in (m[3], m[8]):
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2)
     x = torch.rand(1, 3, 32, 48) * 2 - 1
     calib = [(torch.rand(2, 3, 32, 48) * 2 - 1, None) for _ in range(2)]
     p8 = export(m, tmp_path / "sep.onnx", "onnx-int8", example_inputs=x, calib_loader=calib, batch_fn=lambda b: b)
     ops = OnnxModule(p8).op_types()
-    # float: both 1x1 ends and both 7x7 depthwise convs; integer: the two dense 3x3 convs between
-    assert ops.get("QLinearConv", 0) == 2 and ops.get("Conv", 0) + ops.get("FusedConv", 0) == 4
+    # float: both 1x1 ends and both 7x7 depthwise convs; integer: the stride-2 conv, the four phases
+    # of the depthwise transposed conv and the 1x1 after it
+    assert ops.get("QLinearConv", 0) == 6 and ops.get("Conv", 0) + ops.get("FusedConv", 0) == 4
+    assert "ConvTranspose" not in ops
     with torch.no_grad():
         assert measure.psnr(OnnxModule(p8)(x), m(x)) > 30
 

@@ -316,7 +316,7 @@ def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: 
         # channels_last: onnxruntime runs integer convs in NHWC; shuffles written in NHWC between
         # transposes that cancel against its own leave one block copy each instead of four transposes
         channels_last = INT8_CHANNELS_LAST_SHUFFLES and not any(n.op_type in INT8_NCHW_FLOAT_OPS for n in m.graph.node)
-        done = subpixel_conv_transpose(m, channels_last=channels_last)
+        done = subpixel_conv_transpose(m, channels_last=channels_last, depthwise=True)
         if int8_ends:
             done += space_to_depth_thin_conv(m, max_out_channels=THIN_CHANNELS, max_in_channels=THIN_CHANNELS,
                                              only=set(int8_ends),

@@ -121,14 +121,21 @@ def _unique(model, base: str) -> str:
     return name
 
 
-def subpixel_conv_transpose(model, only: Optional[set] = None, channels_last: bool = False) -> list[str]:
+def subpixel_conv_transpose(model, only: Optional[set] = None, channels_last: bool = False,
+                            depthwise: bool = False) -> list[str]:
     """Rewrite (in place) every eligible float ``ConvTranspose`` of ``model`` (an
     ``onnx.ModelProto``) as ``Conv -> DepthToSpace [-> Slice]``; returns the rewritten node names.
 
     Eligible: 2-D, constant float weight (and bias), group 1, dilation 1, equal strides, explicit
     pads (no ``auto_pad``/``output_shape``) whose stride-1 form needs no input cropping. Others
     are left as they are. ``only``: restrict to these node names. ``channels_last``: the
-    depth-to-space in its channels-last form (see :func:`_depth_to_space`; for int8 graphs)."""
+    depth-to-space in its channels-last form (see :func:`_depth_to_space`; for int8 graphs).
+
+    ``depthwise``: a depthwise ConvTranspose (group = channels, one output per group) too, as one
+    depthwise conv per output phase, their outputs concatenated phase-major and shuffled by a DCR
+    depth-to-space (for int8 graphs: one grouped conv with ``s*s`` outputs per group would be a
+    single node, but onnxruntime's int8 kernels run grouped convs other than depthwise ones far
+    slower; each phase's depthwise conv runs as an integer depthwise QLinearConv)."""
     def rewrite(node, inits, consumers, outputs):
         if node.op_type != "ConvTranspose" or (only is not None and node.name not in only):
             return None
@@ -136,7 +143,7 @@ def subpixel_conv_transpose(model, only: Optional[set] = None, channels_last: bo
         bn = users[0] if (len(users) == 1 and node.output[0] not in outputs
                           and _foldable_batchnorm(users[0], inits)) else None
         act = _sole_elementwise_user(bn.output[0] if bn is not None else node.output[0], consumers, outputs)
-        new = _subpixel_nodes(model, node, inits, bn, act, channels_last)
+        new = _subpixel_nodes(model, node, inits, bn, act, channels_last, depthwise)
         return None if new is None else (new, [n for n in (bn, act) if n is not None])
 
     return _rewrite_each(model, rewrite)
@@ -217,7 +224,7 @@ def _foldable_batchnorm(node, inits) -> bool:
 ELEMENTWISE = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "Elu", "Selu", "Softplus", "HardSwish")
 
 
-def _subpixel_nodes(model, node, inits, bn=None, act=None, channels_last: bool = False):
+def _subpixel_nodes(model, node, inits, bn=None, act=None, channels_last: bool = False, depthwise: bool = False):
     """The nodes replacing ConvTranspose ``node`` (None: not eligible). ``bn``: an inference
     BatchNormalization reading only its output, folded into the new weights (it would otherwise
     sit after the DepthToSpace, where onnxruntime cannot fuse it into the conv). ``act``: an
@@ -237,7 +244,9 @@ def _subpixel_nodes(model, node, inits, bn=None, act=None, channels_last: bool =
     s = list(a.get("strides", [1, 1]))
     pads = list(a.get("pads", [0, 0, 0, 0]))
     op = list(a.get("output_padding", [0, 0]))
-    if (a.get("group", 1) != 1 or any(d != 1 for d in a.get("dilations", [1, 1])) or "output_shape" in a
+    group = a.get("group", 1)
+    per_phase = depthwise and group > 1 and w.shape[0] == group and w.shape[1] == 1  # a depthwise ConvTranspose
+    if ((group != 1 and not per_phase) or any(d != 1 for d in a.get("dilations", [1, 1])) or "output_shape" in a
             or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or len(k) != 2 or list(w.shape[2:]) != k
             or s[0] != s[1] or pads[0] != pads[2] or pads[1] != pads[3] or any(o >= st for o, st in zip(op, s))):
         return None  # asymmetric ConvTranspose pads, output_shape etc.: not handled, left as is
@@ -250,9 +259,13 @@ def _subpixel_nodes(model, node, inits, bn=None, act=None, channels_last: bool =
     if bn is not None:  # y = (x - mean) / sqrt(var + eps) * gamma + beta, per output channel
         gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:])
         scale = gamma / np.sqrt(var + _attrs(bn).get("epsilon", 1e-5))
-        w = (w.astype(np.float64) * scale[None, :, None, None]).astype(np.float32)
+        # output channel c: weight axis 1 (C_in, C_out, k, k), or axis 0 for a depthwise one (C, 1, k, k)
+        w = (w.astype(np.float64) * (scale[:, None, None, None] if per_phase else scale[None, :, None, None]))
+        w = w.astype(np.float32)
         b = ((b if b is not None else 0.0) - mean) * scale + beta
         out = bn.output[0]
+    if per_phase:
+        return _depthwise_subpixel_nodes(model, node, w, b, plans, stride, out, act, channels_last)
     wn = subpixel_weight(w, stride, plans, phase_major=channels_last)
     base = node.name or node.output[0]
     w_name = _unique(model, f"{base}_subpixel_w")
@@ -288,6 +301,62 @@ def _subpixel_nodes(model, node, inits, bn=None, act=None, channels_last: bool =
         names = [_int_const(model, f"{base}_crop_{suffix}", v)
                  for suffix, v in (("starts", [0, 0]), ("ends", [-c if c else big for c in crop]), ("axes", [2, 3]))]
         new.append(helper.make_node("Slice", [conv_out] + names, [out], name=f"{base}_subpixel_crop"))
+    return new
+
+
+def _depthwise_subpixel_nodes(model, node, w: np.ndarray, b, plans, s: int, out: str, act, channels_last: bool):
+    """Depthwise ConvTranspose ``node`` (weight ``w`` ``(C, 1, k, k)``, BatchNorm already folded, bias
+    ``b`` or None, writing ``out``) as one depthwise stride-1 conv per output phase ``(r_h, r_w)``
+    (the phase's taps of the kernel), each followed by a copy of the activation ``act``, concatenated
+    phase-major (channel ``(r_h*s + r_w)*C + c``) and shuffled by a DCR depth-to-space, then cropped."""
+    from onnx import helper, numpy_helper
+
+    (kh, ph0, ph1, crop_h, taps_h), (kw, pw0, pw1, crop_w, taps_w) = plans
+    c = w.shape[0]
+    base = node.name or node.output[0]
+    b_name = None
+    if b is not None:
+        b_name = _unique(model, f"{base}_subpixel_b")
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(b, np.float32), b_name))
+    new, phases = [], []
+    for rh in range(s):
+        for rw in range(s):
+            wp = np.zeros((c, 1, kh, kw), np.float32)
+            for th, oh in taps_h[rh]:
+                for tw, ow in taps_w[rw]:
+                    wp[:, 0, th, tw] = w[:, 0, oh, ow]
+            w_name = _unique(model, f"{base}_subpixel_w{rh}{rw}")
+            model.graph.initializer.append(numpy_helper.from_array(wp, w_name))
+            y = _unique(model, f"{base}_subpixel{rh}{rw}")
+            new.append(helper.make_node("Conv", [node.input[0], w_name] + ([b_name] if b_name else []), [y],
+                                        name=f"{base}_subpixel_conv{rh}{rw}", group=c, kernel_shape=[kh, kw],
+                                        strides=[1, 1], pads=[ph0, pw0, ph1, pw1]))
+            if act is not None:
+                moved = copy.deepcopy(act)
+                moved.input[0], moved.output[0] = y, _unique(model, f"{base}_act{rh}{rw}")
+                moved.name = f"{act.name or base}_phase{rh}{rw}"
+                new.append(moved)
+                y = moved.output[0]
+            phases.append(y)
+    final = act.output[0] if act is not None else out
+    d2s = _unique(model, f"{base}_d2s") if (crop_h or crop_w) else final
+    if s == 1:  # one phase: the conv is the whole of it
+        new[-1].output[0] = d2s
+    else:
+        stacked = _unique(model, f"{base}_subpixel_phases")
+        new.append(helper.make_node("Concat", phases, [stacked], axis=1))
+    if s == 1:
+        pass
+    elif channels_last:
+        new += _depth_to_space(model, stacked, d2s, s, c, f"{base}_d2s", channels_last=True)
+    else:
+        new.append(helper.make_node("DepthToSpace", [stacked], [d2s], blocksize=s, mode="DCR"))
+    if crop_h or crop_w:
+        big = np.iinfo(np.int64).max
+        names = [_int_const(model, f"{base}_crop_{suffix}", v)
+                 for suffix, v in (("starts", [0, 0]), ("ends", [-crop_h if crop_h else big, -crop_w if crop_w else big]),
+                                   ("axes", [2, 3]))]
+        new.append(helper.make_node("Slice", [d2s] + names, [final], name=f"{base}_subpixel_crop"))
     return new
 
 
