@@ -297,10 +297,7 @@ def _subpixel_nodes(model, node, inits, bn=None, act=None, channels_last: bool =
                                channels_last)
         conv_out = d2s_out
     if any(crop):
-        big = np.iinfo(np.int64).max
-        names = [_int_const(model, f"{base}_crop_{suffix}", v)
-                 for suffix, v in (("starts", [0, 0]), ("ends", [-c if c else big for c in crop]), ("axes", [2, 3]))]
-        new.append(helper.make_node("Slice", [conv_out] + names, [out], name=f"{base}_subpixel_crop"))
+        new.append(_crop_node(model, conv_out, out, crop, base))
     return new
 
 
@@ -340,24 +337,28 @@ def _depthwise_subpixel_nodes(model, node, w: np.ndarray, b, plans, s: int, out:
             phases.append(y)
     final = act.output[0] if act is not None else out
     d2s = _unique(model, f"{base}_d2s") if (crop_h or crop_w) else final
-    if s == 1:  # one phase: the conv is the whole of it
+    if s == 1:  # one phase: its conv (and activation) is the whole of it
         new[-1].output[0] = d2s
     else:
         stacked = _unique(model, f"{base}_subpixel_phases")
         new.append(helper.make_node("Concat", phases, [stacked], axis=1))
-    if s == 1:
-        pass
-    elif channels_last:
-        new += _depth_to_space(model, stacked, d2s, s, c, f"{base}_d2s", channels_last=True)
-    else:
-        new.append(helper.make_node("DepthToSpace", [stacked], [d2s], blocksize=s, mode="DCR"))
+        if channels_last:
+            new += _depth_to_space(model, stacked, d2s, s, c, f"{base}_d2s", channels_last=True)
+        else:
+            new.append(helper.make_node("DepthToSpace", [stacked], [d2s], blocksize=s, mode="DCR"))
     if crop_h or crop_w:
-        big = np.iinfo(np.int64).max
-        names = [_int_const(model, f"{base}_crop_{suffix}", v)
-                 for suffix, v in (("starts", [0, 0]), ("ends", [-crop_h if crop_h else big, -crop_w if crop_w else big]),
-                                   ("axes", [2, 3]))]
-        new.append(helper.make_node("Slice", [d2s] + names, [final], name=f"{base}_subpixel_crop"))
+        new.append(_crop_node(model, d2s, final, [crop_h, crop_w], base))
     return new
+
+
+def _crop_node(model, x: str, y: str, crop: list, base: str):
+    """Slice dropping the last ``crop[0]`` rows and ``crop[1]`` columns of ``x`` (NCHW) into ``y``."""
+    from onnx import helper
+
+    big = np.iinfo(np.int64).max
+    names = [_int_const(model, f"{base}_crop_{suffix}", v)
+             for suffix, v in (("starts", [0, 0]), ("ends", [-c if c else big for c in crop]), ("axes", [2, 3]))]
+    return helper.make_node("Slice", [x] + names, [y], name=f"{base}_subpixel_crop")
 
 
 def space_to_depth_thin_conv(model, max_out_channels: int = 4, stride: int = 2, max_in_channels: int = 0,
