@@ -230,9 +230,9 @@ def _float_ends(path: pathlib.Path, keep_first: bool, keep_last: bool) -> list[s
 
     A depthwise conv next to a float end (a depthwise-separable image-facing layer: the thin 1x1 conv
     and its full-resolution depthwise conv) stays float with it: onnxruntime's int8 depthwise kernels
-    run slower than its float ones, most at full resolution with a large kernel (two 7x7 depthwise
-    convs of a 1/40 separable student took 3 ms each as QLinearConv, the int8 file 1.18x of its fp32
-    one's time; with them float 0.87x and 0.28 dB closer to ground truth)."""
+    run slower than its float ones, most at full resolution with a large kernel (``bench_int8_ops.py``
+    on a 1/40 separable student: its two 7x7 depthwise convs took 3 ms each as QLinearConv, the int8
+    file 1.20x of its fp32 one's time; with them float 0.79x, and 0.28 dB closer to ground truth)."""
     import onnx
 
     g = onnx.load(str(path), load_external_data=False).graph
