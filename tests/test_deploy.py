@@ -202,6 +202,27 @@ def test_subpixel_rewrite_of_conv_transpose_is_exact(k, s, p, op, bias, channels
             assert out.shape == ref.shape and (out - ref).abs().max() < 1e-5
 
 
+def test_subpixel_rewrite_folds_a_fresh_batchnorm_written_behind_identity_nodes(tmp_path):
+    """torch's exporter writes equal initializers once: a fresh BatchNorm's weight and running variance
+    (both ones) become one initializer and an Identity of it. The sub-pixel rewrite still folds it."""
+    import onnx
+
+    from ganslim.deployment.deploy import _export_float
+    from ganslim.deployment.onnx_rewrite import subpixel_conv_transpose
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.ConvTranspose2d(3, 4, 3, 2, 1, 1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 5, 7)
+    _export_float(m, (x,), tmp_path / "m.onnx", 17)
+    g = onnx.load(str(tmp_path / "m.onnx"))
+    assert "Identity" in [n.op_type for n in g.graph.node]
+    assert len(subpixel_conv_transpose(g)) == 1
+    assert not {"Identity", "BatchNormalization", "ConvTranspose"} & {n.op_type for n in g.graph.node}
+    onnx.save(g, str(tmp_path / "r.onnx"))
+    with torch.no_grad():
+        assert (OnnxModule(tmp_path / "r.onnx", threads=1)(x) - m(x)).abs().max() < 1e-5
+
+
 def test_int8_upsampling_and_the_rgb_ends_run_as_qlinearconv_and_data_movement_on_uint8(tmp_path):
     import onnx
 
@@ -289,9 +310,7 @@ def test_int8_shuffles_leave_onnxruntime_one_block_copy_each(monkeypatch, tmp_pa
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 8, 7, padding=3), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
                       nn.ConvTranspose2d(16, 8, 3, 2, 1, 1), nn.BatchNorm2d(8), nn.ReLU(),
-                      nn.ReflectionPad2d(3), nn.Conv2d(8, 3, 7), nn.Tanh()).eval()
-    with torch.no_grad():  # trained statistics (a fresh norm's equal tensors are exported as one, unfoldable)
-        m[5].running_mean.uniform_(-1, 1), m[5].running_var.uniform_(0.5, 2), m[5].weight.uniform_(0.5, 2)
+                      nn.ReflectionPad2d(3), nn.Conv2d(8, 3, 7), nn.Tanh()).eval()  # a fresh norm (see below)
     x = torch.rand(1, 3, 32, 48) * 2 - 1
     calib = [(torch.rand(2, 3, 32, 48) * 2 - 1, None) for _ in range(2)]
     kw = dict(example_inputs=x, calib_loader=calib, batch_fn=lambda b: b)

@@ -57,7 +57,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = ["subpixel_conv_transpose", "integer_pads", "axis_plan", "subpixel_weight", "space_to_depth_thin_conv",
-           "shape_of_quantized", "ELEMENTWISE"]
+           "shape_of_quantized", "inline_constant_identities", "ELEMENTWISE"]
 
 
 def axis_plan(k: int, s: int, p: int, op: int) -> tuple[int, int, int, int, list[list[tuple[int, int]]]]:
@@ -136,6 +136,8 @@ def subpixel_conv_transpose(model, only: Optional[set] = None, channels_last: bo
     depth-to-space (for int8 graphs: one grouped conv with ``s*s`` outputs per group would be a
     single node, but onnxruntime's int8 kernels run grouped convs other than depthwise ones far
     slower; each phase's depthwise conv runs as an integer depthwise QLinearConv)."""
+    inline_constant_identities(model)  # so a norm's parameters are initializers the fold can read
+
     def rewrite(node, inits, consumers, outputs):
         if node.op_type != "ConvTranspose" or (only is not None and node.name not in only):
             return None
@@ -147,6 +149,31 @@ def subpixel_conv_transpose(model, only: Optional[set] = None, channels_last: bo
         return None if new is None else (new, [n for n in (bn, act) if n is not None])
 
     return _rewrite_each(model, rewrite)
+
+
+def inline_constant_identities(model) -> int:
+    """Point every reader of ``Identity(initializer)`` at the initializer and drop the Identity (in
+    place); returns how many. Exact. torch's exporter writes equal initializers once and the others as
+    Identity nodes of it (a fresh BatchNorm's weight and running variance are both ones), which hides
+    constants from rewrites that fold them."""
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    alias = {n.output[0]: n.input[0] for n in g.node
+             if n.op_type == "Identity" and n.input and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return 0
+    keep = []
+    for n in g.node:
+        if n.op_type == "Identity" and n.output and n.output[0] in alias:
+            continue
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = alias[name]
+        keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+    return len(alias)
 
 
 def _rewrite_each(model, rewrite) -> list[str]:
