@@ -202,6 +202,31 @@ def test_subpixel_rewrite_of_conv_transpose_is_exact(k, s, p, op, bias, channels
             assert out.shape == ref.shape and (out - ref).abs().max() < 1e-5
 
 
+def test_fp32_export_writes_only_depthwise_transposed_convs_in_sub_pixel_form(tmp_path):
+    """In a float file a depthwise ConvTranspose (a separable student's upsampling) becomes its
+    sub-pixel form with the channels-last shuffle; a dense one stays, and so does a depthwise one in a
+    graph with an instance norm (NCHW-only: the shuffle's layout changes would not cancel)."""
+    import onnx
+
+    torch.manual_seed(0)
+
+    def net(norm):
+        return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), norm(8), nn.ReLU(),
+                             nn.ConvTranspose2d(8, 8, 3, 2, 1, 1, groups=8), norm(8), nn.ReLU(),
+                             nn.ConvTranspose2d(8, 4, 3, 1, 1), nn.Conv2d(4, 3, 1), nn.Tanh()).eval()
+
+    x = torch.rand(1, 3, 24, 40) * 2 - 1
+    for norm, rewritten in ((nn.BatchNorm2d, True), (nn.InstanceNorm2d, False)):
+        m = net(norm)
+        p = export(m, tmp_path / "m.onnx", "onnx", example_inputs=x)
+        convt = [n for n in onnx.load(str(p)).graph.node if n.op_type == "ConvTranspose"]
+        groups = [next((a.i for a in n.attribute if a.name == "group"), 1) for n in convt]
+        assert groups == ([1] if rewritten else [8, 1])  # the dense one always stays
+        with torch.no_grad():
+            for xi in (x, torch.rand(2, 3, 17, 9) * 2 - 1):
+                assert (OnnxModule(p)(xi) - m(xi)).abs().max() < 1e-4
+
+
 def test_subpixel_rewrite_folds_a_fresh_batchnorm_written_behind_identity_nodes(tmp_path):
     """torch's exporter writes equal initializers once: a fresh BatchNorm's weight and running variance
     (both ones) become one initializer and an Identity of it. The sub-pixel rewrite still folds it."""

@@ -271,7 +271,7 @@ INT8_CHANNELS_LAST_SHUFFLES = True
 # Float operators onnxruntime runs only in NCHW (an instance norm stays float in an int8 file): next to
 # them the layout changes are needed anyway, and a graph holding any keeps the NCHW shuffles (the
 # channels-last ones measured 1.03x of their time on an instance-norm student, 0.87-0.91x on batch-norm ones).
-INT8_NCHW_FLOAT_OPS = ("InstanceNormalization", "GroupNormalization", "LRN", "LpNormalization")
+NCHW_ONLY_OPS = ("InstanceNormalization", "GroupNormalization", "LRN", "LpNormalization")
 
 
 def _weighted_ends(path: pathlib.Path) -> list[tuple[str, str, int, int]]:
@@ -299,9 +299,9 @@ def _weighted_ends(path: pathlib.Path) -> list[tuple[str, str, int, int]]:
 def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: bool,
                    int8_ends: Sequence[str] = ()) -> list[str]:
     """Write ``fp32`` with the exact rewrites of :mod:`ganslim.deployment.onnx_rewrite` applied to ``out``: the
-    thin output conv as a space-to-depth conv (fp32) or, for ``int8``, each ConvTranspose in its
-    sub-pixel form and the thin end convs named in ``int8_ends`` (those to be quantized) as
-    space-to-depth convs. Returns what was rewritten (empty: nothing to do, ``out`` not written).
+    thin output conv as a space-to-depth conv and each depthwise ConvTranspose in its sub-pixel form
+    (fp32), or, for ``int8``, each ConvTranspose in its sub-pixel form and the thin end convs named in
+    ``int8_ends`` (those to be quantized) as space-to-depth convs. Returns what was rewritten (empty: nothing to do, ``out`` not written).
     The result is run in onnxruntime against the original on ``example``; if it differs (max |diff|
     above 1e-4 of the output's range) the rewrite is dropped with a warning."""
     import onnx
@@ -309,13 +309,14 @@ def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: 
     from .onnx_rewrite import ELEMENTWISE, space_to_depth_thin_conv, subpixel_conv_transpose
 
     m = onnx.load(str(fp32))
+    nchw_only = any(n.op_type in NCHW_ONLY_OPS for n in m.graph.node)
     if int8:
         # thin ends kept in float are rewritten after quantization instead (the quantizer's pre-processing
         # folds the compact weight construction into a 4x larger stored weight: for int8 ends that is the
         # weight it quantizes, for float ones 4x the float bytes)
         # channels_last: onnxruntime runs integer convs in NHWC; shuffles written in NHWC between
         # transposes that cancel against its own leave one block copy each instead of four transposes
-        channels_last = INT8_CHANNELS_LAST_SHUFFLES and not any(n.op_type in INT8_NCHW_FLOAT_OPS for n in m.graph.node)
+        channels_last = INT8_CHANNELS_LAST_SHUFFLES and not nchw_only
         done = subpixel_conv_transpose(m, channels_last=channels_last, depthwise=True)
         if int8_ends:
             done += space_to_depth_thin_conv(m, max_out_channels=THIN_CHANNELS, max_in_channels=THIN_CHANNELS,
@@ -324,6 +325,11 @@ def _rewrite_float(fp32: pathlib.Path, out: pathlib.Path, example: tuple, int8: 
                                              channels_last=channels_last)
     else:
         done = space_to_depth_thin_conv(m)
+        if not nchw_only:
+            # a depthwise ConvTranspose (a separable student's upsampling) runs slower in onnxruntime's float
+            # kernels than its sub-pixel form with the channels-last shuffle (0.9x of the 1/40 separable
+            # student's time); dense ones as fast as theirs, and next to an instance norm no faster
+            done += subpixel_conv_transpose(m, channels_last=True, depthwise=True, dense=False)
     if not done:
         return []
     onnx.save(m, str(out))

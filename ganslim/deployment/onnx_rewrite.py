@@ -122,7 +122,7 @@ def _unique(model, base: str) -> str:
 
 
 def subpixel_conv_transpose(model, only: Optional[set] = None, channels_last: bool = False,
-                            depthwise: bool = False) -> list[str]:
+                            depthwise: bool = False, dense: bool = True) -> list[str]:
     """Rewrite (in place) every eligible float ``ConvTranspose`` of ``model`` (an
     ``onnx.ModelProto``) as ``Conv -> DepthToSpace [-> Slice]``; returns the rewritten node names.
 
@@ -135,11 +135,15 @@ def subpixel_conv_transpose(model, only: Optional[set] = None, channels_last: bo
     depthwise conv per output phase, their outputs concatenated phase-major and shuffled by a DCR
     depth-to-space (for int8 graphs: one grouped conv with ``s*s`` outputs per group would be a
     single node, but onnxruntime's int8 kernels run grouped convs other than depthwise ones far
-    slower; each phase's depthwise conv runs as an integer depthwise QLinearConv)."""
+    slower; each phase's depthwise conv runs as an integer depthwise QLinearConv). ``dense=False``:
+    only the depthwise ones (a float graph: onnxruntime's float dense ConvTranspose is as fast as its
+    sub-pixel form, its depthwise one slower)."""
     inline_constant_identities(model)  # so a norm's parameters are initializers the fold can read
 
     def rewrite(node, inits, consumers, outputs):
         if node.op_type != "ConvTranspose" or (only is not None and node.name not in only):
+            return None
+        if not dense and _attrs(node).get("group", 1) == 1:
             return None
         users = consumers.get(node.output[0], [])
         bn = users[0] if (len(users) == 1 and node.output[0] not in outputs
