@@ -103,7 +103,7 @@ def main() -> None:
         for i, (name, model, trained) in enumerate(nets):
             fp32 = export(model, os.path.join(d, f"{i}.onnx"), "onnx", example_inputs=x)
             int8 = export(model, os.path.join(d, f"{i}.int8.onnx"), "onnx-int8", example_inputs=x, calib_loader=calib)
-            plain = ()
+            plain, nchw = (), None
             if trained:  # the same two files without ganslim's exact ONNX rewrites: what they are worth
                 plain = (export(model, os.path.join(d, f"{i}.plain.onnx"), "onnx", example_inputs=x, rewrites=False),
                          export(model, os.path.join(d, f"{i}.plain.int8.onnx"), "onnx-int8", example_inputs=x,
@@ -116,24 +116,23 @@ def main() -> None:
                 # form before deploy.INT8_CHANNELS_LAST_SHUFFLES): what the channels-last form is worth
                 deploy.INT8_CHANNELS_LAST_SHUFFLES = False
                 try:
-                    nchw_shuffles = export(model, os.path.join(d, f"{i}.nchw.int8.onnx"), "onnx-int8",
-                                           example_inputs=x, calib_loader=calib)
+                    nchw = export(model, os.path.join(d, f"{i}.nchw.int8.onnx"), "onnx-int8",
+                                  example_inputs=x, calib_loader=calib)
                 finally:
                     deploy.INT8_CHANNELS_LAST_SHUFFLES = True
-                plain += (nchw_shuffles,)
-            files.append((name, model, trained, fp32, int8, plain))
+            files.append((name, model, trained, fp32, int8, plain, nchw))
         best: dict[str, object] = {}
         wall: dict[str, float] = {}  # without the profiler: the latency figure
         for _ in range(args.rounds):  # interleaved: a session's speed differs from the next one's here
-            for name, _, _, fp32, int8, plain in files:
-                for p in (fp32, int8, *plain):
+            for name, _, _, fp32, int8, plain, nchw in files:
+                for p in (fp32, int8, *plain, *([nchw] if nchw else [])):
                     prof = profile_ops(p, x, threads=args.threads, runs=args.runs)
                     if str(p) not in best or prof.run_ms < best[str(p)].run_ms:
                         best[str(p)] = prof
                     lat = measure.measure_latency(OnnxModule(p, threads=args.threads), (x,), warmup=2,
                                                   repeats=args.runs)
                     wall[str(p)] = min(wall.get(str(p), float("inf")), lat.median_ms)
-        for name, model, trained, fp32, int8, plain in files:
+        for name, model, trained, fp32, int8, plain, nchw in files:
             pf, pq = best[str(fp32)], best[str(int8)]
             om32, om8 = OnnxModule(fp32, threads=args.threads), OnnxModule(int8, threads=args.threads)
             f_ms, q_ms = wall[str(fp32)], wall[str(int8)]
@@ -156,21 +155,21 @@ def main() -> None:
                 # then with the files without the rewrites and with float ends in the same rotation (what
                 # the rewrites are worth, each file against the fp32 one); with more files in the rotation
                 # the int8 file's own ratio comes out higher than in the pair above, reported beside it
-                rot = measure.paired_latency([om32, om8, *(OnnxModule(p, threads=args.threads) for p in plain[:3])],
+                rot = measure.paired_latency([om32, om8, *(OnnxModule(p, threads=args.threads) for p in plain)],
                                              (x,), rounds=args.paired_rounds)
                 row["rotation_ms"], row["rotation_ratio"], row["rotation_ratio_iqr"] = (
                     list(rot.median_ms), list(rot.ratio), [list(v) for v in rot.ratio_iqr])
                 row["no_rewrites_fp32_ms"], row["no_rewrites_int8_ms"], row["float_ends_int8_ms"] = (
-                    wall[str(p)] for p in plain[:3])
+                    wall[str(p)] for p in plain)
                 # the int8 file beside its NCHW-shuffle form, the two alone in alternating turns; two files
                 # of nearly one speed: 20 rounds of 2 passes put their ratio anywhere in 0.8-1.2, 60 of 5
                 # within a few percent
-                shuffles = measure.paired_latency([om8, OnnxModule(plain[3], threads=args.threads)], (x,),
+                shuffles = measure.paired_latency([om8, OnnxModule(nchw, threads=args.threads)], (x,),
                                                   rounds=3 * args.paired_rounds, passes=5)
                 row["nchw_shuffles_paired_ms"] = list(shuffles.median_ms)
                 row["channels_last_over_nchw_shuffles"] = 1.0 / shuffles.ratio[1]
                 row["nchw_shuffles_ratio_iqr"] = list(shuffles.ratio_iqr[1])
-                row["nchw_shuffles_transposes"] = _transposes(best[str(plain[3])])
+                row["nchw_shuffles_transposes"] = _transposes(best[str(nchw)])
                 row["int8_transposes"] = _transposes(pq)
             if trained:
                 row["psnr_gt_fp32"] = measure.fidelity_to_target(om32, [((x,), gt)])["psnr"]

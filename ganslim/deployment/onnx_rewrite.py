@@ -57,7 +57,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = ["subpixel_conv_transpose", "integer_pads", "axis_plan", "subpixel_weight", "space_to_depth_thin_conv",
-           "shape_of_quantized", "inline_constant_identities", "ELEMENTWISE"]
+           "shape_of_quantized", "inline_constant_identities", "is_depthwise", "ELEMENTWISE"]
 
 
 def axis_plan(k: int, s: int, p: int, op: int) -> tuple[int, int, int, int, list[list[tuple[int, int]]]]:
@@ -245,6 +245,18 @@ def drop_unused_initializers(g) -> None:
     g.initializer.extend(keep)
 
 
+def is_depthwise(node, inits) -> bool:
+    """Whether ``node`` is a depthwise ``Conv`` or ``ConvTranspose`` (group > 1, one input channel per
+    group; a transposed one also one output per group) with a constant 4-D weight in ``inits``
+    (initializers by name)."""
+    if node.op_type not in ("Conv", "ConvTranspose") or len(node.input) < 2 or node.input[1] not in inits:
+        return False
+    group, dims = _attrs(node).get("group", 1), list(inits[node.input[1]].dims)
+    if group <= 1 or len(dims) != 4 or dims[1] != 1:
+        return False
+    return node.op_type == "Conv" or dims[0] == group  # ConvTranspose weight: (C_in, C_out / group, k, k)
+
+
 def _foldable_batchnorm(node, inits) -> bool:
     a = _attrs(node)
     return (node.op_type == "BatchNormalization" and len(node.output) == 1 and not a.get("training_mode", 0)
@@ -276,7 +288,7 @@ def _subpixel_nodes(model, node, inits, bn=None, act=None, channels_last: bool =
     pads = list(a.get("pads", [0, 0, 0, 0]))
     op = list(a.get("output_padding", [0, 0]))
     group = a.get("group", 1)
-    per_phase = depthwise and group > 1 and w.shape[0] == group and w.shape[1] == 1  # a depthwise ConvTranspose
+    per_phase = depthwise and is_depthwise(node, inits)
     if ((group != 1 and not per_phase) or any(d != 1 for d in a.get("dilations", [1, 1])) or "output_shape" in a
             or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or len(k) != 2 or list(w.shape[2:]) != k
             or s[0] != s[1] or pads[0] != pads[2] or pads[1] != pads[3] or any(o >= st for o, st in zip(op, s))):
