@@ -50,7 +50,8 @@ def test_verdicts_follow_the_issue_targets(all_rows, tmp_path, capsys):
     assert by[("5", "search, 2 processes")] == "not met"  # fast enough, but the winners changed
     missing = [r for r in table if "not measured" in r["figure"]]
     assert {r["source"] for r in missing} == {"peer_budgets.json", "latency_table.json", "quant_10x.json",
-                                              "quant_20x.json", "int8_ops.json", "scaling.json"}
+                                              "quant_20x.json", "quant_10x_int8_ends.json",
+                                              "quant_20x_int8_ends.json", "int8_ops.json", "scaling.json"}
     assert all(r["status"] == "-" for r in missing)
     assert [r["item"] for r in table] == sorted(r["item"] for r in table)
     assert "| 1 | default teacher 1/20: auto (onestep) 20.20x, -0.40 dB" in capsys.readouterr().out
@@ -94,12 +95,18 @@ def test_a_command_over_its_budget_does_not_count(all_rows, tmp_path):
 def test_steps_resume_from_their_json(all_rows):
     steps = all_rows.steps("res", "runs/x", instance="t.safetensors")
     outs = [path for path, _ in steps]
-    assert len(outs) == len(set(outs)) == 10  # every step writes its own JSON
+    assert len(outs) == len(set(outs)) == 12  # every step writes its own JSON
     for path, argv in steps:
         assert argv[-2:] == ["--out", path] and argv[0].startswith("benchmarks")
     quant = [argv for _, argv in steps if argv[0].endswith("bench_quant.py")]
     assert [a[a.index("--student") + 1] for a in quant] == ["runs/x/0.1_auto/student.safetensors",
-                                                             "runs/x/0.05_auto/student.safetensors"]
+                                                             "runs/x/0.05_auto/student.safetensors"] * 2
+    assert ["--int8-ends" in a for a in quant] == [False, False, True, True]
+    keep = [a[a.index("--keep-dir") + 1] for a in quant]
+    assert len(set(keep)) == 4  # no run overwrites another's checkpoint
+    (peer,) = [argv for _, argv in all_rows.steps("res", "runs/x", None, peer_budgets="1000")
+               if argv[0].endswith("bench_peer.py")]
+    assert peer[peer.index("--budgets") + 1] == "1000"
 
 
 def test_int8_end_to_end_is_judged_for_ptq_and_qat(all_rows, tmp_path):
@@ -115,3 +122,25 @@ def test_int8_end_to_end_is_judged_for_ptq_and_qat(all_rows, tmp_path):
     assert [(r["figure"].split(":")[1].split(" int8")[0].strip(), r["status"]) for r in e2e] == [
         ("fp32 teacher / PTQ", "not met"), ("fp32 teacher / QAT", "met")]
     assert "16.3x paired, -0.20 dB to the teacher" in e2e[1]["figure"]
+
+
+def test_each_int8_route_is_judged_on_its_own(all_rows, tmp_path):
+    # PTQ fast enough but 0.5 dB down; QAT (float ends) within 0.3 dB but slower; QAT with integer ends both
+    rows = lambda qat: [{"name": n, "psnr_to_gt": v} for n, v in (  # noqa: E731
+        ("student fp32", 29.7), ("student int8 PTQ", 29.2), ("student int8 QAT", qat), ("teacher fp32", 29.8))]
+    _write(tmp_path, "quant_20x.json", {"rows": rows(29.6), "summary": {
+        "qat_int8_first_last_conv": False,
+        "paired_int8_ptq_latency_over_fp32": 0.47, "paired_int8_qat_latency_over_fp32": 0.55,
+        "paired_teacher_fp32_over_int8_ptq": 20.0, "paired_teacher_fp32_over_int8_qat": 17.0}})
+    _write(tmp_path, "quant_20x_int8_ends.json", {"rows": rows(29.5), "summary": {
+        "qat_int8_first_last_conv": True,
+        "paired_int8_ptq_latency_over_fp32": 0.47, "paired_int8_qat_latency_over_fp32": 0.46,
+        "paired_teacher_fp32_over_int8_ptq": 20.0, "paired_teacher_fp32_over_int8_qat": 20.2}})
+    table = [r for r in all_rows.report(str(tmp_path), instance=False)
+             if r["source"].startswith("quant_20x") and "not measured" not in r["figure"]]
+    latency = [(r["figure"].split(", ")[1].split(" int8")[0], r["status"]) for r in table if "latency" in r["figure"]]
+    assert latency == [("PTQ", "not met"), ("QAT", "not met"), ("QAT with integer ends", "met")]
+    assert "0.46x paired, -0.20 dB to ground truth" in table[-2]["figure"]
+    e2e = [r for r in table if "end to end" in r["figure"]]
+    assert [r["status"] for r in e2e] == ["not met", "met", "met"]  # PTQ is 0.6 dB below the teacher
+    assert "fp32 teacher / QAT with integer ends int8 student 20.2x paired, -0.30 dB" in e2e[-1]["figure"]
