@@ -43,10 +43,11 @@ from typing import Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # --report reads auto's table from the checkout (ganslim.strategies.auto)
+PEER_BUDGETS = "1000,3000"  # step 8's optimizer-step budgets by default
 
 
 def steps(results: str, runs: str, instance: Optional[str],
-          peer_budgets: str = "1000,3000") -> list[tuple[str, list[str]]]:
+          peer_budgets: str = PEER_BUDGETS) -> list[tuple[str, list[str]]]:
     """``[(JSON written, argv after the interpreter)]`` in the order they run."""
     b = lambda name: os.path.join("benchmarks", name)  # noqa: E731
     out = lambda name: os.path.join(results, name)  # noqa: E731
@@ -196,21 +197,20 @@ def report(results: str, instance: bool) -> list[dict]:
         s = q["summary"]
         psnr = {r["name"]: r["psnr_to_gt"] for r in q["rows"]}
         ends = " with integer ends" if s.get("qat_int8_first_last_conv") else ""
+        tags = {r: r + (ends if r == "QAT" else "") for r in routes}  # how each route is named in a row
         for route in routes:
             key = route.lower()
             if f"paired_int8_{key}_latency_over_fp32" not in s:
                 continue
             ratio = s[f"paired_int8_{key}_latency_over_fp32"]
             db = psnr[f"student int8 {route}"] - psnr["student fp32"]
-            tag = route + (ends if route == "QAT" else "")
-            add("4", f"{label} student, {tag} int8 / fp32 latency {ratio:.2f}x paired, {db:+.2f} dB to ground truth",
+            add("4", f"{label} student, {tags[route]} int8 / fp32 latency {ratio:.2f}x paired, {db:+.2f} dB to ground truth",
                 "<= 0.5x within 0.3 dB", ratio <= 0.5 and db >= -0.3, name)
         # the end-to-end figure of each route (older JSONs lack the QAT file's)
         for route in [r for r in routes if f"paired_teacher_fp32_over_int8_{r.lower()}" in s]:
             speedup = s[f"paired_teacher_fp32_over_int8_{route.lower()}"]
             e2e_db = psnr[f"student int8 {route}"] - psnr["teacher fp32"]
-            tag = route + (ends if route == "QAT" else "")
-            add("4", f"{label} end to end: fp32 teacher / {tag} int8 student {speedup:.1f}x paired, "
+            add("4", f"{label} end to end: fp32 teacher / {tags[route]} int8 student {speedup:.1f}x paired, "
                 f"{e2e_db:+.2f} dB to the teacher", ">= 15x within 0.5 dB", speedup >= 15 and e2e_db >= -0.5, name)
     ops = load("int8_ops.json", "4", "operators left in float")
     if ops is not None:
@@ -248,7 +248,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="folder of the steps' JSONs (relative to the repository root)")
     ap.add_argument("--runs", default=os.path.join("runs", "all_rows"), help="the compress commands' folders")
     ap.add_argument("--instance", help="also the instance-norm teacher's 1/20 and 1/40 frontier (its .safetensors)")
-    ap.add_argument("--peer-budgets", default="1000,3000",
+    ap.add_argument("--peer-budgets", default=PEER_BUDGETS,
                     help="step 8's budgets (optimizer steps, comma-separated; 3000 adds ~30 min on 2 cores)")
     ap.add_argument("--report", action="store_true", help="no measurement: the table from the JSONs written")
     args = ap.parse_args(argv)
