@@ -13,19 +13,23 @@ after the last BatchNorm call (the number of calls per forward counted once, not
 re-estimation batches run as one forward of their concatenation, each BatchNorm keeping them apart
 (``recalibrate_bn(merge=True)``: the same statistics bit for bit, a quarter of the convolution calls),
 SSIM only when it is the metric, MACs counted from the widths without masks (the same float) and
-cached, images in channels-last order (oneDNN skips reordering every activation), float32, and each
+cached, images in channels-last order (oneDNN skips reordering every activation), the output conv (3
+channels) in :mod:`ganslim.pruning.thin_conv`'s strided form, the supernet's train/eval switch in one
+flat pass, float32, and each
 sub-network started from the deepest prefix of layers it shares with one evaluated before
 (:class:`ganslim.pruning.prefix.PrefixCache`: the kept activations and BatchNorm statistics, the same
 numbers bit for bit; ``SearchConfig.prefix_cache_mb`` of memory); "whole" is "now" without that
 reuse. Every float32 row must choose the same sub-network as "before" for every budget (the run
-fails otherwise). "parallel" adds ``workers`` evaluation processes (each with its own kept prefixes). All run the same search (3 budgets sharing one evaluator, as
+fails otherwise). "parallel" adds ``workers`` evaluation processes (each with its own kept prefixes; a
+worker that finishes gets the pending sub-network its prefixes reach deepest into). All run the same search (3 budgets sharing one evaluator, as
 ``ganslim search`` and bench_ofa do: BatchNorm re-estimated on 4 training batches of 8x3x64x64,
 fitness on the held-out photo (1, 3, 256, 384)). Throughput counts fresh evaluations over the wall
 time of the search calls (sampling included). Each row runs in a fresh process, so none reuses
 another's warmed-up kernels. Rows in separate processes drift apart by 10% and more on a shared
 machine, more than the prefix reuse saves: a last process therefore evaluates the "now" row's
 sub-networks in its order both whole and from kept prefixes, in alternating turns, and reports the
-time per sub-network of each (and checks the fitnesses equal bit for bit).
+time per sub-network of each (and checks the fitnesses equal bit for bit), and a third time with the
+output conv run directly: the thin conv's gain, paired the same way.
 
 On a CPU with native bf16 (AMX or AVX512-BF16), "bf16" and "bf16_parallel" are "now" and
 "parallel" with ``precision="bf16"``. A fitness then moves by hundredths of a dB, which is enough to
@@ -36,6 +40,7 @@ the seeds in ``--seeds`` (the evolution's seed; seed 0 is the rows above).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -56,6 +61,20 @@ from ganslim.pruning.slicing import SliceConfig, make_supernet  # noqa: E402
 from ganslim.pruning.supernet import SupernetConfig, load_supernet, save_supernet, train_supernet  # noqa: E402
 
 
+@contextlib.contextmanager
+def direct_thin_convs(sn):
+    """The supernet's thin convs (the output layer) run as direct convs inside, as before
+    :mod:`ganslim.pruning.thin_conv`."""
+    flags = {name: st["thin"] for name, st in sn._states.items()}
+    for st in sn._states.values():
+        st["thin"] = False
+    try:
+        yield
+    finally:
+        for name, flag in flags.items():
+            sn._states[name]["thin"] = flag
+
+
 class BeforeEvaluator(Evaluator):
     """The evaluation as it was before the throughput work (same numbers, more work)."""
 
@@ -69,6 +88,10 @@ class BeforeEvaluator(Evaluator):
 
     @torch.no_grad()
     def __call__(self, widths: dict) -> Candidate:
+        with direct_thin_convs(self.supernet):
+            return self._before(widths)
+
+    def _before(self, widths: dict) -> Candidate:
         k = _key(widths)
         if k in self.cache:
             return self.cache[k]
@@ -117,25 +140,32 @@ def run(evaluator: Evaluator, teacher, pairs, bn_inputs, budgets, cfg) -> dict:
 
 
 def paired(sn, teacher, pairs, bn_inputs, cfg, order: list) -> dict:
-    """The "now" row's sub-networks in its order, each evaluated whole and from kept prefixes in
-    alternating turns in this one process (who goes first alternates too): the time per sub-network
-    of each, free of the drift between processes that the rows' separate runs carry. The fitnesses
-    must be equal bit for bit."""
+    """The "now" row's sub-networks in its order, each evaluated whole, from kept prefixes, and from
+    kept prefixes with the output conv run directly (not in :mod:`ganslim.pruning.thin_conv`'s strided
+    form), in rotating turns in this one process: the time per sub-network of each, free of the drift
+    between processes that the rows' separate runs carry. The fitnesses of whole and prefix-started
+    evaluations must be equal bit for bit; the direct output conv's may differ by float rounding."""
     whole = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, prefix_cache_mb=0)
     reuse = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, prefix_cache_mb=cfg.prefix_cache_mb)
-    spent = {"whole": 0.0, "reuse": 0.0}
+    direct = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, prefix_cache_mb=cfg.prefix_cache_mb)
+    turns = [("whole", whole, contextlib.nullcontext), ("reuse", reuse, contextlib.nullcontext),
+             ("direct", direct, lambda: direct_thin_convs(sn))]
+    spent = {name: 0.0 for name, _, _ in turns}
+    fit = {}
     for i, w in enumerate(order):
-        fit = {}
-        for name, ev in (("whole", whole), ("reuse", reuse)) if i % 2 == 0 else (("reuse", reuse), ("whole", whole)):
-            t0 = time.perf_counter()
-            fit[name] = ev(w).fitness
-            spent[name] += time.perf_counter() - t0
+        for name, ev, ctx in turns[i % 3:] + turns[:i % 3]:
+            with ctx():
+                t0 = time.perf_counter()
+                fit[name] = ev(w).fitness
+                spent[name] += time.perf_counter() - t0
         if fit["whole"] != fit["reuse"]:
             raise SystemExit(f"prefix reuse changed a fitness: {fit} for {w}")
     n = len(order)
     return {"sub_networks": n, "whole_ms": 1000 * spent["whole"] / n, "reuse_ms": 1000 * spent["reuse"] / n,
             "time_ratio": spent["reuse"] / spent["whole"], "hits": reuse.prefix.hits if reuse.prefix else 0,
-            "max_mb": cfg.prefix_cache_mb}
+            "max_mb": cfg.prefix_cache_mb, "direct_output_conv_ms": 1000 * spent["direct"] / n,
+            "thin_time_ratio": spent["reuse"] / spent["direct"],
+            "thin_max_fitness_diff_db": max(abs(reuse.cache[k].fitness - direct.cache[k].fitness) for k in reuse.cache)}
 
 
 def main() -> None:
@@ -253,6 +283,9 @@ def report(args, budgets, rows: dict, seeded: dict, reuse: dict) -> None:
           f"{reuse['whole_ms']:.1f} ms each whole, {reuse['reuse_ms']:.1f} ms from kept prefixes "
           f"({reuse['time_ratio']:.2f} of the time, {reuse['hits']} started from a prefix, {reuse['max_mb']} MB); "
           f"the same fitness bit for bit")
+    print(f"thin output conv, paired likewise: {reuse['reuse_ms']:.1f} ms each in the strided form, "
+          f"{reuse['direct_output_conv_ms']:.1f} ms with the direct conv ({reuse['thin_time_ratio']:.2f} of the time; "
+          f"fitness within {reuse['thin_max_fitness_diff_db']:.1e} dB)")
     for k, b in rows["now"]["best"].items():
         print(f"  budget {k}: {b['macs'] / rows['now']['total_macs']:.4f} of the MACs, PSNR-GT {b['fitness']:.3f} dB")
     winners = {}

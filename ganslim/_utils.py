@@ -66,3 +66,16 @@ def relative_difference(out: Any, ref: Any) -> float:
         return float("nan")
     scale = float(ref.abs().max())
     return float((out.double() - ref.double()).abs().max()) / max(scale, 1e-12)
+
+
+def set_training(model: torch.nn.Module, mode: bool) -> None:
+    """``model.train(mode)``. When no module of ``model`` overrides ``train`` (the field's generators:
+    none does), the flags are set in one flat pass instead of ``Module.train``'s recursion through
+    ``Module.__setattr__``: the architecture search switches a supernet between train mode (BatchNorm
+    re-estimation) and eval mode three times per candidate, and those walks cost ~2% of its time."""
+    mods = list(model.modules())
+    if any(type(m).train is not torch.nn.Module.train for m in mods):
+        model.train(mode)
+        return
+    for m in mods:
+        m.__dict__["training"] = mode  # what Module.__setattr__ does for a plain attribute

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from .._utils import set_training
 from . import distributed as dist
 
 __all__ = ["WeightAverage", "recalibrate_batchnorm", "tracked_batchnorms", "cumulative_batchnorm_statistics"]
@@ -89,12 +90,12 @@ def cumulative_batchnorm_statistics(model: nn.Module) -> Iterator[list[nn.Module
         for m in bns:
             m.reset_running_stats()
             m.momentum = None
-        model.train()
+        set_training(model, True)
         yield bns
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
-        model.train(was_training)
+        set_training(model, was_training)
 
 
 @torch.no_grad()

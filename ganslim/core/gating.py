@@ -232,6 +232,8 @@ class MacsModel:
         self.total = sum(self.base.values())
         self._prefix: Optional[dict] = None  # tables of prefix_macs, built on first use
         self._index: Optional[dict] = None  # the same as index tensors (kept_channels)
+        self._plan: Optional[list] = None  # prefix_macs: per module its base and the group indices of each side
+        self._fractions: dict = {}  # prefix_macs: kept fraction per (module, side) and the widths of its groups
         self.kind: dict[str, str] = {}
         self.sizes: dict[str, tuple[int, int]] = {}
         for name in self.base:
@@ -292,17 +294,29 @@ class MacsModel:
     def prefix_macs(self, widths: Sequence[int]) -> float:
         """:meth:`macs` of the masks that keep the leading ``widths[i]`` positions of group ``i`` (a
         supernet's sub-network), the same float to the last bit, without building masks: the
-        architecture search asks for thousands of these while it samples candidates."""
-        self._tables()
+        architecture search asks for thousands of these while it samples candidates. Each module
+        side's kept fraction depends only on the widths of the few groups that write it and is kept
+        per those widths (the search draws each group's width from a handful)."""
+        if self._plan is None:
+            tables = self._tables()
+            plan = []
+            for n, b in self.base.items():
+                kind = self.kind.get(n)
+                sides = ("in", "out") if kind == "conv" else ("out",) if kind in ("depthwise", "norm") else ()
+                plan.append((b, [((n, side), tuple(gi for gi, _ in tables[(n, side)][2]))
+                                 for side in sides if (n, side) in tables]))
+            self._plan = plan
+        memo = self._fractions
         total = 0.0
-        for n, b in self.base.items():
-            kind = self.kind.get(n)
-            if kind == "conv":
-                total += b * self._kept_fraction(n, "in", widths) * self._kept_fraction(n, "out", widths)
-            elif kind in ("depthwise", "norm"):
-                total += b * self._kept_fraction(n, "out", widths)
-            else:
-                total += b
+        for b, sides in self._plan:
+            term = b
+            for key, gis in sides:  # the order of macs(): base * in fraction * out fraction
+                k = (key, tuple(widths[gi] for gi in gis))
+                f = memo.get(k)
+                if f is None:
+                    f = memo[k] = self._kept_fraction(key[0], key[1], widths)
+                term *= f
+            total += term
         return total
 
     def _tables(self) -> dict:

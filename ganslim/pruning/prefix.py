@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .._utils import set_training
 from ..core.averaging import tracked_batchnorms
 from .slicing import Supernet, statistics_forwards
 
@@ -243,7 +244,7 @@ class PrefixCache:
                     x = entry.bn_acts[r] if entry is not None else inputs[0]
                     # the statistics are all that is wanted: stop after the last BatchNorm's child
                     self._run(x, start + 1, self.last_bn_child, keep, bn_kept)
-        sn.model.eval()
+        set_training(sn.model, False)
         eval_kept: dict[int, list] = {}
         outs = []
         for e, inputs in enumerate(eval_inputs):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -25,11 +26,15 @@ import torch.nn as nn
 
 from .. import measure
 from ..config import SEARCH_PRECISIONS, SEARCH_PREFIX_CACHE_MB
-from .._utils import as_input_tuple, first_output
+from .._utils import as_input_tuple, first_output, set_training
 from ..core.genetic import evolve_population
 from ..core.precision import native_bf16_cpu
 from .prefix import PrefixCache
 from .slicing import Supernet, recalibrate_bn
+
+# prefix keys remembered per evaluation worker when choosing where a sub-network goes (a worker's own
+# cache may have dropped some: then it just computes more)
+_WORKER_KEYS_KEPT = 4096
 
 __all__ = ["SearchConfig", "Candidate", "SearchResult", "Evaluator", "evolve", "search", "BudgetError", "pareto_front",
            "budget_range", "resolve_budget", "native_bf16_cpu", "resolve_precision"]
@@ -182,6 +187,7 @@ class Evaluator:
         self.workers = max(1, int(workers))
         self._bf16_inputs, self._bf16_copies, self._bf16_stamp, self._bf16_autocast = None, [], None, False
         self._pool = None
+        self._worker_keys: Optional[list] = None  # per worker: the prefix keys it was sent (see _assign)
         self.prefix: Optional[PrefixCache] = None
         if prefix_cache_mb > 0:
             self.prefix = PrefixCache(supernet, supernet.example_inputs, int(prefix_cache_mb) << 20)
@@ -224,7 +230,7 @@ class Evaluator:
             outs = self.prefix.forwards(bn_inputs, eval_inputs)
             return [first_output(o).float() for o in outs]
         recalibrate_bn(self.supernet, bn_inputs)
-        self.supernet.model.eval()
+        set_training(self.supernet.model, False)
         return [first_output(self.supernet.model(*i)).float() for i in eval_inputs]
 
     def _forwards_bf16(self) -> list[torch.Tensor]:
@@ -283,16 +289,57 @@ class Evaluator:
                 todo.append(dict(w))
         if self.workers > 1 and len(todo) > 1:
             t0 = time.time()
-            pool = self._worker_pool()
-            for i, w in enumerate(todo):
-                pool[i % len(pool)][0].send(w)
-            results = [pool[i % len(pool)][0].recv() for i in range(len(todo))]
+            results = self._dispatch(todo)
             share = (time.time() - t0) / len(todo)  # wall time of the batch, shared out
             for w, res in zip(todo, results):
                 if isinstance(res, BaseException):
                     raise res
                 self._store(w, *res, share)
         return [self(w) for w in many]
+
+    def _dispatch(self, todo: Sequence[dict]) -> list:
+        """``todo`` measured by the worker processes, one sub-network at a time per worker: a worker that
+        finishes gets the pending sub-network its kept prefixes reach deepest into (as far as this
+        process knows: the prefix keys of what it was sent before; the first pending one when none
+        reaches or without prefix reuse). Busy workers stay busy whatever the candidates' sizes, and a
+        child mostly goes where its parent's activations are kept. Which worker measures a sub-network
+        changes only the time: each computes the same numbers from its own prefixes as from none.
+        Returns each sub-network's ``(metrics, fitness)`` or exception, in ``todo``'s order."""
+        from multiprocessing.connection import wait
+
+        pool = self._worker_pool()
+        if self._worker_keys is None:
+            self._worker_keys = [OrderedDict() for _ in pool]
+        keys = [self.prefix._keys(w) if self.prefix is not None else [] for w in todo]
+        pending, results, busy = list(range(len(todo))), [None] * len(todo), {}
+
+        def send(i: int) -> None:
+            seen = self._worker_keys[i]
+
+            def depth(j: int) -> int:
+                return max((d + 1 for d, k in enumerate(keys[j]) if k in seen), default=0)
+
+            j = max(pending, key=lambda j: (depth(j), -j))
+            pending.remove(j)
+            pool[i][0].send(todo[j])
+            busy[i] = j
+            for k in keys[j]:  # most recent last; a bounded memory of what the worker may still keep
+                seen[k] = None
+                seen.move_to_end(k)
+            while len(seen) > _WORKER_KEYS_KEPT:
+                seen.popitem(last=False)
+
+        for i in range(len(pool)):
+            if pending:
+                send(i)
+        conns = {pool[i][0]: i for i in range(len(pool))}
+        while busy:
+            for conn in wait([pool[i][0] for i in busy]):
+                i = conns[conn]
+                results[busy.pop(i)] = conn.recv()
+                if pending:
+                    send(i)
+        return results
 
     def _worker_pool(self) -> list:
         if self._pool is None:
@@ -320,6 +367,7 @@ class Evaluator:
             if proc.is_alive():
                 proc.kill()
         self._pool = None
+        self._worker_keys = None  # new workers keep nothing
 
     def __del__(self):
         if getattr(self, "_pool", None):

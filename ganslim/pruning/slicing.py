@@ -35,6 +35,7 @@ from .._utils import as_float64, as_input_tuple, first_output, in_float64, relat
 from ..core.averaging import cumulative_batchnorm_statistics, tracked_batchnorms
 from ..core.gating import MacsModel, prune_channels
 from ..core.targeting import NORM_TYPES, ChannelGroup, Targets, find_channel_groups
+from .thin_conv import is_thin, thin_conv2d
 
 __all__ = ["SliceConfig", "Supernet", "make_supernet", "recalibrate_bn", "width_choices", "SliceError"]
 
@@ -188,8 +189,9 @@ _MERGED_BATCHES: contextvars.ContextVar[int] = contextvars.ContextVar("ganslim_m
 def _sliced_forward(mod: nn.Module, state: dict, x: torch.Tensor, *args, **kwargs):
     """Forward of one layer restricted to ``state["in"]`` / ``state["out"]`` channels (None = all)."""
     cin, cout = state.get("in"), state.get("out")
-    if cin is None and cout is None and not (_MERGED_BATCHES.get() > 1
-                                             and isinstance(mod, nn.modules.batchnorm._BatchNorm)):
+    thin = state.get("thin", False) and not torch.is_grad_enabled()  # evaluations only: training keeps the direct conv
+    if cin is None and cout is None and not thin and not (_MERGED_BATCHES.get() > 1
+                                                          and isinstance(mod, nn.modules.batchnorm._BatchNorm)):
         return state["orig"](x, *args, **kwargs)
     if isinstance(mod, nn.modules.conv._ConvTransposeNd):
         w = _sel(_sel(mod.weight, cin, 0), cout, 1)
@@ -203,10 +205,13 @@ def _sliced_forward(mod: nn.Module, state: dict, x: torch.Tensor, *args, **kwarg
         else:
             w, b = _sel(_sel(mod.weight, cout, 0), cin, 1), _sel(mod.bias, cout)
         fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+        padding = mod.padding
         if mod.padding_mode != "zeros":
             x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
-            return fn(x, w, b, mod.stride, 0, mod.dilation, groups)
-        return fn(x, w, b, mod.stride, mod.padding, mod.dilation, groups)
+            padding = 0
+        if thin:  # a few output channels: as a strided conv that fills the vector registers (thin_conv)
+            return thin_conv2d(x, w, b, (padding, padding) if isinstance(padding, int) else padding)
+        return fn(x, w, b, mod.stride, padding, mod.dilation, groups)
     if isinstance(mod, nn.Linear):
         return F.linear(x, _sel(_sel(mod.weight, cout, 0), cin, 1), _sel(mod.bias, cout))
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
@@ -375,7 +380,10 @@ class Supernet(nn.Module):
                 raise SliceError(f"{name}: grouped conv (groups={mod.groups}) cannot be sliced")
             if _depthwise(mod) and mod.out_channels != mod.in_channels:
                 raise SliceError(f"{name}: depthwise conv with a channel multiplier cannot be sliced")
-            state = {"orig": mod.forward, "in": None, "out": None}
+            # a conv to a few channels (the output layer) is evaluated in thin_conv's strided form
+            thin = (type(mod) is nn.Conv2d and isinstance(mod.padding, tuple)
+                    and is_thin(mod.weight, mod.stride, mod.dilation, mod.groups))
+            state = {"orig": mod.forward, "in": None, "out": None, "thin": thin}
             self._states[name] = state
 
             def fwd(x, *args, _mod=mod, _state=state, **kwargs):
