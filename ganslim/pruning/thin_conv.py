@@ -2,18 +2,17 @@
 strided convolution with ``s*s`` times the output channels, then depth-to-space.
 
 oneDNN's CPU convolutions compute output channels in blocks of 8/16 (one vector register), so a
-conv to 3 channels costs about what a conv to 16 does: on the search's held-out photo (1x16x262x390
-into 3 channels, 7x7) it runs at a fifth of the rate of the generator's 3x3 convs and is the
-largest single call of a candidate's forward. The same conv is exactly
+conv to 3 channels costs about what a conv to 16 does: on the search's held-out photo (256x384) the
+7x7 output conv was the largest single call of a candidate's forward. The same conv is exactly
 
     y[o, s*P + r_h, s*Q + r_w] = conv2d(x, W, stride=s)[o*s*s + r_h*s + r_w, P, Q]
 
 with ``W[o, r_h, r_w]`` the original kernel shifted by ``(r_h, r_w)`` inside a kernel ``s-1`` taps
 larger (zeros elsewhere), followed by ``pixel_shuffle`` and a crop: ``(k+s-1)^2 / k^2`` times the
-multiply-adds (1.3x for 7x7, s=2) in a shape that fills the registers (12 of 16 lanes instead of 3),
-2.5-2.8x faster on an AVX-512 CPU (measured in the session that added it). The sums are the
-original ones with zero products added, so the result equals the direct conv up to float rounding
-(on that CPU: bit for bit). The same identity in an ONNX graph: :func:`ganslim.deployment.onnx_rewrite.space_to_depth_thin_conv`.
+multiply-adds (1.3x for 7x7, s=2) in a shape that fills the registers (12 of 16 lanes instead of 3).
+The sums are the original ones with zero products added, so the result equals the direct conv up to
+float rounding. ``benchmarks/bench_search.py`` times a search's candidates with both forms in turns
+(its "thin output conv, paired" line; the AMD EPYC: 0.95 of the time, the same fitnesses bit for bit). The same identity in an ONNX graph: :func:`ganslim.deployment.onnx_rewrite.space_to_depth_thin_conv`.
 
 Used by the supernet's sliced forward (:mod:`ganslim.pruning.slicing`) when no gradient is taken,
 i.e. in the search's candidate evaluations; training keeps the direct conv.
