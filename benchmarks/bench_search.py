@@ -61,20 +61,6 @@ from ganslim.pruning.slicing import SliceConfig, make_supernet  # noqa: E402
 from ganslim.pruning.supernet import SupernetConfig, load_supernet, save_supernet, train_supernet  # noqa: E402
 
 
-@contextlib.contextmanager
-def direct_thin_convs(sn):
-    """The supernet's thin convs (the output layer) run as direct convs inside, as before
-    :mod:`ganslim.pruning.thin_conv`."""
-    flags = {name: st["thin"] for name, st in sn._states.items()}
-    for st in sn._states.values():
-        st["thin"] = False
-    try:
-        yield
-    finally:
-        for name, flag in flags.items():
-            sn._states[name]["thin"] = flag
-
-
 class BeforeEvaluator(Evaluator):
     """The evaluation as it was before the throughput work (same numbers, more work)."""
 
@@ -88,7 +74,7 @@ class BeforeEvaluator(Evaluator):
 
     @torch.no_grad()
     def __call__(self, widths: dict) -> Candidate:
-        with direct_thin_convs(self.supernet):
+        with self.supernet.direct_thin_convs():
             return self._before(widths)
 
     def _before(self, widths: dict) -> Candidate:
@@ -149,7 +135,7 @@ def paired(sn, teacher, pairs, bn_inputs, cfg, order: list) -> dict:
     reuse = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, prefix_cache_mb=cfg.prefix_cache_mb)
     direct = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, prefix_cache_mb=cfg.prefix_cache_mb)
     turns = [("whole", whole, contextlib.nullcontext), ("reuse", reuse, contextlib.nullcontext),
-             ("direct", direct, lambda: direct_thin_convs(sn))]
+             ("direct", direct, sn.direct_thin_convs)]
     spent = {name: 0.0 for name, _, _ in turns}
     fit = {}
     for i, w in enumerate(order):

@@ -158,3 +158,19 @@ def test_dispatch_sends_a_child_to_the_worker_that_keeps_its_parent_prefix():
             assert c.fitness == pytest.approx(one(c.widths).fitness, rel=1e-6)
     finally:
         ev.close()
+
+
+def test_latency_is_timed_with_the_direct_conv_an_exported_subnetwork_has():
+    torch.manual_seed(0)
+    teacher = create_model("resnet_6blocks", ngf=8, norm="batch").eval()
+    x = torch.randn(1, 3, 32, 32)
+    sn = make_supernet(teacher, x, SliceConfig(ratios=(0.5, 1.0), multiple=1))
+    ev = Evaluator(sn, teacher, [((x,), None)], [(torch.randn(2, 3, 32, 32),)], "psnr_teacher", latency_repeats=1)
+    w = sn.smallest()
+    assert _pixel_shuffles(lambda: ev(w)) == 1  # the fitness forward: strided form
+    assert _pixel_shuffles(lambda: ev.latency(w)) == 0  # timing: as deployed
+    assert [st["thin"] for st in sn._states.values()].count(True) == 1  # switched back on after timing
+    with pytest.raises(RuntimeError):
+        with sn.direct_thin_convs():
+            raise RuntimeError("an error inside")
+    assert [st["thin"] for st in sn._states.values()].count(True) == 1

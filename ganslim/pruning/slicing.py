@@ -413,6 +413,21 @@ class Supernet(nn.Module):
                 del mod.forward
         self._states = {}
 
+    @contextlib.contextmanager
+    def direct_thin_convs(self):
+        """``with supernet.direct_thin_convs(): ...``: the thin convs (the output layer) run as the direct
+        convs an exported sub-network has, also without gradients (:mod:`ganslim.pruning.thin_conv` is
+        for the search's fitness forwards, not for timing what will be deployed)."""
+        flags = {name: st["thin"] for name, st in self._states.items()}
+        for st in self._states.values():
+            st["thin"] = False
+        try:
+            yield self
+        finally:
+            for name, flag in flags.items():
+                if name in self._states:
+                    self._states[name]["thin"] = flag
+
     def set_widths(self, widths: Mapping[str, int]) -> "Supernet":
         """Make the next forward passes run the sub-network ``widths`` (``{group root: channels}``)."""
         widths = self.check(widths)
