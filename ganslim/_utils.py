@@ -72,7 +72,7 @@ def set_training(model: torch.nn.Module, mode: bool) -> None:
     """``model.train(mode)``. When no module of ``model`` overrides ``train`` (the field's generators:
     none does), the flags are set in one flat pass instead of ``Module.train``'s recursion through
     ``Module.__setattr__``: the architecture search switches a supernet between train mode (BatchNorm
-    re-estimation) and eval mode three times per candidate, and those walks cost ~2% of its time."""
+    re-estimation) and eval mode three times per candidate, each time through every module."""
     mods = list(model.modules())
     if any(type(m).train is not torch.nn.Module.train for m in mods):
         model.train(mode)

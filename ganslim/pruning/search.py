@@ -187,7 +187,7 @@ class Evaluator:
         self.workers = max(1, int(workers))
         self._bf16_inputs, self._bf16_copies, self._bf16_stamp, self._bf16_autocast = None, [], None, False
         self._pool = None
-        self._worker_keys: Optional[list] = None  # per worker: the prefix keys it was sent (see _assign)
+        self._worker_keys: Optional[list] = None  # per worker: the prefix keys it was sent (see _dispatch)
         self.prefix: Optional[PrefixCache] = None
         if prefix_cache_mb > 0:
             self.prefix = PrefixCache(supernet, supernet.example_inputs, int(prefix_cache_mb) << 20)
