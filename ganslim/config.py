@@ -212,6 +212,11 @@ class CompressConfig:
     # BatchNorms run far slower at widths like 13 or 51 (1/40 on the default teacher: 50 vs ~80 ms per
     # fine-tune step; in onnxruntime 15.7 vs 41.9 ms at batch 1, `ganslim bench`), 1 for the others.
     channel_multiple: Optional[int] = None
+    # onestep and separable: refit each conv of the cut student by least squares to the teacher's same
+    # layer on the first batch before the fine-tune (ganslim.pruning.reconstruct; seconds of CPU). Opt-in:
+    # on the default task after 1000 steps it gained at 1/10 and lost at 1/20 (benchmarks/README.md,
+    # bench_peer.py's "+reconstruct" variants), and strategy="auto" takes it where it won.
+    reconstruct: bool = False
     # --- targeting
     include: Optional[Sequence[Any]] = None
     exclude: Sequence[Any] = ()

@@ -39,6 +39,8 @@ VARIANTS = {
     "uniform-scratch": {"strategy": "uniform", "uniform_init": "scratch"},
     "uniform-latency": {"strategy": "uniform", "uniform_widths": "latency"},
     "separable": {"strategy": "separable"},
+    "onestep+reconstruct": {"strategy": "onestep", "reconstruct": True},
+    "separable+reconstruct": {"strategy": "separable", "reconstruct": True},
 }
 
 

@@ -86,3 +86,38 @@ def targets_and_budget(ctx: StrategyContext):
     targets, macs_model = targets_and_macs(ctx)
     target_abs, calibration = budget(ctx, targets, macs_model)
     return targets, macs_model, target_abs, calibration
+
+
+def reconstruct_student(ctx: StrategyContext, unpruned: nn.Module, plain: nn.Module, targets, alive,
+                        replaced: tuple = ()) -> Optional[str]:
+    """Least-squares reconstruction (:mod:`ganslim.pruning.reconstruct`) of ``plain`` (``unpruned``
+    with the channels not in ``alive`` removed) from the teacher's activations on the first training
+    batch. ``replaced``: convs ``make_separable`` turned into ``Sequential(first, second)``: the second
+    reproduces the teacher's conv, the first has no teacher layer. Returns a note for the report."""
+    from ..pruning.reconstruct import conv_targets, reconstruct_convs
+
+    if not ctx.same_arch:  # a student of the user's own design: its layers need not be the teacher's
+        return None
+    def teacher_name(name: str) -> Optional[str]:
+        for r in replaced:
+            if name == r + ".1":
+                return r
+            if name.startswith(r + "."):
+                return None
+        return name
+
+    convs = conv_targets(unpruned, ctx.teacher, targets.groups, alive, teacher_name)
+    if not convs:
+        return None
+    device = next(plain.parameters()).device
+    batch = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in ctx.inputs)
+    errors = reconstruct_convs(plain, ctx.teacher, [batch], convs)
+    if not errors:
+        return None
+    if dist.is_distributed():  # every rank trains from the same weights: rank 0's fit
+        state = dist.broadcast_object({k: v.cpu() for k, v in plain.state_dict().items()})
+        plain.load_state_dict(state)
+    before = sum(b for b, _ in errors.values()) / len(errors)
+    after = sum(a for _, a in errors.values()) / len(errors)
+    return (f"reconstruct: {len(errors)} convs fitted to the teacher's layers by least squares "
+            f"(mean relative error {before:.3f} -> {after:.3f} on the first batch)")

@@ -3,7 +3,8 @@ made from the teacher itself. Its ``k x k`` convolutions become depthwise + poin
 (:mod:`ganslim.pruning.separable`, initialised from the teacher's kernels by per-channel rank-1 SVD),
 those that save the most first and no more than the budget needs; then every channel group is cut
 alike to the budget (the uniform cut: a little when factorising alone nearly meets it, much at 1/40);
-then compress's fine-tune."""
+with ``reconstruct`` (opt-in) the factors and kept weights are refitted by least squares to the
+teacher's layers (:mod:`ganslim.pruning.reconstruct`); then compress's fine-tune."""
 from __future__ import annotations
 
 from .. import measure
@@ -11,7 +12,7 @@ from ..pruning.onestep import onestep_prune
 from ..pruning.separable import convertible_convs, make_separable
 from ..pruning.uniform import reinitialize, uniform_masks
 from .base import StageResult, Strategy, StrategyContext, register_strategy
-from .common import loss_weights, macs_target, resolve_mapping, targets_and_budget
+from .common import loss_weights, macs_target, reconstruct_student, resolve_mapping, targets_and_budget
 
 
 def plan_factorization(ctx: StrategyContext, target_abs: float) -> list[str]:
@@ -66,6 +67,9 @@ class SeparableStrategy(Strategy):
         plain = onestep_prune(ctx.student, targets, alive, ctx.example)
         if opts.init == "scratch":
             reinitialize(plain, seed=cfg.seed)
+        recon = None
+        if cfg.reconstruct and opts.init == "teacher":  # the factors and kept weights refitted to the teacher's layers
+            recon = reconstruct_student(ctx, ctx.student, plain, targets, alive, tuple(replaced))
         kept = {g.root: int(a.sum()) for g, a in zip(targets.groups, alive)}
         # distillation points chosen on the teacher: every module the factorisation did not replace
         # keeps its name, and a replaced conv's name holds its depthwise + pointwise pair
@@ -76,5 +80,7 @@ class SeparableStrategy(Strategy):
         if multiple != cfg.channel_multiple:
             notes.append(f"separable: widths in multiples of {cfg.channel_multiple} would miss the MACs budget by "
                          f"more than 5% on this network; multiples of {multiple} instead")
+        if recon:
+            notes.append(recon)
         return StageResult(plain, kept, targets, loss_weights(ctx), mapping=mapping, target_abs=target_abs,
                            stage_steps=0, notes=notes)
