@@ -6,6 +6,7 @@ import torch
 
 import ganslim
 from ganslim.core import distributed as dist
+from ganslim.strategies import VARIANTS
 from ganslim.zoo import create_model
 
 
@@ -19,7 +20,8 @@ def main() -> None:
     loader = [(x, torch.tanh(x.flip(1))) for x in (torch.rand(4, 3, 24, 24, generator=g) * 2 - 1 for _ in range(4))]
     if len(sys.argv) > 3 and sys.argv[3] == "half":  # what one rank would learn without the gradient all-reduce
         loader = [(x[:2], y[:2]) for x, y in loader]
-    res = ganslim.compress(teacher, teacher, loader, strategy=strategy, target_macs=0.4, steps=8, finetune_steps=4,
+    settings = VARIANTS.get(strategy, {"strategy": strategy})  # a strategy, or a head-to-head variant of one
+    res = ganslim.compress(teacher, teacher, loader, **settings, target_macs=0.4, steps=8, finetune_steps=4,
                            search_population=4, search_generations=1, progress=True, measure_latency=False)
     if dist.is_main():
         x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1

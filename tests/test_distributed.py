@@ -17,7 +17,8 @@ def _run(args: list, env_extra: dict | None = None) -> subprocess.CompletedProce
     return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
 
 
-@pytest.mark.parametrize("strategy", ["slim", "ofa", "separable"])  # separable: trained in channels-last
+# separable: trained in channels-last; separable+reconstruct: every rank starts from rank 0's refit
+@pytest.mark.parametrize("strategy", ["slim", "ofa", "separable", "separable+reconstruct"])
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, strategy):
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     r1 = _run([sys.executable, WORKER, str(one), strategy])
