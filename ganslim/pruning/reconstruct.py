@@ -10,11 +10,17 @@ normalisation) from the input the student actually feeds it, earlier layers alre
 
     W = argmin ||X W - Y||^2 + lambda ||W - W0||^2
 
-``X``: the student's input patches (``N*H*W x C_in*k*k``, plus a column of ones for a bias), ``Y``:
-the teacher's outputs at the kept channels, ``W0``: the student's current weights (the ridge pulls
-towards them where the patches say little). One forward of the teacher and one of the student on a
-few batches; each conv is a ``D x D`` solve (``D = C_in*k*k``), a depthwise conv one ``k*k`` solve per
-channel. Transposed convs and grouped convs other than depthwise keep their weights.
+``X``: what the layer's output is linear in (a conv's input patches, ``N*H*W x C_in*k*k``; for a
+transposed conv its input spread by one-hot kernels), plus a column of ones for a bias, ``Y``: the
+teacher's outputs at the kept channels, ``W0``: the student's current weights (the ridge pulls towards
+them where the data say little). A conv without a bias whose output a per-channel normalisation takes
+is fitted with an offset all the same, moved into the normalisation's running mean. One forward of
+the teacher and two of the student (one finds the normalisations) on a batch or two; each layer is a
+``D x D`` solve (``D = C_in*k*k``), a depthwise one a ``k*k`` solve per channel. Grouped convs other than
+depthwise, and weights recomputed from others (spectral or weight norm), keep their weights.
+
+Measured on the default task (``benchmarks/bench_peer.py``'s ``+reconstruct`` variants): a closer start
+is not always a better fine-tune, so ``CompressConfig.reconstruct`` is opt-in.
 """
 from __future__ import annotations
 
@@ -68,8 +74,9 @@ def conv_targets(unpruned: nn.Module, teacher: nn.Module, groups: Sequence, aliv
                  teacher_name: Optional[Callable[[str], Optional[str]]] = None) -> list[ConvTarget]:
     """The convs of ``unpruned`` (the student before the channels of ``groups`` not in ``alive`` are
     removed; the module names survive the removal) that reproduce a teacher layer: a plain or depthwise
-    ``nn.Conv2d`` whose teacher counterpart (``teacher_name(name)``, default the same name) is a conv with
-    as many output channels as it has before pruning. Forward order is the modules' order."""
+    ``Conv2d`` / ``ConvTranspose2d`` whose teacher counterpart (``teacher_name(name)``, default the same
+    name; None: none) is a conv with as many output channels as it has before pruning.
+    :func:`reconstruct_convs` fits them in the order the forward runs them."""
     tmods = dict(teacher.named_modules())
     out = []
     for name, mod in unpruned.named_modules():
