@@ -214,8 +214,9 @@ class CompressConfig:
     channel_multiple: Optional[int] = None
     # onestep and separable: refit each conv of the cut student by least squares to the teacher's same
     # layer on the first batch before the fine-tune (ganslim.pruning.reconstruct; seconds of CPU). Opt-in:
-    # on the default task after 1000 steps it gained at 1/10 and lost at 1/20 (benchmarks/README.md,
-    # bench_peer.py's "+reconstruct" variants), and strategy="auto" takes it where it won.
+    # on the default task after 1000 steps it gained for onestep at 1/10 and lost at 1/20
+    # (benchmarks/README.md, bench_peer.py's "+reconstruct" variants); strategy="auto" turns it on where
+    # its table's winner is such a variant (none is now).
     reconstruct: bool = False
     # --- targeting
     include: Optional[Sequence[Any]] = None

@@ -98,6 +98,7 @@ def reconstruct_student(ctx: StrategyContext, unpruned: nn.Module, plain: nn.Mod
 
     if not ctx.same_arch:  # a student of the user's own design: its layers need not be the teacher's
         return None
+
     def teacher_name(name: str) -> Optional[str]:
         for r in replaced:
             if name == r + ".1":
