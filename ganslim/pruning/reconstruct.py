@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._utils import as_input_tuple
+from .slicing import _depthwise as _sliced_depthwise
 
 __all__ = ["ConvTarget", "kept_channels", "conv_targets", "reconstruct_convs"]
 
@@ -59,7 +60,8 @@ def kept_channels(groups: Sequence, alive: Sequence[torch.Tensor], name: str, si
 
 
 def _depthwise(mod: nn.Module) -> bool:
-    return mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+    """Slicing's depthwise conv without a channel multiplier (one output channel per input channel)."""
+    return _sliced_depthwise(mod) and mod.out_channels == mod.in_channels
 
 
 def _reconstructible(mod: nn.Module) -> bool:
