@@ -28,8 +28,9 @@ time of the search calls (sampling included). Each row runs in a fresh process, 
 another's warmed-up kernels. Rows in separate processes drift apart by 10% and more on a shared
 machine, more than the prefix reuse saves: a last process therefore evaluates the "now" row's
 sub-networks in its order both whole and from kept prefixes, in alternating turns, and reports the
-time per sub-network of each (and checks the fitnesses equal bit for bit), and a third time with the
-output conv run directly: the thin conv's gain, paired the same way.
+time per sub-network of each (and checks the fitnesses equal bit for bit), a third time with the
+output conv run directly: the thin conv's gain, paired the same way, and a fourth from prefixes kept
+in the 512 MB per process that was the default before the tenth session (the cache's size, paired).
 
 On a CPU with native bf16 (AMX or AVX512-BF16), "bf16" and "bf16_parallel" are "now" and
 "parallel" with ``precision="bf16"``. A fitness then moves by hundredths of a dB, which is enough to
@@ -106,6 +107,9 @@ class BeforeEvaluator(Evaluator):
         return cand
 
 
+# the kept prefixes' memory before the tenth session (MB per process), paired against the default
+SMALL_CACHE_MB = 512
+
 # name: (evaluator, precision, processes, prefix reuse)
 VARIANTS = {"before": ("before", "fp32", 1, False), "whole": ("now", "fp32", 1, False), "now": ("now", "fp32", 1, True),
             "parallel": ("now", "fp32", "workers", True), "bf16": ("now", "bf16", 1, True),
@@ -126,30 +130,35 @@ def run(evaluator: Evaluator, teacher, pairs, bn_inputs, budgets, cfg) -> dict:
 
 
 def paired(sn, teacher, pairs, bn_inputs, cfg, order: list) -> dict:
-    """The "now" row's sub-networks in its order, each evaluated whole, from kept prefixes, and from
-    kept prefixes with the output conv run directly (not in :mod:`ganslim.pruning.thin_conv`'s strided
-    form), in rotating turns in this one process: the time per sub-network of each, free of the drift
-    between processes that the rows' separate runs carry. The fitnesses of whole and prefix-started
-    evaluations must be equal bit for bit; the direct output conv's may differ by float rounding."""
+    """The "now" row's sub-networks in its order, each evaluated whole, from kept prefixes, from kept
+    prefixes with the output conv run directly (not in :mod:`ganslim.pruning.thin_conv`'s strided
+    form), and from prefixes kept in ``SMALL_CACHE_MB``, in rotating turns in this one process: the
+    time per sub-network of each, free of the drift between processes that the rows' separate runs
+    carry. The fitnesses of whole and prefix-started evaluations (either cache) must be equal bit for
+    bit; the direct output conv's may differ by float rounding."""
     whole = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, prefix_cache_mb=0)
     reuse = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, prefix_cache_mb=cfg.prefix_cache_mb)
     direct = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, prefix_cache_mb=cfg.prefix_cache_mb)
+    small = Evaluator(sn, teacher, pairs, bn_inputs, cfg.metric, prefix_cache_mb=SMALL_CACHE_MB)
     turns = [("whole", whole, contextlib.nullcontext), ("reuse", reuse, contextlib.nullcontext),
-             ("direct", direct, sn.direct_thin_convs)]
+             ("direct", direct, sn.direct_thin_convs), ("small", small, contextlib.nullcontext)]
     spent = {name: 0.0 for name, _, _ in turns}
     fit = {}
     for i, w in enumerate(order):
-        for name, ev, ctx in turns[i % 3:] + turns[:i % 3]:
+        for name, ev, ctx in turns[i % len(turns):] + turns[:i % len(turns)]:
             with ctx():
                 t0 = time.perf_counter()
                 fit[name] = ev(w).fitness
                 spent[name] += time.perf_counter() - t0
-        if fit["whole"] != fit["reuse"]:
+        if not fit["whole"] == fit["reuse"] == fit["small"]:
             raise SystemExit(f"prefix reuse changed a fitness: {fit} for {w}")
     n = len(order)
     return {"sub_networks": n, "whole_ms": 1000 * spent["whole"] / n, "reuse_ms": 1000 * spent["reuse"] / n,
             "time_ratio": spent["reuse"] / spent["whole"], "hits": reuse.prefix.hits if reuse.prefix else 0,
-            "max_mb": cfg.prefix_cache_mb, "direct_output_conv_ms": 1000 * spent["direct"] / n,
+            "max_mb": reuse.prefix.max_bytes / 2 ** 20 if reuse.prefix else 0,
+            "small_cache_ms": 1000 * spent["small"] / n, "small_cache_mb": small.prefix.max_bytes / 2 ** 20,
+            "small_cache_hits": small.prefix.hits, "cache_time_ratio": spent["reuse"] / spent["small"],
+            "direct_output_conv_ms": 1000 * spent["direct"] / n,
             "thin_time_ratio": spent["reuse"] / spent["direct"],
             "thin_max_fitness_diff_db": max(abs(reuse.cache[k].fitness - direct.cache[k].fitness) for k in reuse.cache)}
 
@@ -269,6 +278,9 @@ def report(args, budgets, rows: dict, seeded: dict, reuse: dict) -> None:
           f"{reuse['whole_ms']:.1f} ms each whole, {reuse['reuse_ms']:.1f} ms from kept prefixes "
           f"({reuse['time_ratio']:.2f} of the time, {reuse['hits']} started from a prefix, {reuse['max_mb']} MB); "
           f"the same fitness bit for bit")
+    print(f"the kept prefixes' memory, paired likewise: {reuse['reuse_ms']:.1f} ms each with {reuse['max_mb']:.0f} MB, "
+          f"{reuse['small_cache_ms']:.1f} ms with {reuse['small_cache_mb']:.0f} MB ({reuse['cache_time_ratio']:.2f} of the time; "
+          f"{reuse['hits']} vs {reuse['small_cache_hits']} started from a prefix)")
     print(f"thin output conv, paired likewise: {reuse['reuse_ms']:.1f} ms each in the strided form, "
           f"{reuse['direct_output_conv_ms']:.1f} ms with the direct conv ({reuse['thin_time_ratio']:.2f} of the time; "
           f"fitness within {reuse['thin_max_fitness_diff_db']:.1e} dB)")

@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "faster, may choose another sub-network")
     s.add_argument("--prefix-cache-mb", type=int, default=api.ofa.prefix_cache_mb,
                    help="memory per evaluation process for the activations of layer prefixes that sub-networks share "
-                        f"(the same numbers, less work; 0: off; default {api.ofa.prefix_cache_mb})")
+                        f"(the same numbers, less work; at most a quarter of the free memory; 0: off; default {api.ofa.prefix_cache_mb})")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--crop", type=int, default=64)
     s.add_argument("--seed", type=int, default=api.seed)

@@ -76,7 +76,7 @@ class SlimOptions:
 
 
 SEARCH_PRECISIONS = ("auto", "fp32", "bf16")  # the search's arithmetic (ganslim.pruning.search.SearchConfig)
-SEARCH_PREFIX_CACHE_MB = 512  # memory for the search's prefix reuse, per evaluation process (SearchConfig)
+SEARCH_PREFIX_CACHE_MB = 2048  # memory for the search's prefix reuse, per evaluation process (SearchConfig)
 
 
 @dataclass
@@ -95,7 +95,8 @@ class OfaOptions:
     # the search's arithmetic: "fp32", "bf16", or "auto" = bf16 on a CPU with native bf16 (AMX / AVX512-BF16)
     precision: str = _opt("fp32", flat="search_precision")
     # memory (MB per evaluation process) for the activations of layer prefixes sub-networks share: the
-    # same numbers, less work (ganslim.pruning.prefix); 0 turns the reuse off
+    # same numbers, less work (ganslim.pruning.prefix), at most a quarter of the memory free when the
+    # search starts (split between the processes); 0 turns the reuse off
     prefix_cache_mb: int = _opt(SEARCH_PREFIX_CACHE_MB, flat="search_prefix_cache_mb")
     checkpoint: Optional[str] = _opt(None, flat="supernet_checkpoint")  # resumable supernet state (every 200 steps)
 

@@ -211,3 +211,30 @@ def test_a_forward_that_branches_on_training_is_evaluated_whole():
     net = NoisyInTraining()
     assert chain_segments(net, (torch.randn(1, 3, 8, 8),)) is None
     assert net.training  # its mode given back
+
+
+def test_the_kept_prefixes_take_at_most_a_quarter_of_the_free_memory(tmp_path, monkeypatch):
+    import ganslim.pruning.search as search_mod
+    from ganslim.measure.memory import available_memory_bytes
+    from ganslim.pruning.search import prefix_cache_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       25165824 kB\nMemFree:          1000 kB\nMemAvailable:    1048576 kB\n")
+    assert available_memory_bytes("cpu", meminfo=str(meminfo)) == 1 << 30  # MemAvailable, in kiB
+    free = available_memory_bytes("cpu")
+    assert free is None or free > 0  # this machine's
+    monkeypatch.setattr(search_mod, "available_memory_bytes", lambda device=None: 1 << 30)
+    assert prefix_cache_bytes(2048, "cpu") == 256 << 20  # a quarter of 1 GiB
+    assert prefix_cache_bytes(2048, "cpu", processes=2) == 128 << 20  # split between the processes
+    assert prefix_cache_bytes(64, "cpu", processes=2) == 64 << 20  # the asked-for size where it fits
+    assert prefix_cache_bytes(0, "cpu") == 0
+    sn = make_supernet(create_model("resnet_6blocks", ngf=8, norm="batch"), torch.randn(1, 3, 32, 32),
+                       SliceConfig(ratios=(0.5, 1.0), multiple=1))
+    pairs = [((torch.randn(1, 3, 32, 32),), torch.rand(1, 3, 32, 32) * 2 - 1)]
+    bn = [(torch.randn(2, 3, 32, 32),)]
+    ev = Evaluator(sn, None, pairs, bn, "psnr_gt", prefix_cache_mb=2048)
+    assert ev.prefix.max_bytes == 256 << 20
+    monkeypatch.setattr(search_mod, "available_memory_bytes", lambda device=None: None)  # not known
+    assert Evaluator(sn, None, pairs, bn, "psnr_gt", prefix_cache_mb=2048).prefix.max_bytes == 2048 << 20
+    monkeypatch.setattr(search_mod, "available_memory_bytes", lambda device=None: 0)  # nothing free: reuse off
+    assert Evaluator(sn, None, pairs, bn, "psnr_gt", prefix_cache_mb=2048).prefix is None

@@ -7,16 +7,42 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from .latency import _as_tuple, _eval_on, _model_device
 
-__all__ = ["count_params", "model_size_mb", "peak_memory_mb"]
+__all__ = ["count_params", "model_size_mb", "peak_memory_mb", "available_memory_bytes"]
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def available_memory_bytes(device: Union[str, torch.device, None] = None, meminfo: str = "/proc/meminfo") -> Optional[int]:
+    """Bytes that new tensors on ``device`` can take now without swapping: on CUDA the driver's free
+    memory, on the CPU the kernel's ``MemAvailable`` (free memory plus the page cache it can drop;
+    ``meminfo`` is the file read), else the free pages (``sysconf``). None when the platform does not
+    say (then no limit is derived from it)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(dev)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    if dev.type != "cpu":
+        return None
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kiB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def count_params(model: nn.Module) -> int:

@@ -29,15 +29,19 @@ from ..config import SEARCH_PRECISIONS, SEARCH_PREFIX_CACHE_MB
 from .._utils import as_input_tuple, first_output, set_training
 from ..core.genetic import evolve_population
 from ..core.precision import native_bf16_cpu
+from ..measure.memory import available_memory_bytes
 from .prefix import PrefixCache
 from .slicing import Supernet, recalibrate_bn
 
 # prefix keys remembered per evaluation worker when choosing where a sub-network goes (a worker's own
 # cache may have dropped some: then it just computes more)
 _WORKER_KEYS_KEPT = 4096
+# the kept prefixes take at most this share of the memory free when the evaluator is made, split
+# between its processes: a machine short of memory gets a smaller cache rather than swapping
+_PREFIX_MEMORY_SHARE = 0.25
 
 __all__ = ["SearchConfig", "Candidate", "SearchResult", "Evaluator", "evolve", "search", "BudgetError", "pareto_front",
-           "budget_range", "resolve_budget", "native_bf16_cpu", "resolve_precision"]
+           "budget_range", "resolve_budget", "native_bf16_cpu", "resolve_precision", "prefix_cache_bytes"]
 
 
 def _check_precision(precision: str) -> None:
@@ -66,7 +70,10 @@ class SearchConfig:
     ``"psnr_teacher"``, ``"ssim_gt"`` or a callable ``model -> float`` (higher is better).
     ``prefix_cache_mb``: memory (MB, per evaluation process) for the activations of prefixes that
     sub-networks share (:class:`~ganslim.pruning.prefix.PrefixCache`: the same numbers, less work, on a
-    chain-shaped generator such as the ResNet ones); 0 turns it off.
+    chain-shaped generator such as the ResNet ones), at most a quarter of the memory free on the
+    device when the search starts, split between the processes (:func:`prefix_cache_bytes`); 0 turns
+    it off. The default holds a few generations of the default teacher's sub-networks: with a
+    quarter of it the oldest were dropped before their children came (``bench_search.py``).
     ``precision``: the arithmetic of the candidates' forwards: ``"fp32"`` (default: the same winner
     on every machine up to float rounding), ``"bf16"`` (the convolutions' weights and the inputs in
     bf16, normalisation and its statistics in float32: :meth:`Evaluator._forwards_bf16`) or ``"auto"``: bf16 on a CPU that computes it natively (AMX or AVX512-BF16), fp32
@@ -126,6 +133,17 @@ def _key(widths: dict) -> tuple:
 def _channels_last(inputs: tuple) -> tuple:
     return tuple(t.contiguous(memory_format=torch.channels_last) if isinstance(t, torch.Tensor) and t.dim() == 4 else t
                  for t in inputs)
+
+
+def prefix_cache_bytes(prefix_cache_mb: int, device=None, processes: int = 1) -> int:
+    """Bytes of kept prefixes per evaluation process: ``prefix_cache_mb`` MiB, or less where a quarter
+    of the memory free on ``device`` now (:func:`~ganslim.measure.memory.available_memory_bytes`),
+    split between ``processes``, is less; ``prefix_cache_mb`` MiB when the free memory is not known."""
+    wanted = max(0, int(prefix_cache_mb)) << 20
+    free = available_memory_bytes(device)
+    if free is None:
+        return wanted
+    return min(wanted, int(free * _PREFIX_MEMORY_SHARE) // max(1, int(processes)))
 
 
 def _evaluation_worker(evaluator: "Evaluator", conn, threads: int) -> None:
@@ -189,8 +207,9 @@ class Evaluator:
         self._pool = None
         self._worker_keys: Optional[list] = None  # per worker: the prefix keys it was sent (see _dispatch)
         self.prefix: Optional[PrefixCache] = None
-        if prefix_cache_mb > 0:
-            self.prefix = PrefixCache(supernet, supernet.example_inputs, int(prefix_cache_mb) << 20)
+        cache_bytes = prefix_cache_bytes(prefix_cache_mb, self.device, self.workers)
+        if cache_bytes > 0:
+            self.prefix = PrefixCache(supernet, supernet.example_inputs, cache_bytes)
             if not self.prefix.enabled:
                 self.prefix = None  # not a chain: whole forwards
         self.evaluations = 0
