@@ -143,6 +143,9 @@ class SeparableOptions:
 
     init: str = _opt("teacher", flat="separable_init")  # "teacher": rank-1 SVD of its kernels; "scratch": fresh
     exclude: Sequence[Any] = _opt((), flat="separable_exclude")  # conv name globs or types never factorised
+    # which channels the uniform cut keeps (with teacher init): "leading" (the first of each group, as
+    # the peer keeps them) or "important" (the same number, those of the largest norm scale, as onestep ranks)
+    keep: str = _opt("leading", flat="separable_keep")
 
 
 @dataclass
@@ -341,6 +344,8 @@ class CompressConfig:
             raise ValueError(f"uniform_widths must be 'proportional' or 'latency', got {self.uniform.widths!r}")
         if self.separable.init not in ("teacher", "scratch"):
             raise ValueError(f"separable_init must be 'teacher' or 'scratch', got {self.separable.init!r}")
+        if self.separable.keep not in ("leading", "important"):
+            raise ValueError(f"separable_keep must be 'leading' or 'important', got {self.separable.keep!r}")
         if self.halp.runtime not in ("onnxruntime", "eager"):
             raise ValueError(f"latency_runtime must be 'onnxruntime' or 'eager', got {self.halp.runtime!r}")
         if self.halp.step < 1:

@@ -198,3 +198,38 @@ def test_a_depthwise_conv_on_the_image_is_not_a_channel_group():
     t = find_channel_groups(net, torch.randn(1, 3, 8, 8))
     assert [g.root for g in t.groups] == ["1"]
     assert "the input's" in t.skipped["0"]
+
+
+def test_keep_important_cuts_the_same_counts_at_the_largest_norm_scales():
+    """separable_keep="important": the uniform cut's channel counts (the same widths and MACs), the
+    channels those with the largest norm scales instead of the leading ones. Here the leading half of
+    every layer's channels is nearly switched off in the teacher: the leading cut keeps those, the
+    ranked cut keeps the live ones first."""
+    torch.manual_seed(0)
+    teacher = create_model("resnet_9blocks", ngf=16, norm="batch")
+    with torch.no_grad():
+        for m in teacher.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.8, 1.2)
+                m.weight[: m.num_features // 2] = 1e-3
+    teacher.eval()
+    pairs = [(x[:, :, :64, :64], y[:, :, :64, :64]) for x, y in data.test_pairs()]
+    runs = {}
+    for keep in ("leading", "important"):
+        res = ganslim.compress(teacher, teacher, _loader(teacher, 2), strategy="separable", target_macs=0.03,
+                               separable_keep=keep, finetune_steps=0, progress=False, measure_latency=False,
+                               eval_inputs=pairs)
+        kept = [(m.weight.abs() > 0.5).sum().item() for m in res.model.modules() if isinstance(m, nn.BatchNorm2d)]
+        sizes = [m.num_features for m in res.model.modules() if isinstance(m, nn.BatchNorm2d)]
+        runs[keep] = (res, kept, sizes)
+    (lead, lead_live, sizes), (ranked, ranked_live, _) = runs["leading"], runs["important"]
+    assert ranked.report.widths == lead.report.widths and ranked.report.student.macs == lead.report.student.macs
+    live = [(m.weight.abs() > 0.5).sum().item() for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+    cut = [n for n, full in zip(sizes, [m.num_features for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)])
+           if n < full]
+    assert cut, "the budget cuts channels"
+    # every layer keeps as many live channels as it can: min(its width, the teacher's live ones)
+    assert ranked_live == [min(n, l) for n, l in zip(sizes, live)]
+    assert sum(lead_live) < sum(ranked_live)
+    with pytest.raises(ValueError, match="separable_keep"):
+        ganslim.CompressConfig().replace(separable_keep="random").validate()

@@ -21,7 +21,7 @@ from ..core.gating import GateSet, MacsModel, prune_channels, threshold_for_targ
 from .slicing import group_importance
 from ..core.targeting import Targets
 
-__all__ = ["importance_scores", "onestep_masks", "onestep_prune"]
+__all__ = ["importance_scores", "onestep_masks", "onestep_prune", "most_important"]
 
 
 def importance_scores(model: nn.Module, targets: Targets,
@@ -51,6 +51,18 @@ def onestep_masks(model: nn.Module, targets: Targets, macs_model: MacsModel, tar
             g.copy_(s)
     _, alive = threshold_for_target(gates, macs_model, target_macs, multiple=multiple)
     return alive
+
+
+def most_important(model: nn.Module, targets: Targets, alive: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Keep-masks with as many channels per group as ``alive`` keeps, chosen by importance
+    (:func:`importance_scores`: the largest norm scales) instead of by position; the MACs of a
+    channel count do not depend on which channels they are."""
+    out = []
+    for s, a in zip(importance_scores(model, targets), alive):
+        keep = torch.zeros_like(a, dtype=torch.bool)
+        keep[torch.topk(s, int(a.sum())).indices] = True
+        out.append(keep)
+    return out
 
 
 def onestep_prune(model: nn.Module, targets: Targets, alive: list[torch.Tensor], example_inputs: Any) -> nn.Module:

@@ -41,6 +41,9 @@ VARIANTS = {
     "separable": {"strategy": "separable"},
     "onestep+reconstruct": {"strategy": "onestep", "reconstruct": True},
     "separable+reconstruct": {"strategy": "separable", "reconstruct": True},
+    "separable+important": {"strategy": "separable", "separable_keep": "important"},
+    "separable+gka": {"strategy": "separable", "distill_loss": "gka", "finetune_distill": True},
+    "uniform+gka": {"strategy": "uniform", "distill_loss": "gka", "finetune_distill": True},
 }
 
 

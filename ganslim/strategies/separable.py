@@ -2,13 +2,14 @@
 made from the teacher itself. Its ``k x k`` convolutions become depthwise + pointwise pairs
 (:mod:`ganslim.pruning.separable`, initialised from the teacher's kernels by per-channel rank-1 SVD),
 those that save the most first and no more than the budget needs; then every channel group is cut
-alike to the budget (the uniform cut: a little when factorising alone nearly meets it, much at 1/40);
+alike to the budget (the uniform cut: a little when factorising alone nearly meets it, much at 1/40;
+its leading channels, or with ``separable_keep="important"`` the same number ranked by norm scale);
 with ``reconstruct`` (opt-in) the factors and kept weights are refitted by least squares to the
 teacher's layers (:mod:`ganslim.pruning.reconstruct`); then compress's fine-tune."""
 from __future__ import annotations
 
 from .. import measure
-from ..pruning.onestep import onestep_prune
+from ..pruning.onestep import most_important, onestep_prune
 from ..pruning.separable import convertible_convs, make_separable
 from ..pruning.uniform import reinitialize, uniform_masks
 from .base import StageResult, Strategy, StrategyContext, register_strategy
@@ -64,6 +65,8 @@ class SeparableStrategy(Strategy):
                and not 0.95 * target_abs <= macs_model.macs(alive) <= target_abs):
             multiple //= 2
             alive, ratio = uniform_masks(targets, macs_model, target_abs, multiple=multiple)
+        if opts.keep == "important" and opts.init == "teacher":  # the same counts, the channels ranked
+            alive = most_important(ctx.student.eval(), targets, alive)
         plain = onestep_prune(ctx.student, targets, alive, ctx.example)
         if opts.init == "scratch":
             reinitialize(plain, seed=cfg.seed)
