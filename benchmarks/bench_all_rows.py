@@ -20,11 +20,12 @@ broken run resumes where it stopped; delete the folder to measure everything aga
    image-facing convs too), each route (PTQ, QAT, QAT with integer ends) judged on its own;
 7. ``bench_int8_ops.py`` on the 1/10 student: which operators stay in float, with the GroupNorm and
    depthwise mobile ResNet beside it;
-8. ``bench_peer.py --budgets 1000,3000 --variants uniform,onestep,separable``: the strategies beside
+8. ``bench_peer.py --budgets 1000,3000 --variants uniform,onestep,separable,...``: the strategies beside
    the peer with short budgets (the frontier is the long one), each budget's verdict on what auto runs
-   after that many steps (``strategy_results.json``'s ``short_budgets``, written from this file by
-   ``bench_peer.py --report --short-winners``); 1000 steps ~9 min, 3000 ~30 (``--peer-budgets 1000``:
-   the short one only);
+   after that many steps (``strategy_results.json``'s ``short_budgets``, written by ``bench_peer.py
+   --report --short-winners``); the variants are the peer, onestep, separable and every variant that
+   table picks (since the tenth session ``separable+gka`` and ``separable+important``: :func:`peer_variants`);
+   1000 steps ~24 min, 3000 ~70 on the AMD EPYC (``--peer-budgets 1000``: the short one only);
 9. with ``--instance T``: ``bench_frontier.py --teacher T --targets 0.05,0.025``.
 
 Nothing else should run on the machine meanwhile: the latency rows are ratios timed side by side, but
@@ -44,6 +45,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # --report reads auto's table from the checkout (ganslim.strategies.auto)
 PEER_BUDGETS = "1000,3000"  # step 8's optimizer-step budgets by default
+
+
+def peer_variants() -> str:
+    """Step 8's variants: the peer, onestep and separable, and every variant ``strategy="auto"``'s table
+    (ganslim/assets/strategy_results.json) runs after a short budget, so each verdict has its cell."""
+    import json
+
+    from ganslim.strategies.auto import RESULTS
+
+    names = ["uniform", "onestep", "separable"]
+    try:
+        short = json.loads(RESULTS.read_text()).get("short_budgets") or {}
+    except (OSError, ValueError):
+        short = {}
+    for budget in short.values():
+        for w in budget["winners"].values():
+            if w["variant"] not in names:
+                names.append(w["variant"])
+    return ",".join(names)
 
 
 def steps(results: str, runs: str, instance: Optional[str],
@@ -69,7 +89,7 @@ def steps(results: str, runs: str, instance: Optional[str],
          [b("bench_quant.py"), "--student", student("0.05"), "--int8-ends", "--keep-dir", runs + "_quant20e"]),
         (out("int8_ops.json"), [b("bench_int8_ops.py"), "--student", student("0.1")]),
         (out("peer_budgets.json"),
-         [b("bench_peer.py"), "--budgets", peer_budgets, "--variants", "uniform,onestep,separable"]),
+         [b("bench_peer.py"), "--budgets", peer_budgets, "--variants", peer_variants()]),
     ]
     if instance:
         rows.append((out("frontier_instance.json"),

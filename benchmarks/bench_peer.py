@@ -86,23 +86,30 @@ def main() -> None:
     ap.add_argument("--other-seeds", help="with --report --short-winners: comma-separated --out files of the same grid "
                                           "at other --seed: each cell's PSNR and minutes are the mean over the "
                                           "files that measured it")
+    ap.add_argument("--also", help="with --report: comma-separated --out files of other cells of the same grid "
+                                   "(more variants or budgets, the same seed, task and machine, measured in other "
+                                   "runs): their rows join --out's; a cell in several files is taken from the first")
     ap.add_argument("--short-winners", help="add the winners of every budget of --out shorter than the table's own "
                                             "to the table at this path (its short_budgets: auto reads the budget nearest "
                                             "to the steps it is given); the table's main winners are kept")
     args = ap.parse_args()
     if args.report:
         saved = json.load(open(args.out))
+        also = [p for p in (args.also or "").split(",") if p]
+        if also:
+            saved = merge_cells(saved, args.out, also)
         print(table(saved, saved["rows"]))
-        plot(saved, saved["rows"], os.path.splitext(args.out)[0] + ".png")
+        plot(saved, saved["rows"], os.path.splitext(args.out)[0] + (".merged" if also else "") + ".png")
         if args.winners:
             check_default_task(saved, args.out)
             write_winners(saved["rows"], args.winners)
         if args.short_winners:
-            paths = [args.out] + [p for p in (args.other_seeds or "").split(",") if p]
-            seeds = [json.load(open(p)) for p in paths]
-            for saved_seed, p in zip(seeds, paths):
+            others = [p for p in (args.other_seeds or "").split(",") if p]
+            seeds = [saved] + [json.load(open(p)) for p in others]
+            for saved_seed, p in zip(seeds, [args.out] + others):
                 check_table_task(saved_seed, p, args.short_winners)
-            write_short_winners(mean_over_seeds([sd["rows"] for sd in seeds]), args.short_winners, ", ".join(paths))
+            write_short_winners(mean_over_seeds([sd["rows"] for sd in seeds]), args.short_winners,
+                                ", ".join([args.out] + also + others))
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -164,6 +171,25 @@ def main() -> None:
     if args.short_winners:
         check_table_task(meta, args.out, args.short_winners)
         write_short_winners(list(rows.values()), args.short_winners, args.out)
+
+
+def merge_cells(saved: dict, path: str, also: list) -> dict:
+    """``saved`` (the rows of ``path``) with the cells of the files ``also`` that it lacks. They must
+    hold the same seed, task and machine (``machine``: this CPU type runs these commands to the same
+    PSNR, so cells of separate runs stand side by side); a cell in several files is the first's."""
+    merged = dict(saved, rows=list(saved["rows"]))
+    have = {key(r) for r in merged["rows"]}
+    for p in also:
+        other = json.load(open(p))
+        for field in ("seed", "teacher", "student_photos", "ground_truth", "machine"):
+            if other.get(field) != saved.get(field):
+                raise SystemExit(f"{p} differs from {path} in {field}: {other.get(field)!r} vs {saved.get(field)!r}")
+        for r in other["rows"]:
+            if key(r) not in have:
+                merged["rows"].append(r)
+                have.add(key(r))
+    merged["rows"].sort(key=key)
+    return merged
 
 
 def check_table_task(saved: dict, path: str, table_path: str) -> None:

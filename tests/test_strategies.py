@@ -271,6 +271,31 @@ def test_short_budget_winners_from_several_seeds_take_each_cells_mean(tmp_path, 
     assert "mean of 1/2 seed(s)" in table["short_budgets"]["1000"]["source"]
 
 
+def test_cells_of_other_runs_join_a_grid_only_from_the_same_seed_task_and_machine(tmp_path, bench_peer):
+    """bench_peer --report --also: variants measured in later runs stand beside the grid's cells (this
+    CPU type repeats these commands to the same PSNR); a cell in several files is the first file's,
+    counted once (not a mean over seeds), and a file of another seed, task or machine is refused."""
+    row = lambda b, t, v, p: {"budget": b, "target": t, "variant": v, "psnr_gt": p, "minutes": 1.0}  # noqa: E731
+    meta = {"seed": 0, "teacher": "default (ResNet-9 ngf 32, batch norm)", "student_photos": ["a"],
+            "ground_truth": True, "machine": "AMD EPYC, 2 cores"}
+    grid = dict(meta, rows=[row(1000, 0.1, "uniform", 27.6), row(1000, 0.1, "separable", 28.1)])
+    later = dict(meta, rows=[row(1000, 0.1, "separable", 99.0), row(1000, 0.1, "separable+gka", 28.3),
+                             row(3000, 0.1, "uniform", 28.8)])
+    path = tmp_path / "later.json"
+    path.write_text(json.dumps(later))
+    merged = bench_peer.merge_cells(grid, "grid.json", [str(path)])
+    cells = {(r["budget"], r["variant"]): r["psnr_gt"] for r in merged["rows"]}
+    assert cells == {(1000, "uniform"): 27.6, (1000, "separable"): 28.1, (1000, "separable+gka"): 28.3,
+                     (3000, "uniform"): 28.8}
+    assert len(grid["rows"]) == 2  # the grid itself is left as it was
+    rows = bench_peer.mean_over_seeds([merged["rows"]])
+    assert all(r["seeds"] == 1 for r in rows)
+    for field, value in (("seed", 1), ("machine", "Intel Xeon, 2 cores"), ("ground_truth", False)):
+        path.write_text(json.dumps(dict(later, **{field: value})))
+        with pytest.raises(SystemExit, match=field):
+            bench_peer.merge_cells(grid, "grid.json", [str(path)])
+
+
 def test_short_budget_winners_go_only_into_the_table_of_the_teacher_they_measured(tmp_path, bench_peer):
     default_table, instance_table = tmp_path / "default.json", tmp_path / "instance.json"
     default_table.write_text(json.dumps({"winners": {}}))
