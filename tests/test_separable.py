@@ -233,3 +233,32 @@ def test_keep_important_cuts_the_same_counts_at_the_largest_norm_scales():
     assert sum(lead_live) < sum(ranked_live)
     with pytest.raises(ValueError, match="separable_keep"):
         ganslim.CompressConfig().replace(separable_keep="random").validate()
+
+
+def test_kernel_alignment_distillation_reaches_the_factorised_student():
+    """separable+gka (auto's pick at 1/10 after ~1000 steps): the fine-tune's feature distillation pairs
+    the teacher's layers with the factorised student's (a replaced conv's name holds its depthwise +
+    pointwise pair) and changes what the student learns; the student is still a plain, reloadable module."""
+    from ganslim.strategies import VARIANTS
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet_6blocks", ngf=8, norm="batch").eval()
+    pairs = [(x[:, :, :32, :32], y[:, :, :32, :32]) for x, y in data.test_pairs()]
+    common = dict(target_macs=0.1, finetune_steps=3, progress=False, measure_latency=False, eval_inputs=pairs)
+    plain = ganslim.compress(teacher, teacher, _loader(teacher, 3), strategy="separable", **common)
+    settings = dict(VARIANTS["separable+gka"])
+    assert settings.pop("strategy") == "separable" and settings["distill_loss"] == "gka"
+    gka = ganslim.compress(teacher, teacher, _loader(teacher, 3), strategy="separable", **settings, **common)
+    assert gka.report.widths == plain.report.widths
+    assert gka.config.loss.finetune_distill and gka.config.loss.distill_loss == "gka"
+    factorised = {n for n, m in gka.model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    assert gka.report.distill_layers and not plain.report.distill_layers
+    students = dict(gka.model.named_modules())
+    assert all(s in students for s in gka.report.distill_layers.values())  # every pair names a student module
+    assert factorised  # the student was factorised
+    diff = [not torch.equal(a, b) for a, b in zip(gka.model.state_dict().values(), plain.model.state_dict().values())]
+    assert any(diff)  # the distillation term changed the updates
+    x = pairs[0][0]
+    with torch.no_grad():
+        out = gka.model.eval()(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
