@@ -5,9 +5,10 @@ its strategies-against-the-trivial-peer grid on the default teacher: per MACs ta
 to ground truth at the largest training budget measured there (ties within 0.05 dB broken by CPU
 time); ``bench_strategies.py --winners`` can write a table of the same form from its rows. ``auto`` takes the winner at the measured
 target nearest (in log scale) to the one asked for. The winners change with the training budget (at
-1/10 of the default teacher the uniform peer wins after 12800 steps, one-step pruning and separable
-convolutions after 1000): a table may hold winners measured at shorter budgets too (``short_budgets``,
-written by ``bench_peer.py --short-winners``), and ``auto`` then reads the budget nearest (in log
+1/10 of the default teacher the uniform peer wins after 12800 steps, the separable student after 3000,
+and with kernel-alignment distillation after 1000): a table may hold winners measured at shorter
+budgets too (``short_budgets``, written by ``bench_peer.py --short-winners``, since the tenth session
+from the AMD EPYC's cells), and ``auto`` then reads the budget nearest (in log
 scale) to the total optimizer steps it is given (compress: ``steps + finetune_steps``; a time budget
 that cuts the fine-tune short is not known up front and does not count). A teacher with instance norm and no BatchNorm
 gets the table ``bench_frontier.py --winners-from`` wrote from the instance-norm teacher's seeds
