@@ -311,8 +311,8 @@ def test_short_budget_winners_go_only_into_the_table_of_the_teacher_they_measure
 
 
 def test_auto_reads_the_instance_norm_table_for_an_instance_norm_teacher(tmp_path):
-    """On the instance-norm teacher the separable student beat the uniform peer at 1/20 in both seeds
-    and at 1/40 (bench_frontier.py): auto picks it there (the peer for a latency budget, which the
+    """On the instance-norm teacher the separable student beat the uniform peer at 1/10 and 1/20 in
+    both seeds and at 1/40 (bench_frontier.py): auto picks it there (the peer for a latency budget, which the
     separable student does not take), and keeps the default task's winner for a BatchNorm teacher. The
     table is written from bench_frontier's result files (mean over seeds)."""
     import importlib.util
@@ -327,6 +327,8 @@ def test_auto_reads_the_instance_norm_table_for_an_instance_norm_teacher(tmp_pat
     settings, why = choose_strategy(0.05, teacher=instance)
     assert settings == {"strategy": "separable"} and "teacher_instance" in why
     assert choose_strategy(0.025, teacher=instance)[0] == {"strategy": "separable"}
+    settings, why = choose_strategy(0.1, teacher=instance)  # measured at 1/10 itself, not the nearest 1/20
+    assert settings == {"strategy": "separable"} and "target 0.1 " in why
     assert choose_strategy(None, teacher=instance)[0] == {"strategy": "uniform"}  # a latency budget
     assert choose_strategy(0.05, teacher=batch)[0] == {"strategy": "onestep"}  # the default task's table
     # bench_frontier --winners-from: per target and strategy the mean over the seeds' files

@@ -12,8 +12,8 @@ from the AMD EPYC's cells), and ``auto`` then reads the budget nearest (in log
 scale) to the total optimizer steps it is given (compress: ``steps + finetune_steps``; a time budget
 that cuts the fine-tune short is not known up front and does not count). A teacher with instance norm and no BatchNorm
 gets the table ``bench_frontier.py --winners-from`` wrote from the instance-norm teacher's seeds
-(``RESULTS_INSTANCE``): there the separable student beat the uniform peer at 1/20 in both seeds and
-at 1/40, while one-step pruning had lost to the peer at 1/20 in every seed on an earlier teacher. Measured
+(``RESULTS_INSTANCE``): there the separable student beat the uniform peer at 1/10 and 1/20 in both
+seeds and at 1/40, while one-step pruning had lost to the peer at 1/20 in every seed on an earlier teacher. Measured
 on one task and machine: a default, not a law; pass ``strategy=`` explicitly to override.
 """
 from __future__ import annotations
@@ -135,7 +135,7 @@ def choose_strategy(target_macs: Optional[float], results: Optional[pathlib.Path
     fraction of the teacher (None: latency target or absolute MACs, where the fraction is not known
     up front -> the variant with the best mean fidelity over the measured targets). ``results``: the
     table (default: ``RESULTS_INSTANCE`` for a ``teacher`` with instance norm and no BatchNorm, where
-    the separable student wins at 1/20 and 1/40 and the default task's winner at 1/20, one-step
+    the separable student wins at 1/10, 1/20 and 1/40 and the default task's winner at 1/20, one-step
     pruning, lost to the uniform peer in every seed;
     ``RESULTS`` otherwise). ``steps``: the total optimizer steps the compression will run: the winners
     of the table's measured budget nearest to it (:func:`budget_winners`; None: the longest)."""
