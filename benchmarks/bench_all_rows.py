@@ -75,7 +75,9 @@ def steps(results: str, runs: str, instance: Optional[str],
     rows = [
         (out("latency_table.json"), [b("bench_latency_table.py"), "--finetune-steps", "0"]),
         (out("scaling.json"), [b("bench_scaling.py")]),
-        (out("search.json"), [b("bench_search.py"), "--supernet", os.path.join("runs", "search", "supernet_300.safetensors")]),
+        # no --supernet: bench_search.py trains its 300-step supernet once and caches it in runs/search/
+        # (naming the cached file broke a fresh checkout, where it does not exist yet)
+        (out("search.json"), [b("bench_search.py")]),
         (out("frontier.json"), [b("bench_frontier.py"), "--out-dir", runs]),
         (out("frontier_latency_widths.json"),
          [b("bench_frontier.py"), "--targets", "0.1", "--variants", "uniform-latency", "--resume", "--out-dir", runs]),
