@@ -82,6 +82,25 @@ def test_short_budgets_judge_the_strategy_auto_runs(all_rows, tmp_path, monkeypa
     assert table[3]["figure"].startswith("3000 steps, 1/10") and "auto's separable +0.40 dB" in table[3]["figure"]
 
 
+def test_short_budgets_judge_the_variant_auto_runs(all_rows, tmp_path, monkeypatch):
+    # auto's pick after 1000 steps at 1/10 is separable with kernel-alignment distillation: its cell is
+    # judged, not plain separable's (same strategy, other settings)
+    from ganslim.strategies import auto
+
+    win = lambda v: {"variant": v, "psnr_gt": 29.0, "minutes": 1.0}  # noqa: E731
+    table_path = tmp_path / "auto.json"
+    table_path.write_text(json.dumps({
+        "winners": {"0.1": win("uniform")}, "budget": 12800,
+        "short_budgets": {"1000": {"winners": {"0.1": win("separable+gka")}}}}))
+    monkeypatch.setattr(auto, "RESULTS", table_path)
+    row = lambda v, db: {"budget": 1000, "target": 0.1, "variant": v, "psnr_gt": 29.8 + db,  # noqa: E731
+                         "vs_teacher_db": db}
+    _write(tmp_path, "peer_budgets.json", {"rows": [row("uniform", -2.2), row("separable", -1.9),
+                                                    row("separable+gka", -1.5)]})
+    (r,) = [r for r in all_rows.report(str(tmp_path), instance=False) if r["source"] == "peer_budgets.json"]
+    assert "auto's separable+gka +0.70 dB" in r["figure"] and r["status"] == "met"
+
+
 def test_a_command_over_its_budget_does_not_count(all_rows, tmp_path):
     _write(tmp_path, "frontier.json", {"budget_min": 15.0, "rows": [
         _frontier_row(0.05, "auto", "onestep", 20.2, +0.3, wall_min=16.0)]})
