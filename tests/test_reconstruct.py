@@ -88,7 +88,10 @@ def test_a_fit_no_better_than_the_start_keeps_the_weights():
     before_w = mod.weight.detach().clone()
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     before, after, _ = _reconstruct_one(mod, x, mod(x).detach(), ridge=1e-3, max_rows=1 << 16)
-    assert before < 1e-12 and after == before and torch.equal(mod.weight, before_w)
+    # the start is exact; the error read from the normal equations (W'GW - 2W'C + Y'Y, terms of ||Y||^2)
+    # keeps about sqrt(float64 eps) ~ 1e-8 of cancellation noise, exactly 0 on some CPUs and not on others
+    # (1.8e-8 on an Intel Xeon with AMX)
+    assert before < 1e-6 and after == before and torch.equal(mod.weight, before_w)
 
 
 def _dead_consumers(model: nn.Module, groups, alive) -> None:
