@@ -126,8 +126,8 @@ def test_steps_resume_from_their_json(all_rows):
     (peer,) = [argv for _, argv in all_rows.steps("res", "runs/x", None, peer_budgets="1000")
                if argv[0].endswith("bench_peer.py")]
     assert peer[peer.index("--budgets") + 1] == "1000"
-    # every file a step reads is made by an earlier step or by the step itself: on a fresh checkout the
-    # search must train (and cache) its own supernet rather than be pointed at a file not there yet
+    # on a fresh checkout the search step must train (and cache) its own supernet rather than be pointed
+    # at a file that only an earlier session's runs/ held
     (search,) = [argv for _, argv in steps if argv[0].endswith("bench_search.py")]
     assert "--supernet" not in search
 
