@@ -179,17 +179,12 @@ def report(results: str, instance: bool) -> list[dict]:
 
     peer = load("peer_budgets.json", "2", "the strategies beside the peer with a short budget")
     if peer is not None:
-        from ganslim.strategies.auto import VARIANTS, choose_strategy  # the default task's table: what auto runs
-
-        def auto_variant(target: float, budget: int) -> str:
-            """The head-to-head variant auto runs after ``budget`` steps at ``target`` (``separable+gka``, not
-            just its strategy ``separable``: the cell the verdict reads must be the one auto would train)."""
-            settings = choose_strategy(target, steps=budget)[0]
-            return next((name for name, kw in VARIANTS.items() if kw == settings), settings["strategy"])
+        from ganslim.strategies.auto import choose_variant  # the default task's table: what auto runs there
 
         for budget, target in sorted({(r["budget"], r["target"]) for r in peer["rows"]}, key=lambda bt: (bt[0], -bt[1])):
             cell = {r["variant"]: r for r in peer["rows"] if r["budget"] == budget and r["target"] == target}
-            pick = auto_variant(target, budget)
+            # the variant (separable+gka, not just its strategy): the cell judged is the one auto would train
+            pick = choose_variant(target, steps=budget)[0]
             each = ", ".join(f"{v} {r['vs_teacher_db']:+.2f}" for v, r in cell.items())
             if pick == "uniform" or pick not in cell or "uniform" not in cell:
                 add("2", f"{budget} steps, 1/{round(1 / target)}: {each} dB to the teacher; auto runs {pick}",

@@ -40,7 +40,7 @@ sys.path.insert(0, ROOT)
 
 from ganslim.measure.machine import describe_machine  # noqa: E402
 from ganslim.measure.benchmarking import resolve_model  # noqa: E402
-from ganslim.strategies.auto import choose_strategy, default_steps  # noqa: E402
+from ganslim.strategies.auto import choose_variant, default_steps  # noqa: E402
 
 
 def _cell_dir(out_dir: str, target: float, strategy: str) -> str:
@@ -164,13 +164,12 @@ def main(argv=None) -> int:
     teacher_model = resolve_model(args.teacher)
     cells = []
     for target in targets:
-        settings, reason = choose_strategy(target, teacher=teacher_model, steps=default_steps())  # the commands' steps
-        picked = settings["strategy"]
+        picked, reason = choose_variant(target, teacher=teacher_model, steps=default_steps())  # the commands' steps
         print(f"target {target:g}: auto -> {picked} ({reason})", flush=True)
         auto = run_cell(args.teacher, "auto", target, args.budget_min, _cell_dir(args.out_dir, target, "auto"),
                         args.resume, args.seed)
         cells.append({"target": target, "variant": "auto", "strategy": auto["report"]["strategy"], **auto})
-        if picked != "uniform" or len(settings) > 1:
+        if picked != "uniform":  # a variant other than the plain peer (uniform-latency, uniform+gka too)
             peer = run_cell(args.teacher, "uniform", target, args.budget_min,
                             _cell_dir(args.out_dir, target, "uniform"), args.resume, args.seed)
             cells.append({"target": target, "variant": "uniform", "strategy": "uniform", **peer})

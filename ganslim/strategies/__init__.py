@@ -16,8 +16,8 @@ A new strategy: a file with a :class:`Strategy` subclass decorated with :func:`r
 from .base import (AUTO, SearchSummary, StageResult, Strategy, StrategyContext, get_strategy, register_strategy,
                    strategy_names, strategy_table, unregister_strategy)
 from . import slim, onestep, ofa, evolve, uniform, separable, halp  # noqa: E402,F401  (registration, in this order)
-from .auto import FALLBACK, RESULTS, VARIANTS, choose_strategy, winners_from_rows, write_table  # noqa: E402
+from .auto import FALLBACK, RESULTS, VARIANTS, choose_strategy, choose_variant, winners_from_rows, write_table  # noqa: E402
 
 __all__ = ["AUTO", "SearchSummary", "StageResult", "Strategy", "StrategyContext", "get_strategy", "register_strategy",
-           "strategy_names", "strategy_table", "unregister_strategy", "choose_strategy", "winners_from_rows", "write_table",
+           "strategy_names", "strategy_table", "unregister_strategy", "choose_strategy", "choose_variant", "winners_from_rows", "write_table",
            "VARIANTS", "RESULTS", "FALLBACK"]

@@ -131,7 +131,14 @@ def budget_winners(table: dict, steps: Optional[int]) -> tuple[dict, str, Option
 
 def choose_strategy(target_macs: Optional[float], results: Optional[pathlib.Path] = None,
                     teacher=None, steps: Optional[int] = None) -> tuple[dict, str]:
-    """``(CompressConfig settings, reason)`` of the measured winner for a MACs target given as a
+    """``(CompressConfig settings, reason)`` of :func:`choose_variant`'s pick: ``VARIANTS[name]``."""
+    name, why = choose_variant(target_macs, results, teacher, steps)
+    return dict(VARIANTS[name]), why
+
+
+def choose_variant(target_macs: Optional[float], results: Optional[pathlib.Path] = None,
+                   teacher=None, steps: Optional[int] = None) -> tuple[str, str]:
+    """``(variant, reason)``: the :data:`VARIANTS` name of the measured winner for a MACs target given as a
     fraction of the teacher (None: latency target or absolute MACs, where the fraction is not known
     up front -> the variant with the best mean fidelity over the measured targets). ``results``: the
     table (default: ``RESULTS_INSTANCE`` for a ``teacher`` with instance norm and no BatchNorm, where
@@ -148,21 +155,21 @@ def choose_strategy(target_macs: Optional[float], results: Optional[pathlib.Path
         winners, src, budget = budget_winners(table, steps)
         winners = {float(k): v for k, v in winners.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return dict(VARIANTS[FALLBACK]), f"no measured head-to-head at {results}; {FALLBACK} is the default"
+        return FALLBACK, f"no measured head-to-head at {results}; {FALLBACK} is the default"
     if not main:
-        return dict(VARIANTS[FALLBACK]), f"the head-to-head at {results} has no winners; {FALLBACK} is the default"
+        return FALLBACK, f"the head-to-head at {results} has no winners; {FALLBACK} is the default"
     if target_macs is None or not 0 < target_macs <= 1:
         best = table.get("overall") or main[min(main)]["variant"]
         if best not in VARIANTS or not takes_latency_target(best):  # a table written before the check
-            return dict(VARIANTS[FALLBACK]), (f"the head-to-head at {results} names no strategy for a latency "
-                                              f"budget; {FALLBACK} is the default")
-        return dict(VARIANTS[best]), (f"{best}: best mean fidelity over the measured targets "
-                                      f"({table.get('source', 'bench_strategies.py')})")
+            return FALLBACK, (f"the head-to-head at {results} names no strategy for a latency "
+                              f"budget; {FALLBACK} is the default")
+        return best, (f"{best}: best mean fidelity over the measured targets "
+                      f"({table.get('source', 'bench_strategies.py')})")
     near = min(main, key=lambda t: abs(math.log(t) - math.log(target_macs)))
     if near not in winners:  # that budget was not measured near this target: the main table decides
         winners, src, budget = main, table.get("source", "bench_strategies.py"), None
     w = winners[near]
     task = table.get("task", "the default task")
     at = f" after {budget} steps (the measured budget nearest to {steps})" if budget is not None else ""
-    return dict(VARIANTS[w["variant"]]), (f"{w['variant']} won at target {near:g}{at} on {task} "
-                                          f"({w['psnr_gt']:.2f} dB to ground truth, {w['minutes']:.1f} min; {src})")
+    return w["variant"], (f"{w['variant']} won at target {near:g}{at} on {task} "
+                          f"({w['psnr_gt']:.2f} dB to ground truth, {w['minutes']:.1f} min; {src})")
