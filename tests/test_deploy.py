@@ -550,3 +550,37 @@ def test_the_output_range_before_tanh_is_clipped_where_tanh_saturates(tmp_path, 
         ref = m(x)
     p_clipped, p_wide = measure.psnr(OnnxModule(clipped)(x), ref), measure.psnr(OnnxModule(wide)(x), ref)
     assert p_clipped > p_wide + 3
+
+
+def test_a_qat_model_is_exported_on_the_input_ranges_it_was_trained_with(net, loader, x, tmp_path, monkeypatch):
+    """Each quantized layer's input is quantized on QAT's own range (``input_ranges``), not on a range
+    onnxruntime recalibrates: here the calibration batches are dimmer than the training data (x 0.3),
+    so recalibrated ranges would clip what the network sees in use."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from ganslim.deployment import deploy
+
+    q = Q.quantize(net, loader)
+    ranges = Q.input_ranges(q)
+    assert ranges and all(lo in (0.0, -hi) and hi > 0 for lo, hi in ranges.values())
+    dim = [(b[0] * 0.3, None) for b in loader]
+    kw = dict(example_inputs=x, calib_loader=dim, batch_fn=lambda b: b)
+    p = export(q, tmp_path / "qat.onnx", "onnx-int8", **kw)
+
+    def q_scales(path):
+        g = onnx.load(str(path)).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        return np.array([float(inits[n.input[1]]) for n in g.node if n.op_type == "QuantizeLinear"])
+
+    scales = q_scales(p)
+    for layer, (lo, hi) in ranges.items():  # uint8 over [lo, hi]: scale (hi - lo) / 255
+        assert np.isclose(scales, (hi - lo) / 255, rtol=1e-5).any(), layer
+    monkeypatch.setattr(deploy, "qat_range_overrides", lambda model, fp32: {})
+    recalibrated = export(q, tmp_path / "recal.onnx", "onnx-int8", **kw)
+    assert not all(np.isclose(q_scales(recalibrated), (hi - lo) / 255, rtol=1e-5).any() for lo, hi in ranges.values())
+    with torch.no_grad():
+        ref = q(x)  # the fake-quantized model: what QAT trained
+    p_own, p_recal = measure.psnr(OnnxModule(p)(x), ref), measure.psnr(OnnxModule(recalibrated)(x), ref)
+    assert p_own > p_recal + 1.0, (p_own, p_recal)

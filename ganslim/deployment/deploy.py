@@ -5,9 +5,12 @@
 ``onnx-int8``: a QDQ ONNX model that onnxruntime executes with integer kernels (QLinearConv,
 QLinearAdd, ...): weights int8 per output channel, activations uint8 per tensor. For a QAT model
 (:func:`ganslim.deployment.quantization.quantize` + :func:`~ganslim.deployment.quantization.train_qat`) the exported
-weights are the fake-quantized ones it was trained with; activation ranges are calibrated by
-onnxruntime on ``calib_loader``. For a float model the same call is plain post-training
-quantization (PTQ), the baseline QAT has to beat.
+weights are the fake-quantized ones it was trained with, and each quantized layer's input is
+quantized on the range QAT trained it with (:func:`~ganslim.deployment.quantization.input_ranges`);
+the other tensors onnxruntime quantizes (a residual block's sum and its branch, the output before
+Tanh), which QAT did not see, are calibrated by onnxruntime on ``calib_loader``. For a float model
+the same call is plain post-training quantization (PTQ), every range calibrated: the baseline QAT
+has to beat.
 
 Every file is verified by running it in onnxruntime on the example input before it is moved into
 place (written atomically: nothing half-written is left behind).
@@ -458,9 +461,64 @@ def clip_saturated_ranges(model) -> int:
     return changed
 
 
+def _layer_inputs(path: pathlib.Path) -> dict[str, str]:
+    """``{layer name: input tensor name}`` of an exported float graph, for each weighted node whose
+    weight is the layer's own parameter (initializer ``m.<layer>.weight``, as :func:`_export_float`
+    names it). Layers whose weight the graph computes (weight norm, folded constants) are absent."""
+    import onnx
+
+    out = {}
+    for n in onnx.load(str(path), load_external_data=False).graph.node:
+        if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1].endswith(".weight"):
+            layer = n.input[1][:-len(".weight")]
+            out.setdefault(layer[2:] if layer.startswith("m.") else layer, n.input[0])
+    return out
+
+
+def qat_range_overrides(model: nn.Module, fp32: pathlib.Path) -> dict[str, tuple[float, float]]:
+    """``{tensor name: (rmin, rmax)}`` of the float export ``fp32`` of QAT model ``model``: the input
+    of each quantized layer on the range QAT trained it with. Recalibrated instead (onnxruntime's
+    percentile on ``calib_loader``), those ranges are not the ones the weights learned to live with
+    (``bench_quant.py --int8-ends`` on the 1/10 student: the int8 file 1.15 dB under the float
+    student, 0.84 dB of it beyond the fake-quantized model's loss). A tensor read by several
+    quantized layers gets the union of their ranges."""
+    from .quantization import input_ranges
+
+    inputs = _layer_inputs(fp32)
+    out: dict[str, tuple[float, float]] = {}
+    for layer, (lo, hi) in input_ranges(model).items():
+        t = inputs.get(layer)
+        if t is not None:
+            old = out.get(t)
+            out[t] = (min(lo, old[0]), max(hi, old[1])) if old else (lo, hi)
+    return out
+
+
+# Operators onnxruntime's QDQ quantizer runs on its input's quantization (or removes, as a ReLU on an
+# asymmetric range): a fixed range for their output is the range of their input.
+_RANGE_SHARING = _VALUE_MOVES + ("Pad", "Relu")
+
+
+def _spread_ranges(graph, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """``ranges`` extended up each chain of :data:`_RANGE_SHARING` operators to the tensor computed in
+    front of it (a pad, a ReLU moved next to its conv by a rewrite, a depth-to-space), whose range
+    the quantizer would otherwise calibrate and pass down the chain. Unions where chains meet."""
+    producer = {o: n for n in graph.node for o in n.output}
+    out = dict(ranges)
+    for t, r in ranges.items():
+        node = producer.get(t)
+        while node is not None and node.op_type in _RANGE_SHARING and node.input:
+            t = node.input[0]
+            old = out.get(t)
+            out[t] = (min(r[0], old[0]), max(r[1], old[1])) if old else r
+            node = producer.get(t)
+    return out
+
+
 def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple], names: Sequence[str],
                      act_calib: str = "percentile", act_percentile: float = 99.9, keep_first: bool = False,
-                     keep_last: bool = False, integer_pads: bool = True, reduce_range: bool = False) -> None:
+                     keep_last: bool = False, integer_pads: bool = True, reduce_range: bool = False,
+                     ranges: Optional[dict[str, tuple[float, float]]] = None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -475,6 +533,13 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
     exclude = _float_ends(src, keep_first, keep_last)
     if act_calib == "percentile":
         extra["CalibPercentile"] = float(act_percentile)
+    if ranges:  # fixed ranges (a QAT model's) for the tensors the graph still has after the rewrites
+        import onnx
+
+        g = onnx.load(str(src), load_external_data=False).graph
+        present = {t for n in g.node for t in n.input} | {i.name for i in g.input}
+        extra["TensorQuantOverrides"] = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                         for t, (lo, hi) in _spread_ranges(g, ranges).items() if t in present}
     with contextlib.redirect_stdout(io.StringIO()), _shared_quantization(("SpaceToDepth", "DepthToSpace")):
         quantize_static(str(src), str(out), _CalibReader(batches, names), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
@@ -568,7 +633,8 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
         calib_loader: batches of real inputs for the int8 activation ranges (``batch_fn`` maps a
             batch to inputs, as in :func:`ganslim.compress`); ``calib_batches`` of them are used.
         act_calib, act_percentile: activation ranges for int8 (``"percentile"`` of |x|, or
-            ``"max"``); a QAT model uses the settings it was calibrated with.
+            ``"max"``). A QAT model's quantized layers take their inputs' ranges from QAT itself
+            (:func:`qat_range_overrides`); its other tensors use the settings it was calibrated with.
         keep_first_float, keep_last_float: leave the first / last weighted layer in float in the
             int8 file (a QAT model uses its ``skip_first`` / ``skip_last``). ``None`` (default): int8
             where ``rewrites`` turn a thin image-facing conv (<= 4 channels in or out, e.g. the RGB
@@ -660,7 +726,8 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
                     if ends:
                         keep = [k if k is not None else not _made_wide(end, done) for end, k in zip(ends, keep)]
                 keep = [True if k is None else bool(k) for k in keep]
-                _quantize_static(src, result, batches, names,
+                ranges = qat_range_overrides(model, fp32) if qcfg else None
+                _quantize_static(src, result, batches, names, ranges=ranges,
                                  act_calib=qcfg.act_calib if qcfg else act_calib,
                                  act_percentile=qcfg.act_percentile if qcfg else act_percentile,
                                  keep_first=keep[0], keep_last=keep[-1],

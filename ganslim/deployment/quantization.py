@@ -31,7 +31,7 @@ from .._extras import require
 from ..core.train import input_batches, split_batch
 
 __all__ = ["QuantConfig", "fold_batchnorm", "quantize", "train_qat", "is_quantized", "is_calibrated", "to_float",
-           "quant_state", "restore", "QuantizationError"]
+           "input_ranges", "quant_state", "restore", "QuantizationError"]
 
 _STATE_ATTR = "_ganslim_quant"  # plain attribute on the quantized root module (deep-copies with it)
 
@@ -449,6 +449,22 @@ def to_float(model: nn.Module, quantized_weights: bool = True) -> nn.Module:
             out = plain
     if hasattr(out, _STATE_ATTR):
         delattr(out, _STATE_ATTR)
+    return out
+
+
+def input_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """The activation range each quantized layer was trained with: ``{layer name: (rmin, rmax)}``,
+    ``(0, amax)`` where its input quantizer is unsigned (after a ReLU), ``(-amax, amax)`` otherwise
+    (units of the activations). Layers kept in float, or whose input quantizer is off, are absent.
+    An int8 runtime that quantizes each layer's input on these ranges runs what QAT trained for."""
+    if not is_quantized(model):
+        raise QuantizationError("input_ranges expects a quantized model")
+    suffix = ".input_quantizer"
+    out = {}
+    for name, q in _quantizers(model):
+        if name.endswith(suffix) and q.is_enabled and q.amax is not None and q.amax.numel() == 1:
+            amax = float(q.amax)
+            out[name[:-len(suffix)]] = (0.0 if q.unsigned else -amax, amax)
     return out
 
 
