@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--paired-rounds", type=int, default=20, help="rounds of the paired timing (alternating turns)")
     ap.add_argument("--int8-ends", action="store_true",
                     help="QAT quantizes the first and last conv too (default: they stay in float, QuantConfig's skip_first/skip_last)")
+    ap.add_argument("--qat-reference", choices=["teacher", "float"], default="teacher",
+                    help="what QAT imitates: the teacher (default) or the float student (QuantConfig.reference)")
     ap.add_argument("--keep-dir", default="runs/quant", help="where the QAT checkpoint and its int8 ONNX are saved")
     ap.add_argument("--calib-seeds", type=int, default=0,
                     help="also export PTQ int8 files calibrated on this many other draws of the training crops "
@@ -60,7 +62,8 @@ def main() -> None:
     loader = data.default_loader(batch_size=args.batch_size, crop=64, length=max(args.qat_steps, 8) * args.batch_size,
                                  seed=1, teacher=teacher)  # batches carry the teacher's outputs (offline distillation)
     t0 = time.time()
-    qcfg = QuantConfig(steps=args.qat_steps, lr=args.qat_lr, skip_first=not args.int8_ends, skip_last=not args.int8_ends)
+    qcfg = QuantConfig(steps=args.qat_steps, lr=args.qat_lr, skip_first=not args.int8_ends, skip_last=not args.int8_ends,
+                       reference=args.qat_reference)
     qat = quantize(student, loader, qcfg)
     with torch.no_grad():
         fq_before = measure.fidelity_to_target(qat, pairs)["psnr"]
@@ -80,7 +83,8 @@ def main() -> None:
     x = pairs[0][0]
     print(f"{machine}; input {tuple(x.shape)} (held-out photo); student {args.student}; "
           f"QAT {args.qat_steps} steps in {qat_seconds / 60:.1f} min"
-          f"{'; QAT quantizes the first and last conv too' if args.int8_ends else ''}")
+          f"{'; QAT quantizes the first and last conv too' if args.int8_ends else ''}; QAT imitates the "
+          f"{'float student' if args.qat_reference == 'float' else 'teacher'}")
     print(format_deploy_table(rows + t_rows, args.threads))
     summary = {
         "int8_qat_latency_over_fp32": q.latency_ms / fp32.latency_ms,
@@ -94,6 +98,7 @@ def main() -> None:
         "teacher_int8_latency_over_fp32": t_rows[1].latency_ms / t_rows[0].latency_ms,
         "qat_seconds": qat_seconds,
         "qat_int8_first_last_conv": args.int8_ends,
+        "qat_reference": args.qat_reference,
     }
     print(f"int8 QAT / fp32: latency {summary['int8_qat_latency_over_fp32']:.2f}x, file "
           f"{summary['int8_qat_size_over_fp32']:.2f}x; PSNR to ground truth {summary['psnr_gt_change_qat_vs_fp32']:+.2f} dB "

@@ -123,6 +123,8 @@ class QuantOptions:
     calib_batches: int = _opt(8, flat="quant_calib_batches")
     skip_first: bool = _opt(True, flat="quant_skip_first")  # keep the first / last weighted layer in float
     skip_last: bool = _opt(True, flat="quant_skip_last")
+    # what QAT imitates: "teacher" or "float" (the student before quantization; QuantConfig.reference)
+    reference: str = _opt("teacher", flat="quant_reference")
     deploy_check: bool = True  # export fp32 + int8 ONNX and measure both in onnxruntime
 
 

@@ -191,3 +191,41 @@ def test_fold_batchnorm_after_a_grouped_transposed_conv(cin, cout, groups):
     with torch.no_grad():
         ref = m(x)
         assert (folded(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_clipped_activations_get_no_gradient(qnet):
+    """The straight-through estimator passes the gradient where the input lies inside the quantizer's
+    range and zeroes it where the value was clipped (ModelOpt's own default passes it everywhere)."""
+    quantizer = next(q for n, q in Q._quantizers(qnet) if n.endswith("input_quantizer") and q.is_enabled and q.unsigned)
+    amax = float(quantizer.amax)
+    x = torch.linspace(0, 2 * amax, 21).reshape(1, 1, 1, 21).requires_grad_(True)
+    quantizer(x).sum().backward()
+    inside = x.detach() <= amax * (1 - 1e-6)
+    assert torch.equal(x.grad[inside], torch.ones_like(x.grad[inside]))
+    assert torch.equal(x.grad[x.detach() > amax * (1 + 1e-6)], torch.zeros(int((x.detach() > amax * (1 + 1e-6)).sum())))
+
+
+def test_qat_imitates_the_float_model_by_default_and_the_teacher_on_request(net, loader):
+    """reference="float" trains towards the model as it was before quantization and ignores the
+    teacher outputs the batches carry; reference="teacher" learns those outputs (here: a grey image)."""
+    grey = [{"A": x, "teacher_output": torch.zeros_like(x)} for x, _ in data.default_loader(batch_size=4, crop=32, length=160)]
+    xs = [x for x, _ in data.default_loader(batch_size=4, crop=32, length=8, seed=5)]
+
+    def qat(reference):
+        q = Q.quantize(net, loader, skip_first=False, skip_last=False)
+        Q.train_qat(q, None if reference == "float" else net, grey,
+                    Q.QuantConfig(steps=40, lr=3e-4, gt_weight=0.0, reference=reference), progress=False)
+        with torch.no_grad():
+            return (measure.compare_outputs(net, q, xs)["psnr"],
+                    float(torch.stack([q(x).abs().mean() for x in xs]).mean()))
+
+    with torch.no_grad():
+        level = float(torch.stack([net(x).abs().mean() for x in xs]).mean())
+    to_float, float_level = qat("float")
+    to_teacher, teacher_level = qat("teacher")
+    assert to_float > 30 and abs(float_level - level) < 0.1 * level, (to_float, float_level, level)
+    assert teacher_level < 0.5 * level and to_teacher < to_float - 10, (to_teacher, teacher_level, level)
+    with pytest.raises(Q.QuantizationError, match="needs a teacher"):
+        Q.train_qat(Q.quantize(net, loader), None, grey, Q.QuantConfig(steps=1, reference="teacher"), progress=False)
+    with pytest.raises(ValueError, match="reference"):
+        Q.QuantConfig(reference="student").validate()

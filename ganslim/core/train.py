@@ -177,8 +177,11 @@ class DistillTrainer:
     def __init__(self, student: nn.Module, teacher: nn.Module, param_groups: list[dict], weights: LossWeights,
                  distiller=None, discriminator: Optional[nn.Module] = None, d_lr: float = 2e-4,
                  gan_mode: str = "lsgan", device: str = "cpu", batch_fn: Optional[BatchFn] = None,
-                 memory_format: str = "auto", precision: str = "fp32"):
+                 memory_format: str = "auto", precision: str = "fp32", cached_teacher_outputs: bool = True):
         self.student, self.teacher = student, teacher
+        # batches' precomputed teacher outputs stand in for the teacher's forward; False runs ``teacher``
+        # on every batch (a QAT fine-tune imitating the float model, not the teacher the outputs came from)
+        self.cached_teacher_outputs = cached_teacher_outputs
         # channels-last training (ganslim.core.memory_format); decided in run(), after a probe forward
         self.channels_last = layout.resolve_memory_format(memory_format, device, student)
         # the convolutions' arithmetic (ganslim.core.precision): "fp32" or "bf16"
@@ -224,7 +227,7 @@ class DistillTrainer:
         if self.channels_last:
             inputs = layout.to_channels_last(inputs)
         target = dist.shard(target, pre)
-        cached = dist.shard(cached_teacher_output(batch), pre)
+        cached = dist.shard(cached_teacher_output(batch), pre) if self.cached_teacher_outputs else None
         # bf16: the convolutions only; normalisations, additions, losses and updates in float32
         with autocast(self.precision, self.device, (self.student, self.teacher)):
             if cached is not None and not (self.distiller is not None and self.weights.distill):
