@@ -62,7 +62,12 @@ def test_fold_batchnorm_keeps_outputs_on_random_architectures(spec, widths):
 def test_quantize_inserts_calibrated_int8_quantizers_close_to_float(net, qnet):
     assert Q.is_quantized(qnet) and Q.is_calibrated(qnet) and not Q.is_quantized(net)
     n_weighted = sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in net.modules())
-    assert Q.enabled_quantizers(qnet) == 2 * (n_weighted - 2)  # weights + inputs of every conv but first/last
+    # weights + inputs of every conv but first/last, + the outputs the int8 runtime quantizes too (the
+    # residual branches' last convs)
+    n_blocks = sum(n.endswith("conv_block") for n, _ in net.named_modules())
+    outputs = Q.output_ranges(qnet)
+    assert {f"model.{10 + b}.conv_block.5" for b in range(n_blocks)} <= set(outputs)
+    assert Q.enabled_quantizers(qnet) == 2 * (n_weighted - 2) + len(outputs)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in qnet.modules())  # folded first
     inorm = Q.quantize(create_model("resnet_6blocks", ngf=4), None, calib_batches=1, skip_first=False, skip_last=False)
     n_in = sum(isinstance(m, nn.InstanceNorm2d) for m in inorm.modules())
@@ -229,3 +234,16 @@ def test_qat_imitates_the_float_model_by_default_and_the_teacher_on_request(net,
         Q.train_qat(Q.quantize(net, loader), None, grey, Q.QuantConfig(steps=1, reference="teacher"), progress=False)
     with pytest.raises(ValueError, match="reference"):
         Q.QuantConfig(reference="student").validate()
+
+
+def test_a_checkpoint_from_before_the_runtime_simulation_restores_as_trained(qnet):
+    """quant_state without ``shared_inputs`` (written before QAT simulated the runtime): the model
+    comes back with per-layer input quantizers only, as it was trained."""
+    meta, amax = Q.quant_state(qnet)
+    assert meta["shared_inputs"]
+    old_meta = {k: v for k, v in meta.items() if k != "shared_inputs"}
+    old_meta["enabled"] = [n for n in meta["enabled"] if not n.endswith("output_quantizer")]
+    old_amax = {n: t for n, t in amax.items() if not n.endswith("output_quantizer")}
+    back = Q.restore(Q.to_float(qnet, quantized_weights=False), old_meta, old_amax)
+    assert getattr(back, "_ganslim_quant").shared_inputs == [] and not Q.output_ranges(back)
+    assert not any(str(n.target).endswith("_quantizer") for n in back.graph.nodes if n.op == "call_module")

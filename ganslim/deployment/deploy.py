@@ -442,7 +442,9 @@ def clip_saturated_ranges(model) -> int:
         info = np.iinfo(zero.dtype)
         lo, hi = (info.min - float(zero)) * float(scale), (info.max - float(zero)) * float(scale)
         new_lo, new_hi = max(lo, -limit), min(hi, limit)
-        if new_lo <= lo and new_hi >= hi:
+        # within a step of the limit already: a QAT range clipped there (signed, one level more below
+        # zero than above) stays on the grid QAT trained with
+        if lo >= -limit - 1.01 * float(scale) and hi <= limit + 1.01 * float(scale):
             continue
         new_scale = np.float32((new_hi - new_lo) / (info.max - info.min))
         new_zero = np.array(np.clip(round(info.min - new_lo / float(new_scale)), info.min, info.max), dtype=zero.dtype)
@@ -461,36 +463,37 @@ def clip_saturated_ranges(model) -> int:
     return changed
 
 
-def _layer_inputs(path: pathlib.Path) -> dict[str, str]:
-    """``{layer name: input tensor name}`` of an exported float graph, for each weighted node whose
-    weight is the layer's own parameter (initializer ``m.<layer>.weight``, as :func:`_export_float`
-    names it). Layers whose weight the graph computes (weight norm, folded constants) are absent."""
+def _layer_tensors(path: pathlib.Path) -> dict[str, tuple[str, str]]:
+    """``{layer name: (input tensor, output tensor)}`` of an exported float graph, for each weighted
+    node whose weight is the layer's own parameter (initializer ``m.<layer>.weight``, as
+    :func:`_export_float` names it). Layers whose weight the graph computes (weight norm, folded
+    constants) are absent."""
     import onnx
 
     out = {}
     for n in onnx.load(str(path), load_external_data=False).graph.node:
         if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1].endswith(".weight"):
             layer = n.input[1][:-len(".weight")]
-            out.setdefault(layer[2:] if layer.startswith("m.") else layer, n.input[0])
+            out.setdefault(layer[2:] if layer.startswith("m.") else layer, (n.input[0], n.output[0]))
     return out
 
 
 def qat_range_overrides(model: nn.Module, fp32: pathlib.Path) -> dict[str, tuple[float, float]]:
     """``{tensor name: (rmin, rmax)}`` of the float export ``fp32`` of QAT model ``model``: the input
-    of each quantized layer on the range QAT trained it with. Recalibrated instead (onnxruntime's
-    percentile on ``calib_loader``), those ranges are not the ones the weights learned to live with
-    (``bench_quant.py --int8-ends`` on the 1/10 student: the int8 file 1.15 dB under the float
-    student, 0.84 dB of it beyond the fake-quantized model's loss). A tensor read by several
-    quantized layers gets the union of their ranges."""
-    from .quantization import input_ranges
+    of each quantized layer, and the outputs QAT quantized as the runtime does (a residual branch's),
+    on the ranges QAT trained with. Recalibrated instead (onnxruntime's percentile on
+    ``calib_loader``), those ranges are not the ones the weights learned to live with. A tensor read
+    by several quantized layers gets the union of their ranges."""
+    from .quantization import input_ranges, output_ranges
 
-    inputs = _layer_inputs(fp32)
+    tensors = _layer_tensors(fp32)
     out: dict[str, tuple[float, float]] = {}
-    for layer, (lo, hi) in input_ranges(model).items():
-        t = inputs.get(layer)
-        if t is not None:
-            old = out.get(t)
-            out[t] = (min(lo, old[0]), max(hi, old[1])) if old else (lo, hi)
+    for side, ranges in ((0, input_ranges(model)), (1, output_ranges(model))):
+        for layer, (lo, hi) in ranges.items():
+            if layer in tensors:
+                t = tensors[layer][side]
+                old = out.get(t)
+                out[t] = (min(lo, old[0]), max(hi, old[1])) if old else (lo, hi)
     return out
 
 
@@ -513,6 +516,18 @@ def _spread_ranges(graph, ranges: dict[str, tuple[float, float]]) -> dict[str, t
             out[t] = (min(r[0], old[0]), max(r[1], old[1])) if old else r
             node = producer.get(t)
     return out
+
+
+def _uint8_grid(lo: float, hi: float) -> dict:
+    """onnxruntime's uint8 scale and zero point for a fake quantizer's range ``[lo, hi]`` on the same
+    grid: unsigned ``[0, amax]`` has 255 steps of amax / 255 (zero point 0); signed ``[-amax, amax]``
+    (ModelOpt's narrow range, -127..127) steps of amax / 127 around zero point 128 (one more level
+    below, never produced by QAT). A fitted [rmin, rmax] would put 255 steps on [-amax, amax] instead:
+    a grid 127 / 127.5 as fine, every value rounded afresh."""
+    if lo >= 0:
+        return {"scale": np.array(hi / 255.0, dtype=np.float32), "zero_point": np.array(0, dtype=np.uint8)}
+    amax = max(-lo, hi)
+    return {"scale": np.array(amax / 127.0, dtype=np.float32), "zero_point": np.array(128, dtype=np.uint8)}
 
 
 def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple], names: Sequence[str],
@@ -538,7 +553,7 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
 
         g = onnx.load(str(src), load_external_data=False).graph
         present = {t for n in g.node for t in n.input} | {i.name for i in g.input}
-        extra["TensorQuantOverrides"] = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+        extra["TensorQuantOverrides"] = {t: [_uint8_grid(lo, hi)]
                                          for t, (lo, hi) in _spread_ranges(g, ranges).items() if t in present}
     with contextlib.redirect_stdout(io.StringIO()), _shared_quantization(("SpaceToDepth", "DepthToSpace")):
         quantize_static(str(src), str(out), _CalibReader(batches, names), quant_format=QuantFormat.QDQ,

@@ -31,7 +31,7 @@ from .._extras import require
 from ..core.train import input_batches, split_batch
 
 __all__ = ["QuantConfig", "fold_batchnorm", "quantize", "train_qat", "is_quantized", "is_calibrated", "to_float",
-           "input_ranges", "quant_state", "restore", "QuantizationError"]
+           "input_ranges", "output_ranges", "quant_state", "restore", "QuantizationError"]
 
 _STATE_ATTR = "_ganslim_quant"  # plain attribute on the quantized root module (deep-copies with it)
 
@@ -105,6 +105,8 @@ class _QuantState:
     config: QuantConfig
     float_keys: dict = field(default_factory=dict)  # module name -> (original class, its __dict__ keys)
     float_modules: list = field(default_factory=list)  # weighted layers kept in float (names)
+    # input quantizers also called on their tensor for all its readers (see _share_inputs)
+    shared_inputs: list = field(default_factory=list)
 
 
 def _mtq():
@@ -213,6 +215,12 @@ def _execution_order(model: nn.Module, example: tuple) -> list[str]:
     return list(dict.fromkeys(order))  # first call of each layer, in order
 
 
+def _ste_attributes() -> dict:
+    """The quantizer attribute that zeroes the gradient of clipped values, where ModelOpt has it."""
+    attrs = getattr(getattr(_mtq(), "config", None), "QuantizerAttributeConfig", None)
+    return {"pass_through_bwd": False} if "pass_through_bwd" in (getattr(attrs, "model_fields", None) or {}) else {}
+
+
 def _modelopt_config(cfg: QuantConfig, float_names: Sequence[str]) -> dict:
     mtq = _mtq()
     base = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
@@ -221,8 +229,7 @@ def _modelopt_config(cfg: QuantConfig, float_names: Sequence[str]) -> dict:
     # (pass_through_bwd=True) passes every gradient through, so values beyond a percentile range are
     # pushed as if the clip were not there: with activations quantized, QAT's L1 to the model it
     # imitates rose over the steps instead of falling (weights alone trained fine).
-    attrs = getattr(getattr(mtq, "config", None), "QuantizerAttributeConfig", None)
-    ste = {"pass_through_bwd": False} if "pass_through_bwd" in (getattr(attrs, "model_fields", None) or {}) else {}
+    ste = _ste_attributes()
     for e in base["quant_cfg"]:
         e = dict(e)
         if e.get("quantizer_name") == "*weight_quantizer":
@@ -263,9 +270,14 @@ def quantize(model: nn.Module, loader: Optional[Iterable], config: Optional[Quan
              batch_fn: Optional[Callable] = None, example_inputs: Any = None, **overrides) -> nn.Module:
     """Insert 8-bit fake quantizers into a copy of ``model`` and calibrate them on ``loader``.
 
-    Weights: symmetric, per output channel (``config.per_channel``); activations: symmetric,
-    per tensor, at the input of every conv/linear/instance-norm layer (ModelOpt's placement).
-    Ranges: max calibration over ``config.calib_batches`` batches. BatchNorm is folded first
+    Weights: symmetric, per output channel (``config.per_channel``); activations: per tensor, at
+    the input of every conv/linear/instance-norm layer (ModelOpt's placement), and where
+    onnxruntime's int8 graph quantizes more (an fx-traceable model, as BatchNorm folding traces it):
+    a tensor a quantized layer reads and something else reads too (a residual block's input, read by
+    its skip) is quantized once for all its readers, and the outputs no quantized input covers (a
+    residual branch's last conv, the output conv before Tanh) are quantized, so the fake-quantized
+    model computes what the int8 file will. Ranges: the ``act_percentile`` of |x| over
+    ``config.calib_batches`` batches, unsigned after ReLUs. BatchNorm is folded first
     (``config.fold_batchnorm``). Layers ModelOpt cannot quantize stay in float; a warning lists
     them. ``loader=None`` inserts quantizers without calibrating (only :func:`restore` does that).
 
@@ -313,10 +325,136 @@ def quantize(model: nn.Module, loader: Optional[Iterable], config: Optional[Quan
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="modelopt")
         mtq.quantize(work, _modelopt_config(cfg, float_names), loop)
+    shared: list[str] = []
     if loader is not None:
+        shared, limits = _simulate_runtime(work, cfg)
         _activation_ranges(work, loader, cfg, batch_fn, device)
-    setattr(work, _STATE_ATTR, _QuantState(cfg, float_keys, sorted(set(float_names))))
+        qs = dict(_quantizers(work))
+        for layer, limit in limits.items():  # before a Tanh: no wider than where it saturates
+            q = qs[f"{layer}.output_quantizer"]
+            if limit is not None and q.amax is not None:
+                q.amax = q.amax.clamp_max(limit)
+    setattr(work, _STATE_ATTR, _QuantState(cfg, float_keys, sorted(set(float_names)), shared))
     return work
+
+
+# --------------------------------------------------------------------------------------------------
+# what the int8 runtime quantizes beyond each layer's input
+# --------------------------------------------------------------------------------------------------
+
+# Leaf modules an int8 runtime runs on the quantized tensor itself, keeping its range: onnxruntime drops a
+# ReLU into the range of the tensor before it, and pads move values. A layer's output that reaches
+# quantized layers' inputs through these alone is quantized there, by their input quantizers.
+_PADS = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ZeroPad2d,
+         nn.ConstantPad1d, nn.ConstantPad2d)
+_RANGE_KEEPING = _PADS + (nn.ReLU, nn.Identity, nn.Dropout)
+# Saturating activations and where they stop telling inputs apart (1 - tanh(4) = 6.7e-4): the int8
+# export clips the range of the tensor before them there (deploy.clip_saturated_ranges), and so does QAT
+_SATURATING = {nn.Tanh: 4.0, nn.Sigmoid: 8.0}
+_SHARED_SUFFIX = ".input_quantizer"
+
+
+def _quantized_owners(model: nn.Module) -> set[str]:
+    """Names of the modules whose input quantizer is on."""
+    return {n[:-len(_SHARED_SUFFIX)] for n, q in _quantizers(model) if n.endswith(_SHARED_SUFFIX) and q.is_enabled}
+
+
+def _share_inputs(gm: "torch.fx.GraphModule") -> list[str]:
+    """Quantize, for all its readers, each tensor that a quantized layer reads (up through pads) and
+    something else reads too: the int8 runtime quantizes a tensor once, so a residual block's skip
+    reads the same quantized stream its conv does. A call of that layer's input quantizer is put
+    into ``gm``'s graph after the tensor (the layer quantizes it again, on the same grid: no change).
+    Returns the quantizers so called, in graph order."""
+    quantized = _quantized_owners(gm)
+    g = gm.graph
+    shared = []
+    for node in list(g.nodes):
+        if node.op != "call_module" or node.target not in quantized:
+            continue
+        chain, t = [node], node.args[0] if node.args else None
+        while isinstance(t, torch.fx.Node) and t.op == "call_module" and isinstance(gm.get_submodule(t.target), _PADS):
+            chain.append(t)
+            t = t.args[0] if t.args else None
+        if not isinstance(t, torch.fx.Node) or (t.op == "call_module" and str(t.target).endswith(_SHARED_SUFFIX)):
+            continue
+        if not [u for u in t.users if u not in chain]:
+            continue
+        with g.inserting_after(t):
+            q = g.call_module(f"{node.target}{_SHARED_SUFFIX}", (t,))
+        t.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
+        shared.append(f"{node.target}{_SHARED_SUFFIX}")
+    if shared:
+        g.lint()
+        gm.recompile()
+    return shared
+
+
+def _unshare_inputs(gm: "torch.fx.GraphModule") -> None:
+    """Undo :func:`_share_inputs` (a graph of plain float modules again)."""
+    g = gm.graph
+    calls = [n for n in g.nodes if n.op == "call_module" and str(n.target).endswith("_quantizer")]
+    for n in calls:
+        n.replace_all_uses_with(n.args[0])
+        g.erase_node(n)
+    if calls:
+        g.lint()
+        gm.recompile()
+
+
+def _runtime_outputs(gm: "torch.fx.GraphModule") -> dict[str, Optional[float]]:
+    """Quantized layers whose output the int8 runtime quantizes (it quantizes every integer conv's
+    output) and no quantized layer's input covers: read by an operation outside any module (a
+    residual sum), by a module the runtime runs in float (a LeakyReLU, a norm without quantizer), or
+    by a saturating activation (the output conv before Tanh). ``{layer: range limit}``, the limit
+    where a saturating activation alone reads the output (its range is clipped there), else None.
+    Not the graph's own output."""
+    quantized = _quantized_owners(gm)
+    modules = dict(gm.named_modules())
+
+    def covered(node: torch.fx.Node, depth: int = 0) -> bool:
+        if not node.users or depth > 32:
+            return False
+        for u in node.users:
+            if u.op != "call_module":
+                return False
+            m = modules.get(str(u.target))
+            if str(u.target) in quantized or str(u.target).endswith(_SHARED_SUFFIX):
+                continue
+            if isinstance(m, _RANGE_KEEPING) and covered(u, depth + 1):
+                continue
+            return False
+        return True
+
+    out: dict[str, Optional[float]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in quantized and isinstance(modules.get(node.target), _WEIGHTED):
+            if any(u.op == "output" for u in node.users) or covered(node):
+                continue
+            limits = [_SATURATING[type(modules[str(u.target)])] for u in node.users
+                      if u.op == "call_module" and type(modules.get(str(u.target))) in _SATURATING]
+            out[str(node.target)] = max(limits) if limits and len(limits) == len(node.users) else None
+    return out
+
+
+def _simulate_runtime(model: nn.Module, cfg: QuantConfig, outputs: Optional[Sequence[str]] = None) -> tuple[list[str], dict]:
+    """Make the fake-quantized ``model`` quantize what onnxruntime's int8 graph will (an fx-traced
+    model: BatchNorm folding traces it; others are left as they are): shared inputs
+    (:func:`_share_inputs`) and, enabled, the output quantizers of ``outputs`` (default:
+    :func:`_runtime_outputs`; 8 bits per tensor, their ranges from calibration). Returns the shared
+    input quantizers and ``{layer: range limit or None}`` of the outputs quantized."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return [], {}
+    shared = _share_inputs(model)  # first: a ReLU's output quantized for the skip as well is covered
+    limits = _runtime_outputs(model) if outputs is None else dict.fromkeys(outputs)
+    qs = dict(_quantizers(model))
+    outputs = list(limits)
+    for name in outputs:
+        q = qs.get(f"{name}.output_quantizer")
+        if q is None:
+            raise QuantizationError(f"layer {name!r} has no output quantizer")
+        q.set_from_attribute_config({"num_bits": int(cfg.act_bits), "axis": None, "enable": True,
+                                     **_ste_attributes()})
+    return shared, limits
 
 
 @torch.no_grad()
@@ -325,18 +463,19 @@ def _activation_ranges(model: nn.Module, loader: Iterable, cfg: QuantConfig, bat
     """Set each activation quantizer's range from the float activations at its input: the
     ``act_percentile`` of |x| (or the max), and ``unsigned`` (all 8 bits on [0, amax]) where the
     input is never negative (after a ReLU), as int8 runtimes do with their uint8 activations."""
-    quantizers = [(n, q) for n, q in _quantizers(model) if n.endswith("input_quantizer") and q.is_enabled]
+    quantizers = [(n, q) for n, q in _quantizers(model) if n.endswith(("input_quantizer", "output_quantizer"))
+                  and q.is_enabled]
     if not quantizers:
         return
-    owners = {n.rsplit(".", 1)[0]: q for n, q in quantizers}
+    owners = {n: q for n, q in quantizers}
     seen: dict[str, list[torch.Tensor]] = {k: [] for k in owners}
     lowest = {k: float("inf") for k in owners}
     highest = {k: 0.0 for k in owners}
     gen = torch.Generator().manual_seed(0)
 
     def hook(name):
-        def fn(mod, args):
-            raw = args[0].detach()
+        def fn(mod, args, out=None):
+            raw = (args[0] if out is None else out).detach()
             lowest[name] = min(lowest[name], float(raw.min()))
             v = raw.abs().flatten().float().cpu()
             highest[name] = max(highest[name], float(v.max()))
@@ -345,7 +484,8 @@ def _activation_ranges(model: nn.Module, loader: Iterable, cfg: QuantConfig, bat
             seen[name].append(v)
         return fn
 
-    handles = [model.get_submodule(k).register_forward_pre_hook(hook(k)) for k in owners]
+    handles = [model.get_submodule(k.rsplit(".", 1)[0]).register_forward_pre_hook(hook(k)) if k.endswith("input_quantizer")
+               else model.get_submodule(k.rsplit(".", 1)[0]).register_forward_hook(hook(k)) for k in owners]
     was_enabled = [(q, q.is_enabled) for _, q in _quantizers(model)]
     for q, _ in was_enabled:
         q.disable()
@@ -457,6 +597,8 @@ def to_float(model: nn.Module, quantized_weights: bool = True) -> nn.Module:
         raise QuantizationError("to_float expects a model returned by ganslim.quantization.quantize")
     state: _QuantState = getattr(model, _STATE_ATTR)
     out = copy.deepcopy(model)
+    if isinstance(out, torch.fx.GraphModule):
+        _unshare_inputs(out)  # the shared-input quantizer calls go with the quantizers
     for name, (cls, keys) in state.float_keys.items():
         m = out.get_submodule(name)
         plain = cls.__new__(cls)
@@ -494,6 +636,20 @@ def input_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
     return out
 
 
+def output_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """Like :func:`input_ranges`, for the layers whose output QAT quantizes as the int8 runtime will
+    (a residual branch's last conv: see :func:`quantize`)."""
+    if not is_quantized(model):
+        raise QuantizationError("output_ranges expects a quantized model")
+    suffix = ".output_quantizer"
+    out = {}
+    for name, q in _quantizers(model):
+        if name.endswith(suffix) and q.is_enabled and q.amax is not None and q.amax.numel() == 1:
+            amax = float(q.amax)
+            out[name[:-len(suffix)]] = (0.0 if q.unsigned else -amax, amax)
+    return out
+
+
 def quant_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(json_config, amax_tensors)`` that :func:`restore` needs; keys of the tensors are the
     quantizer module names (``"model.1.input_quantizer"``)."""
@@ -503,6 +659,7 @@ def quant_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     amax = {n: q.amax.detach().float().contiguous() for n, q in _quantizers(model) if q.amax is not None}
     meta = {"backend": state.config.backend, "config": state.config.to_dict(),
             "float_modules": list(state.float_modules), "enabled": [n for n, q in _quantizers(model) if q.is_enabled],
+            "shared_inputs": list(state.shared_inputs),
             "unsigned": [n for n, q in _quantizers(model) if q.unsigned]}
     return meta, amax
 
@@ -530,6 +687,15 @@ def restore(float_model: nn.Module, meta: dict, amax: dict[str, torch.Tensor]) -
     missing = [n for n in enabled if n not in qs]
     if missing:
         raise QuantizationError(f"stored quantizers {missing[:3]} do not exist in the rebuilt model")
+    # what the runtime quantizes beyond the layers' inputs, as the model was trained (absent from
+    # checkpoints written before ganslim simulated it: those are restored as they were trained)
+    outputs = [qn[:-len(".output_quantizer")] for qn in enabled
+               if qn.endswith(".output_quantizer") and not qs[qn].is_enabled]
+    shared = _simulate_runtime(model, cfg, outputs)[0] if "shared_inputs" in meta else []
+    if shared != list(meta.get("shared_inputs") or []):
+        raise QuantizationError(f"the rebuilt model shares other quantized inputs ({shared[:3]}) than the saved one "
+                                f"({list(meta.get('shared_inputs') or [])[:3]})")
+    getattr(model, _STATE_ATTR).shared_inputs = shared
     for qn in meta.get("unsigned", []):
         if qn in qs:
             qs[qn].unsigned = True
