@@ -620,34 +620,30 @@ def to_float(model: nn.Module, quantized_weights: bool = True) -> nn.Module:
     return out
 
 
+def _trained_ranges(model: nn.Module, suffix: str, caller: str) -> dict[str, tuple[float, float]]:
+    """``{layer: (rmin, rmax)}`` of the enabled per-tensor quantizers named ``<layer><suffix>``."""
+    if not is_quantized(model):
+        raise QuantizationError(f"{caller} expects a quantized model")
+    out = {}
+    for name, q in _quantizers(model):
+        if name.endswith(suffix) and q.is_enabled and q.amax is not None and q.amax.numel() == 1:
+            amax = float(q.amax)
+            out[name[:-len(suffix)]] = (0.0 if q.unsigned else -amax, amax)
+    return out
+
+
 def input_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
     """The activation range each quantized layer was trained with: ``{layer name: (rmin, rmax)}``,
     ``(0, amax)`` where its input quantizer is unsigned (after a ReLU), ``(-amax, amax)`` otherwise
     (units of the activations). Layers kept in float, or whose input quantizer is off, are absent.
     An int8 runtime that quantizes each layer's input on these ranges runs what QAT trained for."""
-    if not is_quantized(model):
-        raise QuantizationError("input_ranges expects a quantized model")
-    suffix = ".input_quantizer"
-    out = {}
-    for name, q in _quantizers(model):
-        if name.endswith(suffix) and q.is_enabled and q.amax is not None and q.amax.numel() == 1:
-            amax = float(q.amax)
-            out[name[:-len(suffix)]] = (0.0 if q.unsigned else -amax, amax)
-    return out
+    return _trained_ranges(model, ".input_quantizer", "input_ranges")
 
 
 def output_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
     """Like :func:`input_ranges`, for the layers whose output QAT quantizes as the int8 runtime will
     (a residual branch's last conv: see :func:`quantize`)."""
-    if not is_quantized(model):
-        raise QuantizationError("output_ranges expects a quantized model")
-    suffix = ".output_quantizer"
-    out = {}
-    for name, q in _quantizers(model):
-        if name.endswith(suffix) and q.is_enabled and q.amax is not None and q.amax.numel() == 1:
-            amax = float(q.amax)
-            out[name[:-len(suffix)]] = (0.0 if q.unsigned else -amax, amax)
-    return out
+    return _trained_ranges(model, ".output_quantizer", "output_ranges")
 
 
 def quant_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
