@@ -5,10 +5,11 @@
 ``onnx-int8``: a QDQ ONNX model that onnxruntime executes with integer kernels (QLinearConv,
 QLinearAdd, ...): weights int8 per output channel, activations uint8 per tensor. For a QAT model
 (:func:`ganslim.deployment.quantization.quantize` + :func:`~ganslim.deployment.quantization.train_qat`) the exported
-weights are the fake-quantized ones it was trained with, and each quantized layer's input is
-quantized on the range QAT trained it with (:func:`~ganslim.deployment.quantization.input_ranges`);
-the other tensors onnxruntime quantizes (a residual block's sum and its branch, the output before
-Tanh), which QAT did not see, are calibrated by onnxruntime on ``calib_loader``. For a float model
+weights are the fake-quantized ones it was trained with, and the tensors QAT quantized (each
+quantized layer's input, and the outputs QAT quantizes as onnxruntime does: a residual branch's, the
+output before Tanh) are quantized on the ranges and grid it trained with
+(:func:`~ganslim.deployment.quantization.input_ranges`, ``output_ranges``); whatever else onnxruntime
+quantizes is calibrated on ``calib_loader``. For a float model
 the same call is plain post-training quantization (PTQ), every range calibrated: the baseline QAT
 has to beat.
 
@@ -478,6 +479,12 @@ def _layer_tensors(path: pathlib.Path) -> dict[str, tuple[str, str]]:
     return out
 
 
+def _widen(ranges: dict[str, tuple[float, float]], tensor: str, r: tuple[float, float]) -> None:
+    """``ranges[tensor]`` becomes the union of what it held and ``r``."""
+    old = ranges.get(tensor)
+    ranges[tensor] = (min(r[0], old[0]), max(r[1], old[1])) if old else r
+
+
 def qat_range_overrides(model: nn.Module, fp32: pathlib.Path) -> dict[str, tuple[float, float]]:
     """``{tensor name: (rmin, rmax)}`` of the float export ``fp32`` of QAT model ``model``: the input
     of each quantized layer, and the outputs QAT quantized as the runtime does (a residual branch's),
@@ -491,9 +498,7 @@ def qat_range_overrides(model: nn.Module, fp32: pathlib.Path) -> dict[str, tuple
     for side, ranges in ((0, input_ranges(model)), (1, output_ranges(model))):
         for layer, (lo, hi) in ranges.items():
             if layer in tensors:
-                t = tensors[layer][side]
-                old = out.get(t)
-                out[t] = (min(lo, old[0]), max(hi, old[1])) if old else (lo, hi)
+                _widen(out, tensors[layer][side], (lo, hi))
     return out
 
 
@@ -512,8 +517,7 @@ def _spread_ranges(graph, ranges: dict[str, tuple[float, float]]) -> dict[str, t
         node = producer.get(t)
         while node is not None and node.op_type in _RANGE_SHARING and node.input:
             t = node.input[0]
-            old = out.get(t)
-            out[t] = (min(r[0], old[0]), max(r[1], old[1])) if old else r
+            _widen(out, t, r)
             node = producer.get(t)
     return out
 
@@ -648,7 +652,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
         calib_loader: batches of real inputs for the int8 activation ranges (``batch_fn`` maps a
             batch to inputs, as in :func:`ganslim.compress`); ``calib_batches`` of them are used.
         act_calib, act_percentile: activation ranges for int8 (``"percentile"`` of |x|, or
-            ``"max"``). A QAT model's quantized layers take their inputs' ranges from QAT itself
+            ``"max"``). A QAT model's quantized tensors take their ranges from QAT itself
             (:func:`qat_range_overrides`); its other tensors use the settings it was calibrated with.
         keep_first_float, keep_last_float: leave the first / last weighted layer in float in the
             int8 file (a QAT model uses its ``skip_first`` / ``skip_last``). ``None`` (default): int8

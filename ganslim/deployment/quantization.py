@@ -67,7 +67,7 @@ class QuantConfig:
     # What the fake-quantized model learns to imitate: "teacher", the model passed to train_qat (or its
     # outputs carried by the batches), or "float", the model as it was before quantization (no teacher
     # needed). Neither wins clearly: bench_quant.py --int8-ends on the Intel Xeon (thirteenth session,
-    # benchmarks/results/xeon_qat_ranges), the int8 file to ground truth -0.14 dB (teacher) vs -0.23
+    # benchmarks/results/xeon_session13/before_simulation), the int8 file to ground truth -0.14 dB (teacher) vs -0.23
     # (float) at 1/10, -0.42 vs -0.36 at 1/20; the teacher stays the default.
     reference: str = "teacher"
     steps: int = 300
@@ -331,7 +331,7 @@ def quantize(model: nn.Module, loader: Optional[Iterable], config: Optional[Quan
         _activation_ranges(work, loader, cfg, batch_fn, device)
         qs = dict(_quantizers(work))
         for layer, limit in limits.items():  # before a Tanh: no wider than where it saturates
-            q = qs[f"{layer}.output_quantizer"]
+            q = qs[f"{layer}{_OUTPUT_SUFFIX}"]
             if limit is not None and q.amax is not None:
                 q.amax = q.amax.clamp_max(limit)
     setattr(work, _STATE_ATTR, _QuantState(cfg, float_keys, sorted(set(float_names)), shared))
@@ -351,12 +351,12 @@ _RANGE_KEEPING = _PADS + (nn.ReLU, nn.Identity, nn.Dropout)
 # Saturating activations and where they stop telling inputs apart (1 - tanh(4) = 6.7e-4): the int8
 # export clips the range of the tensor before them there (deploy.clip_saturated_ranges), and so does QAT
 _SATURATING = {nn.Tanh: 4.0, nn.Sigmoid: 8.0}
-_SHARED_SUFFIX = ".input_quantizer"
+_INPUT_SUFFIX, _OUTPUT_SUFFIX = ".input_quantizer", ".output_quantizer"
 
 
 def _quantized_owners(model: nn.Module) -> set[str]:
     """Names of the modules whose input quantizer is on."""
-    return {n[:-len(_SHARED_SUFFIX)] for n, q in _quantizers(model) if n.endswith(_SHARED_SUFFIX) and q.is_enabled}
+    return {n[:-len(_INPUT_SUFFIX)] for n, q in _quantizers(model) if n.endswith(_INPUT_SUFFIX) and q.is_enabled}
 
 
 def _share_inputs(gm: "torch.fx.GraphModule") -> list[str]:
@@ -375,14 +375,14 @@ def _share_inputs(gm: "torch.fx.GraphModule") -> list[str]:
         while isinstance(t, torch.fx.Node) and t.op == "call_module" and isinstance(gm.get_submodule(t.target), _PADS):
             chain.append(t)
             t = t.args[0] if t.args else None
-        if not isinstance(t, torch.fx.Node) or (t.op == "call_module" and str(t.target).endswith(_SHARED_SUFFIX)):
+        if not isinstance(t, torch.fx.Node) or (t.op == "call_module" and str(t.target).endswith(_INPUT_SUFFIX)):
             continue
         if not [u for u in t.users if u not in chain]:
             continue
         with g.inserting_after(t):
-            q = g.call_module(f"{node.target}{_SHARED_SUFFIX}", (t,))
+            q = g.call_module(f"{node.target}{_INPUT_SUFFIX}", (t,))
         t.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
-        shared.append(f"{node.target}{_SHARED_SUFFIX}")
+        shared.append(f"{node.target}{_INPUT_SUFFIX}")
     if shared:
         g.lint()
         gm.recompile()
@@ -418,7 +418,7 @@ def _runtime_outputs(gm: "torch.fx.GraphModule") -> dict[str, Optional[float]]:
             if u.op != "call_module":
                 return False
             m = modules.get(str(u.target))
-            if str(u.target) in quantized or str(u.target).endswith(_SHARED_SUFFIX):
+            if str(u.target) in quantized or str(u.target).endswith(_INPUT_SUFFIX):
                 continue
             if isinstance(m, _RANGE_KEEPING) and covered(u, depth + 1):
                 continue
@@ -449,7 +449,7 @@ def _simulate_runtime(model: nn.Module, cfg: QuantConfig, outputs: Optional[Sequ
     qs = dict(_quantizers(model))
     outputs = list(limits)
     for name in outputs:
-        q = qs.get(f"{name}.output_quantizer")
+        q = qs.get(f"{name}{_OUTPUT_SUFFIX}")
         if q is None:
             raise QuantizationError(f"layer {name!r} has no output quantizer")
         q.set_from_attribute_config({"num_bits": int(cfg.act_bits), "axis": None, "enable": True,
@@ -460,14 +460,13 @@ def _simulate_runtime(model: nn.Module, cfg: QuantConfig, outputs: Optional[Sequ
 @torch.no_grad()
 def _activation_ranges(model: nn.Module, loader: Iterable, cfg: QuantConfig, batch_fn, device,
                        samples_per_batch: int = 200_000) -> None:
-    """Set each activation quantizer's range from the float activations at its input: the
-    ``act_percentile`` of |x| (or the max), and ``unsigned`` (all 8 bits on [0, amax]) where the
-    input is never negative (after a ReLU), as int8 runtimes do with their uint8 activations."""
-    quantizers = [(n, q) for n, q in _quantizers(model) if n.endswith(("input_quantizer", "output_quantizer"))
-                  and q.is_enabled]
-    if not quantizers:
+    """Set each activation quantizer's range from the float activations it quantizes (its layer's
+    input, or output for an output quantizer): the ``act_percentile`` of |x| (or the max), and
+    ``unsigned`` (all 8 bits on [0, amax]) where they are never negative (after a ReLU), as int8
+    runtimes do with their uint8 activations."""
+    owners = {n: q for n, q in _quantizers(model) if n.endswith((_INPUT_SUFFIX, _OUTPUT_SUFFIX)) and q.is_enabled}
+    if not owners:
         return
-    owners = {n: q for n, q in quantizers}
     seen: dict[str, list[torch.Tensor]] = {k: [] for k in owners}
     lowest = {k: float("inf") for k in owners}
     highest = {k: 0.0 for k in owners}
@@ -484,7 +483,7 @@ def _activation_ranges(model: nn.Module, loader: Iterable, cfg: QuantConfig, bat
             seen[name].append(v)
         return fn
 
-    handles = [model.get_submodule(k.rsplit(".", 1)[0]).register_forward_pre_hook(hook(k)) if k.endswith("input_quantizer")
+    handles = [model.get_submodule(k.rsplit(".", 1)[0]).register_forward_pre_hook(hook(k)) if k.endswith(_INPUT_SUFFIX)
                else model.get_submodule(k.rsplit(".", 1)[0]).register_forward_hook(hook(k)) for k in owners]
     was_enabled = [(q, q.is_enabled) for _, q in _quantizers(model)]
     for q, _ in was_enabled:
@@ -637,13 +636,13 @@ def input_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
     ``(0, amax)`` where its input quantizer is unsigned (after a ReLU), ``(-amax, amax)`` otherwise
     (units of the activations). Layers kept in float, or whose input quantizer is off, are absent.
     An int8 runtime that quantizes each layer's input on these ranges runs what QAT trained for."""
-    return _trained_ranges(model, ".input_quantizer", "input_ranges")
+    return _trained_ranges(model, _INPUT_SUFFIX, "input_ranges")
 
 
 def output_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
     """Like :func:`input_ranges`, for the layers whose output QAT quantizes as the int8 runtime will
     (a residual branch's last conv: see :func:`quantize`)."""
-    return _trained_ranges(model, ".output_quantizer", "output_ranges")
+    return _trained_ranges(model, _OUTPUT_SUFFIX, "output_ranges")
 
 
 def quant_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -685,8 +684,7 @@ def restore(float_model: nn.Module, meta: dict, amax: dict[str, torch.Tensor]) -
         raise QuantizationError(f"stored quantizers {missing[:3]} do not exist in the rebuilt model")
     # what the runtime quantizes beyond the layers' inputs, as the model was trained (absent from
     # checkpoints written before ganslim simulated it: those are restored as they were trained)
-    outputs = [qn[:-len(".output_quantizer")] for qn in enabled
-               if qn.endswith(".output_quantizer") and not qs[qn].is_enabled]
+    outputs = [qn[:-len(_OUTPUT_SUFFIX)] for qn in enabled if qn.endswith(_OUTPUT_SUFFIX) and not qs[qn].is_enabled]
     shared = _simulate_runtime(model, cfg, outputs)[0] if "shared_inputs" in meta else []
     if shared != list(meta.get("shared_inputs") or []):
         raise QuantizationError(f"the rebuilt model shares other quantized inputs ({shared[:3]}) than the saved one "
