@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--student", default="runs/demo/student.safetensors", help="float student (ganslim checkpoint)")
     ap.add_argument("--qat-steps", type=int, default=300)
     ap.add_argument("--qat-lr", type=float, default=1e-4)
+    ap.add_argument("--range-lr", type=float, default=QuantConfig.range_lr,
+                    help="Adam learning rate of QAT's activation ranges (log); 0: the calibrated ranges stay fixed")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="benchmarks/results/quant.json")
@@ -62,7 +64,7 @@ def main() -> None:
     loader = data.default_loader(batch_size=args.batch_size, crop=64, length=max(args.qat_steps, 8) * args.batch_size,
                                  seed=1, teacher=teacher)  # batches carry the teacher's outputs (offline distillation)
     t0 = time.time()
-    qcfg = QuantConfig(steps=args.qat_steps, lr=args.qat_lr, skip_first=not args.int8_ends, skip_last=not args.int8_ends,
+    qcfg = QuantConfig(steps=args.qat_steps, lr=args.qat_lr, range_lr=args.range_lr, skip_first=not args.int8_ends, skip_last=not args.int8_ends,
                        reference=args.qat_reference)
     qat = quantize(student, loader, qcfg)
     with torch.no_grad():
@@ -147,7 +149,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": machine, "student": args.student, "qat_steps": args.qat_steps,
-                   "rows": [r.__dict__ for r in rows + t_rows], "summary": summary}, f, indent=2)
+                   "qat_config": qcfg.to_dict(), "rows": [r.__dict__ for r in rows + t_rows], "summary": summary}, f, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -238,7 +238,7 @@ def _compress(model: nn.Module, teacher: nn.Module, loader: Iterable, config: Op
     if q.mode:
         from .deployment.quantization import QuantConfig, quantize, train_qat
 
-        qcfg = QuantConfig(steps=q.steps, lr=q.lr, calib_batches=q.calib_batches, skip_first=q.skip_first,
+        qcfg = QuantConfig(steps=q.steps, lr=q.lr, range_lr=q.range_lr, calib_batches=q.calib_batches, skip_first=q.skip_first,
                            skip_last=q.skip_last, reference=q.reference, recon_weight=cfg.loss.recon_weight, gt_weight=cfg.loss.gt_weight,
                            mse_weight=cfg.loss.mse_weight)
         qmodel = quantize(plain, loader, qcfg, batch_fn=cfg.batch_fn, example_inputs=example)

@@ -120,6 +120,8 @@ class QuantOptions:
     mode: Optional[str] = _opt(None, flat="quant")  # "int8": QAT with 8-bit weights (per channel) and activations
     steps: int = _opt(300, flat="quant_steps")
     lr: float = _opt(1e-4, flat="quant_lr")
+    # Adam learning rate of the activation ranges (their logarithm) during QAT; 0 keeps them as calibrated
+    range_lr: float = _opt(1e-2, flat="quant_range_lr")
     calib_batches: int = _opt(8, flat="quant_calib_batches")
     skip_first: bool = _opt(True, flat="quant_skip_first")  # keep the first / last weighted layer in float
     skip_last: bool = _opt(True, flat="quant_skip_last")

@@ -247,3 +247,76 @@ def test_a_checkpoint_from_before_the_runtime_simulation_restores_as_trained(qne
     back = Q.restore(Q.to_float(qnet, quantized_weights=False), old_meta, old_amax)
     assert getattr(back, "_ganslim_quant").shared_inputs == [] and not Q.output_ranges(back)
     assert not any(str(n.target).endswith("_quantizer") for n in back.graph.nodes if n.op == "call_module")
+
+
+def _activation_quantizers(model):
+    return {n: q for n, q in Q._quantizers(model)
+            if n.endswith(("input_quantizer", "output_quantizer")) and q.is_enabled and q.amax.numel() == 1}
+
+
+def test_learned_ranges_start_where_calibration_left_them_and_leave_nothing_behind(net, loader):
+    """Inside learned_ranges the model computes exactly what the calibrated quantizers do (log range 0),
+    one parameter per activation quantizer; on exit the parameters are gone and the changed log ranges
+    are the quantizers' new ranges (a range before Tanh no wider than where Tanh saturates)."""
+    q = Q.quantize(net, loader, skip_first=False, skip_last=False)
+    x = _x(3)
+    keys = set(q.state_dict())
+    amax = {n: float(t.amax) for n, t in _activation_quantizers(q).items()}
+    with torch.no_grad():
+        before = q(x)
+    with Q.learned_ranges(q) as ranges:
+        assert len(ranges) == len(amax) > 5
+        with torch.no_grad():
+            assert torch.equal(q(x), before)
+            for p in ranges:
+                p.fill_(0.5)
+            assert not torch.equal(q(x), before)
+    assert set(q.state_dict()) == keys and all(t.backend is None for _, t in Q._quantizers(q))
+    limited = {n for n in amax if n.endswith("output_quantizer")} & {f"{n}.output_quantizer" for n, v in
+                                                                     Q._runtime_outputs(q).items() if v is not None}
+    assert limited  # the output conv before Tanh
+    for n, t in _activation_quantizers(q).items():
+        want = min(amax[n] * float(torch.exp(torch.tensor(0.5))), 4.0) if n in limited else amax[n] * float(torch.exp(torch.tensor(0.5)))
+        assert float(t.amax) == pytest.approx(want, rel=1e-5), n
+
+
+def test_learned_range_gradient_is_lsqs_step_size_gradient(net, loader):
+    """d output / d log range, with v = x k (k = 127 / range, ModelOpt's signed grid [-128, 127]):
+    (round(v) - v) / k inside the range, the bound over k beyond it; LSQ's step-size gradient."""
+    q = Q.quantize(net, loader)
+    name, quantizer = next((n, t) for n, t in _activation_quantizers(q).items() if not t.unsigned)
+    lo = -127 if quantizer.narrow_range else -128
+    amax = float(quantizer.amax)
+    x = torch.linspace(-2 * amax, 2 * amax, 397).reshape(1, 1, 1, 397)
+    with Q.learned_ranges(q) as ranges:
+        log_range = dict(zip(_activation_quantizers(q), ranges))[name]
+        quantizer(x).sum().backward()
+    k = 127 / quantizer.amax.float()
+    v = x * k
+    expected = torch.where(v > 127, 127 / k, torch.where(v < lo, lo / k, (v.round() - v) / k)).sum()
+    assert (v > 127).sum() > 50 and (v < lo).sum() > 50 and ((v < 127) & (v > lo)).sum() > 100
+    assert float(log_range.grad) == pytest.approx(float(expected), rel=1e-4, abs=1e-4 * amax)
+
+
+def test_qat_learns_a_range_calibrated_far_too_wide_and_keeps_it_fixed_at_range_lr_0(net, loader):
+    """A quantizer whose range is 30x too wide wastes its 8 bits; QAT with learned ranges shrinks it
+    (and the model's fidelity to the float net rises above the fixed-range run's), range_lr=0 leaves it."""
+    xs = [x for x, _ in data.default_loader(batch_size=4, crop=32, length=8, seed=5)]
+
+    def qat(range_lr):
+        q = Q.quantize(net, loader, skip_first=False, skip_last=False)
+        quantizers = _activation_quantizers(q)
+        wide = next(n for n in quantizers if n.endswith(".input_quantizer") and not quantizers[n].unsigned)
+        quantizers[wide].amax = quantizers[wide].amax * 30
+        start = float(quantizers[wide].amax)
+        Q.train_qat(q, net, data.default_loader(batch_size=4, crop=32, length=240),
+                    Q.QuantConfig(steps=60, lr=1e-4, range_lr=range_lr, gt_weight=0.0), progress=False)
+        with torch.no_grad():
+            return float(quantizers[wide].amax) / start, measure.compare_outputs(net, q, xs)["psnr"]
+
+    fixed_ratio, fixed_psnr = qat(0.0)
+    learned_ratio, learned_psnr = qat(3e-2)
+    assert fixed_ratio == 1.0
+    assert learned_ratio < 0.8 and learned_psnr > fixed_psnr + 1.0, (learned_ratio, learned_psnr, fixed_psnr)
+    with pytest.raises(ValueError, match="range_lr"):
+        Q.QuantConfig(range_lr=-1).validate()

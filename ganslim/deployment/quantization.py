@@ -8,7 +8,8 @@ int8 grid. Pieces, each usable alone:
   int8 network has no float BatchNorm left between its integer convolutions;
 * :func:`quantize` - insert fake quantizers (ModelOpt) and calibrate them on the user's loader;
 * :func:`train_qat` - distillation fine-tune of the fake-quantized student (the loop of
-  :mod:`ganslim.core.train`: L1 to the teacher's output and to the ground truth);
+  :mod:`ganslim.core.train`: L1 to the teacher's output and to the ground truth), the activation
+  ranges learned with the weights (LSQ);
 * :func:`to_float` - the ``merge_and_unload`` of quantization: a plain float module of standard
   layers whose weights are the fake-quantized (on-grid) weights, ready for ONNX export;
 * :func:`quant_state` / :func:`restore` - what a checkpoint stores (our own JSON config and the
@@ -18,11 +19,12 @@ The deployment itself (QDQ ONNX run by onnxruntime's int8 kernels) lives in :mod
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,7 +32,7 @@ import torch.nn as nn
 from .._extras import require
 from ..core.train import input_batches, split_batch
 
-__all__ = ["QuantConfig", "fold_batchnorm", "quantize", "train_qat", "is_quantized", "is_calibrated", "to_float",
+__all__ = ["QuantConfig", "fold_batchnorm", "quantize", "train_qat", "learned_ranges", "is_quantized", "is_calibrated", "to_float",
            "input_ranges", "output_ranges", "quant_state", "restore", "QuantizationError"]
 
 _STATE_ATTR = "_ganslim_quant"  # plain attribute on the quantized root module (deep-copies with it)
@@ -72,6 +74,12 @@ class QuantConfig:
     reference: str = "teacher"
     steps: int = 300
     lr: float = 1e-4  # 300 steps at 1e-4 recovered the demo student fully (2e-5 too little)
+    # QAT learns each activation quantizer's range with the weights (LSQ's step-size gradient, on
+    # the log of the range, Adam at this learning rate); 0 keeps the calibrated ranges fixed. The
+    # fixed percentile ranges cost the 1/20 student half its int8 loss: bench_quant.py --int8-ends,
+    # its int8 file -0.17 dB to ground truth from its float self, -0.37 with --range-lr 0 (Intel
+    # Xeon, fourteenth session, benchmarks/results/xeon_session14).
+    range_lr: float = 1e-2
     recon_weight: float = 10.0
     gt_weight: float = 10.0
     mse_weight: float = 0.0  # MSE to ground truth (teacher without one); compress passes its own (50)
@@ -90,6 +98,8 @@ class QuantConfig:
             raise ValueError(f"act_calib must be 'max' or 'percentile', got {self.act_calib!r}")
         if self.reference not in ("float", "teacher"):
             raise ValueError(f"reference must be 'float' or 'teacher', got {self.reference!r}")
+        if self.range_lr < 0:
+            raise ValueError(f"range_lr must be >= 0, got {self.range_lr}")
         if not 50.0 < self.act_percentile <= 100.0:
             raise ValueError(f"act_percentile must be in (50, 100], got {self.act_percentile}")
         return self
@@ -538,6 +548,74 @@ def enabled_quantizers(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# learned activation ranges
+# --------------------------------------------------------------------------------------------------
+
+_LEARNED_RANGE_BACKEND = "ganslim_learned_range"  # a ModelOpt quantization backend (registered on first use)
+_LOG_RANGE = "log_range"  # a quantizer's parameter while its range is learned: log(range / calibrated range)
+_RANGE_LIMIT = "_ganslim_range_limit"  # where a saturating activation alone reads the tensor (see _runtime_outputs)
+
+
+def _learned_range_fake_quant(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
+    """Fake quantization on a learned range (LSQ, Esser et al. 2020, the range in log space):
+    ``x -> round(clamp(x * k, lo, hi)) / k`` with ``k = hi / (amax * exp(log_range))``, on ModelOpt's
+    own integer grid and arithmetic (signed: [-127, 127]; unsigned, after a ReLU: [0, 255]), so at
+    ``log_range == 0`` the output is ModelOpt's. The rounding passes gradients straight through inside
+    the range and none beyond it; the range gets LSQ's step-size gradient (the rounded value minus
+    x * k inside the range, the bound outside): QAT weighs clipping against rounding on its own loss."""
+    bits = int(quantizer.num_bits)
+    hi = 2.0 ** (bits - 1 + int(quantizer.unsigned)) - 1
+    lo = 0.0 if quantizer.unsigned else (-hi if quantizer.narrow_range else -hi - 1)
+    amax = quantizer.amax.float() * torch.exp(getattr(quantizer, _LOG_RANGE).float())
+    limit = getattr(quantizer, _RANGE_LIMIT, None)
+    if limit is not None:
+        amax = amax.clamp_max(limit)
+    scale = hi / amax
+    scaled = torch.clamp(inputs.float() * scale, lo, hi)
+    return ((scaled + (torch.round(scaled) - scaled).detach()) / scale).to(inputs.dtype)
+
+
+@contextlib.contextmanager
+def learned_ranges(model: nn.Module) -> Iterator[list[nn.Parameter]]:
+    """While open, every enabled per-tensor activation quantizer of the quantized ``model`` (layer
+    inputs, and the outputs :func:`quantize` simulates) takes its range from a new parameter, the log of
+    its range over the calibrated one (0 at first: outputs unchanged), trained by whatever optimizes
+    the yielded parameters. On exit each learned range becomes the quantizer's ``amax`` (no wider
+    than where a saturating activation alone reads the tensor, as the int8 export clips it) and the
+    parameters are removed: the model is a quantized model as :func:`quantize` returns them, with
+    other ranges. Weight quantizers keep their per-channel maxima."""
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
+        is_registered_quant_backend, register_quant_backend)
+
+    if not is_quantized(model):
+        raise QuantizationError("learned_ranges expects a model returned by ganslim.quantization.quantize")
+    if not is_registered_quant_backend(_LEARNED_RANGE_BACKEND):
+        register_quant_backend(_LEARNED_RANGE_BACKEND, _learned_range_fake_quant)
+    limits = _runtime_outputs(model) if isinstance(model, torch.fx.GraphModule) else {}
+    learned = []
+    for name, q in _quantizers(model):
+        if (name.endswith((_INPUT_SUFFIX, _OUTPUT_SUFFIX)) and q.is_enabled and q.amax is not None
+                and q.amax.numel() == 1 and q.backend is None):
+            q.register_parameter(_LOG_RANGE, nn.Parameter(torch.zeros((), device=q.amax.device)))
+            if name.endswith(_OUTPUT_SUFFIX) and limits.get(name[:-len(_OUTPUT_SUFFIX)]) is not None:
+                setattr(q, _RANGE_LIMIT, float(limits[name[:-len(_OUTPUT_SUFFIX)]]))
+            q.backend = _LEARNED_RANGE_BACKEND
+            learned.append(q)
+    try:
+        yield [getattr(q, _LOG_RANGE) for q in learned]
+    finally:
+        with torch.no_grad():
+            for q in learned:
+                amax = q.amax * torch.exp(getattr(q, _LOG_RANGE).detach().float())
+                limit = getattr(q, _RANGE_LIMIT, None)
+                q.amax = amax.clamp_max(limit) if limit is not None else amax
+                del q._parameters[_LOG_RANGE]
+                if limit is not None:
+                    delattr(q, _RANGE_LIMIT)
+                q.backend = None
+
+
+# --------------------------------------------------------------------------------------------------
 # QAT
 # --------------------------------------------------------------------------------------------------
 
@@ -551,7 +629,9 @@ def train_qat(model: nn.Module, teacher: Optional[nn.Module], loader: Iterable, 
 
     Losses as in :class:`ganslim.core.train.DistillTrainer`: L1 to the reference's output (pseudo
     pairs) and to the ground truth when the batch has one; Adam, cosine decay over ``config.steps``.
-    The quantizers' ranges stay fixed at their calibrated values.
+    The activation ranges are learned with the weights (:func:`learned_ranges`, Adam at
+    ``config.range_lr`` on their logarithm) and stay fixed at their calibrated values where
+    ``range_lr`` is 0; weight ranges follow the weights (per-channel maxima).
     """
     from ..core.train import DistillTrainer, LossWeights, lr_cosine
 
@@ -571,13 +651,16 @@ def train_qat(model: nn.Module, teacher: Optional[nn.Module], loader: Iterable, 
     else:
         reference = teacher
     weights = LossWeights(cfg.recon_weight, cfg.gt_weight, 0.0, 0.0, cfg.mse_weight)
-    trainer = DistillTrainer(model, reference, [{"params": list(model.parameters()), "lr": cfg.lr}], weights,
-                             device=device, batch_fn=batch_fn,
-                             memory_format="contiguous",  # the fake-quant layers' speed in channels-last: unmeasured
-                             cached_teacher_outputs=cfg.reference == "teacher")
-    sched = torch.optim.lr_scheduler.LambdaLR(trainer.opt, lambda s: lr_cosine(s, cfg.steps))
-    trainer.after_step.append(lambda tr: sched.step())
-    trainer.run(loader, cfg.steps, desc="ganslim QAT int8", progress=progress, callbacks=callbacks)
+    with learned_ranges(model) if cfg.range_lr > 0 else contextlib.nullcontext([]) as ranges:
+        groups = [{"params": [p for n, p in model.named_parameters() if not n.endswith(_LOG_RANGE)], "lr": cfg.lr}]
+        if ranges:
+            groups.append({"params": ranges, "lr": cfg.range_lr})
+        trainer = DistillTrainer(model, reference, groups, weights, device=device, batch_fn=batch_fn,
+                                 memory_format="contiguous",  # the fake-quant layers' speed in channels-last: unmeasured
+                                 cached_teacher_outputs=cfg.reference == "teacher")
+        sched = torch.optim.lr_scheduler.LambdaLR(trainer.opt, lambda s: lr_cosine(s, cfg.steps))
+        trainer.after_step.append(lambda tr: sched.step())
+        trainer.run(loader, cfg.steps, desc="ganslim QAT int8", progress=progress, callbacks=callbacks)
     return model.eval()
 
 
