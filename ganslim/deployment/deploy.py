@@ -510,15 +510,28 @@ _RANGE_SHARING = _VALUE_MOVES + ("Pad", "Relu")
 def _spread_ranges(graph, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
     """``ranges`` extended up each chain of :data:`_RANGE_SHARING` operators to the tensor computed in
     front of it (a pad, a ReLU moved next to its conv by a rewrite, a depth-to-space), whose range
-    the quantizer would otherwise calibrate and pass down the chain. Unions where chains meet."""
+    the quantizer would otherwise calibrate and pass down the chain, and down each chain of pads and
+    value moves to the tensor a rewrite put in front of the layer (the space-to-depth of a thin
+    output conv: its conv reads the reordered tensor, which onnxruntime would calibrate on its own;
+    a learned range there was lost). Unions where chains meet."""
     producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        if n.input:
+            readers.setdefault(n.input[0], []).append(n)
     out = dict(ranges)
     for t, r in ranges.items():
-        node = producer.get(t)
+        up, node = t, producer.get(t)
         while node is not None and node.op_type in _RANGE_SHARING and node.input:
-            t = node.input[0]
-            _widen(out, t, r)
-            node = producer.get(t)
+            up = node.input[0]
+            _widen(out, up, r)
+            node = producer.get(up)
+        down = [t]
+        while down:
+            for n in readers.get(down.pop(), []):
+                if n.op_type in _VALUE_MOVES + ("Pad",) and n.output:
+                    _widen(out, n.output[0], r)
+                    down.append(n.output[0])
     return out
 
 
@@ -556,6 +569,13 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
         import onnx
 
         g = onnx.load(str(src), load_external_data=False).graph
+        if src != fp32:  # the pre-processing's optimizer renames some outputs: follow their producer nodes
+            made_by = {o: n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node for o in n.output}
+            now = {n.name: n.output[0] for n in g.node if n.name and n.output}
+            renamed: dict[str, tuple[float, float]] = {}
+            for t, r in ranges.items():
+                _widen(renamed, now.get(made_by.get(t), t), r)
+            ranges = renamed
         present = {t for n in g.node for t in n.input} | {i.name for i in g.input}
         extra["TensorQuantOverrides"] = {t: [_uint8_grid(lo, hi)]
                                          for t, (lo, hi) in _spread_ranges(g, ranges).items() if t in present}
