@@ -177,8 +177,12 @@ class DistillTrainer:
     def __init__(self, student: nn.Module, teacher: nn.Module, param_groups: list[dict], weights: LossWeights,
                  distiller=None, discriminator: Optional[nn.Module] = None, d_lr: float = 2e-4,
                  gan_mode: str = "lsgan", device: str = "cpu", batch_fn: Optional[BatchFn] = None,
-                 memory_format: str = "auto", precision: str = "fp32", cached_teacher_outputs: bool = True):
+                 memory_format: str = "auto", precision: str = "fp32", cached_teacher_outputs: bool = True,
+                 frozen_batchnorm: bool = False):
         self.student, self.teacher = student, teacher
+        # True: the student's BatchNorm layers normalize with their running statistics and keep them
+        # (eval mode) while the rest trains: a QAT fine-tune, whose quantizer ranges were calibrated on them
+        self.frozen_batchnorm = frozen_batchnorm
         # batches' precomputed teacher outputs stand in for the teacher's forward; False runs ``teacher``
         # on every batch (a QAT fine-tune imitating the float model, not the teacher the outputs came from)
         self.cached_teacher_outputs = cached_teacher_outputs
@@ -354,6 +358,10 @@ class DistillTrainer:
         from tqdm.auto import tqdm
 
         self.student.train()
+        if self.frozen_batchnorm:
+            for m in self.student.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         self.teacher.eval()
         # an after_step callback may move the end (ganslim.core.budget.Deadline re-fits it to a time budget)
         self.total_steps = steps
