@@ -77,8 +77,8 @@ class QuantConfig:
     # QAT learns each activation quantizer's range with the weights (LSQ's step-size gradient, on
     # the log of the range, Adam at this learning rate); 0 keeps the calibrated ranges fixed. The
     # fixed percentile ranges cost the 1/20 student half its int8 loss: bench_quant.py --int8-ends,
-    # its int8 file -0.17 dB to ground truth from its float self, -0.37 with --range-lr 0 (Intel
-    # Xeon, fourteenth session, benchmarks/results/xeon_session14).
+    # its int8 file -0.17 dB to ground truth from its float self, -0.38 with --range-lr 0 (Intel
+    # Xeon without AMX, fourteenth session, benchmarks/results/xeon_session14; at 1/10 no change).
     range_lr: float = 1e-2
     recon_weight: float = 10.0
     gt_weight: float = 10.0
