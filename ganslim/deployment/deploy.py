@@ -538,9 +538,9 @@ def _spread_ranges(graph, ranges: dict[str, tuple[float, float]]) -> dict[str, t
 def _uint8_grid(lo: float, hi: float) -> dict:
     """onnxruntime's uint8 scale and zero point for a fake quantizer's range ``[lo, hi]`` on the same
     grid: unsigned ``[0, amax]`` has 255 steps of amax / 255 (zero point 0); signed ``[-amax, amax]``
-    (ModelOpt's narrow range, -127..127) steps of amax / 127 around zero point 128 (one more level
-    below, never produced by QAT). A fitted [rmin, rmax] would put 255 steps on [-amax, amax] instead:
-    a grid 127 / 127.5 as fine, every value rounded afresh."""
+    steps of amax / 127 around zero point 128, levels -128..127 (ModelOpt's signed grid; its narrow
+    range stops at -127). A fitted [rmin, rmax] would put 255 steps on [-amax, amax] instead: a grid
+    127 / 127.5 as fine, every value rounded afresh."""
     if lo >= 0:
         return {"scale": np.array(hi / 255.0, dtype=np.float32), "zero_point": np.array(0, dtype=np.uint8)}
     amax = max(-lo, hi)

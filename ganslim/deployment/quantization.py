@@ -559,7 +559,8 @@ _RANGE_LIMIT = "_ganslim_range_limit"  # where a saturating activation alone rea
 def _learned_range_fake_quant(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
     """Fake quantization on a learned range (LSQ, Esser et al. 2020, the range in log space):
     ``x -> round(clamp(x * k, lo, hi)) / k`` with ``k = hi / (amax * exp(log_range))``, on ModelOpt's
-    own integer grid and arithmetic (signed: [-127, 127]; unsigned, after a ReLU: [0, 255]), so at
+    own integer grid and arithmetic (signed: [-128, 127], [-127, 127] with its narrow range; unsigned,
+    after a ReLU: [0, 255]), so at
     ``log_range == 0`` the output is ModelOpt's. The rounding passes gradients straight through inside
     the range and none beyond it; the range gets LSQ's step-size gradient (the rounded value minus
     x * k inside the range, the bound outside): QAT weighs clipping against rounding on its own loss."""
