@@ -510,28 +510,15 @@ _RANGE_SHARING = _VALUE_MOVES + ("Pad", "Relu")
 def _spread_ranges(graph, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
     """``ranges`` extended up each chain of :data:`_RANGE_SHARING` operators to the tensor computed in
     front of it (a pad, a ReLU moved next to its conv by a rewrite, a depth-to-space), whose range
-    the quantizer would otherwise calibrate and pass down the chain, and down each chain of pads and
-    value moves to the tensor a rewrite put in front of the layer (the space-to-depth of a thin
-    output conv: its conv reads the reordered tensor, which onnxruntime would calibrate on its own;
-    a learned range there was lost). Unions where chains meet."""
+    the quantizer would otherwise calibrate and pass down the chain. Unions where chains meet."""
     producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        if n.input:
-            readers.setdefault(n.input[0], []).append(n)
     out = dict(ranges)
     for t, r in ranges.items():
-        up, node = t, producer.get(t)
+        node = producer.get(t)
         while node is not None and node.op_type in _RANGE_SHARING and node.input:
-            up = node.input[0]
-            _widen(out, up, r)
-            node = producer.get(up)
-        down = [t]
-        while down:
-            for n in readers.get(down.pop(), []):
-                if n.op_type in _VALUE_MOVES + ("Pad",) and n.output:
-                    _widen(out, n.output[0], r)
-                    down.append(n.output[0])
+            t = node.input[0]
+            _widen(out, t, r)
+            node = producer.get(t)
     return out
 
 
