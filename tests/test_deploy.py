@@ -589,65 +589,72 @@ def test_a_qat_model_is_exported_on_the_input_ranges_it_was_trained_with(net, lo
     assert p_own > p_recal + 1.0, (p_own, p_recal)
 
 
-@pytest.mark.parametrize("generator", ["resnet9-batch", "resnet9-instance", "unet256", "spade", "cartoongan"])
+FIELD_GENERATORS = ["resnet9-batch", "resnet9-instance", "unet256", "spade", "cartoongan"]
+
+
+def _quantized_generator(generator):
+    """``(teacher, train batches, held-out inputs, calibration batches, its fake-quantized copy)`` of one
+    of the field's generators, every layer quantized (the RGB ends too)."""
+    from test_targets_per_generator import _teacher_and_loader
+
+    teacher, train = _teacher_and_loader(generator)
+    x = torch.cat([b[0] for b in train[4:6]])
+    calib = [(b[0], None) for b in train[:4]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = Q.quantize(teacher, calib, batch_fn=lambda b: b, skip_first=False, skip_last=False)
+    return teacher, train, x, calib, q
+
+
+def _assert_the_file_follows_the_fake_quantized_model(generator, q, x, calib, tmp_path):
+    """The int8 file's PSNR to the on-grid float model is the fake-quantized model's within 1 dB (SPADE:
+    only > 30 dB, see below)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = export(q, tmp_path / "q.onnx", "onnx-int8", example_inputs=x[:1], calib_loader=calib, batch_fn=lambda b: b)
+        with torch.no_grad():
+            ref = Q.to_float(q, quantized_weights=True)(x)
+            fake, file = measure.psnr(q(x), ref), measure.psnr(OnnxModule(path)(x), ref)
+    assert file > 30, (generator, fake, file)
+    if generator != "spade":
+        assert abs(fake - file) < 1.0, (generator, fake, file)
+
+
+@pytest.mark.parametrize("generator", FIELD_GENERATORS)
 def test_the_fake_quantized_model_predicts_its_int8_file(generator, tmp_path):
     """QAT quantizes what onnxruntime's int8 graph quantizes (a residual block's stream once for the
     conv and the skip, the branch's output, the output before Tanh), so the fake-quantized model's
     distance to its float self is the int8 file's, within 1 dB. Not on SPADE: its modulation
     (x_norm * (1 + gamma) + beta, computed outside modules) is quantized by onnxruntime in ways QAT
     does not follow yet, and the file stays several dB under its fake-quantized model there."""
-    from test_targets_per_generator import _teacher_and_loader
-
-    teacher, train = _teacher_and_loader(generator)
-    x = torch.cat([b[0] for b in train[4:6]])
-    calib = [(b[0], None) for b in train[:4]]
-    kw = dict(calib_loader=calib, batch_fn=lambda b: b)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = Q.quantize(teacher, calib, batch_fn=lambda b: b, skip_first=False, skip_last=False)
-        p = export(q, tmp_path / "q.onnx", "onnx-int8", example_inputs=x[:1], **kw)
-        with torch.no_grad():
-            ref = Q.to_float(q, quantized_weights=True)(x)
-            fake, file = measure.psnr(q(x), ref), measure.psnr(OnnxModule(p)(x), ref)
-    assert file > 30, (generator, fake, file)
-    if generator != "spade":
-        assert abs(fake - file) < 1.0, (generator, fake, file)
+    _, _, x, calib, q = _quantized_generator(generator)
+    _assert_the_file_follows_the_fake_quantized_model(generator, q, x, calib, tmp_path)
 
 
-@pytest.mark.parametrize("generator", ["resnet9-batch", "resnet9-instance", "unet256", "spade", "cartoongan"])
+@pytest.mark.parametrize("generator", FIELD_GENERATORS)
 def test_qat_learns_activation_ranges_on_each_generator_and_the_file_keeps_them(generator, tmp_path):
     """QAT with learned ranges (the default) moves the activation ranges, brings the fake-quantized
     model closer to its float self, and the int8 file is exported on the learned ranges: it predicts
     the file as closely as calibrated ranges do (SPADE: the file stays > 30 dB, as above)."""
-    from test_targets_per_generator import _teacher_and_loader
-
-    teacher, train = _teacher_and_loader(generator)
-    x = torch.cat([b[0] for b in train[4:6]])
-    calib = [(b[0], None) for b in train[:4]]
+    teacher, train, x, calib, q = _quantized_generator(generator)
+    calibrated = Q.input_ranges(q)
+    for param in q.parameters():
+        param.requires_grad_(True)  # the teacher's were frozen
+    with torch.no_grad():
+        ref = teacher(x)
+        before = measure.psnr(q(x), ref)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = Q.quantize(teacher, calib, batch_fn=lambda b: b, skip_first=False, skip_last=False)
-        calibrated = Q.input_ranges(q)
-        for p in q.parameters():
-            p.requires_grad_(True)  # the teacher's were frozen
-        with torch.no_grad():
-            ref = teacher(x)
-            before = measure.psnr(q(x), ref)
         Q.train_qat(q, None, [(b[0], None) for b in train] * 4,
                     Q.QuantConfig(steps=24, lr=1e-5, range_lr=3e-2, reference="float", gt_weight=0.0),
                     batch_fn=lambda b: b, progress=False)
-        learned = Q.input_ranges(q)
-        p = export(q, tmp_path / "q.onnx", "onnx-int8", example_inputs=x[:1], calib_loader=calib, batch_fn=lambda b: b)
-        with torch.no_grad():
-            after = measure.psnr(q(x), ref)
-            own = Q.to_float(q, quantized_weights=True)(x)
-            fake, file = measure.psnr(q(x), own), measure.psnr(OnnxModule(p)(x), own)
+    learned = Q.input_ranges(q)
+    with torch.no_grad():
+        after = measure.psnr(q(x), ref)
     moved = [k for k in calibrated if abs(learned[k][1] / calibrated[k][1] - 1) > 0.05]
     assert len(moved) >= min(5, len(calibrated)), (generator, len(moved), len(calibrated))
     assert after > before, (generator, before, after)
-    assert file > 30, (generator, fake, file)
-    if generator != "spade":
-        assert abs(fake - file) < 1.0, (generator, fake, file)
+    _assert_the_file_follows_the_fake_quantized_model(generator, q, x, calib, tmp_path)
 
 
 def test_qat_shares_the_residual_stream_and_quantizes_the_branch(net, loader, x, tmp_path, monkeypatch):

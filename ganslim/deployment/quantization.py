@@ -638,7 +638,7 @@ def train_qat(model: nn.Module, teacher: Optional[nn.Module], loader: Iterable, 
     pairs) and to the ground truth when the batch has one; Adam, cosine decay over ``config.steps``.
     The activation ranges are learned with the weights (:func:`learned_ranges`, Adam at
     ``config.range_lr`` on their logarithm) and stay fixed at their calibrated values where
-    ``range_lr`` is 0; weight ranges follow the weights (per-channel maxima).
+    ``range_lr`` is 0; weight ranges stay at the per-channel maxima calibrated before QAT.
     """
     from ..core.train import DistillTrainer, LossWeights, lr_cosine
 
@@ -659,7 +659,8 @@ def train_qat(model: nn.Module, teacher: Optional[nn.Module], loader: Iterable, 
         reference = teacher
     weights = LossWeights(cfg.recon_weight, cfg.gt_weight, 0.0, 0.0, cfg.mse_weight)
     with learned_ranges(model) if cfg.range_lr > 0 else contextlib.nullcontext([]) as ranges:
-        groups = [{"params": [p for n, p in model.named_parameters() if not n.endswith(_LOG_RANGE)], "lr": cfg.lr}]
+        range_ids = {id(p) for p in ranges}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in range_ids], "lr": cfg.lr}]
         if ranges:
             groups.append({"params": ranges, "lr": cfg.range_lr})
         trainer = DistillTrainer(model, reference, groups, weights, device=device, batch_fn=batch_fn,
