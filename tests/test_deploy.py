@@ -452,6 +452,65 @@ def test_int8_weights_use_seven_bits_where_the_cpu_would_saturate(net, loader, x
         assert measure.psnr(OnnxModule(seven)(x), net(x)) > 25
 
 
+def test_qat_weight_bits_follow_the_cpu_and_a_seven_bit_model_exports_seven_bit_weights(net, loader, x, tmp_path):
+    """By default QAT trains the weight bits the int8 file will hold on this CPU: 7 where 8-bit weights
+    saturate (x86 without VNNI), 8 elsewhere; a model trained on 7 bits gets a 7-bit file anywhere."""
+    from ganslim.deployment.deploy import int8_saturates
+
+    q = Q.quantize(net, loader)
+    assert Q.config_of(q).weight_bits == (7 if int8_saturates() else 8) == Q.default_weight_bits()
+    q7 = Q.quantize(net, loader, weight_bits=7)
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(export(q7, tmp_path / "q7.onnx", "onnx-int8", example_inputs=x, calib_loader=loader))).graph
+    assert max(int(abs(numpy_helper.to_array(i).astype(int)).max()) for i in g.initializer
+               if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4) <= 64
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+def test_the_int8_file_holds_the_weights_qat_trained(bits, net, loader, x, tmp_path):
+    """Each quantized conv's weights go into the file on the per-channel grid QAT trained them on
+    (amax / 64 with 7 bits, onnxruntime's reduced range, amax / 127 with 8), also for the channels whose largest weight QAT moved
+    below the calibrated range (here a tenth down): the file's weights are the fake-quantized model's.
+    On grids fitted to the weights' maxima those channels would be rounded a second time. An 8-bit QAT
+    model going into a 7-bit file (a CPU without VNNI) is rounded again, and a warning says so."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    q = Q.quantize(net, loader, weight_bits=bits, skip_first=False, skip_last=False)
+    convs = [m for n, m in q.named_modules() if isinstance(m, nn.Conv2d) and m.weight_quantizer.is_enabled]
+    with torch.no_grad():
+        for m in convs:
+            m.weight[0] *= 0.9
+    expected: dict[tuple, list] = {}
+    for m in Q.to_float(q, quantized_weights=True).modules():
+        if isinstance(m, nn.Conv2d):
+            expected.setdefault(tuple(m.weight.shape), []).append(m.weight.detach().numpy())
+
+    def file_weights(path):
+        g = onnx.load(str(path)).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        for n in g.node:
+            w = inits.get(n.input[0])
+            if n.op_type == "DequantizeLinear" and w is not None and w.dtype == np.int8 and w.ndim == 4:
+                assert not inits[n.input[2]].any()  # symmetric: zero point 0
+                yield w.astype(np.float32) * inits[n.input[1]].reshape(-1, 1, 1, 1)
+
+    def held(path):
+        found = [w for w in file_weights(path) if w.shape in expected]
+        return found, [any(np.allclose(w, e, rtol=1e-6, atol=0) for e in expected[w.shape]) for w in found]
+
+    path = export(q, tmp_path / "q.onnx", "onnx-int8", example_inputs=x, calib_loader=loader, reduce_range=bits == 7)
+    found, same = held(path)
+    assert len(found) >= 12 and all(same), (len(found), same)
+    if bits == 8:
+        with pytest.warns(UserWarning, match="rounded again"):
+            again = export(q, tmp_path / "q7.onnx", "onnx-int8", example_inputs=x, calib_loader=loader, reduce_range=True)
+        assert not any(held(again)[1])
+
+
 def test_a_depthwise_separable_student_runs_int8(loader, x, tmp_path):
     """strategy="separable"'s students (depthwise + pointwise pairs, a depthwise transposed conv whose
     BatchNorm folds per group) quantize, export and run with integer kernels, close to their float self."""

@@ -86,11 +86,12 @@ def test_to_float_gives_standard_layers_with_weights_on_the_int8_grid(qnet):
     kept_float = set(qnet._ganslim_quant.float_modules)  # first and last layer by default
     assert len(kept_float) == 2
     convs = [m for n, m in f.named_modules() if isinstance(m, nn.Conv2d) and n not in kept_float]
+    top = 64 if Q.config_of(qnet).weight_bits == 7 else 127  # 7 bits: onnxruntime's reduced range, -64..64
     for c in convs:
         w = c.weight.detach().flatten(1)
-        scale = w.abs().amax(1, keepdim=True) / 127
+        scale = w.abs().amax(1, keepdim=True) / top
         levels = w / scale.clamp_min(1e-12)
-        # per output channel, every weight is an integer multiple of one step: <= 255 levels
+        # per output channel, every weight is an integer multiple of one step: <= 2 * top + 1 levels
         assert torch.allclose(levels, levels.round(), atol=1e-3)
 
 
@@ -150,7 +151,7 @@ def test_uncalibrated_model_cannot_be_trained(net):
 def test_qat_checkpoint_reloads_bit_exactly_and_stays_quantized(qnet, tmp_path):
     p = ganslim.save(qnet, tmp_path / "qat.safetensors")
     meta = ganslim.deployment.checkpoint.read_metadata(p)
-    assert meta["quant"]["backend"] == "modelopt" and meta["quant"]["config"]["weight_bits"] == 8
+    assert meta["quant"]["backend"] == "modelopt" and meta["quant"]["config"]["weight_bits"] == Q.default_weight_bits()
     back = ganslim.load(p)
     assert Q.is_quantized(back) and Q.is_calibrated(back)
     x = _x(3)
@@ -249,6 +250,36 @@ def test_a_checkpoint_from_before_the_runtime_simulation_restores_as_trained(qne
     assert not any(str(n.target).endswith("_quantizer") for n in back.graph.nodes if n.op == "call_module")
 
 
+def test_transposed_conv_weights_are_quantized_per_output_channel_and_old_checkpoints_restore(tmp_path):
+    """A ConvTranspose weight (C_in, C_out, k, k) gets one range per output channel (axis 1), the
+    channels the int8 file quantizes; a checkpoint written with ranges per input channel (before)
+    restores with them, computing what it computed."""
+    from ganslim.deployment import checkpoint
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 6, 3, 2, 1, 1), nn.ReLU(),
+                        nn.Conv2d(6, 3, 3, padding=1)).eval()
+    loader = [(torch.randn(2, 3, 16, 16), None) for _ in range(2)]
+    q = Q.quantize(net, loader, batch_fn=lambda b: b, skip_first=False, skip_last=False)
+    wq = q.get_submodule("2").weight_quantizer
+    assert wq.axis in (1, (1,)) and wq.amax.flatten().numel() == 6
+    assert "2" in Q.weight_scales(q)
+    x = torch.randn(1, 3, 16, 16)
+    # an older checkpoint: the same model with the transposed weight's ranges per input channel
+    old = Q.quantize(net, loader, batch_fn=lambda b: b, skip_first=False, skip_last=False)
+    owq = old.get_submodule("2").weight_quantizer
+    owq.axis = 0
+    owq.reset_amax()
+    owq.amax = old.get_submodule("2").weight.detach().abs().amax(dim=(1, 2, 3), keepdim=True)
+    with torch.no_grad():
+        want = old(x)
+    path = ganslim.save(old, tmp_path / "old.safetensors")
+    back = checkpoint.load(path)
+    with torch.no_grad():
+        assert torch.equal(back(x), want)
+    assert back.get_submodule("2").weight_quantizer.axis in (0, (0,)) and "2" not in Q.weight_scales(back)
+
+
 def _activation_quantizers(model):
     return {n: q for n, q in Q._quantizers(model)
             if n.endswith(("input_quantizer", "output_quantizer")) and q.is_enabled and q.amax.numel() == 1}
@@ -271,7 +302,7 @@ def test_learned_ranges_start_where_calibration_left_them_and_leave_nothing_behi
             for p in ranges:
                 p.fill_(0.5)
             assert not torch.equal(q(x), before)
-    assert set(q.state_dict()) == keys and all(t.backend is None for _, t in Q._quantizers(q))
+    assert set(q.state_dict()) == keys and all(t.backend is None for t in _activation_quantizers(q).values())
     limited = {n for n in amax if n.endswith("output_quantizer")} & {f"{n}.output_quantizer" for n, v in
                                                                      Q._runtime_outputs(q).items() if v is not None}
     assert limited  # the output conv before Tanh

@@ -502,6 +502,35 @@ def qat_range_overrides(model: nn.Module, fp32: pathlib.Path) -> dict[str, tuple
     return out
 
 
+def qat_weight_steps(model: nn.Module, fp32: pathlib.Path) -> dict[str, Any]:
+    """``{weight initializer: per-output-channel steps}`` of the convolutions QAT model ``model``
+    quantized per channel (:func:`ganslim.deployment.quantization.weight_scales`), named as in the
+    float export ``fp32``; a transposed conv's entry names the weight of its sub-pixel form, with the
+    steps in both channel orders the rewrite writes (a tuple: the one its weights lie on is used).
+    onnxruntime quantizes those weights on the grids QAT trained them on, not on grids fitted to the
+    weights' maxima after training."""
+    import onnx
+
+    from .quantization import weight_scales
+
+    scales = weight_scales(model)
+    out = {}
+    for n in onnx.load(str(fp32), load_external_data=False).graph.node:
+        if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1 and n.input[1].endswith(".weight"):
+            layer = n.input[1][:-len(".weight")]
+            layer = layer[2:] if layer.startswith("m.") else layer
+            if layer not in scales:
+                continue
+            steps = scales[layer].cpu().numpy()
+            if n.op_type == "Conv":
+                out[n.input[1]] = steps
+            else:  # its sub-pixel form (onnx_rewrite): output channels phase-major or channel-major
+                strides = next((list(a.ints) for a in n.attribute if a.name == "strides"), [1])
+                s = int(strides[0])
+                out[f"{n.name}_subpixel_w"] = (np.tile(steps, s * s), np.repeat(steps, s * s))
+    return out
+
+
 # Operators onnxruntime's QDQ quantizer runs on its input's quantization (or removes, as a ReLU on an
 # asymmetric range): a fixed range for their output is the range of their input.
 _RANGE_SHARING = _VALUE_MOVES + ("Pad", "Relu")
@@ -537,7 +566,8 @@ def _uint8_grid(lo: float, hi: float) -> dict:
 def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple], names: Sequence[str],
                      act_calib: str = "percentile", act_percentile: float = 99.9, keep_first: bool = False,
                      keep_last: bool = False, integer_pads: bool = True, reduce_range: bool = False,
-                     ranges: Optional[dict[str, tuple[float, float]]] = None) -> None:
+                     ranges: Optional[dict[str, tuple[float, float]]] = None,
+                     weight_steps: Optional[dict[str, Any]] = None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -566,6 +596,28 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
         present = {t for n in g.node for t in n.input} | {i.name for i in g.input}
         extra["TensorQuantOverrides"] = {t: [_uint8_grid(lo, hi)]
                                          for t, (lo, hi) in _spread_ranges(g, ranges).items() if t in present}
+    if weight_steps:  # a QAT model's weight grids, per output channel, for the convs that keep their weight
+        import onnx
+
+        g = onnx.load(str(src), load_external_data=False).graph
+        conv_weights = {n.input[1] for n in g.node if n.op_type == "Conv" and len(n.input) > 1}
+        overrides = extra.setdefault("TensorQuantOverrides", {})
+        from onnx import numpy_helper
+
+        values = {i.name: i for i in g.initializer}
+        for w, options in weight_steps.items():
+            if w not in conv_weights or w not in values:
+                continue
+            weight = numpy_helper.to_array(values[w]).astype(np.float64)
+            for steps in (options if isinstance(options, tuple) else (options,)):
+                if weight.shape[0] != len(steps):
+                    continue
+                # pinned only where the weights lie on the grid (a rewrite that moved them is left alone)
+                k = weight / steps.reshape(-1, *[1] * (weight.ndim - 1))
+                if np.abs(k - np.round(k)).max() < 1e-3:
+                    overrides[w] = [{"axis": 0, "scale": np.array(st, dtype=np.float32),
+                                     "zero_point": np.array(0, dtype=np.int8)} for st in steps]
+                    break
     with contextlib.redirect_stdout(io.StringIO()), _shared_quantization(("SpaceToDepth", "DepthToSpace")):
         quantize_static(str(src), str(out), _CalibReader(batches, names), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
@@ -682,8 +734,12 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
             int8 weights in pairs summed into int16 (``vpmaddubsw``), which saturates with full-range
             weights: a QAT test student measured 18.1 dB to its float self on such a CPU (AMD EPYC,
             AVX2) and passed with 7-bit weights. ``None`` (default): 7 bits when the exporting CPU is x86
-            without VNNI (:func:`int8_saturates`), 8 bits elsewhere. A file exported on a VNNI
-            machine with 8 bits saturates when run on a CPU without it.
+            without VNNI (:func:`int8_saturates`) or the QAT model trained 7-bit weights, 8 bits
+            elsewhere. A file exported on a VNNI machine with 8 bits saturates when run on a CPU
+            without it. A QAT model's convolution weights are written on the grids QAT trained
+            (:func:`qat_weight_steps`) unless 8-bit ones would go into a 7-bit file (rounded again:
+            a warning says so; :class:`~ganslim.deployment.quantization.QuantConfig`'s ``weight_bits``
+            is 7 on such a CPU by default).
     """
     from . import quantization as Q
 
@@ -753,12 +809,21 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
                         keep = [k if k is not None else not _made_wide(end, done) for end, k in zip(ends, keep)]
                 keep = [True if k is None else bool(k) for k in keep]
                 ranges = qat_range_overrides(model, fp32) if qcfg else None
+                bits = int(qcfg.weight_bits or 8) if qcfg else 8
+                if reduce_range is None:  # 7-bit weights where they saturate, and for QAT that trained them
+                    reduce_range = int8_saturates() or bits <= 7
+                # QAT's own weight grids, where the file can hold them without saturating
+                steps = qat_weight_steps(model, fp32) if qcfg and (bits <= 7 or not reduce_range) else None
+                if qcfg and not steps and reduce_range and bits > 7:
+                    warnings.warn(f"this QAT model trained {bits}-bit weights, and the int8 file gets 7-bit ones "
+                                  "(reduce_range: onnxruntime's kernels saturate with 8-bit weights on an x86 CPU "
+                                  "without VNNI): its weights are rounded again. Quantize with weight_bits=7 for a "
+                                  "file that holds the weights QAT trained", stacklevel=2)
                 _quantize_static(src, result, batches, names, ranges=ranges,
                                  act_calib=qcfg.act_calib if qcfg else act_calib,
                                  act_percentile=qcfg.act_percentile if qcfg else act_percentile,
                                  keep_first=keep[0], keep_last=keep[-1],
-                                 integer_pads=rewrites,
-                                 reduce_range=int8_saturates() if reduce_range is None else bool(reduce_range))
+                                 integer_pads=rewrites, reduce_range=bool(reduce_range), weight_steps=steps)
             _minify(result)
             if verify:
                 om = OnnxModule(result, threads=1)

@@ -33,7 +33,8 @@ from .._extras import require
 from ..core.train import input_batches, split_batch
 
 __all__ = ["QuantConfig", "fold_batchnorm", "quantize", "train_qat", "learned_ranges", "is_quantized", "is_calibrated", "to_float",
-           "input_ranges", "output_ranges", "quant_state", "restore", "QuantizationError"]
+           "input_ranges", "output_ranges", "weight_scales", "default_weight_bits", "quant_state", "restore",
+           "QuantizationError"]
 
 _STATE_ATTR = "_ganslim_quant"  # plain attribute on the quantized root module (deep-copies with it)
 
@@ -50,7 +51,11 @@ class QuantConfig:
     layers are the most sensitive in generators); ``exclude`` lists module-name globs kept in float.
     """
 
-    weight_bits: int = 8
+    # None: 7 on an x86 CPU without VNNI, 8 elsewhere. onnxruntime's int8 kernels on such a CPU
+    # saturate with 8-bit weights, so the export writes 7-bit ones there (deploy.int8_saturates):
+    # QAT then trains on the grid the file has, instead of rounding its 8-bit weights a second time.
+    # 7 bits is onnxruntime's reduced range: levels -64..64 in steps of amax / 64 (_reduced_range_weights).
+    weight_bits: Optional[int] = None
     act_bits: int = 8
     per_channel: bool = True  # one weight scale per output channel
     # The image-facing layers stay float by default: they are the most sensitive, and with 3 channels
@@ -90,6 +95,8 @@ class QuantConfig:
                              "(pytorch-quantization is deprecated upstream and calls .cuda() on CPU paths)")
         for name in ("weight_bits", "act_bits"):
             bits = getattr(self, name)
+            if bits is None and name == "weight_bits":
+                continue
             if not 2 <= int(bits) <= 8:
                 raise ValueError(f"{name} must be between 2 and 8, got {bits}")
         if self.calib_batches < 1:
@@ -104,10 +111,25 @@ class QuantConfig:
             raise ValueError(f"act_percentile must be in (50, 100], got {self.act_percentile}")
         return self
 
+    def resolved(self) -> "QuantConfig":
+        """This config with ``weight_bits`` decided for this machine (:func:`default_weight_bits`)."""
+        from dataclasses import replace
+
+        return self if self.weight_bits is not None else replace(self, weight_bits=default_weight_bits())
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["exclude"] = list(d["exclude"])
         return d
+
+
+def default_weight_bits() -> int:
+    """The weight bits QAT trains when :class:`QuantConfig` leaves them open: 7 where this CPU's int8
+    kernels saturate with 8-bit weights (x86 without VNNI: :func:`ganslim.deployment.deploy.int8_saturates`;
+    the int8 export writes 7-bit weights there), 8 elsewhere."""
+    from .deploy import int8_saturates
+
+    return 7 if int8_saturates() else 8
 
 
 @dataclass
@@ -231,7 +253,7 @@ def _ste_attributes() -> dict:
     return {"pass_through_bwd": False} if "pass_through_bwd" in (getattr(attrs, "model_fields", None) or {}) else {}
 
 
-def _modelopt_config(cfg: QuantConfig, float_names: Sequence[str]) -> dict:
+def _modelopt_config(cfg: QuantConfig, float_names: Sequence[str], transposed: Sequence[str] = ()) -> dict:
     mtq = _mtq()
     base = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
     entries = []
@@ -247,6 +269,11 @@ def _modelopt_config(cfg: QuantConfig, float_names: Sequence[str]) -> dict:
         elif e.get("quantizer_name") == "*input_quantizer":
             e["cfg"] = {"num_bits": int(cfg.act_bits), "axis": None, **ste}
         entries.append(e)
+    # a transposed conv's weight is (C_in, C_out / groups, k, k): one scale per output channel is axis 1,
+    # as the int8 export quantizes its sub-pixel form (ModelOpt's default axis 0 is the input channels)
+    for name in transposed if cfg.per_channel else ():
+        entries.append({"quantizer_name": f"{name}.weight_quantizer",
+                        "cfg": {"num_bits": int(cfg.weight_bits), "axis": 1, **ste}})
     for name in float_names:
         entries.append({"quantizer_name": f"{name}.*", "enable": False})
     base["quant_cfg"] = entries
@@ -296,7 +323,7 @@ def quantize(model: nn.Module, loader: Optional[Iterable], config: Optional[Quan
     """
     from dataclasses import replace
 
-    cfg = replace(config or QuantConfig(), **overrides).validate()
+    cfg = replace(config or QuantConfig(), **overrides).validate().resolved()
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     if is_quantized(model):
@@ -334,7 +361,8 @@ def quantize(model: nn.Module, loader: Optional[Iterable], config: Optional[Quan
     loop = _calibration_loop(loader, cfg.calib_batches, batch_fn, device) if loader is not None else None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="modelopt")
-        mtq.quantize(work, _modelopt_config(cfg, float_names), loop)
+        transposed = [n for n, m in work.named_modules() if isinstance(m, nn.modules.conv._ConvTransposeNd) and m.groups == 1]
+        mtq.quantize(work, _modelopt_config(cfg, float_names, transposed), loop)
     shared: list[str] = []
     if loader is not None:
         shared, limits = _simulate_runtime(work, cfg)
@@ -344,8 +372,38 @@ def quantize(model: nn.Module, loader: Optional[Iterable], config: Optional[Quan
             q = qs[f"{layer}{_OUTPUT_SUFFIX}"]
             if limit is not None and q.amax is not None:
                 q.amax = q.amax.clamp_max(limit)
+        _use_weight_grid(work, cfg)
     setattr(work, _STATE_ATTR, _QuantState(cfg, float_keys, sorted(set(float_names)), shared))
     return work
+
+
+_REDUCED_WEIGHT_BACKEND = "ganslim_reduced_range_weight"  # a ModelOpt quantization backend (registered on first use)
+_REDUCED_LEVELS = 64  # onnxruntime's reduce_range int8 weights: symmetric, -64..64
+
+
+def _reduced_range_weights(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
+    """7-bit weights on onnxruntime's reduced-range grid, the one its int8 export writes on a CPU
+    without VNNI: ``round(clamp(w / step, -64, 64)) * step`` with ``step = amax / 64`` per channel.
+    ModelOpt's own 7-bit grid (steps of amax / 63, -64..63) differs, and the export's thin RGB convs,
+    whose rewritten weights onnxruntime quantizes on steps of their own maximum / 64, would be
+    rounded a second time. Straight-through inside the range, no gradient beyond it."""
+    step = quantizer.amax.float().clamp_min(torch.finfo(torch.float32).tiny) / _REDUCED_LEVELS
+    scaled = torch.clamp(inputs.float() / step, -_REDUCED_LEVELS, _REDUCED_LEVELS)
+    return ((scaled + (torch.round(scaled) - scaled).detach()) * step).to(inputs.dtype)
+
+
+def _use_weight_grid(model: nn.Module, cfg: QuantConfig) -> None:
+    """7-bit weights: each calibrated weight quantizer fake-quantizes on onnxruntime's reduced range."""
+    if int(cfg.weight_bits) != 7:
+        return
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
+        is_registered_quant_backend, register_quant_backend)
+
+    if not is_registered_quant_backend(_REDUCED_WEIGHT_BACKEND):
+        register_quant_backend(_REDUCED_WEIGHT_BACKEND, _reduced_range_weights)
+    for name, q in _quantizers(model):
+        if name.endswith(".weight_quantizer") and q.amax is not None:
+            q.backend = _REDUCED_WEIGHT_BACKEND
 
 
 # --------------------------------------------------------------------------------------------------
@@ -734,6 +792,32 @@ def input_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
     return _trained_ranges(model, _INPUT_SUFFIX, "input_ranges")
 
 
+def weight_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{layer name: scales (C_out,)}``: the step of each output channel's weight grid QAT trained
+    (``amax / 127`` with 8 bits, ``amax / 64`` with 7 (onnxruntime's reduced range), ``amax / (2 **
+    (bits - 1) - 1)`` below, units of the weights) for the convolutions whose weights are
+    quantized per output channel. An int8 file that quantizes each such weight on these steps holds
+    exactly the weights QAT trained; left to compute them from the weights' maxima, it rounds a second
+    time wherever a channel's largest weight moved in QAT. Transposed convolutions (their output
+    channels are the weight's axis 1) are included where QAT quantized them per output channel."""
+    if not is_quantized(model):
+        raise QuantizationError("weight_scales expects a quantized model")
+    out = {}
+    for name, q in _quantizers(model):
+        if not name.endswith(".weight_quantizer") or not q.is_enabled or q.amax is None:
+            continue
+        layer = model.get_submodule(name[:-len(".weight_quantizer")])
+        transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+        if not isinstance(layer, nn.modules.conv._ConvNd) or q.axis not in ((1, (1,)) if transposed else (0, (0,))):
+            continue
+        amax = q.amax.detach().float().flatten()
+        if amax.numel() != layer.weight.shape[1 if transposed else 0] or not bool((amax > 0).all()):
+            continue
+        levels = _REDUCED_LEVELS if q.backend == _REDUCED_WEIGHT_BACKEND else 2.0 ** (int(q.num_bits) - 1) - 1
+        out[name[:-len(".weight_quantizer")]] = amax / levels
+    return out
+
+
 def output_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
     """Like :func:`input_ranges`, for the layers whose output QAT quantizes as the int8 runtime will
     (a residual branch's last conv: see :func:`quantize`)."""
@@ -791,6 +875,10 @@ def restore(float_model: nn.Module, meta: dict, amax: dict[str, torch.Tensor]) -
     for qn, t in amax.items():
         if qn not in qs:
             raise QuantizationError(f"stored range for unknown quantizer {qn!r}")
+        if qn.endswith(".weight_quantizer") and t.dim() > 1 and t.shape[0] > 1 and qs[qn].axis in (1, (1,)):
+            qs[qn].axis = 0  # written before transposed convs' weights were quantized per output channel
+            qs[qn].reset_amax()
         qs[qn].amax = t.to(next((p.device for p in model.parameters()), torch.device("cpu")))
+    _use_weight_grid(model, cfg)
     getattr(model, _STATE_ATTR).float_modules = list(meta.get("float_modules", []))
     return model.eval()
