@@ -464,19 +464,25 @@ def clip_saturated_ranges(model) -> int:
     return changed
 
 
-def _layer_tensors(path: pathlib.Path) -> dict[str, tuple[str, str]]:
-    """``{layer name: (input tensor, output tensor)}`` of an exported float graph, for each weighted
-    node whose weight is the layer's own parameter (initializer ``m.<layer>.weight``, as
-    :func:`_export_float` names it). Layers whose weight the graph computes (weight norm, folded
-    constants) are absent."""
+def _layer_nodes(path: pathlib.Path) -> dict[str, list]:
+    """``{layer name: the nodes that run it}`` of an exported float graph, for each weighted node whose
+    weight is the layer's own parameter (initializer ``m.<layer>.weight``, as :func:`_export_float`
+    names it), in graph order. Layers whose weight the graph computes (weight norm, folded constants)
+    are absent."""
     import onnx
 
-    out = {}
+    out: dict[str, list] = {}
     for n in onnx.load(str(path), load_external_data=False).graph.node:
         if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1].endswith(".weight"):
             layer = n.input[1][:-len(".weight")]
-            out.setdefault(layer[2:] if layer.startswith("m.") else layer, (n.input[0], n.output[0]))
+            out.setdefault(layer[2:] if layer.startswith("m.") else layer, []).append(n)
     return out
+
+
+def _layer_tensors(path: pathlib.Path) -> dict[str, tuple[str, str]]:
+    """``{layer name: (input tensor, output tensor)}`` of an exported float graph: the first node that
+    runs each layer (:func:`_layer_nodes`)."""
+    return {layer: (nodes[0].input[0], nodes[0].output[0]) for layer, nodes in _layer_nodes(path).items()}
 
 
 def _widen(ranges: dict[str, tuple[float, float]], tensor: str, r: tuple[float, float]) -> None:
@@ -509,22 +515,16 @@ def qat_weight_steps(model: nn.Module, fp32: pathlib.Path) -> dict[str, Any]:
     steps in both channel orders the rewrite writes (a tuple: the one its weights lie on is used).
     onnxruntime quantizes those weights on the grids QAT trained them on, not on grids fitted to the
     weights' maxima after training."""
-    import onnx
-
     from .quantization import weight_scales
 
     scales = weight_scales(model)
     out = {}
-    for n in onnx.load(str(fp32), load_external_data=False).graph.node:
-        if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1 and n.input[1].endswith(".weight"):
-            layer = n.input[1][:-len(".weight")]
-            layer = layer[2:] if layer.startswith("m.") else layer
-            if layer not in scales:
-                continue
-            steps = scales[layer].cpu().numpy()
+    for layer, nodes in _layer_nodes(fp32).items():
+        steps = scales[layer].cpu().numpy() if layer in scales else None
+        for n in nodes if steps is not None else ():
             if n.op_type == "Conv":
                 out[n.input[1]] = steps
-            else:  # its sub-pixel form (onnx_rewrite): output channels phase-major or channel-major
+            elif n.op_type == "ConvTranspose":  # its sub-pixel form (onnx_rewrite): phase- or channel-major
                 strides = next((list(a.ints) for a in n.attribute if a.name == "strides"), [1])
                 s = int(strides[0])
                 out[f"{n.name}_subpixel_w"] = (np.tile(steps, s * s), np.repeat(steps, s * s))
@@ -582,10 +582,12 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
     exclude = _float_ends(src, keep_first, keep_last)
     if act_calib == "percentile":
         extra["CalibPercentile"] = float(act_percentile)
-    if ranges:  # fixed ranges (a QAT model's) for the tensors the graph still has after the rewrites
+    if ranges or weight_steps:  # a QAT model's: read the graph as the quantizer will see it
         import onnx
+        from onnx import numpy_helper
 
         g = onnx.load(str(src), load_external_data=False).graph
+    if ranges:  # fixed ranges (a QAT model's) for the tensors the graph still has after the rewrites
         if src != fp32:  # the pre-processing's optimizer renames some outputs: follow their producer nodes
             made_by = {o: n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node for o in n.output}
             now = {n.name: n.output[0] for n in g.node if n.name and n.output}
@@ -597,13 +599,8 @@ def _quantize_static(fp32: pathlib.Path, out: pathlib.Path, batches: list[tuple]
         extra["TensorQuantOverrides"] = {t: [_uint8_grid(lo, hi)]
                                          for t, (lo, hi) in _spread_ranges(g, ranges).items() if t in present}
     if weight_steps:  # a QAT model's weight grids, per output channel, for the convs that keep their weight
-        import onnx
-
-        g = onnx.load(str(src), load_external_data=False).graph
         conv_weights = {n.input[1] for n in g.node if n.op_type == "Conv" and len(n.input) > 1}
         overrides = extra.setdefault("TensorQuantOverrides", {})
-        from onnx import numpy_helper
-
         values = {i.name: i for i in g.initializer}
         for w, options in weight_steps.items():
             if w not in conv_weights or w not in values:
@@ -809,7 +806,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
                         keep = [k if k is not None else not _made_wide(end, done) for end, k in zip(ends, keep)]
                 keep = [True if k is None else bool(k) for k in keep]
                 ranges = qat_range_overrides(model, fp32) if qcfg else None
-                bits = int(qcfg.weight_bits or 8) if qcfg else 8
+                bits = int(qcfg.weight_bits) if qcfg else 8  # quantize() decided it for its CPU
                 if reduce_range is None:  # 7-bit weights where they saturate, and for QAT that trained them
                     reduce_range = int8_saturates() or bits <= 7
                 # QAT's own weight grids, where the file can hold them without saturating

@@ -272,7 +272,7 @@ def _modelopt_config(cfg: QuantConfig, float_names: Sequence[str], transposed: S
     # a transposed conv's weight is (C_in, C_out / groups, k, k): one scale per output channel is axis 1,
     # as the int8 export quantizes its sub-pixel form (ModelOpt's default axis 0 is the input channels)
     for name in transposed if cfg.per_channel else ():
-        entries.append({"quantizer_name": f"{name}.weight_quantizer",
+        entries.append({"quantizer_name": f"{name}{_WEIGHT_SUFFIX}",
                         "cfg": {"num_bits": int(cfg.weight_bits), "axis": 1, **ste}})
     for name in float_names:
         entries.append({"quantizer_name": f"{name}.*", "enable": False})
@@ -377,6 +377,15 @@ def quantize(model: nn.Module, loader: Optional[Iterable], config: Optional[Quan
     return work
 
 
+def _register_backend(name: str, fake_quant: Callable) -> None:
+    """Make ``fake_quant(inputs, quantizer)`` ModelOpt's quantization backend ``name`` (once)."""
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
+        is_registered_quant_backend, register_quant_backend)
+
+    if not is_registered_quant_backend(name):
+        register_quant_backend(name, fake_quant)
+
+
 _REDUCED_WEIGHT_BACKEND = "ganslim_reduced_range_weight"  # a ModelOpt quantization backend (registered on first use)
 _REDUCED_LEVELS = 64  # onnxruntime's reduce_range int8 weights: symmetric, -64..64
 
@@ -396,13 +405,9 @@ def _use_weight_grid(model: nn.Module, cfg: QuantConfig) -> None:
     """7-bit weights: each calibrated weight quantizer fake-quantizes on onnxruntime's reduced range."""
     if int(cfg.weight_bits) != 7:
         return
-    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
-        is_registered_quant_backend, register_quant_backend)
-
-    if not is_registered_quant_backend(_REDUCED_WEIGHT_BACKEND):
-        register_quant_backend(_REDUCED_WEIGHT_BACKEND, _reduced_range_weights)
+    _register_backend(_REDUCED_WEIGHT_BACKEND, _reduced_range_weights)
     for name, q in _quantizers(model):
-        if name.endswith(".weight_quantizer") and q.amax is not None:
+        if name.endswith(_WEIGHT_SUFFIX) and q.amax is not None:
             q.backend = _REDUCED_WEIGHT_BACKEND
 
 
@@ -419,7 +424,7 @@ _RANGE_KEEPING = _PADS + (nn.ReLU, nn.Identity, nn.Dropout)
 # Saturating activations and where they stop telling inputs apart (1 - tanh(4) = 6.7e-4): the int8
 # export clips the range of the tensor before them there (deploy.clip_saturated_ranges), and so does QAT
 _SATURATING = {nn.Tanh: 4.0, nn.Sigmoid: 8.0}
-_INPUT_SUFFIX, _OUTPUT_SUFFIX = ".input_quantizer", ".output_quantizer"
+_INPUT_SUFFIX, _OUTPUT_SUFFIX, _WEIGHT_SUFFIX = ".input_quantizer", ".output_quantizer", ".weight_quantizer"
 
 
 def _quantized_owners(model: nn.Module) -> set[str]:
@@ -644,13 +649,9 @@ def learned_ranges(model: nn.Module) -> Iterator[list[nn.Parameter]]:
     than where a saturating activation alone reads the tensor, as the int8 export clips it) and the
     parameters are removed: the model is a quantized model as :func:`quantize` returns them, with
     other ranges. Weight quantizers keep their per-channel maxima."""
-    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
-        is_registered_quant_backend, register_quant_backend)
-
     if not is_quantized(model):
         raise QuantizationError("learned_ranges expects a model returned by ganslim.quantization.quantize")
-    if not is_registered_quant_backend(_LEARNED_RANGE_BACKEND):
-        register_quant_backend(_LEARNED_RANGE_BACKEND, _learned_range_fake_quant)
+    _register_backend(_LEARNED_RANGE_BACKEND, _learned_range_fake_quant)
     limits = _runtime_outputs(model) if isinstance(model, torch.fx.GraphModule) else {}
     learned = []
     for name, q in _quantizers(model):
@@ -804,9 +805,9 @@ def weight_scales(model: nn.Module) -> dict[str, torch.Tensor]:
         raise QuantizationError("weight_scales expects a quantized model")
     out = {}
     for name, q in _quantizers(model):
-        if not name.endswith(".weight_quantizer") or not q.is_enabled or q.amax is None:
+        if not name.endswith(_WEIGHT_SUFFIX) or not q.is_enabled or q.amax is None:
             continue
-        layer = model.get_submodule(name[:-len(".weight_quantizer")])
+        layer = model.get_submodule(name[:-len(_WEIGHT_SUFFIX)])
         transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
         if not isinstance(layer, nn.modules.conv._ConvNd) or q.axis not in ((1, (1,)) if transposed else (0, (0,))):
             continue
@@ -814,7 +815,7 @@ def weight_scales(model: nn.Module) -> dict[str, torch.Tensor]:
         if amax.numel() != layer.weight.shape[1 if transposed else 0] or not bool((amax > 0).all()):
             continue
         levels = _REDUCED_LEVELS if q.backend == _REDUCED_WEIGHT_BACKEND else 2.0 ** (int(q.num_bits) - 1) - 1
-        out[name[:-len(".weight_quantizer")]] = amax / levels
+        out[name[:-len(_WEIGHT_SUFFIX)]] = amax / levels
     return out
 
 
@@ -875,7 +876,7 @@ def restore(float_model: nn.Module, meta: dict, amax: dict[str, torch.Tensor]) -
     for qn, t in amax.items():
         if qn not in qs:
             raise QuantizationError(f"stored range for unknown quantizer {qn!r}")
-        if qn.endswith(".weight_quantizer") and t.dim() > 1 and t.shape[0] > 1 and qs[qn].axis in (1, (1,)):
+        if qn.endswith(_WEIGHT_SUFFIX) and t.dim() > 1 and t.shape[0] > 1 and qs[qn].axis in (1, (1,)):
             qs[qn].axis = 0  # written before transposed convs' weights were quantized per output channel
             qs[qn].reset_amax()
         qs[qn].amax = t.to(next((p.device for p in model.parameters()), torch.device("cpu")))
