@@ -22,7 +22,7 @@ import json
 import os
 import pathlib
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -66,9 +66,10 @@ class ConvSignature:
                 f"{self.out_channels} k{k} s{s} p{p} d{d} op{o} b{int(self.bias)} in {self.batch}x{self.height}x{self.width}")
 
     def with_channels(self, in_channels: int, out_channels: int) -> "ConvSignature":
-        d = asdict(self)
-        d.update(in_channels=int(in_channels), out_channels=int(in_channels if self.depthwise else out_channels))
-        return ConvSignature(**d)
+        # dataclasses.replace, not asdict: the width searches ask for thousands of these, and asdict
+        # deep-copies every field
+        return replace(self, in_channels=int(in_channels),
+                       out_channels=int(in_channels if self.depthwise else out_channels))
 
     def build(self) -> nn.Module:
         """A fresh layer of this shape (random weights: the time does not depend on the values)."""

@@ -129,8 +129,8 @@ def latency_widths(groups, macs_model, counts: Sequence[int], target_macs: float
     t0 = time.time()
     start = [int(k) for k in counts]
 
-    def macs_of(c: Sequence[int]) -> float:
-        return macs_model.macs(leading_masks(groups, c))
+    def macs_of(c: Sequence[int]) -> float:  # == macs_model.macs(leading_masks(groups, c)), without masks
+        return macs_model.prefix_macs(c)
 
     if macs_of(start) > target_macs * (1 + 1e-9):
         raise ValueError("the starting widths exceed the MACs budget")
