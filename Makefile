@@ -14,6 +14,10 @@ VENV_OFFICIAL ?= .venv-official
 OFFICIAL_TORCH ?= 2.14.1
 OFFICIAL_TORCHVISION ?= 0.29.1
 PIP_OFFICIAL = $(VENV_OFFICIAL)/bin/pip
+# test processes (pytest-xdist), one thread each (tests/conftest.py): one per core of the 2-core CI
+# machine runs the suite in about 0.6 of one process's time; TEST_WORKERS=0 runs it in this process
+TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 .PHONY: setup setup-official demo test test-fast bench clean
 
@@ -41,11 +45,11 @@ demo: setup
 
 # the whole suite, with the official-code integration tests (tests/test_official_*.py)
 test: setup setup-official
-	GANSLIM_OFFICIAL_PYTHON=$(abspath $(VENV_OFFICIAL))/bin/python $(PY) -m pytest
+	GANSLIM_OFFICIAL_PYTHON=$(abspath $(VENV_OFFICIAL))/bin/python $(PYTEST)
 
 # without the official-code tests (no .venv-official needed)
 test-fast: setup
-	$(PY) -m pytest --ignore-glob='tests/test_official_*'
+	$(PYTEST) --ignore-glob='tests/test_official_*'
 
 bench: setup
 	$(PY) benchmarks/bench_compress.py

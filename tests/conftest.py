@@ -11,6 +11,12 @@ from hypothesis import settings
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+# Under pytest-xdist (`-n 2`: one test process per core) each worker and the processes its tests start
+# compute on one thread: two workers of two threads each would oversubscribe the cores.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # CI replays the same generated architectures every run (a red CI must mean a regression, not a new
 # random draw); `HYPOTHESIS_PROFILE=explore pytest` draws fresh ones on every run.
 settings.register_profile("ci", derandomize=True, print_blob=True)
