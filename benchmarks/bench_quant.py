@@ -101,6 +101,7 @@ def main() -> None:
         "qat_seconds": qat_seconds,
         "qat_int8_first_last_conv": args.int8_ends,
         "qat_reference": args.qat_reference,
+        "qat_weight_bits": qcfg.resolved().weight_bits,  # 7 on x86 without VNNI, where the int8 file holds 7-bit weights
     }
     print(f"int8 QAT / fp32: latency {summary['int8_qat_latency_over_fp32']:.2f}x, file "
           f"{summary['int8_qat_size_over_fp32']:.2f}x; PSNR to ground truth {summary['psnr_gt_change_qat_vs_fp32']:+.2f} dB "
@@ -149,7 +150,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": machine, "student": args.student, "qat_steps": args.qat_steps,
-                   "qat_config": qcfg.to_dict(), "rows": [r.__dict__ for r in rows + t_rows], "summary": summary}, f, indent=2)
+                   "qat_config": qcfg.resolved().to_dict(), "rows": [r.__dict__ for r in rows + t_rows], "summary": summary}, f, indent=2)
     print(f"wrote {args.out}")
 
 
