@@ -502,9 +502,27 @@ def test_the_int8_file_holds_the_weights_qat_trained(bits, net, loader, x, tmp_p
         found = [w for w in file_weights(path) if w.shape in expected]
         return found, [any(np.allclose(w, e, rtol=1e-6, atol=0) for e in expected[w.shape]) for w in found]
 
+    # A transposed conv goes into the file as a sub-pixel conv (each of its output channels as stride^2
+    # phases, each phase a subset of the channel's taps): every phase's weights must be values the
+    # fake-quantized channel holds. On steps refitted to a phase's own maximum they would be rounded again.
+    transposed = [m.weight.detach().numpy() for m in Q.to_float(q, quantized_weights=True).modules()
+                  if isinstance(m, nn.ConvTranspose2d)]
+    assert len(transposed) == 2 and all(m.weight_quantizer.is_enabled for m in q.modules()
+                                        if isinstance(m, nn.ConvTranspose2d))
+
+    def subpixel_held(path):
+        # (stride^2 x out, in, 2, 2) for a 3x3 kernel at stride 2
+        shapes = {(4 * t.shape[1], t.shape[0], 2, 2) for t in transposed}
+        subpixel = [w for w in file_weights(path) if w.shape in shapes]
+        assert len(subpixel) == len(transposed), [w.shape for w in subpixel]
+        channels = [np.unique(t[:, o]) for t in transposed for o in range(t.shape[1])]
+        return [all(any(np.isclose(v[:, None], ch[None, :], rtol=1e-6, atol=0).any(1).all() for ch in channels)
+                    for v in (w[c][w[c] != 0] for c in range(w.shape[0]))) for w in subpixel]
+
     path = export(q, tmp_path / "q.onnx", "onnx-int8", example_inputs=x, calib_loader=loader, reduce_range=bits == 7)
     found, same = held(path)
     assert len(found) >= 12 and all(same), (len(found), same)
+    assert all(subpixel_held(path))
     if bits == 8:
         with pytest.warns(UserWarning, match="rounded again"):
             again = export(q, tmp_path / "q7.onnx", "onnx-int8", example_inputs=x, calib_loader=loader, reduce_range=True)
