@@ -529,9 +529,9 @@ def test_the_int8_file_holds_the_weights_qat_trained(bits, net, loader, x, tmp_p
         assert not any(held(again)[1])
 
 
-def test_a_depthwise_separable_student_runs_int8(loader, x, tmp_path):
-    """strategy="separable"'s students (depthwise + pointwise pairs, a depthwise transposed conv whose
-    BatchNorm folds per group) quantize, export and run with integer kernels, close to their float self."""
+@pytest.fixture(scope="module")
+def separable_net(loader):
+    """strategy="separable"'s kind of student: depthwise + pointwise pairs, depthwise transposed convs."""
     from ganslim.pruning.separable import make_separable
 
     def separable_resnet():
@@ -539,7 +539,13 @@ def test_a_depthwise_separable_student_runs_int8(loader, x, tmp_path):
         make_separable(m)
         return m
 
-    net = briefly_trained(separable_resnet, loader)
+    return briefly_trained(separable_resnet, loader)
+
+
+def test_a_depthwise_separable_student_runs_int8(separable_net, loader, x, tmp_path):
+    """strategy="separable"'s students (depthwise + pointwise pairs, a depthwise transposed conv whose
+    BatchNorm folds per group) quantize, export and run with integer kernels, close to their float self."""
+    net = separable_net
     depthwise = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.groups > 1]
     assert any(isinstance(m, nn.ConvTranspose2d) for m in depthwise)
     q = Q.quantize(net, loader)
@@ -547,6 +553,34 @@ def test_a_depthwise_separable_student_runs_int8(loader, x, tmp_path):
     assert om.op_types().get("QLinearConv", 0) >= len(depthwise)
     with torch.no_grad():
         assert measure.psnr(om(x), net(x)) > 30.0
+
+
+def test_the_int8_file_holds_the_depthwise_transposed_weights_qat_trained(separable_net, loader, x, tmp_path):
+    """A depthwise transposed conv goes into the int8 file as one depthwise conv per output phase, each
+    holding a subset of every channel's taps: each phase's dequantized weights must be values of the
+    fake-quantized channel (QAT's per-channel steps, pinned), not weights rounded again on steps
+    fitted to the phase's own maxima (before the pin, 3 of the 4 phases were)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    q = Q.quantize(separable_net, loader, skip_first=False, skip_last=False)
+    transposed = [m.weight.detach().numpy() for m in Q.to_float(q, quantized_weights=True).modules()
+                  if isinstance(m, nn.ConvTranspose2d)]
+    assert len(transposed) == 2 and all(t.shape[1] == 1 for t in transposed)  # depthwise (C, 1, 3, 3)
+    path = export(q, tmp_path / "sep.int8.onnx", "onnx-int8", example_inputs=x, calib_loader=loader)
+    g = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    dequantized = [inits[n.input[0]].astype(np.float32) * inits[n.input[1]].reshape(-1, 1, 1, 1) for n in g.node
+                   if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 4
+                   and inits[n.input[0]].dtype == np.int8]
+    for t in transposed:
+        phases = [w for w in dequantized if w.shape == (t.shape[0], 1, 2, 2)]  # stride 2: 4 phases of 2x2 taps
+        assert len(phases) == 4, [w.shape for w in dequantized]
+        for w in phases:
+            for c in range(t.shape[0]):
+                v = w[c][w[c] != 0]
+                assert np.isclose(v[:, None], t[c].reshape(1, -1), rtol=1e-6, atol=0).any(1).all(), c
 
 
 @pytest.mark.parametrize("generator", ["resnet9-batch", "resnet9-instance", "resnet9-instance-affine", "unet256",

@@ -512,7 +512,8 @@ def qat_weight_steps(model: nn.Module, fp32: pathlib.Path) -> dict[str, Any]:
     """``{weight initializer: per-output-channel steps}`` of the convolutions QAT model ``model``
     quantized per channel (:func:`ganslim.deployment.quantization.weight_scales`), named as in the
     float export ``fp32``; a transposed conv's entry names the weight of its sub-pixel form, with the
-    steps in both channel orders the rewrite writes (a tuple: the one its weights lie on is used).
+    steps in both channel orders the rewrite writes (a tuple: the one its weights lie on is used), a
+    depthwise one's the weight of each phase's depthwise conv.
     onnxruntime quantizes those weights on the grids QAT trained them on, not on grids fitted to the
     weights' maxima after training."""
     from .quantization import weight_scales
@@ -524,10 +525,14 @@ def qat_weight_steps(model: nn.Module, fp32: pathlib.Path) -> dict[str, Any]:
         for n in nodes if steps is not None else ():
             if n.op_type == "Conv":
                 out[n.input[1]] = steps
-            elif n.op_type == "ConvTranspose":  # its sub-pixel form (onnx_rewrite): phase- or channel-major
+            elif n.op_type == "ConvTranspose":  # its sub-pixel form (onnx_rewrite)
                 strides = next((list(a.ints) for a in n.attribute if a.name == "strides"), [1])
                 s = int(strides[0])
-                out[f"{n.name}_subpixel_w"] = (np.tile(steps, s * s), np.repeat(steps, s * s))
+                if next((a.i for a in n.attribute if a.name == "group"), 1) > 1:
+                    # depthwise: one depthwise conv per output phase, each per channel on the same steps
+                    out.update({f"{n.name}_subpixel_w{rh}{rw}": steps for rh in range(s) for rw in range(s)})
+                else:  # one conv, its output channels phase- or channel-major
+                    out[f"{n.name}_subpixel_w"] = (np.tile(steps, s * s), np.repeat(steps, s * s))
     return out
 
 

@@ -800,7 +800,8 @@ def weight_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     quantized per output channel. An int8 file that quantizes each such weight on these steps holds
     exactly the weights QAT trained; left to compute them from the weights' maxima, it rounds a second
     time wherever a channel's largest weight moved in QAT. Transposed convolutions (their output
-    channels are the weight's axis 1) are included where QAT quantized them per output channel."""
+    channels are the weight's axis 1; a depthwise one's, axis 0) are included where QAT quantized them
+    per output channel."""
     if not is_quantized(model):
         raise QuantizationError("weight_scales expects a quantized model")
     out = {}
@@ -808,11 +809,12 @@ def weight_scales(model: nn.Module) -> dict[str, torch.Tensor]:
         if not name.endswith(_WEIGHT_SUFFIX) or not q.is_enabled or q.amax is None:
             continue
         layer = model.get_submodule(name[:-len(_WEIGHT_SUFFIX)])
-        transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
-        if not isinstance(layer, nn.modules.conv._ConvNd) or q.axis not in ((1, (1,)) if transposed else (0, (0,))):
+        # a transposed conv's output channels are its weight's axis 1, a depthwise one's (C, 1, k, k) axis 0
+        out_axis = 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) and layer.groups == 1 else 0
+        if not isinstance(layer, nn.modules.conv._ConvNd) or q.axis not in (out_axis, (out_axis,)):
             continue
         amax = q.amax.detach().float().flatten()
-        if amax.numel() != layer.weight.shape[1 if transposed else 0] or not bool((amax > 0).all()):
+        if amax.numel() != layer.weight.shape[out_axis] or not bool((amax > 0).all()):
             continue
         levels = _REDUCED_LEVELS if q.backend == _REDUCED_WEIGHT_BACKEND else 2.0 ** (int(q.num_bits) - 1) - 1
         out[name[:-len(_WEIGHT_SUFFIX)]] = amax / levels
