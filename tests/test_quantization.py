@@ -280,6 +280,20 @@ def test_transposed_conv_weights_are_quantized_per_output_channel_and_old_checkp
     assert back.get_submodule("2").weight_quantizer.axis in (0, (0,)) and "2" not in Q.weight_scales(back)
 
 
+def test_weight_steps_are_given_per_output_channel_only(tmp_path):
+    """weight_scales names a depthwise transposed conv (its output channels on the weight's axis 0) and
+    leaves a grouped one out (axis 0 holds its input channels: no per-output-channel steps to give)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 8, 3, 2, 1, 1, groups=8),
+                        nn.ReLU(), nn.ConvTranspose2d(8, 4, 3, 1, 1, groups=2), nn.ReLU(),
+                        nn.Conv2d(4, 3, 3, padding=1)).eval()
+    loader = [(torch.randn(2, 3, 16, 16), None) for _ in range(2)]
+    q = Q.quantize(net, loader, batch_fn=lambda b: b, skip_first=False, skip_last=False)
+    steps = Q.weight_scales(q)
+    assert q.get_submodule("4").weight_quantizer.is_enabled and "4" not in steps
+    assert steps["2"].numel() == 8 and steps["0"].numel() == 8 and steps["6"].numel() == 3
+
+
 def _activation_quantizers(model):
     return {n: q for n, q in Q._quantizers(model)
             if n.endswith(("input_quantizer", "output_quantizer")) and q.is_enabled and q.amax.numel() == 1}

@@ -809,9 +809,17 @@ def weight_scales(model: nn.Module) -> dict[str, torch.Tensor]:
         if not name.endswith(_WEIGHT_SUFFIX) or not q.is_enabled or q.amax is None:
             continue
         layer = model.get_submodule(name[:-len(_WEIGHT_SUFFIX)])
-        # a transposed conv's output channels are its weight's axis 1, a depthwise one's (C, 1, k, k) axis 0
-        out_axis = 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) and layer.groups == 1 else 0
-        if not isinstance(layer, nn.modules.conv._ConvNd) or q.axis not in (out_axis, (out_axis,)):
+        if not isinstance(layer, nn.modules.conv._ConvNd):
+            continue
+        # a transposed conv's output channels are its weight's axis 1, a depthwise one's (C, 1, k, k)
+        # axis 0; a grouped one's are neither (axis 0 holds its input channels)
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd) and layer.groups > 1:
+            if not layer.groups == layer.in_channels == layer.out_channels:
+                continue
+            out_axis = 0
+        else:
+            out_axis = 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
+        if q.axis not in (out_axis, (out_axis,)):
             continue
         amax = q.amax.detach().float().flatten()
         if amax.numel() != layer.weight.shape[out_axis] or not bool((amax > 0).all()):
