@@ -468,6 +468,21 @@ def test_qat_weight_bits_follow_the_cpu_and_a_seven_bit_model_exports_seven_bit_
                if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4) <= 64
 
 
+def _int8_conv_weights(path):
+    """The int8 file's convolution weights (int8, 4-d), dequantized (per output channel, zero point 0)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for n in g.node:
+        w = inits.get(n.input[0])
+        if n.op_type == "DequantizeLinear" and w is not None and w.dtype == np.int8 and w.ndim == 4:
+            assert not inits[n.input[2]].any()  # symmetric: zero point 0
+            yield w.astype(np.float32) * inits[n.input[1]].reshape(-1, 1, 1, 1)
+
+
 @pytest.mark.parametrize("bits", [7, 8])
 def test_the_int8_file_holds_the_weights_qat_trained(bits, net, loader, x, tmp_path):
     """Each quantized conv's weights go into the file on the per-channel grid QAT trained them on
@@ -476,8 +491,6 @@ def test_the_int8_file_holds_the_weights_qat_trained(bits, net, loader, x, tmp_p
     On grids fitted to the weights' maxima those channels would be rounded a second time. An 8-bit QAT
     model going into a 7-bit file (a CPU without VNNI) is rounded again, and a warning says so."""
     import numpy as np
-    import onnx
-    from onnx import numpy_helper
 
     q = Q.quantize(net, loader, weight_bits=bits, skip_first=False, skip_last=False)
     convs = [m for n, m in q.named_modules() if isinstance(m, nn.Conv2d) and m.weight_quantizer.is_enabled]
@@ -489,17 +502,8 @@ def test_the_int8_file_holds_the_weights_qat_trained(bits, net, loader, x, tmp_p
         if isinstance(m, nn.Conv2d):
             expected.setdefault(tuple(m.weight.shape), []).append(m.weight.detach().numpy())
 
-    def file_weights(path):
-        g = onnx.load(str(path)).graph
-        inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-        for n in g.node:
-            w = inits.get(n.input[0])
-            if n.op_type == "DequantizeLinear" and w is not None and w.dtype == np.int8 and w.ndim == 4:
-                assert not inits[n.input[2]].any()  # symmetric: zero point 0
-                yield w.astype(np.float32) * inits[n.input[1]].reshape(-1, 1, 1, 1)
-
     def held(path):
-        found = [w for w in file_weights(path) if w.shape in expected]
+        found = [w for w in _int8_conv_weights(path) if w.shape in expected]
         return found, [any(np.allclose(w, e, rtol=1e-6, atol=0) for e in expected[w.shape]) for w in found]
 
     # A transposed conv goes into the file as a sub-pixel conv (each of its output channels as stride^2
@@ -513,7 +517,7 @@ def test_the_int8_file_holds_the_weights_qat_trained(bits, net, loader, x, tmp_p
     def subpixel_held(path):
         # (stride^2 x out, in, 2, 2) for a 3x3 kernel at stride 2
         shapes = {(4 * t.shape[1], t.shape[0], 2, 2) for t in transposed}
-        subpixel = [w for w in file_weights(path) if w.shape in shapes]
+        subpixel = [w for w in _int8_conv_weights(path) if w.shape in shapes]
         assert len(subpixel) == len(transposed), [w.shape for w in subpixel]
         channels = [np.unique(t[:, o]) for t in transposed for o in range(t.shape[1])]
         return [all(any(np.isclose(v[:, None], ch[None, :], rtol=1e-6, atol=0).any(1).all() for ch in channels)
@@ -561,19 +565,13 @@ def test_the_int8_file_holds_the_depthwise_transposed_weights_qat_trained(separa
     fake-quantized channel (QAT's per-channel steps, pinned), not weights rounded again on steps
     fitted to the phase's own maxima (before the pin, 3 of the 4 phases were)."""
     import numpy as np
-    import onnx
-    from onnx import numpy_helper
 
     q = Q.quantize(separable_net, loader, skip_first=False, skip_last=False)
     transposed = [m.weight.detach().numpy() for m in Q.to_float(q, quantized_weights=True).modules()
                   if isinstance(m, nn.ConvTranspose2d)]
     assert len(transposed) == 2 and all(t.shape[1] == 1 for t in transposed)  # depthwise (C, 1, 3, 3)
     path = export(q, tmp_path / "sep.int8.onnx", "onnx-int8", example_inputs=x, calib_loader=loader)
-    g = onnx.load(str(path)).graph
-    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    dequantized = [inits[n.input[0]].astype(np.float32) * inits[n.input[1]].reshape(-1, 1, 1, 1) for n in g.node
-                   if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 4
-                   and inits[n.input[0]].dtype == np.int8]
+    dequantized = list(_int8_conv_weights(path))
     for t in transposed:
         phases = [w for w in dequantized if w.shape == (t.shape[0], 1, 2, 2)]  # stride 2: 4 phases of 2x2 taps
         assert len(phases) == 4, [w.shape for w in dequantized]
