@@ -516,6 +516,7 @@ def qat_weight_steps(model: nn.Module, fp32: pathlib.Path) -> dict[str, Any]:
     depthwise one's the weight of each phase's depthwise conv.
     onnxruntime quantizes those weights on the grids QAT trained them on, not on grids fitted to the
     weights' maxima after training."""
+    from .onnx_rewrite import _attrs, subpixel_weight_name
     from .quantization import weight_scales
 
     scales = weight_scales(model)
@@ -526,13 +527,13 @@ def qat_weight_steps(model: nn.Module, fp32: pathlib.Path) -> dict[str, Any]:
             if n.op_type == "Conv":
                 out[n.input[1]] = steps
             elif n.op_type == "ConvTranspose":  # its sub-pixel form (onnx_rewrite)
-                strides = next((list(a.ints) for a in n.attribute if a.name == "strides"), [1])
-                s = int(strides[0])
-                if next((a.i for a in n.attribute if a.name == "group"), 1) > 1:
+                a = _attrs(n)
+                s = int(a.get("strides", [1])[0])
+                if a.get("group", 1) > 1:
                     # depthwise: one depthwise conv per output phase, each per channel on the same steps
-                    out.update({f"{n.name}_subpixel_w{rh}{rw}": steps for rh in range(s) for rw in range(s)})
+                    out.update({subpixel_weight_name(n, (rh, rw)): steps for rh in range(s) for rw in range(s)})
                 else:  # one conv, its output channels phase- or channel-major
-                    out[f"{n.name}_subpixel_w"] = (np.tile(steps, s * s), np.repeat(steps, s * s))
+                    out[subpixel_weight_name(n)] = (np.tile(steps, s * s), np.repeat(steps, s * s))
     return out
 
 

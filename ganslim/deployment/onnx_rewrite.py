@@ -57,7 +57,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = ["subpixel_conv_transpose", "integer_pads", "axis_plan", "subpixel_weight", "space_to_depth_thin_conv",
-           "shape_of_quantized", "inline_constant_identities", "is_depthwise", "ELEMENTWISE"]
+           "shape_of_quantized", "inline_constant_identities", "is_depthwise", "subpixel_weight_name", "ELEMENTWISE"]
 
 
 def axis_plan(k: int, s: int, p: int, op: int) -> tuple[int, int, int, int, list[list[tuple[int, int]]]]:
@@ -267,6 +267,13 @@ def _foldable_batchnorm(node, inits) -> bool:
 ELEMENTWISE = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "Elu", "Selu", "Softplus", "HardSwish")
 
 
+def subpixel_weight_name(node, phase: Optional[tuple[int, int]] = None) -> str:
+    """The name :func:`subpixel_conv_transpose` gives the weight of ConvTranspose ``node``'s sub-pixel
+    conv, or (``phase=(r_h, r_w)``) of a depthwise one's conv for that output phase (unless taken)."""
+    base = f"{node.name or node.output[0]}_subpixel_w"
+    return base if phase is None else f"{base}{phase[0]}{phase[1]}"
+
+
 def _subpixel_nodes(model, node, inits, bn=None, act=None, channels_last: bool = False, depthwise: bool = False):
     """The nodes replacing ConvTranspose ``node`` (None: not eligible). ``bn``: an inference
     BatchNormalization reading only its output, folded into the new weights (it would otherwise
@@ -311,7 +318,7 @@ def _subpixel_nodes(model, node, inits, bn=None, act=None, channels_last: bool =
         return _depthwise_subpixel_nodes(model, node, w, b, plans, stride, out, act, channels_last)
     wn = subpixel_weight(w, stride, plans, phase_major=channels_last)
     base = node.name or node.output[0]
-    w_name = _unique(model, f"{base}_subpixel_w")
+    w_name = _unique(model, subpixel_weight_name(node))
     model.graph.initializer.append(numpy_helper.from_array(wn, w_name))
     inputs = [node.input[0], w_name]
     if b is not None:
@@ -365,7 +372,7 @@ def _depthwise_subpixel_nodes(model, node, w: np.ndarray, b, plans, s: int, out:
             for th, oh in taps_h[rh]:
                 for tw, ow in taps_w[rw]:
                     wp[:, 0, th, tw] = w[:, 0, oh, ow]
-            w_name = _unique(model, f"{base}_subpixel_w{rh}{rw}")
+            w_name = _unique(model, subpixel_weight_name(node, (rh, rw)))
             model.graph.initializer.append(numpy_helper.from_array(wp, w_name))
             y = _unique(model, f"{base}_subpixel{rh}{rw}")
             new.append(helper.make_node("Conv", [node.input[0], w_name] + ([b_name] if b_name else []), [y],

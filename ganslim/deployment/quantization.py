@@ -361,7 +361,8 @@ def quantize(model: nn.Module, loader: Optional[Iterable], config: Optional[Quan
     loop = _calibration_loop(loader, cfg.calib_batches, batch_fn, device) if loader is not None else None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="modelopt")
-        transposed = [n for n, m in work.named_modules() if isinstance(m, nn.modules.conv._ConvTransposeNd) and m.groups == 1]
+        transposed = [n for n, m in work.named_modules()
+                      if isinstance(m, nn.modules.conv._ConvTransposeNd) and _output_channel_axis(m) == 1]
         mtq.quantize(work, _modelopt_config(cfg, float_names, transposed), loop)
     shared: list[str] = []
     if loader is not None:
@@ -793,6 +794,17 @@ def input_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
     return _trained_ranges(model, _INPUT_SUFFIX, "input_ranges")
 
 
+def _output_channel_axis(conv: nn.modules.conv._ConvNd) -> Optional[int]:
+    """The axis of ``conv``'s weight that holds its output channels: 0 for a conv ``(C_out, C_in / g,
+    k, k)`` and a depthwise transposed conv ``(C, 1, k, k)``, 1 for a transposed conv ``(C_in, C_out,
+    k, k)``; None for a grouped, not depthwise, transposed conv (its weight has no such axis)."""
+    if not isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        return 0
+    if conv.groups == 1:
+        return 1
+    return 0 if conv.groups == conv.in_channels == conv.out_channels else None
+
+
 def weight_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{layer name: scales (C_out,)}``: the step of each output channel's weight grid QAT trained
     (``amax / 127`` with 8 bits, ``amax / 64`` with 7 (onnxruntime's reduced range), ``amax / (2 **
@@ -809,17 +821,8 @@ def weight_scales(model: nn.Module) -> dict[str, torch.Tensor]:
         if not name.endswith(_WEIGHT_SUFFIX) or not q.is_enabled or q.amax is None:
             continue
         layer = model.get_submodule(name[:-len(_WEIGHT_SUFFIX)])
-        if not isinstance(layer, nn.modules.conv._ConvNd):
-            continue
-        # a transposed conv's output channels are its weight's axis 1, a depthwise one's (C, 1, k, k)
-        # axis 0; a grouped one's are neither (axis 0 holds its input channels)
-        if isinstance(layer, nn.modules.conv._ConvTransposeNd) and layer.groups > 1:
-            if not layer.groups == layer.in_channels == layer.out_channels:
-                continue
-            out_axis = 0
-        else:
-            out_axis = 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
-        if q.axis not in (out_axis, (out_axis,)):
+        out_axis = _output_channel_axis(layer) if isinstance(layer, nn.modules.conv._ConvNd) else None
+        if out_axis is None or q.axis not in (out_axis, (out_axis,)):
             continue
         amax = q.amax.detach().float().flatten()
         if amax.numel() != layer.weight.shape[out_axis] or not bool((amax > 0).all()):
