@@ -497,8 +497,9 @@ def test_the_int8_file_holds_the_weights_qat_trained(bits, net, loader, x, tmp_p
     with torch.no_grad():
         for m in convs:
             m.weight[0] *= 0.9
+    fake_quantized = Q.to_float(q, quantized_weights=True)
     expected: dict[tuple, list] = {}
-    for m in Q.to_float(q, quantized_weights=True).modules():
+    for m in fake_quantized.modules():
         if isinstance(m, nn.Conv2d):
             expected.setdefault(tuple(m.weight.shape), []).append(m.weight.detach().numpy())
 
@@ -509,8 +510,7 @@ def test_the_int8_file_holds_the_weights_qat_trained(bits, net, loader, x, tmp_p
     # A transposed conv goes into the file as a sub-pixel conv (each of its output channels as stride^2
     # phases, each phase a subset of the channel's taps): every phase's weights must be values the
     # fake-quantized channel holds. On steps refitted to a phase's own maximum they would be rounded again.
-    transposed = [m.weight.detach().numpy() for m in Q.to_float(q, quantized_weights=True).modules()
-                  if isinstance(m, nn.ConvTranspose2d)]
+    transposed = [m.weight.detach().numpy() for m in fake_quantized.modules() if isinstance(m, nn.ConvTranspose2d)]
     assert len(transposed) == 2 and all(m.weight_quantizer.is_enabled for m in q.modules()
                                         if isinstance(m, nn.ConvTranspose2d))
 
